@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# scripts/test.sh: the full check, as CI runs it.
+#
+#   PostgreSQL (found or started, see scripts/pg.sh; tests create their own
+#   databases on that server via DATABASE_URL)
+#   -> cargo fmt --check -> cargo clippy -D warnings -> cargo test
+#   -> with CI=true, and once src/bin/fleetgate-bench.rs exists: quick benchmark.
+#
+# Extra arguments go to `cargo test` (e.g. scripts/test.sh some_test_name).
+# Exits with the status of the first failing step; the private PostgreSQL
+# cluster, if this script started it, is stopped in any case.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
+cd "$ROOT"
+# shellcheck source=scripts/pg.sh
+source "$ROOT/scripts/pg.sh"
+
+# shellcheck disable=SC2317 # called by the EXIT trap
+on_exit() {
+    local rc=$?
+    trap - EXIT INT TERM
+    fg_pg_stop_if_ours
+    if ((rc == 0)); then
+        fg_log "all checks passed"
+    else
+        fg_err "checks failed (exit status $rc)"
+    fi
+    exit "$rc"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# step NAME COMMAND...: run one check, stop at the first failure.
+step() {
+    local name=$1 rc=0
+    shift
+    fg_log "$name: $*"
+    "$@" || rc=$?
+    if ((rc != 0)); then
+        fg_err "$name failed (exit status $rc)"
+        exit "$rc"
+    fi
+}
+
+if ! command -v cargo >/dev/null 2>&1 && [[ -f ${CARGO_HOME:-${HOME:-}/.cargo}/env ]]; then
+    # shellcheck source=/dev/null
+    source "${CARGO_HOME:-${HOME:-}/.cargo}/env"
+fi
+command -v cargo >/dev/null 2>&1 || {
+    fg_err "cargo not found; install Rust (https://rustup.rs)"
+    exit 1
+}
+# rustfmt and clippy are in rustup's default profile, but not in the minimal one.
+for component in rustfmt clippy; do
+    sub=${component/rustfmt/fmt}
+    if ! cargo "$sub" --version >/dev/null 2>&1; then
+        if command -v rustup >/dev/null 2>&1; then
+            fg_log "rustup component add $component"
+            rustup component add "$component"
+        else
+            fg_err "cargo $sub is missing and rustup is not available to add $component"
+            exit 1
+        fi
+    fi
+done
+
+fg_pg_ensure
+export DATABASE_URL
+
+step "format" cargo fmt --all -- --check
+step "clippy" cargo clippy --all-targets -- -D warnings
+step "tests" cargo test "$@"
+
+case ${CI:-} in
+true | TRUE | True | 1)
+    if [[ -f src/bin/fleetgate-bench.rs ]]; then
+        step "benchmark (quick)" cargo run --release --bin fleetgate-bench -- --quick all
+    fi
+    ;;
+esac

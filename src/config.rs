@@ -1,0 +1,194 @@
+//! Typed settings. Owns loading and layering: built-in defaults → `config/default.toml` →
+//! `config/local.toml` → `$FLEETGATE_CONFIG` → `FLEETGATE_*` environment variables, with
+//! `DATABASE_URL` overriding `database.url`. Every key is documented in `config/default.toml`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub database: DatabaseSettings,
+    pub websocket: WebSocketSettings,
+    pub listen: ListenSettings,
+    pub sessions: SessionSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ServerSettings {
+    pub listen: String,
+    pub workers: usize,
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(default)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub max_connections: u32,
+    pub acquire_timeout_secs: u64,
+    pub migrate_on_start: bool,
+}
+
+impl std::fmt::Debug for DatabaseSettings {
+    // The URL may carry a password: never log it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &"<redacted>")
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout_secs", &self.acquire_timeout_secs)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct WebSocketSettings {
+    pub max_frame_bytes: usize,
+    pub max_trackers_per_request: usize,
+    pub queue_capacity: usize,
+    pub heartbeat_ms: u64,
+    pub idle_timeout_ms: u64,
+    pub messages_per_second: u32,
+    pub messages_burst: u32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ListenSettings {
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub probe_interval_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct SessionSettings {
+    pub expiry_check_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            server: ServerSettings::default(),
+            database: DatabaseSettings::default(),
+            websocket: WebSocketSettings::default(),
+            listen: ListenSettings::default(),
+            sessions: SessionSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            listen: "127.0.0.1:8080".into(),
+            workers: 0,
+            shutdown_timeout_secs: 5,
+        }
+    }
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            url: "postgres://postgres@127.0.0.1:5432/fleetgate".into(),
+            max_connections: 8,
+            acquire_timeout_secs: 5,
+            migrate_on_start: true,
+        }
+    }
+}
+
+impl Default for WebSocketSettings {
+    fn default() -> Self {
+        WebSocketSettings {
+            max_frame_bytes: 65536,
+            max_trackers_per_request: 10_000,
+            queue_capacity: 1024,
+            heartbeat_ms: 30_000,
+            idle_timeout_ms: 90_000,
+            messages_per_second: 20,
+            messages_burst: 100,
+        }
+    }
+}
+
+impl Default for ListenSettings {
+    fn default() -> Self {
+        ListenSettings {
+            reconnect_min_ms: 100,
+            reconnect_max_ms: 5000,
+            probe_interval_ms: 10_000,
+        }
+    }
+}
+
+impl Default for SessionSettings {
+    fn default() -> Self {
+        SessionSettings {
+            expiry_check_ms: 1000,
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl WebSocketSettings {
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.max(10))
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms.max(10))
+    }
+}
+
+impl Settings {
+    /// Loads the layered configuration from `dir` (normally `config/`) and the environment.
+    pub fn load(dir: &Path) -> Result<Settings, config::ConfigError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from(dir.join("default.toml")).required(false))
+            .add_source(config::File::from(dir.join("local.toml")).required(false));
+        if let Ok(extra) = std::env::var("FLEETGATE_CONFIG") {
+            builder = builder.add_source(config::File::with_name(&extra).required(true));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("FLEETGATE")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true),
+        );
+        if let Ok(url) = std::env::var("DATABASE_URL") {
+            builder = builder.set_override("database.url", url)?;
+        }
+        builder.build()?.try_deserialize()
+    }
+}

@@ -1,0 +1,474 @@
+//! The database event stream: one LISTEN connection per process, and the processor that turns
+//! notifications into hub events.
+//!
+//! Notifications are wake-ups that name what changed (see the payload formats atop the
+//! migration). The listener task only parses them into a [`Pending`] set, keeping what some
+//! socket watches; the processor task takes everything pending at once, reads the rows in batched
+//! queries, orders the resulting events by change number and hands them to the [`Hub`]. When the
+//! LISTEN connection is lost, the listener reconnects with backoff, re-LISTENs, and asks the
+//! processor to resync: every watched tracker, and every session held, is compared with the
+//! tables, so that what changed during the gap is delivered.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::sync::{watch, Notify};
+
+use crate::config::{ListenSettings, SessionSettings};
+use crate::db::queries;
+use crate::hub::{Hub, TrackerFacts};
+use crate::model::{Lifecycle, TrackerId, TrackerState};
+
+pub const CHANNEL: &str = "fleetgate";
+
+/// Largest id list sent to the database in one query during a resync.
+const RESYNC_CHUNK: usize = 5000;
+
+/// Work the listener has collected for the processor.
+#[derive(Debug, Default)]
+pub struct Pending {
+    pub state_ids: HashSet<TrackerId>,
+    pub state_ranges: Vec<(i64, i64)>,
+    pub lifecycle: Vec<(i64, TrackerId, Lifecycle)>,
+    pub lifecycle_ranges: Vec<(i64, i64)>,
+    pub sessions: HashSet<String>,
+    pub session_ranges: Vec<(i64, i64)>,
+    pub resync: bool,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.state_ids.is_empty()
+            && self.state_ranges.is_empty()
+            && self.lifecycle.is_empty()
+            && self.lifecycle_ranges.is_empty()
+            && self.sessions.is_empty()
+            && self.session_ranges.is_empty()
+            && !self.resync
+    }
+
+    /// Adds one notification payload, keeping only what the hub watches. Returns false for a
+    /// payload it cannot read (logged by the caller, never fatal).
+    pub fn add_payload(&mut self, payload: &str, hub: &Hub) -> bool {
+        let Some((kind, body)) = payload.split_once('|') else {
+            return false;
+        };
+        match kind {
+            "s" => {
+                for id in body.split(',') {
+                    match id.parse::<TrackerId>() {
+                        Ok(id) if hub.wants_state(id) => {
+                            self.state_ids.insert(id);
+                        }
+                        Ok(_) => {}
+                        Err(_) => return false,
+                    }
+                }
+                true
+            }
+            "t" => {
+                for item in body.split(',') {
+                    let mut parts = item.splitn(3, ':');
+                    let (Some(c), Some(id), Some(ev)) = (parts.next(), parts.next(), parts.next())
+                    else {
+                        return false;
+                    };
+                    let (Ok(c), Ok(id), Some(ev)) =
+                        (c.parse::<i64>(), id.parse::<TrackerId>(), Lifecycle::parse(ev))
+                    else {
+                        return false;
+                    };
+                    if hub.is_watched(id) {
+                        self.lifecycle.push((c, id, ev));
+                    }
+                }
+                true
+            }
+            "e" => {
+                for hash in body.split(',') {
+                    if hub.has_session(hash) {
+                        self.sessions.insert(hash.to_owned());
+                    }
+                }
+                true
+            }
+            "n" => true, // trackers added to an account: used by batch targets, not by `state`
+            "S" | "T" | "E" => {
+                let Some((lo, hi)) = body.split_once('|') else {
+                    return false;
+                };
+                let (Ok(lo), Ok(hi)) = (lo.parse::<i64>(), hi.parse::<i64>()) else {
+                    return false;
+                };
+                match kind {
+                    "S" => self.state_ranges.push((lo, hi)),
+                    "T" => self.lifecycle_ranges.push((lo, hi)),
+                    _ => self.session_ranges.push((lo, hi)),
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Shared between the listener (producer) and the processor (consumer).
+#[derive(Default)]
+pub struct Inbox {
+    pending: Mutex<Pending>,
+    ready: Notify,
+}
+
+impl Inbox {
+    pub fn update(&self, f: impl FnOnce(&mut Pending)) {
+        {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut p);
+        }
+        self.ready.notify_one();
+    }
+
+    async fn take(&self) -> Pending {
+        loop {
+            {
+                let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+                if !p.is_empty() {
+                    return std::mem::take(&mut *p);
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+/// Runs the LISTEN connection until shutdown.
+pub async fn run_listener(
+    url: String,
+    hub: Arc<Hub>,
+    inbox: Arc<Inbox>,
+    settings: ListenSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let min = Duration::from_millis(settings.reconnect_min_ms.max(1));
+    let max = Duration::from_millis(settings.reconnect_max_ms.max(settings.reconnect_min_ms));
+    let probe = Duration::from_millis(settings.probe_interval_ms.max(100));
+    let mut backoff = min;
+    let mut down_since: Option<Instant> = None;
+    let mut first = true;
+    loop {
+        if *shutdown.borrow() {
+            return;
+        }
+        let connected = async {
+            let mut l = PgListener::connect(&url).await?;
+            l.listen(CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = tokio::select! {
+            r = connected => match r {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "LISTEN connection failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(max);
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => return,
+        };
+        backoff = min;
+        // LISTEN is in place before the resync reads the tables: nothing committed from now on
+        // can be missed, and anything read twice is dropped by change number.
+        inbox.update(|p| p.resync = true);
+        hub.set_stream_up(true);
+        match down_since.take() {
+            Some(t) => tracing::warn!(
+                gap_ms = t.elapsed().as_millis() as u64,
+                "LISTEN stream restored; resyncing watched trackers and sessions"
+            ),
+            None if first => tracing::info!(channel = CHANNEL, "LISTEN stream up"),
+            None => {}
+        }
+        first = false;
+
+        let reason = loop {
+            tokio::select! {
+                r = listener.try_recv() => match r {
+                    Ok(Some(n)) => {
+                        let payload = n.payload();
+                        let mut ok = true;
+                        inbox.update(|p| ok = p.add_payload(payload, &hub));
+                        if !ok {
+                            tracing::warn!(payload = %payload.chars().take(120).collect::<String>(), "unreadable notification ignored");
+                        }
+                    }
+                    Ok(None) => break "connection lost".to_string(),
+                    Err(e) => break e.to_string(),
+                },
+                _ = tokio::time::sleep(probe) => {
+                    let ping = sqlx::query("SELECT 1").execute(&mut listener);
+                    match tokio::time::timeout(Duration::from_secs(5), ping).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => break format!("probe failed: {e}"),
+                        Err(_) => break "probe timed out".to_string(),
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        };
+        hub.set_stream_up(false);
+        down_since = Some(Instant::now());
+        tracing::warn!(reason = %reason, "LISTEN stream down; reconnecting");
+        drop(listener);
+    }
+}
+
+/// Runs the processor until shutdown: takes pending work, reads it from the database in batches
+/// and publishes it through the hub. A failed round becomes a resync once the database answers.
+pub async fn run_processor(
+    pool: PgPool,
+    hub: Arc<Hub>,
+    inbox: Arc<Inbox>,
+    settings: ListenSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let max = Duration::from_millis(settings.reconnect_max_ms.max(1));
+    let mut backoff = Duration::from_millis(settings.reconnect_min_ms.max(1));
+    loop {
+        let pending = tokio::select! {
+            p = inbox.take() => p,
+            _ = shutdown.changed() => return,
+        };
+        let result = if pending.resync {
+            resync(&pool, &hub).await
+        } else {
+            process(&pool, &hub, pending).await
+        };
+        match result {
+            Ok(()) => backoff = Duration::from_millis(settings.reconnect_min_ms.max(1)),
+            Err(e) => {
+                tracing::warn!(error = %e, "event processing failed; will resync");
+                inbox.update(|p| p.resync = true);
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return,
+                }
+                backoff = (backoff * 2).min(max);
+            }
+        }
+    }
+}
+
+enum Step {
+    Lifecycle(TrackerId, i64, Lifecycle),
+    State(TrackerState),
+    /// The current state re-sent after an unblock with this change number.
+    Forced(TrackerState),
+}
+
+fn lifecycle_of(row: &queries::TrackerLifecycleRow) -> Lifecycle {
+    if row.removed {
+        Lifecycle::Corrupt
+    } else if row.blocked {
+        Lifecycle::Block
+    } else {
+        Lifecycle::Unblock
+    }
+}
+
+/// One round: everything the listener gathered since the last round.
+pub async fn process(pool: &PgPool, hub: &Hub, p: Pending) -> Result<(), sqlx::Error> {
+    let mut lifecycle = p.lifecycle;
+    for (lo, hi) in p.lifecycle_ranges {
+        for row in queries::trackers_by_range(pool, lo, hi).await? {
+            if hub.is_watched(row.id) {
+                lifecycle.push((row.change_no, row.id, lifecycle_of(&row)));
+            }
+        }
+    }
+
+    // Which trackers need their state read: those notified and still wanted, plus every tracker
+    // with a lifecycle change in this round (an unblock pushes the current state).
+    let mut ids: HashSet<TrackerId> = p.state_ids;
+    ids.retain(|id| hub.wants_state(*id));
+    let mut unblocked_at: HashMap<TrackerId, i64> = HashMap::new();
+    for (c, id, kind) in &lifecycle {
+        ids.insert(*id);
+        if *kind == Lifecycle::Unblock {
+            let e = unblocked_at.entry(*id).or_insert(*c);
+            *e = (*e).max(*c);
+        }
+    }
+    let mut states = if ids.is_empty() {
+        Vec::new()
+    } else {
+        let ids: Vec<TrackerId> = ids.into_iter().collect();
+        queries::states_by_ids(pool, &ids).await?
+    };
+    for (lo, hi) in p.state_ranges {
+        let rows = queries::states_by_range(pool, lo, hi).await?;
+        states.extend(rows.into_iter().filter(|s| hub.is_watched(s.tracker_id)));
+    }
+
+    // Order every step by change number: a state committed before a block is delivered before
+    // the block; a state re-sent after an unblock sorts right after it.
+    let mut steps: Vec<((i64, u8), Step)> = Vec::with_capacity(lifecycle.len() + states.len());
+    for (c, id, kind) in lifecycle {
+        steps.push(((c, 0), Step::Lifecycle(id, c, kind)));
+    }
+    for s in states {
+        match unblocked_at.get(&s.tracker_id) {
+            Some(&u) if s.change_no < u => steps.push(((u, 1), Step::Forced(s))),
+            _ => steps.push(((s.change_no, 0), Step::State(s))),
+        }
+    }
+    steps.sort_by_key(|(k, _)| *k);
+    let now = Utc::now();
+    let mut reopened: HashSet<TrackerId> = HashSet::new();
+    for (_, step) in steps {
+        match step {
+            Step::Lifecycle(id, change, kind) => {
+                if hub.publish_lifecycle(id, change, kind) && kind == Lifecycle::Unblock {
+                    reopened.insert(id);
+                }
+            }
+            Step::State(s) => {
+                hub.publish_state(&s, reopened.contains(&s.tracker_id), now);
+            }
+            Step::Forced(s) => {
+                if reopened.contains(&s.tracker_id) {
+                    hub.publish_state(&s, true, now);
+                }
+            }
+        }
+    }
+
+    let mut hashes: HashSet<String> = p.sessions;
+    for (lo, hi) in p.session_ranges {
+        hashes.extend(
+            queries::session_hashes_by_range(pool, lo, hi)
+                .await?
+                .into_iter()
+                .filter(|h| hub.has_session(h)),
+        );
+    }
+    if !hashes.is_empty() {
+        check_sessions(pool, hub, hashes.into_iter().collect()).await?;
+    }
+    Ok(())
+}
+
+/// Logs out the sessions among `hashes` that ended, and refreshes the expiry of the others.
+async fn check_sessions(pool: &PgPool, hub: &Hub, hashes: Vec<String>) -> Result<(), sqlx::Error> {
+    let rows = queries::sessions(pool, &hashes).await?;
+    let mut live: HashMap<&str, &queries::SessionRow> = HashMap::new();
+    for row in &rows {
+        if row.live {
+            live.insert(row.hash.as_str(), row);
+        }
+    }
+    for hash in &hashes {
+        match live.get(hash.as_str()) {
+            Some(row) => hub.set_session_expiry(hash, row.expires_at),
+            None => {
+                let n = hub.logout(hash);
+                if n > 0 {
+                    tracing::info!(session = %&hash[..6.min(hash.len())], sockets = n, "session ended: logout sent");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Compares everything the hub holds with the tables and publishes the differences.
+pub async fn resync(pool: &PgPool, hub: &Hub) -> Result<(), sqlx::Error> {
+    let started = Instant::now();
+    let marks = hub.lifecycle_marks();
+    let mut events = 0usize;
+    let mut reopened: HashSet<TrackerId> = HashSet::new();
+    for chunk in marks.chunks(RESYNC_CHUNK) {
+        let ids: Vec<TrackerId> = chunk.iter().map(|m| m.0).collect();
+        let rows = queries::trackers_by_ids(pool, &ids).await?;
+        let by_id: HashMap<TrackerId, &queries::TrackerLifecycleRow> =
+            rows.iter().map(|r| (r.id, r)).collect();
+        for &(id, mark, blocked) in chunk {
+            match by_id.get(&id) {
+                None => {
+                    // Deleted while we were away.
+                    if hub.publish_lifecycle(id, i64::MAX, Lifecycle::Corrupt) {
+                        events += 1;
+                    }
+                }
+                Some(row) if row.change_no > mark => {
+                    let kind = lifecycle_of(row);
+                    let changed = kind == Lifecycle::Corrupt || row.blocked != blocked;
+                    if changed {
+                        hub.publish_lifecycle(id, row.change_no, kind);
+                        events += 1;
+                        if kind == Lifecycle::Unblock {
+                            reopened.insert(id);
+                        }
+                    } else {
+                        hub.observe(
+                            id,
+                            TrackerFacts {
+                                source_id: row.source_id,
+                                blocked: row.blocked,
+                                change_no: row.change_no,
+                            },
+                        );
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    let now = Utc::now();
+    let watched = hub.watched_trackers();
+    for chunk in watched.chunks(RESYNC_CHUNK) {
+        for s in queries::states_by_ids(pool, chunk).await? {
+            if hub.publish_state(&s, reopened.contains(&s.tracker_id), now) > 0 {
+                events += 1;
+            }
+        }
+    }
+    let hashes: Vec<String> = hub.session_hashes().iter().map(|h| h.to_string()).collect();
+    for chunk in hashes.chunks(RESYNC_CHUNK) {
+        check_sessions(pool, hub, chunk.to_vec()).await?;
+    }
+    if !watched.is_empty() || !hashes.is_empty() {
+        tracing::info!(
+            trackers = watched.len(),
+            sessions = hashes.len(),
+            events,
+            took_ms = started.elapsed().as_millis() as u64,
+            "resync done"
+        );
+    }
+    Ok(())
+}
+
+/// Logs out sessions whose expiry time has passed, every `expiry_check_ms`.
+pub async fn run_expiry(hub: Arc<Hub>, settings: SessionSettings, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(settings.expiry_check_ms.max(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let n = hub.expire_sessions(Utc::now());
+                if n > 0 {
+                    tracing::info!(sessions = n, "sessions expired: logout sent");
+                }
+            }
+            _ = shutdown.changed() => return,
+        }
+    }
+}

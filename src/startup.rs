@@ -1,0 +1,146 @@
+//! Building the application (pool, migrations, hub, LISTEN tasks, bound listener) separately from
+//! running it, so that tests start it on port 0 and learn the real port.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{dev::Server, web, App, HttpServer};
+use sqlx::PgPool;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Settings;
+use crate::hub::Hub;
+use crate::{db, http, listen, ws};
+
+/// What every request handler and socket task shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub hub: Arc<Hub>,
+    pub pool: PgPool,
+    pub settings: Arc<Settings>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    pub state: AppState,
+}
+
+impl Application {
+    /// Connects (creating and migrating the database if configured), starts the LISTEN stream and
+    /// binds the HTTP server to `listener`. Must be called inside a tokio runtime.
+    pub async fn build(settings: Settings, listener: TcpListener) -> anyhow::Result<Application> {
+        db::ensure_database(&settings.database.url).await?;
+        let pool = db::connect(&settings.database).await?;
+        if settings.database.migrate_on_start {
+            db::migrate(&pool).await?;
+        }
+        Self::build_with_pool(settings, pool, listener)
+    }
+
+    pub fn build_with_pool(
+        settings: Settings,
+        pool: PgPool,
+        listener: TcpListener,
+    ) -> anyhow::Result<Application> {
+        let settings = Arc::new(settings);
+        let hub = Hub::new();
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let inbox = Arc::new(listen::Inbox::default());
+        let tasks = vec![
+            tokio::spawn(listen::run_listener(
+                settings.database.url.clone(),
+                hub.clone(),
+                inbox.clone(),
+                settings.listen.clone(),
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(listen::run_processor(
+                pool.clone(),
+                hub.clone(),
+                inbox,
+                settings.listen.clone(),
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(listen::run_expiry(
+                hub.clone(),
+                settings.sessions.clone(),
+                shutdown_rx.clone(),
+            )),
+        ];
+        let state = AppState {
+            hub,
+            pool,
+            settings: settings.clone(),
+            shutdown: shutdown_rx,
+        };
+        let port = listener.local_addr()?.port();
+        let data = web::Data::new(state.clone());
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .configure(routes)
+        })
+        .disable_signals()
+        .shutdown_timeout(settings.server.shutdown_timeout_secs);
+        if settings.server.workers > 0 {
+            server = server.workers(settings.server.workers);
+        }
+        let server = server.listen(listener)?.run();
+        Ok(Application {
+            port,
+            server,
+            shutdown: shutdown_tx,
+            tasks,
+            state,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A sender that stops the application when `true` is sent.
+    pub fn shutdown_handle(&self) -> watch::Sender<bool> {
+        self.shutdown.clone()
+    }
+
+    /// Runs until the shutdown handle fires: then sockets get a close frame, the server stops
+    /// accepting, the LISTEN tasks end, and the pool closes last.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let handle = self.server.handle();
+        let mut stop = self.shutdown.subscribe();
+        let server = tokio::spawn(self.server);
+        while !*stop.borrow() {
+            if stop.changed().await.is_err() {
+                break;
+            }
+        }
+        tracing::info!("shutting down");
+        handle.stop(true).await;
+        let _ = server.await;
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+        self.state.pool.close().await;
+        Ok(())
+    }
+}
+
+/// Every route of the gateway.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    for path in [
+        "/event/subscription",
+        "/event/subscription/",
+        "/v2/event/subscription",
+        "/v2/event/subscription/",
+    ] {
+        cfg.route(path, web::get().to(ws::subscription));
+    }
+    http::configure(cfg);
+}

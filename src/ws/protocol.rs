@@ -1,0 +1,499 @@
+//! The client side of the wire protocol (PROTOCOL.md §2, §3, §6): parsing a text frame into a
+//! typed [`ClientMessage`], and rendering responses and error frames. Pure functions, no I/O.
+
+use std::borrow::Cow;
+
+use serde_json::{json, Map, Value};
+
+use crate::model::{Format, TrackerId};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Subscribe,
+    Unsubscribe,
+}
+
+impl Action {
+    pub fn wire(self) -> &'static str {
+        match self {
+            Action::Subscribe => "subscription/subscribe",
+            Action::Unsubscribe => "subscription/unsubscribe",
+        }
+    }
+}
+
+/// Which of the two message shapes the client used; the response mirrors it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    Legacy,
+    Requests,
+}
+
+/// A `state` request: trackers and their format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StateRequest {
+    pub trackers: Vec<TrackerId>,
+    pub format: Format,
+}
+
+/// One entry of a `requests` array (or the single implied entry of the legacy form).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    State(StateRequest),
+    /// A request this server could not accept; answered in its slot of the response.
+    Failed { kind: String, error: ProtoError },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientMessage {
+    pub action: Action,
+    pub hash: String,
+    pub form: Form,
+    /// The event/request type names, in order, for the response's `events`.
+    pub events: Vec<String>,
+    pub items: Vec<Item>,
+    pub iso_datetime: bool,
+    /// The request's parameters (without `action` and `hash`), echoed in error frames.
+    pub echo: Value,
+}
+
+impl ClientMessage {
+    pub fn tracker_count(&self) -> usize {
+        self.items
+            .iter()
+            .map(|i| match i {
+                Item::State(s) => s.trackers.len(),
+                Item::Failed { .. } => 0,
+            })
+            .sum()
+    }
+}
+
+/// A protocol error code with its description (PROTOCOL.md §6).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProtoError {
+    pub code: u16,
+    pub description: Cow<'static, str>,
+}
+
+impl ProtoError {
+    pub fn new(code: u16, description: impl Into<Cow<'static, str>>) -> Self {
+        ProtoError {
+            code,
+            description: description.into(),
+        }
+    }
+    pub fn wrong_hash() -> Self {
+        Self::new(3, "Wrong hash")
+    }
+    pub fn session_not_found() -> Self {
+        Self::new(4, "User or API key not found or session ended")
+    }
+    pub fn bad_format() -> Self {
+        Self::new(5, "Wrong request format")
+    }
+    pub fn unexpected() -> Self {
+        Self::new(6, "Unexpected error")
+    }
+    pub fn invalid(detail: impl Into<Cow<'static, str>>) -> Self {
+        let detail = detail.into();
+        Self::new(7, format!("Invalid parameters: {detail}"))
+    }
+    pub fn too_many_trackers(limit: usize) -> Self {
+        Self::new(9, format!("Too many trackers in one request (limit {limit})"))
+    }
+    pub fn frame_too_large(limit: usize) -> Self {
+        Self::new(9, format!("Message too large (limit {limit} bytes)"))
+    }
+    pub fn db_unavailable() -> Self {
+        Self::new(14, "Database is unavailable, try again")
+    }
+    pub fn rate_limited() -> Self {
+        Self::new(15, "Too many requests (rate limit exceeded)")
+    }
+}
+
+/// A parse failure: the error plus what the error frame should say of the request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub action: Option<String>,
+    pub error: ProtoError,
+    pub data: Option<Value>,
+}
+
+/// Renders an error frame.
+pub fn error_frame(action: Option<&str>, error: &ProtoError, data: Option<&Value>) -> String {
+    let mut v = json!({
+        "type": "error",
+        "action": action,
+        "status": {"code": error.code, "description": error.description},
+    });
+    if let (Some(d), Some(obj)) = (data, v.as_object_mut()) {
+        obj.insert("data".into(), d.clone());
+    }
+    v.to_string()
+}
+
+pub fn rejection_frame(r: &Rejection) -> String {
+    error_frame(r.action.as_deref(), &r.error, r.data.as_ref())
+}
+
+fn tracker_ids(v: Option<&Value>, field: &str) -> Result<Vec<TrackerId>, ProtoError> {
+    let Some(v) = v else {
+        return Err(ProtoError::invalid(format!("`{field}` is required")));
+    };
+    let Some(arr) = v.as_array() else {
+        return Err(ProtoError::invalid(format!(
+            "`{field}` must be an array of integers"
+        )));
+    };
+    let mut out = Vec::with_capacity(arr.len());
+    for item in arr {
+        match item.as_i64() {
+            Some(id) => out.push(id),
+            None if item.is_null() => {
+                return Err(ProtoError::invalid(format!("`{field}` must not hold nulls")))
+            }
+            None => {
+                return Err(ProtoError::invalid(format!(
+                    "`{field}` must hold integer ids only"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn format_of(obj: &Map<String, Value>) -> Result<Format, ProtoError> {
+    match obj.get("format") {
+        None | Some(Value::Null) => Ok(Format::Full),
+        Some(Value::String(s)) => Format::parse(s)
+            .ok_or_else(|| ProtoError::invalid("`format` must be \"full\" or \"compact\"")),
+        Some(_) => Err(ProtoError::invalid(
+            "`format` must be \"full\" or \"compact\"",
+        )),
+    }
+}
+
+const KNOWN_TYPES: [&str; 4] = ["state", "state_batch", "readings_batch", "iot_monitor"];
+
+fn parse_item(v: &Value) -> Result<Item, ProtoError> {
+    let Some(obj) = v.as_object() else {
+        return Err(ProtoError::invalid("each request must be an object"));
+    };
+    let kind = match obj.get("type") {
+        Some(Value::String(s)) => s.as_str(),
+        _ => return Err(ProtoError::invalid("each request needs a string `type`")),
+    };
+    match kind {
+        "state" => {
+            let trackers = tracker_ids(obj.get("trackers"), "trackers")?;
+            let format = format_of(obj)?;
+            Ok(Item::State(StateRequest { trackers, format }))
+        }
+        k if KNOWN_TYPES.contains(&k) => Ok(Item::Failed {
+            kind: k.to_owned(),
+            error: ProtoError::invalid(format!("request type `{k}` is not supported yet")),
+        }),
+        k => Err(ProtoError::invalid(format!("unknown request type `{k}`"))),
+    }
+}
+
+/// Parses one text frame.
+pub fn parse(text: &str) -> Result<ClientMessage, Rejection> {
+    let reject = |action: Option<String>, error: ProtoError, data: Option<Value>| Rejection {
+        action,
+        error,
+        data,
+    };
+    let value: Value = serde_json::from_str(text)
+        .map_err(|_| reject(None, ProtoError::bad_format(), None))?;
+    let Value::Object(obj) = value else {
+        return Err(reject(None, ProtoError::bad_format(), None));
+    };
+    let action_name = match obj.get("action") {
+        Some(Value::String(a)) => a.clone(),
+        _ => return Err(reject(None, ProtoError::bad_format(), None)),
+    };
+    let wire = Some(format!("subscription/{action_name}"));
+    let action = match action_name.as_str() {
+        "subscribe" => Action::Subscribe,
+        "unsubscribe" => Action::Unsubscribe,
+        _ => return Err(reject(wire, ProtoError::bad_format(), None)),
+    };
+    let mut echo = obj.clone();
+    echo.remove("action");
+    echo.remove("hash");
+    let echo = Value::Object(echo);
+    let data = (!echo.as_object().is_some_and(|o| o.is_empty())).then(|| echo.clone());
+
+    let hash = match obj.get("hash") {
+        Some(Value::String(h)) if h.chars().count() == 32 => h.clone(),
+        _ => return Err(reject(wire, ProtoError::wrong_hash(), data)),
+    };
+    let iso_datetime = match obj.get("iso_datetime") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(reject(
+                wire,
+                ProtoError::invalid("`iso_datetime` must be a boolean"),
+                data,
+            ))
+        }
+    };
+
+    let invalid = |e: ProtoError| reject(wire.clone(), e, data.clone());
+    if let Some(requests) = obj.get("requests") {
+        let Some(list) = requests.as_array().filter(|l| !l.is_empty()) else {
+            return Err(invalid(ProtoError::invalid(
+                "`requests` must be a non-empty array",
+            )));
+        };
+        let mut items = Vec::with_capacity(list.len());
+        let mut events = Vec::with_capacity(list.len());
+        for r in list {
+            let item = match parse_item(r) {
+                Ok(item) => item,
+                // A malformed `state` item fails alone; the others still proceed.
+                Err(e) => match r.get("type").and_then(Value::as_str) {
+                    Some(k) if KNOWN_TYPES.contains(&k) => Item::Failed {
+                        kind: k.to_owned(),
+                        error: e,
+                    },
+                    _ => return Err(invalid(e)),
+                },
+            };
+            let kind = match &item {
+                Item::State(_) => "state",
+                Item::Failed { kind, .. } => kind.as_str(),
+            };
+            if !events.iter().any(|e| e == kind) {
+                events.push(kind.to_owned());
+            }
+            items.push(item);
+        }
+        if items.iter().all(|i| matches!(i, Item::Failed { .. })) {
+            // Nothing could be accepted: answer with a plain error, as for the legacy form.
+            if let Some(Item::Failed { error, .. }) = items.first() {
+                return Err(invalid(error.clone()));
+            }
+        }
+        return Ok(ClientMessage {
+            action,
+            hash,
+            form: Form::Requests,
+            events,
+            items,
+            iso_datetime,
+            echo,
+        });
+    }
+
+    // Legacy form: `events` and `trackers`.
+    let events: Vec<String> = match obj.get("events") {
+        Some(Value::Array(list)) if !list.is_empty() => {
+            let mut out = Vec::with_capacity(list.len());
+            for e in list {
+                match e.as_str() {
+                    Some("state") => {
+                        if !out.iter().any(|x| x == "state") {
+                            out.push("state".to_owned());
+                        }
+                    }
+                    Some(other) => {
+                        return Err(invalid(ProtoError::invalid(format!(
+                            "unknown event `{other}`"
+                        ))))
+                    }
+                    None if e.is_null() => {
+                        return Err(invalid(ProtoError::invalid("`events` must not hold nulls")))
+                    }
+                    None => {
+                        return Err(invalid(ProtoError::invalid(
+                            "`events` must hold event names",
+                        )))
+                    }
+                }
+            }
+            out
+        }
+        _ => {
+            return Err(invalid(ProtoError::invalid(
+                "`events` must be a non-empty array of event names",
+            )))
+        }
+    };
+    let trackers = tracker_ids(obj.get("trackers"), "trackers").map_err(invalid)?;
+    Ok(ClientMessage {
+        action,
+        hash,
+        form: Form::Legacy,
+        events,
+        items: vec![Item::State(StateRequest {
+            trackers,
+            format: Format::Full,
+        })],
+        iso_datetime,
+        echo,
+    })
+}
+
+/// Renders a status map `{"<id>": "<status>", …}` in request order.
+pub fn status_map(statuses: &[(TrackerId, &'static str)]) -> Value {
+    let mut m = Map::with_capacity(statuses.len());
+    for (id, s) in statuses {
+        m.insert(id.to_string(), Value::String((*s).to_owned()));
+    }
+    Value::Object(m)
+}
+
+/// The subscribe response. `per_type` holds, for each event type of the request, either the
+/// status map or the error that item got.
+pub fn subscribe_response(
+    form: Form,
+    events: &[String],
+    per_type: Vec<(String, Result<Value, ProtoError>)>,
+) -> String {
+    let mut data = Map::new();
+    for (kind, result) in per_type {
+        let v = match (form, result) {
+            (Form::Legacy, Ok(map)) => map,
+            (_, Ok(map)) => json!({"success": true, "value": map}),
+            (_, Err(e)) => json!({
+                "success": false,
+                "status": {"code": e.code, "description": e.description}
+            }),
+        };
+        data.insert(kind, v);
+    }
+    json!({
+        "type": "response",
+        "action": Action::Subscribe.wire(),
+        "events": events,
+        "data": data,
+    })
+    .to_string()
+}
+
+pub fn unsubscribe_response(form: Form, events: &[String], ids: &[TrackerId]) -> String {
+    let data = match form {
+        Form::Legacy => json!(ids),
+        Form::Requests => {
+            let mut m = Map::new();
+            for e in events {
+                m.insert(e.clone(), json!({"success": true, "value": ids}));
+            }
+            Value::Object(m)
+        }
+    };
+    json!({
+        "type": "response",
+        "action": Action::Unsubscribe.wire(),
+        "events": events,
+        "data": data,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "f4bf1b75403d851653dad99c78c4b237";
+
+    #[test]
+    fn legacy_subscribe_from_seed_004() {
+        let m = parse(&format!(
+            r#"{{"action":"subscribe","hash":"{HASH}","events":["state"],"trackers":[15564,15565,15568]}}"#
+        ))
+        .unwrap();
+        assert_eq!(m.action, Action::Subscribe);
+        assert_eq!(m.form, Form::Legacy);
+        assert_eq!(m.events, ["state"]);
+        assert_eq!(
+            m.items,
+            [Item::State(StateRequest {
+                trackers: vec![15564, 15565, 15568],
+                format: Format::Full
+            })]
+        );
+    }
+
+    #[test]
+    fn requests_form_with_compact_format() {
+        let m = parse(&format!(
+            r#"{{"action":"subscribe","hash":"{HASH}","requests":[{{"type":"state","trackers":[1701976,1701975],"format":"compact"}}]}}"#
+        ))
+        .unwrap();
+        assert_eq!(m.form, Form::Requests);
+        assert_eq!(
+            m.items,
+            [Item::State(StateRequest {
+                trackers: vec![1701976, 1701975],
+                format: Format::Compact
+            })]
+        );
+    }
+
+    fn code_of(text: &str) -> (u16, Option<String>) {
+        let r = parse(text).unwrap_err();
+        (r.error.code, r.action)
+    }
+
+    #[test]
+    fn errors_get_the_protocol_codes() {
+        assert_eq!(code_of("not json"), (5, None));
+        assert_eq!(code_of("[1,2]"), (5, None));
+        assert_eq!(code_of(r#"{"hash":"x"}"#), (5, None));
+        assert_eq!(
+            code_of(r#"{"action":"dance"}"#),
+            (5, Some("subscription/dance".into()))
+        );
+        assert_eq!(
+            code_of(r#"{"action":"subscribe","hash":"short","events":["state"],"trackers":[1]}"#).0,
+            3
+        );
+        assert_eq!(
+            code_of(r#"{"action":"subscribe","hash":5,"events":["state"],"trackers":[1]}"#).0,
+            3
+        );
+        let bad = [
+            r#""events":["state"],"trackers":[1,null]"#,
+            r#""events":["state"],"trackers":["1"]"#,
+            r#""events":["state"],"trackers":[1.5]"#,
+            r#""events":["state"],"trackers":null"#,
+            r#""events":["states"],"trackers":[1]"#,
+            r#""events":[null],"trackers":[1]"#,
+            r#""events":[],"trackers":[1]"#,
+            r#""requests":[{"type":"state","trackers":[1],"format":"tiny"}]"#,
+            r#""requests":[{"type":"bogus"}]"#,
+            r#""requests":[]"#,
+        ];
+        for b in bad {
+            let text = format!(r#"{{"action":"subscribe","hash":"{HASH}",{b}}}"#);
+            assert_eq!(code_of(&text).0, 7, "{text}");
+        }
+    }
+
+    #[test]
+    fn error_frame_echoes_parameters() {
+        let r = parse(r#"{"action":"subscribe","hash":"x","events":["state"],"trackers":[15564]}"#)
+            .unwrap_err();
+        let v: Value = serde_json::from_str(&rejection_frame(&r)).unwrap();
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["action"], "subscription/subscribe");
+        assert_eq!(v["status"]["code"], 3);
+        assert_eq!(v["data"], json!({"events": ["state"], "trackers": [15564]}));
+    }
+
+    #[test]
+    fn a_failing_item_does_not_sink_the_others() {
+        let m = parse(&format!(
+            r#"{{"action":"subscribe","hash":"{HASH}","requests":[{{"type":"state","trackers":[1]}},{{"type":"state_batch","target":{{"type":"all"}}}}]}}"#
+        ))
+        .unwrap();
+        assert_eq!(m.events, ["state", "state_batch"]);
+        assert!(matches!(m.items[1], Item::Failed { .. }));
+    }
+}

@@ -1,0 +1,573 @@
+//! One task per socket. The upgrade handler only does the handshake and spawns [`Connection::run`],
+//! which owns the socket's sessions, its watched trackers, its outbound queue and its heartbeat
+//! clock, and always ends with a best-effort close and a cleanup of its hub entries.
+//!
+//! Per-tracker ordering is enforced here: each watched tracker remembers the change numbers of
+//! the last state and lifecycle event sent, so a state older than one already sent (for example
+//! one queued while the subscribe snapshot was being read) is never written.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
+use bytestring::ByteString;
+use chrono::Utc;
+use chrono_tz::Tz;
+use tracing::Instrument;
+
+use super::atmosphere::Transport;
+use super::protocol::{self, Action, ClientMessage, Form, Item, ProtoError};
+use crate::db::{self, queries};
+use crate::hub::{ConnId, Outbox, Outgoing, TrackerFacts};
+use crate::model::{self, Format, Lifecycle, TrackerId, Variant};
+use crate::startup::AppState;
+
+/// Most outbox items written per wake-up before the task looks at client frames again.
+const WRITE_BATCH: usize = 64;
+
+/// `GET /event/subscription` and `/v2/event/subscription`: the WebSocket upgrade.
+pub async fn subscription(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+) -> actix_web::Result<HttpResponse> {
+    let transport = Transport::from_query(req.query_string());
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let max = state.settings.websocket.max_frame_bytes.max(256);
+    let stream = stream
+        .max_frame_size(max)
+        .aggregate_continuations()
+        .max_continuation_size(max);
+    let conn_id = state.hub.next_conn_id();
+    let peer = req
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "-".into());
+    let span = tracing::info_span!("ws", conn = conn_id, peer = %peer);
+    let conn = Connection::new(conn_id, state.get_ref().clone(), transport, session);
+    actix_web::rt::spawn(conn.run(stream).instrument(span));
+    Ok(response)
+}
+
+struct Watch {
+    session: Arc<str>,
+    blocked: bool,
+    state_change: i64,
+    lifecycle_change: i64,
+}
+
+/// Why the loop stopped.
+enum Stop {
+    /// The peer is gone or the socket is closed: nothing more can be written.
+    Gone,
+    /// Close with this reason.
+    Close(CloseReason),
+}
+
+struct Connection {
+    id: ConnId,
+    app: AppState,
+    transport: Transport,
+    ws: actix_ws::Session,
+    outbox: Arc<Outbox>,
+    sessions: HashSet<Arc<str>>,
+    watches: HashMap<TrackerId, Watch>,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Connection {
+    fn new(id: ConnId, app: AppState, transport: Transport, ws: actix_ws::Session) -> Self {
+        let cap = app.settings.websocket.queue_capacity;
+        let burst = f64::from(app.settings.websocket.messages_burst.max(1));
+        Connection {
+            id,
+            app,
+            transport,
+            ws,
+            outbox: Outbox::new(cap),
+            sessions: HashSet::new(),
+            watches: HashMap::new(),
+            tokens: burst,
+            refilled: Instant::now(),
+        }
+    }
+
+    async fn run(mut self, mut stream: actix_ws::AggregatedMessageStream) {
+        tracing::debug!("connected");
+        let stop = self.serve(&mut stream).await;
+        // Cleanup first, so the hub stops queueing for this socket.
+        self.outbox.close();
+        let ids: Vec<TrackerId> = self.watches.keys().copied().collect();
+        self.app.hub.unsubscribe(self.id, &ids);
+        for hash in &self.sessions {
+            self.app.hub.unregister_session(hash, self.id);
+        }
+        if let Stop::Close(reason) = stop {
+            let ws = self.ws.clone();
+            let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(reason))).await;
+        }
+        tracing::debug!("disconnected");
+    }
+
+    async fn serve(&mut self, stream: &mut actix_ws::AggregatedMessageStream) -> Stop {
+        let heartbeat = self.app.settings.websocket.heartbeat();
+        let idle = self.app.settings.websocket.idle_timeout();
+        let max_frame = self.app.settings.websocket.max_frame_bytes;
+        if let Some(hs) = self.transport.handshake(heartbeat.as_millis() as u64) {
+            if self.ws.text(hs).await.is_err() {
+                return Stop::Gone;
+            }
+        }
+        let mut shutdown = self.app.shutdown.clone();
+        if *shutdown.borrow() {
+            return Stop::Close(CloseCode::Away.into());
+        }
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_seen = Instant::now();
+        let outbox = self.outbox.clone();
+        let mut batch: Vec<Outgoing> = Vec::with_capacity(WRITE_BATCH);
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => return Stop::Close(CloseCode::Away.into()),
+                msg = stream.recv() => {
+                    last_seen = Instant::now();
+                    let step = match msg {
+                        None => Err(Stop::Gone),
+                        Some(Ok(AggregatedMessage::Text(text))) => self.on_text(text).await,
+                        Some(Ok(AggregatedMessage::Binary(_))) => {
+                            self.send_error(None, &ProtoError::bad_format(), None).await
+                        }
+                        Some(Ok(AggregatedMessage::Ping(p))) => {
+                            self.ws.pong(&p).await.map_err(|_| Stop::Gone)
+                        }
+                        Some(Ok(AggregatedMessage::Pong(_))) => Ok(()),
+                        Some(Ok(AggregatedMessage::Close(_))) => {
+                            Err(Stop::Close(CloseCode::Normal.into()))
+                        }
+                        Some(Err(ProtocolError::Overflow)) => {
+                            let e = ProtoError::frame_too_large(max_frame);
+                            let _ = self.send_error(None, &e, None).await;
+                            Err(Stop::Close(CloseReason {
+                                code: CloseCode::Size,
+                                description: Some("message too large".into()),
+                            }))
+                        }
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "protocol error from peer");
+                            Err(Stop::Close(CloseCode::Protocol.into()))
+                        }
+                    };
+                    if let Err(stop) = step {
+                        return stop;
+                    }
+                }
+                _ = outbox.pop_batch(WRITE_BATCH, &mut batch) => {
+                    for item in batch.drain(..) {
+                        if let Err(stop) = self.deliver(item).await {
+                            return stop;
+                        }
+                    }
+                }
+                _ = ticker.tick() => {
+                    if last_seen.elapsed() >= idle {
+                        tracing::info!(idle_ms = idle.as_millis() as u64, "peer idle: closing");
+                        return Stop::Close(CloseReason {
+                            code: CloseCode::Away,
+                            description: Some("idle timeout".into()),
+                        });
+                    }
+                    let beat = if self.transport.atmo_protocol {
+                        self.send(ByteString::from_static("X")).await
+                    } else {
+                        self.ws.ping(b"").await.map_err(|_| Stop::Gone)
+                    };
+                    if let Err(stop) = beat {
+                        return stop;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes one frame (with Atmosphere framing if negotiated). A peer that does not take it
+    /// within the idle timeout is given up on.
+    async fn send(&mut self, msg: ByteString) -> Result<(), Stop> {
+        let frame = self.transport.frame(msg);
+        let idle = self.app.settings.websocket.idle_timeout();
+        match tokio::time::timeout(idle, self.ws.text(frame)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Stop::Gone),
+            Err(_) => {
+                tracing::info!("peer stopped reading: closing");
+                Err(Stop::Gone)
+            }
+        }
+    }
+
+    async fn send_error(
+        &mut self,
+        action: Option<&str>,
+        e: &ProtoError,
+        data: Option<&serde_json::Value>,
+    ) -> Result<(), Stop> {
+        self.send(protocol::error_frame(action, e, data).into())
+            .await
+    }
+
+    fn take_token(&mut self) -> bool {
+        let ws = &self.app.settings.websocket;
+        let rate = f64::from(ws.messages_per_second.max(1));
+        let burst = f64::from(ws.messages_burst.max(1));
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * rate).min(burst);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    async fn on_text(&mut self, text: ByteString) -> Result<(), Stop> {
+        let text = text.trim();
+        if text == "X" || text.is_empty() {
+            return Ok(()); // Atmosphere heartbeat (or an empty keep-alive)
+        }
+        if !self.take_token() {
+            return self
+                .send_error(None, &ProtoError::rate_limited(), None)
+                .await;
+        }
+        let msg = match protocol::parse(text) {
+            Ok(m) => m,
+            Err(rejection) => {
+                tracing::debug!(code = rejection.error.code, "rejected client message");
+                return self.send(protocol::rejection_frame(&rejection).into()).await;
+            }
+        };
+        let limit = self.app.settings.websocket.max_trackers_per_request;
+        if msg.tracker_count() > limit {
+            let e = ProtoError::too_many_trackers(limit);
+            return self
+                .send_error(Some(msg.action.wire()), &e, Some(&msg.echo))
+                .await;
+        }
+        match msg.action {
+            Action::Subscribe => self.subscribe(msg).await,
+            Action::Unsubscribe => self.unsubscribe(msg).await,
+        }
+    }
+
+    fn session_tag(hash: &str) -> &str {
+        &hash[..6.min(hash.len())]
+    }
+
+    async fn subscribe(&mut self, msg: ClientMessage) -> Result<(), Stop> {
+        let started = Instant::now();
+        let action = Some(msg.action.wire());
+        let hash: Arc<str> = match self.sessions.get(msg.hash.as_str()) {
+            Some(k) => k.clone(),
+            None => Arc::from(msg.hash.as_str()),
+        };
+        let known = self.sessions.contains(&hash);
+        let hub = self.app.hub.clone();
+        // Register before checking, so that a logout committed while we check still reaches us.
+        hub.register_session(&hash, self.id, &self.outbox, chrono::DateTime::<Utc>::MAX_UTC);
+        let session = match queries::session(&self.app.pool, &hash).await {
+            Ok(Some(s)) if s.live => s,
+            other => {
+                if !known {
+                    hub.unregister_session(&hash, self.id);
+                }
+                let e = match other {
+                    Err(e) if db::is_unavailable(&e) => ProtoError::db_unavailable(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "session lookup failed");
+                        ProtoError::unexpected()
+                    }
+                    Ok(_) => ProtoError::session_not_found(),
+                };
+                return self.send_error(action, &e, Some(&msg.echo)).await;
+            }
+        };
+        hub.set_session_expiry(&hash, session.expires_at);
+        let tz: Tz = session.time_zone.parse().unwrap_or(chrono_tz::UTC);
+        self.sessions.insert(hash.clone());
+
+        // Requested trackers, deduplicated in request order; a later item's format wins.
+        let mut order: Vec<TrackerId> = Vec::new();
+        let mut format_of: HashMap<TrackerId, Format> = HashMap::new();
+        for item in &msg.items {
+            if let Item::State(req) = item {
+                for &id in &req.trackers {
+                    if format_of.insert(id, req.format).is_none() {
+                        order.push(id);
+                    }
+                }
+            }
+        }
+        let variant = |f: Format| Variant {
+            format: f,
+            tz,
+            iso: msg.iso_datetime,
+        };
+        for f in [Format::Full, Format::Compact] {
+            let ids: Vec<TrackerId> = order.iter().copied().filter(|id| format_of[id] == f).collect();
+            if !ids.is_empty() {
+                hub.subscribe(self.id, &self.outbox, &ids, variant(f));
+            }
+        }
+
+        let result = self.snapshot(&session, &order).await;
+        let (statuses, states) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // Undo the registrations this request added.
+                let added: Vec<TrackerId> = order
+                    .iter()
+                    .copied()
+                    .filter(|id| !self.watches.contains_key(id))
+                    .collect();
+                hub.unsubscribe(self.id, &added);
+                let err = if db::is_unavailable(&e) {
+                    ProtoError::db_unavailable()
+                } else {
+                    tracing::error!(error = %e, "subscribe query failed");
+                    ProtoError::unexpected()
+                };
+                return self.send_error(action, &err, Some(&msg.echo)).await;
+            }
+        };
+
+        let mut drop_ids = Vec::new();
+        for (id, status, facts) in &statuses {
+            match (*status, facts) {
+                ("normal" | "blocked", Some(f)) => {
+                    hub.observe(*id, *f);
+                    let w = self.watches.entry(*id).or_insert(Watch {
+                        session: hash.clone(),
+                        blocked: f.blocked,
+                        state_change: 0,
+                        lifecycle_change: 0,
+                    });
+                    w.session = hash.clone();
+                    if f.change_no >= w.lifecycle_change {
+                        w.blocked = f.blocked;
+                        w.lifecycle_change = f.change_no;
+                    }
+                }
+                _ => {
+                    if !self.watches.contains_key(id) {
+                        drop_ids.push(*id);
+                    }
+                }
+            }
+        }
+        hub.unsubscribe(self.id, &drop_ids);
+
+        let map = protocol::status_map(
+            &statuses
+                .iter()
+                .map(|(id, s, _)| (*id, *s))
+                .collect::<Vec<_>>(),
+        );
+        let mut per_type: Vec<(String, Result<serde_json::Value, ProtoError>)> = Vec::new();
+        let mut map = Some(map);
+        for item in &msg.items {
+            match item {
+                Item::State(_) => {
+                    if let Some(m) = map.take() {
+                        per_type.push(("state".into(), Ok(m)));
+                    }
+                }
+                Item::Failed { kind, error } => per_type.push((kind.clone(), Err(error.clone()))),
+            }
+        }
+        let response = protocol::subscribe_response(msg.form, &msg.events, per_type);
+        self.send(response.into()).await?;
+
+        let now = Utc::now();
+        for s in states {
+            let Some(w) = self.watches.get_mut(&s.tracker_id) else {
+                continue;
+            };
+            if w.blocked || s.change_no < w.state_change {
+                continue;
+            }
+            w.state_change = s.change_no;
+            let f = format_of.get(&s.tracker_id).copied().unwrap_or(Format::Full);
+            let frame = model::state_event(&s, variant(f), now);
+            self.send(frame.into()).await?;
+        }
+        tracing::info!(
+            session = Self::session_tag(&hash),
+            trackers = order.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "subscribed"
+        );
+        Ok(())
+    }
+
+    /// Statuses (one query) and the current states of the `normal` trackers (one query).
+    #[allow(clippy::type_complexity)]
+    async fn snapshot(
+        &self,
+        session: &queries::SessionRow,
+        ids: &[TrackerId],
+    ) -> Result<
+        (
+            Vec<(TrackerId, &'static str, Option<TrackerFacts>)>,
+            Vec<model::TrackerState>,
+        ),
+        sqlx::Error,
+    > {
+        if ids.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let rows = queries::tracker_access(&self.app.pool, session.user_id, ids).await?;
+        let by_id: HashMap<TrackerId, &queries::TrackerAccess> =
+            rows.iter().map(|r| (r.id, r)).collect();
+        let mut statuses = Vec::with_capacity(ids.len());
+        let mut normal = Vec::new();
+        for &id in ids {
+            let status = match by_id.get(&id) {
+                Some(r)
+                    if r.account_id == Some(session.account_id) && r.removed == Some(false) =>
+                {
+                    let facts = TrackerFacts {
+                        source_id: r.source_id.unwrap_or_default(),
+                        blocked: r.blocked.unwrap_or(false),
+                        change_no: r.change_no.unwrap_or(0),
+                    };
+                    if session.is_sub_user && !r.granted {
+                        (id, "disallowed", None)
+                    } else if facts.blocked {
+                        (id, "blocked", Some(facts))
+                    } else {
+                        normal.push(id);
+                        (id, "normal", Some(facts))
+                    }
+                }
+                _ => (id, "unknown", None),
+            };
+            statuses.push(status);
+        }
+        let states = if normal.is_empty() {
+            Vec::new()
+        } else {
+            queries::states_by_ids(&self.app.pool, &normal).await?
+        };
+        Ok((statuses, states))
+    }
+
+    async fn unsubscribe(&mut self, msg: ClientMessage) -> Result<(), Stop> {
+        let Some(hash) = self.sessions.get(msg.hash.as_str()) else {
+            return self
+                .send_error(
+                    Some(msg.action.wire()),
+                    &ProtoError::session_not_found(),
+                    Some(&msg.echo),
+                )
+                .await;
+        };
+        let hash = hash.clone();
+        let mut ids: Vec<TrackerId> = Vec::new();
+        for item in &msg.items {
+            if let Item::State(req) = item {
+                ids.extend(&req.trackers);
+            }
+        }
+        let mine: Vec<TrackerId> = ids
+            .iter()
+            .copied()
+            .filter(|id| self.watches.get(id).is_some_and(|w| w.session == hash))
+            .collect();
+        for id in &mine {
+            self.watches.remove(id);
+        }
+        self.app.hub.unsubscribe(self.id, &mine);
+        let events: Vec<String> = match msg.form {
+            Form::Legacy => msg.events.clone(),
+            Form::Requests => vec!["state".into()],
+        };
+        self.send(protocol::unsubscribe_response(msg.form, &events, &ids).into())
+            .await
+    }
+
+    /// Writes one item from the outbox, if this socket should still see it.
+    async fn deliver(&mut self, item: Outgoing) -> Result<(), Stop> {
+        match item {
+            Outgoing::State {
+                tracker,
+                change,
+                resend,
+                frame,
+            } => {
+                let Some(w) = self.watches.get_mut(&tracker) else {
+                    return Ok(());
+                };
+                let newer = change > w.state_change || (resend && change == w.state_change);
+                if w.blocked || !newer {
+                    return Ok(());
+                }
+                w.state_change = change;
+                self.send(frame).await
+            }
+            Outgoing::Lifecycle {
+                tracker,
+                change,
+                kind,
+                frame,
+            } => {
+                let Some(w) = self.watches.get_mut(&tracker) else {
+                    return Ok(());
+                };
+                if change <= w.lifecycle_change {
+                    return Ok(());
+                }
+                w.lifecycle_change = change;
+                match kind {
+                    Lifecycle::Block => w.blocked = true,
+                    Lifecycle::Unblock => w.blocked = false,
+                    Lifecycle::Corrupt => {
+                        self.watches.remove(&tracker);
+                        self.app.hub.unsubscribe(self.id, &[tracker]);
+                    }
+                }
+                self.send(frame).await
+            }
+            Outgoing::Logout { hash } => {
+                if !self.sessions.remove(&hash) {
+                    return Ok(());
+                }
+                let gone: Vec<TrackerId> = self
+                    .watches
+                    .iter()
+                    .filter(|(_, w)| w.session == hash)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in &gone {
+                    self.watches.remove(id);
+                }
+                self.app.hub.unsubscribe(self.id, &gone);
+                tracing::info!(session = Self::session_tag(&hash), "logout");
+                self.send(ByteString::from_static(model::LOGOUT_EVENT))
+                    .await?;
+                if self.sessions.is_empty() {
+                    return Err(Stop::Close(CloseReason {
+                        code: CloseCode::Normal,
+                        description: Some("session closed".into()),
+                    }));
+                }
+                Ok(())
+            }
+            Outgoing::Shutdown => Err(Stop::Close(CloseCode::Away.into())),
+        }
+    }
+}
