@@ -11,10 +11,19 @@ use crate::config::Settings;
 use crate::{commands, db, startup::Application};
 
 #[derive(Debug, Parser)]
-#[command(name = "fleetgate", version, about = "Live GPS-tracker state over WebSocket, from PostgreSQL")]
+#[command(
+    name = "fleetgate",
+    version,
+    about = "Live GPS-tracker state over WebSocket, from PostgreSQL"
+)]
 pub struct Cli {
     /// Folder holding default.toml and local.toml.
-    #[arg(long, env = "FLEETGATE_CONFIG_DIR", default_value = "config", global = true)]
+    #[arg(
+        long,
+        env = "FLEETGATE_CONFIG_DIR",
+        default_value = "config",
+        global = true
+    )]
     pub config_dir: PathBuf,
     #[command(subcommand)]
     pub command: Command,

@@ -80,7 +80,11 @@ impl DemoFleet {
         let _ = writeln!(s, "demo trackers             {:?}", self.trackers);
         let _ = writeln!(s, "granted to the sub-user   {:?}", self.sub_user_trackers);
         let _ = writeln!(s, "blocked tracker           {}", self.blocked_tracker);
-        let _ = writeln!(s, "other account's tracker   {}", self.other_account_tracker);
+        let _ = writeln!(
+            s,
+            "other account's tracker   {}",
+            self.other_account_tracker
+        );
         s
     }
 }
@@ -234,9 +238,24 @@ pub async fn seed_demo(pool: &PgPool) -> anyhow::Result<DemoFleet> {
         time_zone: tz.into(),
     };
     let fleet = DemoFleet {
-        master: user("demo", master, ensure_session(&mut tx, master).await?, "Europe/Berlin"),
-        sub_user: user("demo-sub", sub, ensure_session(&mut tx, sub).await?, "Europe/Berlin"),
-        other: user("other", other, ensure_session(&mut tx, other).await?, "America/New_York"),
+        master: user(
+            "demo",
+            master,
+            ensure_session(&mut tx, master).await?,
+            "Europe/Berlin",
+        ),
+        sub_user: user(
+            "demo-sub",
+            sub,
+            ensure_session(&mut tx, sub).await?,
+            "Europe/Berlin",
+        ),
+        other: user(
+            "other",
+            other,
+            ensure_session(&mut tx, other).await?,
+            "America/New_York",
+        ),
         trackers,
         sub_user_trackers: granted,
         other_account_tracker: others[0],
@@ -313,7 +332,10 @@ async fn write_batch(pool: &PgPool, batch: &[&Vehicle]) -> Result<(), sqlx::Erro
     let ids: Vec<i64> = batch.iter().map(|v| v.id).collect();
     let lat: Vec<f64> = batch.iter().map(|v| v.lat).collect();
     let lng: Vec<f64> = batch.iter().map(|v| v.lng).collect();
-    let heading: Vec<i16> = batch.iter().map(|v| v.heading.round() as i16 % 360).collect();
+    let heading: Vec<i16> = batch
+        .iter()
+        .map(|v| v.heading.round() as i16 % 360)
+        .collect();
     let speed: Vec<i32> = batch.iter().map(|v| v.speed.round() as i32).collect();
     let movement: Vec<&str> = batch
         .iter()

@@ -58,15 +58,18 @@ pub struct Outbox {
     ready: Notify,
     capacity: usize,
     coalesced: AtomicU64,
+    /// The process-wide total, shared by every outbox.
+    total_coalesced: Arc<AtomicU64>,
 }
 
 impl Outbox {
-    pub fn new(capacity: usize) -> Arc<Outbox> {
+    pub fn new(capacity: usize, total_coalesced: Arc<AtomicU64>) -> Arc<Outbox> {
         Arc::new(Outbox {
             inner: Mutex::new(OutboxInner::default()),
             ready: Notify::new(),
             capacity: capacity.max(1),
             coalesced: AtomicU64::new(0),
+            total_coalesced,
         })
     }
 
@@ -86,6 +89,7 @@ impl Outbox {
                 Outgoing::State { tracker, .. } if inner.queue.len() >= self.capacity => {
                     if inner.overflow.insert(tracker, item).is_some() {
                         self.coalesced.fetch_add(1, Ordering::Relaxed);
+                        self.total_coalesced.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Outgoing::Lifecycle { tracker, .. } => {
@@ -180,6 +184,8 @@ pub struct TrackerFacts {
 /// Counters the hub keeps for logs, `/ready` and metrics.
 #[derive(Default)]
 pub struct HubStats {
+    /// States dropped from full outboxes because a newer one replaced them.
+    pub coalesced: Arc<AtomicU64>,
     pub states_fanned_out: AtomicU64,
     pub frames_queued: AtomicU64,
     pub lifecycle_events: AtomicU64,
@@ -198,6 +204,11 @@ pub struct Hub {
 impl Hub {
     pub fn new() -> Arc<Hub> {
         Arc::new(Hub::default())
+    }
+
+    /// A new outbox whose coalesced states count towards the hub's total.
+    pub fn outbox(&self, capacity: usize) -> Arc<Outbox> {
+        Outbox::new(capacity, self.stats.coalesced.clone())
     }
 
     pub fn next_conn_id(&self) -> ConnId {
@@ -423,7 +434,11 @@ impl Hub {
             .filter(|e| e.expires_at <= now)
             .map(|e| e.key().clone())
             .collect();
-        expired.iter().map(|h| self.logout(h)).filter(|n| *n > 0).count()
+        expired
+            .iter()
+            .map(|h| self.logout(h))
+            .filter(|n| *n > 0)
+            .count()
     }
 }
 
@@ -450,7 +465,7 @@ mod tests {
 
     #[tokio::test]
     async fn full_outbox_keeps_newest_state_per_tracker() {
-        let outbox = Outbox::new(2);
+        let outbox = Outbox::new(2, Default::default());
         for change in 1..=10 {
             outbox.push(state_item(1, change));
             outbox.push(state_item(2, change));
@@ -475,7 +490,7 @@ mod tests {
 
     #[tokio::test]
     async fn lifecycle_is_never_dropped_and_follows_held_state() {
-        let outbox = Outbox::new(1);
+        let outbox = Outbox::new(1, Default::default());
         outbox.push(state_item(1, 1));
         outbox.push(state_item(2, 5)); // held in overflow
         outbox.push(Outgoing::Lifecycle {

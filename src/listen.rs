@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
@@ -24,6 +24,9 @@ use crate::hub::{Hub, TrackerFacts};
 use crate::model::{Lifecycle, TrackerId, TrackerState};
 
 pub const CHANNEL: &str = "fleetgate";
+
+/// The `application_name` of the LISTEN connection, as seen in `pg_stat_activity`.
+pub const LISTEN_APPLICATION_NAME: &str = "fleetgate-listen";
 
 /// Largest id list sent to the database in one query during a resync.
 const RESYNC_CHUNK: usize = 5000;
@@ -77,9 +80,11 @@ impl Pending {
                     else {
                         return false;
                     };
-                    let (Ok(c), Ok(id), Some(ev)) =
-                        (c.parse::<i64>(), id.parse::<TrackerId>(), Lifecycle::parse(ev))
-                    else {
+                    let (Ok(c), Ok(id), Some(ev)) = (
+                        c.parse::<i64>(),
+                        id.parse::<TrackerId>(),
+                        Lifecycle::parse(ev),
+                    ) else {
                         return false;
                     };
                     if hub.is_watched(id) {
@@ -164,7 +169,14 @@ pub async fn run_listener(
             return;
         }
         let connected = async {
-            let mut l = PgListener::connect(&url).await?;
+            // A pool of one, named so operators (and tests) can find the listening backend.
+            let options: PgConnectOptions = url.parse()?;
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options.application_name(LISTEN_APPLICATION_NAME))
+                .await?;
+            let mut l = PgListener::connect_with(&pool).await?;
             l.listen(CHANNEL).await?;
             Ok::<_, sqlx::Error>(l)
         };
@@ -225,8 +237,13 @@ pub async fn run_listener(
         };
         hub.set_stream_up(false);
         down_since = Some(Instant::now());
-        tracing::warn!(reason = %reason, "LISTEN stream down; reconnecting");
+        tracing::warn!(reason = %reason, retry_in_ms = backoff.as_millis() as u64, "LISTEN stream down; reconnecting");
         drop(listener);
+        // Pause before reconnecting, so a restarting server is not hammered.
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.changed() => return,
+        }
     }
 }
 
@@ -457,7 +474,11 @@ pub async fn resync(pool: &PgPool, hub: &Hub) -> Result<(), sqlx::Error> {
 }
 
 /// Logs out sessions whose expiry time has passed, every `expiry_check_ms`.
-pub async fn run_expiry(hub: Arc<Hub>, settings: SessionSettings, mut shutdown: watch::Receiver<bool>) {
+pub async fn run_expiry(
+    hub: Arc<Hub>,
+    settings: SessionSettings,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(settings.expiry_check_ms.max(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

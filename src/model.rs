@@ -160,10 +160,7 @@ impl Serialize for Additional<'_> {
                     let mut out = obj.clone();
                     if let Some(serde_json::Value::String(u)) = obj.get("updated") {
                         if let Ok(t) = DateTime::parse_from_rfc3339(u) {
-                            out.insert(
-                                "updated".into(),
-                                self.1.date(t.with_timezone(&Utc)).into(),
-                            );
+                            out.insert("updated".into(), self.1.date(t.with_timezone(&Utc)).into());
                         }
                     }
                     m.serialize_entry(key, &out)?;

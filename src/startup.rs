@@ -81,13 +81,10 @@ impl Application {
         };
         let port = listener.local_addr()?.port();
         let data = web::Data::new(state.clone());
-        let mut server = HttpServer::new(move || {
-            App::new()
-                .app_data(data.clone())
-                .configure(routes)
-        })
-        .disable_signals()
-        .shutdown_timeout(settings.server.shutdown_timeout_secs);
+        let mut server =
+            HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
+                .disable_signals()
+                .shutdown_timeout(settings.server.shutdown_timeout_secs);
         if settings.server.workers > 0 {
             server = server.workers(settings.server.workers);
         }

@@ -18,7 +18,8 @@ pub struct SessionRow {
     pub live: bool,
 }
 
-const SESSION_SELECT: &str = "SELECT s.hash, s.user_id, COALESCE(u.master_id, u.id) AS account_id, \
+const SESSION_SELECT: &str =
+    "SELECT s.hash, s.user_id, COALESCE(u.master_id, u.id) AS account_id, \
        (u.master_id IS NOT NULL) AS is_sub_user, u.time_zone, s.expires_at, \
        (s.revoked_at IS NULL AND s.expires_at > now() \
         AND NOT u.blocked AND NOT u.removed \
@@ -166,7 +167,10 @@ pub async fn set_tracker_blocked<'e>(
     Ok(r.rows_affected() > 0)
 }
 
-pub async fn remove_tracker<'e>(db: impl PgExecutor<'e>, id: TrackerId) -> Result<bool, sqlx::Error> {
+pub async fn remove_tracker<'e>(
+    db: impl PgExecutor<'e>,
+    id: TrackerId,
+) -> Result<bool, sqlx::Error> {
     let r = sqlx::query("UPDATE trackers SET removed = true WHERE id = $1 AND NOT removed")
         .bind(id)
         .execute(db)

@@ -41,7 +41,10 @@ pub struct StateRequest {
 pub enum Item {
     State(StateRequest),
     /// A request this server could not accept; answered in its slot of the response.
-    Failed { kind: String, error: ProtoError },
+    Failed {
+        kind: String,
+        error: ProtoError,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -100,7 +103,10 @@ impl ProtoError {
         Self::new(7, format!("Invalid parameters: {detail}"))
     }
     pub fn too_many_trackers(limit: usize) -> Self {
-        Self::new(9, format!("Too many trackers in one request (limit {limit})"))
+        Self::new(
+            9,
+            format!("Too many trackers in one request (limit {limit})"),
+        )
     }
     pub fn frame_too_large(limit: usize) -> Self {
         Self::new(9, format!("Message too large (limit {limit} bytes)"))
@@ -152,7 +158,9 @@ fn tracker_ids(v: Option<&Value>, field: &str) -> Result<Vec<TrackerId>, ProtoEr
         match item.as_i64() {
             Some(id) => out.push(id),
             None if item.is_null() => {
-                return Err(ProtoError::invalid(format!("`{field}` must not hold nulls")))
+                return Err(ProtoError::invalid(format!(
+                    "`{field}` must not hold nulls"
+                )))
             }
             None => {
                 return Err(ProtoError::invalid(format!(
@@ -206,8 +214,8 @@ pub fn parse(text: &str) -> Result<ClientMessage, Rejection> {
         error,
         data,
     };
-    let value: Value = serde_json::from_str(text)
-        .map_err(|_| reject(None, ProtoError::bad_format(), None))?;
+    let value: Value =
+        serde_json::from_str(text).map_err(|_| reject(None, ProtoError::bad_format(), None))?;
     let Value::Object(obj) = value else {
         return Err(reject(None, ProtoError::bad_format(), None));
     };

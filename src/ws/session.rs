@@ -82,12 +82,13 @@ impl Connection {
     fn new(id: ConnId, app: AppState, transport: Transport, ws: actix_ws::Session) -> Self {
         let cap = app.settings.websocket.queue_capacity;
         let burst = f64::from(app.settings.websocket.messages_burst.max(1));
+        let outbox = app.hub.outbox(cap);
         Connection {
             id,
             app,
             transport,
             ws,
-            outbox: Outbox::new(cap),
+            outbox,
             sessions: HashSet::new(),
             watches: HashMap::new(),
             tokens: burst,
@@ -125,7 +126,8 @@ impl Connection {
         if *shutdown.borrow() {
             return Stop::Close(CloseCode::Away.into());
         }
-        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+        let mut ticker =
+            tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_seen = Instant::now();
         let outbox = self.outbox.clone();
@@ -224,7 +226,8 @@ impl Connection {
         let rate = f64::from(ws.messages_per_second.max(1));
         let burst = f64::from(ws.messages_burst.max(1));
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.refilled).as_secs_f64() * rate).min(burst);
+        self.tokens =
+            (self.tokens + now.duration_since(self.refilled).as_secs_f64() * rate).min(burst);
         self.refilled = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -248,7 +251,9 @@ impl Connection {
             Ok(m) => m,
             Err(rejection) => {
                 tracing::debug!(code = rejection.error.code, "rejected client message");
-                return self.send(protocol::rejection_frame(&rejection).into()).await;
+                return self
+                    .send(protocol::rejection_frame(&rejection).into())
+                    .await;
             }
         };
         let limit = self.app.settings.websocket.max_trackers_per_request;
@@ -278,7 +283,12 @@ impl Connection {
         let known = self.sessions.contains(&hash);
         let hub = self.app.hub.clone();
         // Register before checking, so that a logout committed while we check still reaches us.
-        hub.register_session(&hash, self.id, &self.outbox, chrono::DateTime::<Utc>::MAX_UTC);
+        hub.register_session(
+            &hash,
+            self.id,
+            &self.outbox,
+            chrono::DateTime::<Utc>::MAX_UTC,
+        );
         let session = match queries::session(&self.app.pool, &hash).await {
             Ok(Some(s)) if s.live => s,
             other => {
@@ -318,7 +328,11 @@ impl Connection {
             iso: msg.iso_datetime,
         };
         for f in [Format::Full, Format::Compact] {
-            let ids: Vec<TrackerId> = order.iter().copied().filter(|id| format_of[id] == f).collect();
+            let ids: Vec<TrackerId> = order
+                .iter()
+                .copied()
+                .filter(|id| format_of[id] == f)
+                .collect();
             if !ids.is_empty() {
                 hub.subscribe(self.id, &self.outbox, &ids, variant(f));
             }
@@ -401,7 +415,10 @@ impl Connection {
                 continue;
             }
             w.state_change = s.change_no;
-            let f = format_of.get(&s.tracker_id).copied().unwrap_or(Format::Full);
+            let f = format_of
+                .get(&s.tracker_id)
+                .copied()
+                .unwrap_or(Format::Full);
             let frame = model::state_event(&s, variant(f), now);
             self.send(frame.into()).await?;
         }
@@ -437,9 +454,7 @@ impl Connection {
         let mut normal = Vec::new();
         for &id in ids {
             let status = match by_id.get(&id) {
-                Some(r)
-                    if r.account_id == Some(session.account_id) && r.removed == Some(false) =>
-                {
+                Some(r) if r.account_id == Some(session.account_id) && r.removed == Some(false) => {
                     let facts = TrackerFacts {
                         source_id: r.source_id.unwrap_or_default(),
                         blocked: r.blocked.unwrap_or(false),

@@ -1,0 +1,327 @@
+//! Shared test harness: start the real server on a free port against a fresh database loaded
+//! with `tests/fixtures/fleet.sql`, and drive it with a real WebSocket client. Every wait is for
+//! a condition under a timeout; nothing sleeps to synchronise.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetgate::config::Settings;
+use fleetgate::hub::Hub;
+use fleetgate::startup::Application;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const ACME: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+pub const ACME2: &str = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb";
+pub const SUB: &str = "55555555555555555555555555555555";
+pub const RIVAL: &str = "rrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrr";
+pub const EXPIRED: &str = "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee";
+pub const REVOKED: &str = "vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv";
+
+/// How long any expected message may take.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub const FLEET_SQL: &str = include_str!("../fixtures/fleet.sql");
+
+pub struct TestApp {
+    pub port: u16,
+    pub pool: PgPool,
+    pub db_url: String,
+    pub db_name: String,
+    pub hub: Arc<Hub>,
+    shutdown: watch::Sender<bool>,
+}
+
+fn server_url() -> String {
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// The server URL with another database name.
+fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, format!("?{q}")),
+        None => (url, String::new()),
+    };
+    let slash = base.rfind('/').filter(|i| *i > "postgres://".len());
+    let root = match slash {
+        Some(i) => &base[..i],
+        None => base,
+    };
+    format!("{root}/{name}{query}")
+}
+
+/// Settings for tests: short heartbeats and backoffs, everything else default.
+pub fn test_settings() -> Settings {
+    let mut s = Settings::default();
+    s.server.workers = 2;
+    s.server.shutdown_timeout_secs = 1;
+    s.database.max_connections = 4;
+    s.listen.reconnect_min_ms = 50;
+    s.listen.reconnect_max_ms = 500;
+    s.sessions.expiry_check_ms = 100;
+    s.websocket.messages_per_second = 1000;
+    s.websocket.messages_burst = 1000;
+    s
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let db_name = format!("fg_test_{}", uuid::Uuid::new_v4().simple());
+    let db_url = with_database(&server_url(), &db_name);
+    let mut settings = test_settings();
+    settings.database.url = db_url.clone();
+    configure(&mut settings);
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    let app = Application::build(settings, listener)
+        .await
+        .expect("build the application");
+    sqlx::raw_sql(FLEET_SQL)
+        .execute(&app.state.pool)
+        .await
+        .expect("load the fleet fixture");
+    let test = TestApp {
+        port: app.port(),
+        pool: app.state.pool.clone(),
+        db_url,
+        db_name,
+        hub: app.state.hub.clone(),
+        shutdown: app.shutdown_handle(),
+    };
+    tokio::spawn(app.run_until_stopped());
+    test.wait_ready().await;
+    test
+}
+
+impl TestApp {
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/v2/event/subscription", self.port)
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub async fn connect(&self) -> Client {
+        Client::connect(&self.ws_url()).await
+    }
+
+    /// Plain HTTP GET, returning the status code and body (no HTTP client crate needed).
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .expect("connect");
+        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+            .await
+            .expect("response in time")
+            .expect("read");
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let code = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (code, body)
+    }
+
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if self.get("/ready").await.0 == 200 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll interval, not a sync
+        }
+    }
+
+    /// Runs SQL on the test database, as any writer would.
+    pub async fn exec(&self, sql: &str) {
+        sqlx::raw_sql(sql)
+            .execute(&self.pool)
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// Writes a new speed for trackers through the ingest contract (one statement).
+    pub async fn set_speed(&self, ids: &[i64], speed: i32) {
+        sqlx::query(
+            "UPDATE tracker_states SET speed = $2, last_update = now() WHERE tracker_id = ANY($1)",
+        )
+        .bind(ids)
+        .bind(speed)
+        .execute(&self.pool)
+        .await
+        .expect("update state");
+    }
+
+    /// Waits until `f` holds, polling; panics after the timeout.
+    pub async fn until(&self, what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while !f() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        let admin = server_url();
+        let name = self.db_name.clone();
+        // Drop the database from a thread of its own: Drop cannot await.
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(pool) = PgPool::connect(&admin).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&pool)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A WebSocket client that reads JSON messages.
+pub struct Client {
+    pub ws: Ws,
+}
+
+#[derive(Debug)]
+pub enum Received {
+    Text(String),
+    Closed(Option<(CloseCode, String)>),
+}
+
+impl Client {
+    pub async fn connect(url: &str) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("WebSocket connect");
+        Client { ws }
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::Text(text.to_string()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.send_text(&v.to_string()).await;
+    }
+
+    /// The next text frame or the close, skipping pings/pongs.
+    pub async fn next(&mut self) -> Received {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a message in time");
+            match msg {
+                Some(Ok(Message::Text(t))) => return Received::Text(t),
+                Some(Ok(Message::Close(frame))) => {
+                    return Received::Closed(frame.map(|f| (f.code, f.reason.to_string())))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return Received::Closed(None),
+            }
+        }
+    }
+
+    pub async fn recv(&mut self) -> Value {
+        match self.next().await {
+            Received::Text(t) => serde_json::from_str(&t).unwrap_or_else(|e| panic!("{t}: {e}")),
+            Received::Closed(c) => panic!("connection closed: {c:?}"),
+        }
+    }
+
+    /// Reads until a message matches; returns it and everything skipped before it.
+    pub async fn recv_until(&mut self, pred: impl Fn(&Value) -> bool) -> (Value, Vec<Value>) {
+        let mut skipped = Vec::new();
+        loop {
+            let v = self.recv().await;
+            if pred(&v) {
+                return (v, skipped);
+            }
+            skipped.push(v);
+        }
+    }
+
+    /// Reads until the server closes; returns the close code and the messages before it.
+    pub async fn recv_close(&mut self) -> (Option<CloseCode>, Vec<Value>) {
+        let mut before = Vec::new();
+        loop {
+            match self.next().await {
+                Received::Text(t) => before.push(serde_json::from_str(&t).unwrap_or(Value::Null)),
+                Received::Closed(c) => return (c.map(|c| c.0), before),
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, hash: &str, trackers: &[i64]) -> Value {
+        self.send(
+            json!({"action": "subscribe", "hash": hash, "events": ["state"], "trackers": trackers}),
+        )
+        .await;
+        self.recv().await
+    }
+
+    /// Subscribes (legacy form) and collects the response plus the initial states that follow.
+    pub async fn subscribe_and_states(
+        &mut self,
+        hash: &str,
+        trackers: &[i64],
+        expect_states: usize,
+    ) -> (Value, Vec<Value>) {
+        let response = self.subscribe(hash, trackers).await;
+        let mut states = Vec::new();
+        while states.len() < expect_states {
+            let v = self.recv().await;
+            assert_eq!(v["event"], "state", "expected an initial state, got {v}");
+            states.push(v);
+        }
+        (response, states)
+    }
+}
+
+pub fn is_state_of(v: &Value, tracker: i64) -> bool {
+    v["event"] == "state" && v["tracker_id"] == tracker
+}
+
+pub fn is_state_with_speed(v: &Value, tracker: i64, speed: i64) -> bool {
+    is_state_of(v, tracker) && v["data"]["gps"]["speed"] == speed
+}

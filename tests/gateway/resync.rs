@@ -1,0 +1,97 @@
+//! The LISTEN connection lost mid-stream: reconnect, then resync what changed during the gap.
+
+use crate::common::*;
+
+/// Terminates the gateway's LISTEN backend inside `during_gap`'s transaction, before it commits,
+/// so the commit's notification is certainly lost: only the resync can deliver it.
+async fn terminate_listener_then(app: &TestApp, during_gap: &str) {
+    app.exec(&format!(
+        "BEGIN; {during_gap}; \
+         SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+          WHERE application_name = '{}' AND datname = current_database(); \
+         COMMIT;",
+        fleetgate::listen::LISTEN_APPLICATION_NAME
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_state_missed_during_the_gap_still_arrives() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101, 102], 2).await;
+    terminate_listener_then(
+        &app,
+        "UPDATE tracker_states SET speed = 99 WHERE tracker_id = 101",
+    )
+    .await;
+    let (ev, _) = c.recv_until(|v| is_state_of(v, 101)).await;
+    assert_eq!(ev["data"]["gps"]["speed"], 99);
+    // And the stream works again afterwards.
+    app.set_speed(&[102], 98).await;
+    c.recv_until(|v| is_state_with_speed(v, 102, 98)).await;
+}
+
+#[tokio::test]
+async fn blocks_and_ended_sessions_during_the_gap_take_effect() {
+    let app = spawn_app().await;
+    let mut a = app.connect().await;
+    a.subscribe_and_states(ACME, &[101, 102, 105], 2).await;
+    let mut b = app.connect().await;
+    b.subscribe_and_states(ACME2, &[103], 1).await;
+    terminate_listener_then(
+        &app,
+        &format!(
+            "UPDATE trackers SET blocked = true WHERE id = 101; \
+             UPDATE trackers SET blocked = false WHERE id = 105; \
+             UPDATE trackers SET removed = true WHERE id = 102; \
+             UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME2}'"
+        ),
+    )
+    .await;
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        let v = a.recv().await;
+        seen.push(v);
+        let has = |id: i64, what: &str| {
+            seen.iter().any(|v| {
+                v["tracker_id"] == id
+                    && (v["data"]["lifecycle_event"] == what || v["event"] == what)
+            })
+        };
+        if has(101, "block") && has(102, "corrupt") && has(105, "unblock") && has(105, "state") {
+            break;
+        }
+    }
+    let pos = |pred: &dyn Fn(&serde_json::Value) -> bool| seen.iter().position(pred);
+    let unblock = pos(&|v| v["tracker_id"] == 105 && v["data"]["lifecycle_event"] == "unblock");
+    let state = pos(&|v| is_state_of(v, 105));
+    assert!(
+        unblock.is_some() && state.is_some() && unblock < state,
+        "{seen:?}"
+    );
+    let (_, before) = b.recv_close().await;
+    assert_eq!(
+        before.last().map(|v| v["event"].clone()),
+        Some("logout".into())
+    );
+}
+
+#[tokio::test]
+async fn ready_reports_the_stream_down_during_the_gap() {
+    let app = spawn_app_with(|s| s.listen.reconnect_min_ms = 1500).await;
+    terminate_listener_then(&app, "SELECT 1").await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (code, body) = app.get("/ready").await;
+        if code == 503 {
+            assert!(body.contains("\"listen_stream\":false"), "{body}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "/ready never reported the gap"
+        );
+    }
+    app.wait_ready().await;
+}
