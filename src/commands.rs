@@ -371,7 +371,14 @@ pub async fn simulate(
     if !(rate > 0.0 && rate.is_finite()) {
         bail!("--rate must be a positive number");
     }
-    let rows: Vec<(i64, Option<f64>, Option<f64>, Option<i16>)> = sqlx::query_as(
+    #[derive(sqlx::FromRow)]
+    struct Start {
+        id: i64,
+        lat: Option<f64>,
+        lng: Option<f64>,
+        heading: Option<i16>,
+    }
+    let rows: Vec<Start> = sqlx::query_as(
         "SELECT t.id, s.lat, s.lng, s.heading FROM trackers t \
            JOIN users u ON u.id = t.account_id \
            LEFT JOIN tracker_states s ON s.tracker_id = t.id \
@@ -386,11 +393,11 @@ pub async fn simulate(
     let mut rng = rand::thread_rng();
     let mut fleet: Vec<Vehicle> = rows
         .into_iter()
-        .map(|(id, lat, lng, heading)| Vehicle {
-            id,
-            lat: lat.unwrap_or(52.52),
-            lng: lng.unwrap_or(13.405),
-            heading: f64::from(heading.unwrap_or(0)),
+        .map(|r| Vehicle {
+            id: r.id,
+            lat: r.lat.unwrap_or(52.52),
+            lng: r.lng.unwrap_or(13.405),
+            heading: f64::from(r.heading.unwrap_or(0)),
             speed: rng.gen_range(20.0..60.0),
             moving: rng.gen_bool(0.8),
             since: Utc::now(),

@@ -208,11 +208,13 @@ fn parse_item(v: &Value) -> Result<Item, ProtoError> {
 }
 
 /// Parses one text frame.
-pub fn parse(text: &str) -> Result<ClientMessage, Rejection> {
-    let reject = |action: Option<String>, error: ProtoError, data: Option<Value>| Rejection {
-        action,
-        error,
-        data,
+pub fn parse(text: &str) -> Result<ClientMessage, Box<Rejection>> {
+    let reject = |action: Option<String>, error: ProtoError, data: Option<Value>| {
+        Box::new(Rejection {
+            action,
+            error,
+            data,
+        })
     };
     let value: Value =
         serde_json::from_str(text).map_err(|_| reject(None, ProtoError::bad_format(), None))?;
