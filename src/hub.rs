@@ -16,6 +16,7 @@ use chrono::{DateTime, Utc};
 use dashmap::DashMap;
 use tokio::sync::Notify;
 
+use crate::batch::{BatchGroup, Batches};
 use crate::model::{self, Lifecycle, TrackerId, TrackerState, Variant};
 
 pub type ConnId = u64;
@@ -37,6 +38,14 @@ pub enum Outgoing {
         kind: Lifecycle,
         frame: ByteString,
     },
+    /// A lifecycle event from a batch group; the socket sends it once per tracker change.
+    GroupLifecycle {
+        tracker: TrackerId,
+        change: i64,
+        frame: ByteString,
+    },
+    /// A ready frame (a batch); never coalesced (a group skips members whose queue is full).
+    Frame(ByteString),
     /// The session with this hash has ended.
     Logout { hash: Arc<str> },
     /// The server is shutting down.
@@ -92,7 +101,7 @@ impl Outbox {
                         self.total_coalesced.fetch_add(1, Ordering::Relaxed);
                     }
                 }
-                Outgoing::Lifecycle { tracker, .. } => {
+                Outgoing::Lifecycle { tracker, .. } | Outgoing::GroupLifecycle { tracker, .. } => {
                     // Keep per-tracker order: a state held back for this tracker goes first.
                     if let Some(held) = inner.overflow.remove(&tracker) {
                         inner.queue.push_back(held);
@@ -162,6 +171,7 @@ struct Subscriber {
 #[derive(Default)]
 struct TrackerEntry {
     subs: Vec<Subscriber>,
+    groups: Vec<Arc<BatchGroup>>,
     source_id: i64,
     blocked: bool,
     lifecycle_change: i64,
@@ -199,6 +209,7 @@ pub struct Hub {
     next_conn: AtomicU64,
     stream_up: AtomicBool,
     pub stats: HubStats,
+    pub batches: Batches,
 }
 
 impl Hub {
@@ -247,12 +258,39 @@ impl Hub {
             let empty = match self.trackers.get_mut(id) {
                 Some(mut entry) => {
                     entry.subs.retain(|s| s.conn != conn);
-                    entry.subs.is_empty()
+                    entry.subs.is_empty() && entry.groups.is_empty()
                 }
                 None => false,
             };
             if empty {
-                self.trackers.remove_if(id, |_, e| e.subs.is_empty());
+                self.trackers
+                    .remove_if(id, |_, e| e.subs.is_empty() && e.groups.is_empty());
+            }
+        }
+    }
+
+    /// Adds a batch group as a subscriber of each tracker.
+    pub fn subscribe_group(&self, group: &Arc<BatchGroup>, ids: &[TrackerId]) {
+        for &id in ids {
+            let mut entry = self.trackers.entry(id).or_default();
+            if !entry.groups.iter().any(|g| Arc::ptr_eq(g, group)) {
+                entry.groups.push(group.clone());
+            }
+        }
+    }
+
+    pub fn unsubscribe_group(&self, group: &Arc<BatchGroup>, ids: &[TrackerId]) {
+        for id in ids {
+            let empty = match self.trackers.get_mut(id) {
+                Some(mut entry) => {
+                    entry.groups.retain(|g| !Arc::ptr_eq(g, group));
+                    entry.subs.is_empty() && entry.groups.is_empty()
+                }
+                None => false,
+            };
+            if empty {
+                self.trackers
+                    .remove_if(id, |_, e| e.subs.is_empty() && e.groups.is_empty());
             }
         }
     }
@@ -326,7 +364,13 @@ impl Hub {
                 frame,
             });
         }
-        let n = entry.subs.len();
+        if !entry.groups.is_empty() {
+            let shared = Arc::new(state.clone());
+            for g in &entry.groups {
+                g.offer(&shared, resend);
+            }
+        }
+        let n = entry.subs.len() + entry.groups.len();
         self.stats
             .states_fanned_out
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
@@ -355,6 +399,9 @@ impl Hub {
                 kind,
                 frame: frame.clone(),
             });
+        }
+        for g in &entry.groups {
+            g.lifecycle(id, change, kind, &frame);
         }
         self.stats.lifecycle_events.fetch_add(1, Ordering::Relaxed);
         true

@@ -14,10 +14,12 @@
 //! - [`model`]: tracker state and its rendering into protocol events.
 //! - [`listen`]: the single LISTEN connection, the batched processor, resync after a gap.
 //! - [`hub`]: the subscription index, per-socket bounded queues with coalescing.
+//! - [`batch`]: `state_batch` groups shared by every socket asking for the same batch.
 //! - [`ws`]: the WebSocket endpoint: protocol parsing, Atmosphere framing, the socket task.
 //! - [`http`]: `/health` and `/ready`.
 //! - [`commands`]: demo fleet, traffic simulator, operator actions.
 
+pub mod batch;
 pub mod cli;
 pub mod commands;
 pub mod config;

@@ -40,6 +40,8 @@ pub struct Pending {
     pub lifecycle_ranges: Vec<(i64, i64)>,
     pub sessions: HashSet<String>,
     pub session_ranges: Vec<(i64, i64)>,
+    /// Accounts that gained trackers (added, or granted to a sub-user).
+    pub accounts: HashSet<i64>,
     pub resync: bool,
 }
 
@@ -51,6 +53,7 @@ impl Pending {
             && self.lifecycle_ranges.is_empty()
             && self.sessions.is_empty()
             && self.session_ranges.is_empty()
+            && self.accounts.is_empty()
             && !self.resync
     }
 
@@ -101,7 +104,17 @@ impl Pending {
                 }
                 true
             }
-            "n" => true, // trackers added to an account: used by batch targets, not by `state`
+            "n" => {
+                for acct in body.split(',') {
+                    match acct.parse::<i64>() {
+                        Ok(a) => {
+                            self.accounts.insert(a);
+                        }
+                        Err(_) => return false,
+                    }
+                }
+                true
+            }
             "S" | "T" | "E" => {
                 let Some((lo, hi)) = body.split_once('|') else {
                     return false;
@@ -301,7 +314,10 @@ fn lifecycle_of(row: &queries::TrackerLifecycleRow) -> Lifecycle {
 }
 
 /// One round: everything the listener gathered since the last round.
-pub async fn process(pool: &PgPool, hub: &Hub, p: Pending) -> Result<(), sqlx::Error> {
+pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sqlx::Error> {
+    if !p.accounts.is_empty() && hub.batches.group_count() > 0 {
+        hub.batches.accounts_changed(hub, pool, &p.accounts).await?;
+    }
     let mut lifecycle = p.lifecycle;
     for (lo, hi) in p.lifecycle_ranges {
         for row in queries::trackers_by_range(pool, lo, hi).await? {

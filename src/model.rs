@@ -223,6 +223,39 @@ pub fn state_event(state: &TrackerState, variant: Variant, now: DateTime<Utc>) -
     out
 }
 
+/// One `state_batch` item: `{"type":"source_state_event","tracker_id":…,"state":{…}}`
+/// (`tracker_id` is an extension, as in `state` events).
+pub fn batch_item(state: &TrackerState, variant: Variant) -> String {
+    let mut out = String::with_capacity(if variant.format == Format::Full {
+        800
+    } else {
+        360
+    });
+    let _ = write!(
+        out,
+        r#"{{"type":"source_state_event","tracker_id":{},"state":"#,
+        state.tracker_id
+    );
+    if let Ok(data) = serde_json::to_string(&SourceState { state, variant }) {
+        out.push_str(&data);
+    }
+    out.push('}');
+    out
+}
+
+/// A batch event frame around an already rendered JSON array of items.
+pub fn batch_event(event: &str, items: &str, variant: Variant, now: DateTime<Utc>) -> String {
+    let mut out = String::with_capacity(items.len() + 96);
+    let _ = write!(
+        out,
+        r#"{{"type":"event","event":"{event}","user_time":"{}","data":"#,
+        variant.date(now)
+    );
+    out.push_str(items);
+    out.push('}');
+    out
+}
+
 /// A lifecycle event kind, as written by the database triggers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lifecycle {

@@ -112,6 +112,44 @@ pub struct TrackerLifecycleRow {
     pub change_no: i64,
 }
 
+/// Every tracker visible in an account (to a sub-user: only its grants), removed ones excepted.
+pub async fn visible_trackers(
+    pool: &PgPool,
+    account_id: i64,
+    sub_user: Option<i64>,
+) -> Result<Vec<TrackerLifecycleRow>, sqlx::Error> {
+    sqlx::query_as::<_, TrackerLifecycleRow>(
+        "SELECT t.id, t.source_id, t.blocked, t.removed, t.change_no FROM trackers t \
+          WHERE t.account_id = $1 AND NOT t.removed \
+            AND ($2::bigint IS NULL \
+                 OR EXISTS (SELECT 1 FROM tracker_grants g WHERE g.user_id = $2 AND g.tracker_id = t.id))",
+    )
+    .bind(account_id)
+    .bind(sub_user)
+    .fetch_all(pool)
+    .await
+}
+
+/// The visible trackers among `ids`.
+pub async fn visible_trackers_among(
+    pool: &PgPool,
+    account_id: i64,
+    sub_user: Option<i64>,
+    ids: &[TrackerId],
+) -> Result<Vec<TrackerLifecycleRow>, sqlx::Error> {
+    sqlx::query_as::<_, TrackerLifecycleRow>(
+        "SELECT t.id, t.source_id, t.blocked, t.removed, t.change_no FROM trackers t \
+          WHERE t.id = ANY($3) AND t.account_id = $1 AND NOT t.removed \
+            AND ($2::bigint IS NULL \
+                 OR EXISTS (SELECT 1 FROM tracker_grants g WHERE g.user_id = $2 AND g.tracker_id = t.id))",
+    )
+    .bind(account_id)
+    .bind(sub_user)
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+}
+
 pub async fn trackers_by_ids(
     pool: &PgPool,
     ids: &[TrackerId],

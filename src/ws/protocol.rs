@@ -5,6 +5,9 @@ use std::borrow::Cow;
 
 use serde_json::{json, Map, Value};
 
+use std::time::Duration;
+
+use crate::batch::{self, Target};
 use crate::model::{Format, TrackerId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,15 +39,36 @@ pub struct StateRequest {
     pub format: Format,
 }
 
+/// A `state_batch` request. `target` is required to subscribe; to unsubscribe, a missing target
+/// means every `state_batch` of the session on this connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchRequest {
+    pub target: Option<Target>,
+    pub rate: Duration,
+    pub format: Format,
+}
+
 /// One entry of a `requests` array (or the single implied entry of the legacy form).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Item {
     State(StateRequest),
+    StateBatch(BatchRequest),
     /// A request this server could not accept; answered in its slot of the response.
     Failed {
         kind: String,
         error: ProtoError,
     },
+}
+
+impl Item {
+    /// The request type name, as used for `events` and the response's `data` keys.
+    pub fn kind(&self) -> &str {
+        match self {
+            Item::State(_) => "state",
+            Item::StateBatch(_) => "state_batch",
+            Item::Failed { kind, .. } => kind,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -66,7 +90,11 @@ impl ClientMessage {
             .iter()
             .map(|i| match i {
                 Item::State(s) => s.trackers.len(),
-                Item::Failed { .. } => 0,
+                Item::StateBatch(BatchRequest {
+                    target: Some(Target::Selected(ids)),
+                    ..
+                }) => ids.len(),
+                Item::StateBatch(_) | Item::Failed { .. } => 0,
             })
             .sum()
     }
@@ -185,6 +213,42 @@ fn format_of(obj: &Map<String, Value>) -> Result<Format, ProtoError> {
 
 const KNOWN_TYPES: [&str; 4] = ["state", "state_batch", "readings_batch", "iot_monitor"];
 
+fn target_of(v: Option<&Value>) -> Result<Option<Target>, ProtoError> {
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ProtoError::invalid(
+            "`target` must be {\"type\":\"all\"} or {\"type\":\"selected\",\"tracker_ids\":[…]}",
+        )
+    };
+    let obj = v.as_object().ok_or_else(bad)?;
+    match obj.get("type").and_then(Value::as_str) {
+        Some("all") => Ok(Some(Target::All)),
+        Some("selected") => {
+            let mut ids = tracker_ids(obj.get("tracker_ids"), "tracker_ids")?;
+            ids.sort_unstable();
+            ids.dedup();
+            Ok(Some(Target::Selected(ids)))
+        }
+        _ => Err(bad()),
+    }
+}
+
+fn rate_of(obj: &Map<String, Value>) -> Result<Duration, ProtoError> {
+    match obj.get("rate_limit") {
+        None | Some(Value::Null) => Ok(batch::DEFAULT_RATE),
+        Some(Value::String(s)) => batch::parse_rate(s).ok_or_else(|| {
+            ProtoError::invalid(format!(
+                "`rate_limit` must be a timespan like \"500ms\", \"5s\" or \"1m\", between {}ms and {}s",
+                batch::MIN_RATE.as_millis(),
+                batch::MAX_RATE.as_secs()
+            ))
+        }),
+        Some(_) => Err(ProtoError::invalid("`rate_limit` must be a timespan string")),
+    }
+}
+
 fn parse_item(v: &Value) -> Result<Item, ProtoError> {
     let Some(obj) = v.as_object() else {
         return Err(ProtoError::invalid("each request must be an object"));
@@ -199,6 +263,11 @@ fn parse_item(v: &Value) -> Result<Item, ProtoError> {
             let format = format_of(obj)?;
             Ok(Item::State(StateRequest { trackers, format }))
         }
+        "state_batch" => Ok(Item::StateBatch(BatchRequest {
+            target: target_of(obj.get("target"))?,
+            rate: rate_of(obj)?,
+            format: format_of(obj)?,
+        })),
         k if KNOWN_TYPES.contains(&k) => Ok(Item::Failed {
             kind: k.to_owned(),
             error: ProtoError::invalid(format!("request type `{k}` is not supported yet")),
@@ -226,16 +295,16 @@ pub fn parse(text: &str) -> Result<ClientMessage, Box<Rejection>> {
         _ => return Err(reject(None, ProtoError::bad_format(), None)),
     };
     let wire = Some(format!("subscription/{action_name}"));
-    let action = match action_name.as_str() {
-        "subscribe" => Action::Subscribe,
-        "unsubscribe" => Action::Unsubscribe,
-        _ => return Err(reject(wire, ProtoError::bad_format(), None)),
-    };
     let mut echo = obj.clone();
     echo.remove("action");
     echo.remove("hash");
     let echo = Value::Object(echo);
     let data = (!echo.as_object().is_some_and(|o| o.is_empty())).then(|| echo.clone());
+    let action = match action_name.as_str() {
+        "subscribe" => Action::Subscribe,
+        "unsubscribe" => Action::Unsubscribe,
+        _ => return Err(reject(wire, ProtoError::bad_format(), data)),
+    };
 
     let hash = match obj.get("hash") {
         Some(Value::String(h)) if h.chars().count() == 32 => h.clone(),
@@ -274,10 +343,7 @@ pub fn parse(text: &str) -> Result<ClientMessage, Box<Rejection>> {
                     _ => return Err(invalid(e)),
                 },
             };
-            let kind = match &item {
-                Item::State(_) => "state",
-                Item::Failed { kind, .. } => kind.as_str(),
-            };
+            let kind = item.kind();
             if !events.iter().any(|e| e == kind) {
                 events.push(kind.to_owned());
             }
@@ -478,6 +544,10 @@ mod tests {
             r#""events":[],"trackers":[1]"#,
             r#""requests":[{"type":"state","trackers":[1],"format":"tiny"}]"#,
             r#""requests":[{"type":"bogus"}]"#,
+            r#""requests":[{"type":"state_batch","target":{"type":"all"},"rate_limit":"fast"}]"#,
+            r#""requests":[{"type":"state_batch","target":{"type":"all"},"rate_limit":"10ms"}]"#,
+            r#""requests":[{"type":"state_batch","target":{"type":"some"}}]"#,
+            r#""requests":[{"type":"state_batch","target":{"type":"selected","tracker_ids":[null]}}]"#,
             r#""requests":[]"#,
         ];
         for b in bad {
@@ -500,10 +570,49 @@ mod tests {
     #[test]
     fn a_failing_item_does_not_sink_the_others() {
         let m = parse(&format!(
-            r#"{{"action":"subscribe","hash":"{HASH}","requests":[{{"type":"state","trackers":[1]}},{{"type":"state_batch","target":{{"type":"all"}}}}]}}"#
+            r#"{{"action":"subscribe","hash":"{HASH}","requests":[{{"type":"state","trackers":[1]}},{{"type":"state_batch","target":{{"type":"all"}},"rate_limit":"1y"}}]}}"#
         ))
         .unwrap();
         assert_eq!(m.events, ["state", "state_batch"]);
         assert!(matches!(m.items[1], Item::Failed { .. }));
+    }
+
+    #[test]
+    fn state_batch_request() {
+        let m = parse(&format!(
+            r#"{{"action":"subscribe","hash":"{HASH}","requests":[{{"type":"state_batch","target":{{"type":"selected","tracker_ids":[3,1,3]}},"rate_limit":"500ms","format":"compact"}}]}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            m.items,
+            [Item::StateBatch(BatchRequest {
+                target: Some(Target::Selected(vec![1, 3])),
+                rate: Duration::from_millis(500),
+                format: Format::Compact
+            })]
+        );
+    }
+
+    #[test]
+    fn rate_limits_parse_within_bounds() {
+        use crate::batch::parse_rate;
+        assert_eq!(parse_rate("500ms"), Some(Duration::from_millis(500)));
+        assert_eq!(parse_rate("5s"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_rate("1m"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_rate("1h"), Some(Duration::from_secs(3600)));
+        for bad in [
+            "",
+            "5",
+            "s",
+            "-1s",
+            "1.5s",
+            "99ms",
+            "2h",
+            "1 d",
+            "10x",
+            "99999999999999999999s",
+        ] {
+            assert_eq!(parse_rate(bad), None, "{bad}");
+        }
     }
 }

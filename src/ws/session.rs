@@ -18,7 +18,8 @@ use chrono_tz::Tz;
 use tracing::Instrument;
 
 use super::atmosphere::Transport;
-use super::protocol::{self, Action, ClientMessage, Form, Item, ProtoError};
+use super::protocol::{self, Action, ClientMessage, Item, ProtoError};
+use crate::batch::{BatchGroup, GroupKey, Scope, Target};
 use crate::db::{self, queries};
 use crate::hub::{ConnId, Outbox, Outgoing, TrackerFacts};
 use crate::model::{self, Format, Lifecycle, TrackerId, Variant};
@@ -74,6 +75,10 @@ struct Connection {
     outbox: Arc<Outbox>,
     sessions: HashSet<Arc<str>>,
     watches: HashMap<TrackerId, Watch>,
+    /// `state_batch` groups this socket belongs to, with the session that joined each.
+    memberships: Vec<(Arc<BatchGroup>, Arc<str>)>,
+    /// The last lifecycle change sent per tracker, so a tracker watched both ways sends it once.
+    lifecycle_sent: HashMap<TrackerId, i64>,
     tokens: f64,
     refilled: Instant,
 }
@@ -91,6 +96,8 @@ impl Connection {
             outbox,
             sessions: HashSet::new(),
             watches: HashMap::new(),
+            memberships: Vec::new(),
+            lifecycle_sent: HashMap::new(),
             tokens: burst,
             refilled: Instant::now(),
         }
@@ -105,6 +112,9 @@ impl Connection {
         self.app.hub.unsubscribe(self.id, &ids);
         for hash in &self.sessions {
             self.app.hub.unregister_session(hash, self.id);
+        }
+        for (group, _) in &self.memberships {
+            self.app.hub.batches.leave(group, self.id);
         }
         if let Stop::Close(reason) = stop {
             let ws = self.ws.clone();
@@ -142,7 +152,12 @@ impl Connection {
                         None => Err(Stop::Gone),
                         Some(Ok(AggregatedMessage::Text(text))) => self.on_text(text).await,
                         Some(Ok(AggregatedMessage::Binary(_))) => {
-                            self.send_error(None, &ProtoError::bad_format(), None).await
+                            let e = if self.take_token() {
+                                ProtoError::bad_format()
+                            } else {
+                                ProtoError::rate_limited()
+                            };
+                            self.send_error(None, &e, None).await
                         }
                         Some(Ok(AggregatedMessage::Ping(p))) => {
                             self.ws.pong(&p).await.map_err(|_| Stop::Gone)
@@ -151,7 +166,17 @@ impl Connection {
                         Some(Ok(AggregatedMessage::Close(_))) => {
                             Err(Stop::Close(CloseCode::Normal.into()))
                         }
+                        // A single frame over the limit is `Overflow`; a fragmented message
+                        // over it is reported by actix-ws as an I/O error with this text.
                         Some(Err(ProtocolError::Overflow)) => {
+                            let e = ProtoError::frame_too_large(max_frame);
+                            let _ = self.send_error(None, &e, None).await;
+                            Err(Stop::Close(CloseReason {
+                                code: CloseCode::Size,
+                                description: Some("message too large".into()),
+                            }))
+                        }
+                        Some(Err(ProtocolError::Io(e))) if e.to_string().contains("maximum continuation size") => {
                             let e = ProtoError::frame_too_large(max_frame);
                             let _ = self.send_error(None, &e, None).await;
                             Err(Stop::Close(CloseReason {
@@ -391,20 +416,85 @@ impl Connection {
                 .map(|(id, s, _)| (*id, *s))
                 .collect::<Vec<_>>(),
         );
+        // state_batch items: join (or create) the shared group of each.
+        let capacity = self.app.settings.websocket.queue_capacity;
+        let mut batch_results: Vec<Result<serde_json::Value, ProtoError>> = Vec::new();
+        let mut first_batches: Vec<ByteString> = Vec::new();
+        for item in &msg.items {
+            let Item::StateBatch(req) = item else {
+                continue;
+            };
+            let Some(target) = req.target.clone() else {
+                batch_results.push(Err(ProtoError::invalid("`target` is required")));
+                continue;
+            };
+            let key = GroupKey {
+                scope: Scope {
+                    account_id: session.account_id,
+                    sub_user: session.is_sub_user.then_some(session.user_id),
+                },
+                target,
+                rate: req.rate,
+                variant: variant(req.format),
+            };
+            let joined = hub
+                .batches
+                .join(&hub, &self.app.pool, key, self.id, &self.outbox, capacity)
+                .await;
+            match joined {
+                Ok(j) => {
+                    if !self
+                        .memberships
+                        .iter()
+                        .any(|(g, _)| Arc::ptr_eq(g, &j.group))
+                    {
+                        self.memberships.push((j.group.clone(), hash.clone()));
+                    }
+                    // A selected target answers for every id it names, as `state` does.
+                    let statuses = match &j.group.key.target {
+                        Target::Selected(ids) => match self.statuses(&session, ids).await {
+                            Ok(st) => st.into_iter().map(|(id, s, _)| (id, s)).collect(),
+                            Err(_) => j.statuses,
+                        },
+                        Target::All => j.statuses,
+                    };
+                    batch_results.push(Ok(protocol::status_map(&statuses)));
+                    first_batches.extend(j.first_batch);
+                }
+                Err(e) => batch_results.push(Err(if db::is_unavailable(&e) {
+                    ProtoError::db_unavailable()
+                } else {
+                    tracing::error!(error = %e, "state_batch join failed");
+                    ProtoError::unexpected()
+                })),
+            }
+        }
+
+        // One response entry per requested type, in request order.
         let mut per_type: Vec<(String, Result<serde_json::Value, ProtoError>)> = Vec::new();
         let mut map = Some(map);
+        let mut batch_results = batch_results.into_iter();
         for item in &msg.items {
-            match item {
-                Item::State(_) => {
-                    if let Some(m) = map.take() {
-                        per_type.push(("state".into(), Ok(m)));
-                    }
-                }
-                Item::Failed { kind, error } => per_type.push((kind.clone(), Err(error.clone()))),
+            let result = match item {
+                Item::State(_) => match map.take() {
+                    Some(m) => Ok(m),
+                    None => continue,
+                },
+                Item::StateBatch(_) => match batch_results.next() {
+                    Some(r) => r,
+                    None => continue,
+                },
+                Item::Failed { error, .. } => Err(error.clone()),
+            };
+            if !per_type.iter().any(|(k, _)| k == item.kind()) {
+                per_type.push((item.kind().to_owned(), result));
             }
         }
         let response = protocol::subscribe_response(msg.form, &msg.events, per_type);
         self.send(response.into()).await?;
+        for frame in first_batches {
+            self.send(frame).await?;
+        }
 
         let now = Utc::now();
         for s in states {
@@ -444,16 +534,35 @@ impl Connection {
         ),
         sqlx::Error,
     > {
+        let statuses = self.statuses(session, ids).await?;
+        let normal: Vec<TrackerId> = statuses
+            .iter()
+            .filter(|(_, s, _)| *s == "normal")
+            .map(|(id, _, _)| *id)
+            .collect();
+        let states = if normal.is_empty() {
+            Vec::new()
+        } else {
+            queries::states_by_ids(&self.app.pool, &normal).await?
+        };
+        Ok((statuses, states))
+    }
+
+    /// Each requested tracker's status for this session, in request order, in one query.
+    async fn statuses(
+        &self,
+        session: &queries::SessionRow,
+        ids: &[TrackerId],
+    ) -> Result<Vec<(TrackerId, &'static str, Option<TrackerFacts>)>, sqlx::Error> {
         if ids.is_empty() {
-            return Ok((Vec::new(), Vec::new()));
+            return Ok(Vec::new());
         }
         let rows = queries::tracker_access(&self.app.pool, session.user_id, ids).await?;
         let by_id: HashMap<TrackerId, &queries::TrackerAccess> =
             rows.iter().map(|r| (r.id, r)).collect();
-        let mut statuses = Vec::with_capacity(ids.len());
-        let mut normal = Vec::new();
-        for &id in ids {
-            let status = match by_id.get(&id) {
+        Ok(ids
+            .iter()
+            .map(|&id| match by_id.get(&id) {
                 Some(r) if r.account_id == Some(session.account_id) && r.removed == Some(false) => {
                     let facts = TrackerFacts {
                         source_id: r.source_id.unwrap_or_default(),
@@ -465,20 +574,12 @@ impl Connection {
                     } else if facts.blocked {
                         (id, "blocked", Some(facts))
                     } else {
-                        normal.push(id);
                         (id, "normal", Some(facts))
                     }
                 }
                 _ => (id, "unknown", None),
-            };
-            statuses.push(status);
-        }
-        let states = if normal.is_empty() {
-            Vec::new()
-        } else {
-            queries::states_by_ids(&self.app.pool, &normal).await?
-        };
-        Ok((statuses, states))
+            })
+            .collect())
     }
 
     async fn unsubscribe(&mut self, msg: ClientMessage) -> Result<(), Stop> {
@@ -498,6 +599,20 @@ impl Connection {
                 ids.extend(&req.trackers);
             }
         }
+        for item in &msg.items {
+            if let Item::StateBatch(req) = item {
+                let batches = &self.app.hub.batches;
+                let conn = self.id;
+                self.memberships.retain(|(group, session)| {
+                    let named = *session == hash
+                        && req.target.as_ref().is_none_or(|t| *t == group.key.target);
+                    if named {
+                        batches.leave(group, conn);
+                    }
+                    !named
+                });
+            }
+        }
         let mine: Vec<TrackerId> = ids
             .iter()
             .copied()
@@ -507,12 +622,24 @@ impl Connection {
             self.watches.remove(id);
         }
         self.app.hub.unsubscribe(self.id, &mine);
-        let events: Vec<String> = match msg.form {
-            Form::Legacy => msg.events.clone(),
-            Form::Requests => vec!["state".into()],
-        };
+        let events = msg.events.clone();
         self.send(protocol::unsubscribe_response(msg.form, &events, &ids).into())
             .await
+    }
+
+    /// Sends a lifecycle frame unless this change was already sent for the tracker.
+    async fn send_lifecycle(
+        &mut self,
+        tracker: TrackerId,
+        change: i64,
+        frame: ByteString,
+    ) -> Result<(), Stop> {
+        let sent = self.lifecycle_sent.entry(tracker).or_insert(0);
+        if change <= *sent {
+            return Ok(());
+        }
+        *sent = change;
+        self.send(frame).await
     }
 
     /// Writes one item from the outbox, if this socket should still see it.
@@ -555,6 +682,22 @@ impl Connection {
                         self.app.hub.unsubscribe(self.id, &[tracker]);
                     }
                 }
+                self.send_lifecycle(tracker, change, frame).await
+            }
+            Outgoing::GroupLifecycle {
+                tracker,
+                change,
+                frame,
+            } => {
+                if self.memberships.is_empty() {
+                    return Ok(());
+                }
+                self.send_lifecycle(tracker, change, frame).await
+            }
+            Outgoing::Frame(frame) => {
+                if self.memberships.is_empty() {
+                    return Ok(());
+                }
                 self.send(frame).await
             }
             Outgoing::Logout { hash } => {
@@ -571,6 +714,15 @@ impl Connection {
                     self.watches.remove(id);
                 }
                 self.app.hub.unsubscribe(self.id, &gone);
+                let batches = &self.app.hub.batches;
+                let conn = self.id;
+                self.memberships.retain(|(group, session)| {
+                    let ended = *session == hash;
+                    if ended {
+                        batches.leave(group, conn);
+                    }
+                    !ended
+                });
                 tracing::info!(session = Self::session_tag(&hash), "logout");
                 self.send(ByteString::from_static(model::LOGOUT_EVENT))
                     .await?;

@@ -1,9 +1,13 @@
 //! End-to-end and data-layer tests, in one binary (one link on a small machine). Each module is
 //! one feature; `common` starts the real server against a fresh database.
 
+mod batch;
 mod common;
+mod db;
+mod errors;
 mod events;
 mod logout;
 mod resync;
 mod slow;
 mod subscribe;
+mod transport;

@@ -1,0 +1,457 @@
+//! `state_batch` subscriptions. Owns the batch groups: one per (session scope, target, rate
+//! limit, variant), shared by every socket that asks for the same thing, so that a thousand
+//! dashboards watching the same account at the same rate cost one batch build per period.
+//!
+//! A group is a subscriber in the [`Hub`] index like a socket is: the hub hands it every state
+//! and lifecycle event of its target's trackers. The group keeps the newest state per tracker and
+//! the set changed since the last period; a timer task per group renders one frame per period
+//! (nothing when nothing changed) and queues the same bytes to every member. A member whose queue
+//! is full is skipped and later gets one catch-up batch with the latest state of every tracker,
+//! so slow dashboards cost bounded memory and still end with the latest state.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytestring::ByteString;
+use chrono::Utc;
+use dashmap::DashMap;
+use sqlx::PgPool;
+use tokio::sync::OnceCell;
+
+use crate::db::queries;
+use crate::hub::{ConnId, Hub, Outbox, Outgoing, TrackerFacts};
+use crate::model::{self, Lifecycle, TrackerId, TrackerState, Variant};
+
+/// Smallest accepted `rate_limit`.
+pub const MIN_RATE: Duration = Duration::from_millis(100);
+/// Largest accepted `rate_limit`.
+pub const MAX_RATE: Duration = Duration::from_secs(3600);
+/// `rate_limit` when the request has none.
+pub const DEFAULT_RATE: Duration = Duration::from_secs(1);
+
+/// Parses a timespan such as `"500ms"`, `"5s"`, `"1m"` or `"1h"` within [`MIN_RATE`, `MAX_RATE`].
+pub fn parse_rate(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        _ => return None,
+    };
+    (MIN_RATE..=MAX_RATE).contains(&d).then_some(d)
+}
+
+/// What a batch covers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    /// Every tracker the session may see, now and later.
+    All,
+    /// These trackers (sorted, deduplicated).
+    Selected(Vec<TrackerId>),
+}
+
+/// Whose view of the account a group has: the account, or a sub-user's granted part of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Scope {
+    pub account_id: i64,
+    /// Set for a sub-user: only its granted trackers are visible.
+    pub sub_user: Option<i64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct GroupKey {
+    pub scope: Scope,
+    pub target: Target,
+    pub rate: Duration,
+    pub variant: Variant,
+}
+
+struct Member {
+    conn: ConnId,
+    outbox: Arc<Outbox>,
+    capacity: usize,
+    lagging: bool,
+}
+
+#[derive(Default)]
+struct GroupState {
+    members: Vec<Member>,
+    /// Trackers of the target (blocked ones included: they still get lifecycle events).
+    trackers: HashSet<TrackerId>,
+    blocked: HashSet<TrackerId>,
+    latest: HashMap<TrackerId, Arc<TrackerState>>,
+    dirty: HashSet<TrackerId>,
+    retired: bool,
+}
+
+pub struct BatchGroup {
+    pub key: GroupKey,
+    state: Mutex<GroupState>,
+    filled: OnceCell<()>,
+}
+
+impl BatchGroup {
+    fn lock(&self) -> MutexGuard<'_, GroupState> {
+        // Every mutation is a short sequence of map operations; a poisoned lock is still usable.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A state from the hub: kept if newer (or re-sent after an unblock), marked changed.
+    pub fn offer(&self, state: &Arc<TrackerState>, resend: bool) {
+        let mut g = self.lock();
+        if !g.trackers.contains(&state.tracker_id) || g.blocked.contains(&state.tracker_id) {
+            return;
+        }
+        let newer = match g.latest.get(&state.tracker_id) {
+            Some(old) => state.change_no > old.change_no || resend,
+            None => true,
+        };
+        if newer {
+            g.latest.insert(state.tracker_id, state.clone());
+            g.dirty.insert(state.tracker_id);
+        }
+    }
+
+    /// A lifecycle event from the hub: forwarded to every member at once (never batched).
+    pub fn lifecycle(&self, id: TrackerId, change: i64, kind: Lifecycle, frame: &ByteString) {
+        let mut g = self.lock();
+        if !g.trackers.contains(&id) {
+            return;
+        }
+        match kind {
+            Lifecycle::Block => {
+                g.blocked.insert(id);
+                g.dirty.remove(&id);
+            }
+            Lifecycle::Unblock => {
+                g.blocked.remove(&id);
+            }
+            Lifecycle::Corrupt => {
+                g.trackers.remove(&id);
+                g.blocked.remove(&id);
+                g.latest.remove(&id);
+                g.dirty.remove(&id);
+            }
+        }
+        for m in &g.members {
+            m.outbox.push(Outgoing::GroupLifecycle {
+                tracker: id,
+                change,
+                frame: frame.clone(),
+            });
+        }
+    }
+
+    fn render(
+        &self,
+        g: &GroupState,
+        ids: &mut dyn Iterator<Item = TrackerId>,
+    ) -> Option<ByteString> {
+        let now = Utc::now();
+        let mut out = String::new();
+        let mut n = 0usize;
+        for id in ids {
+            if g.blocked.contains(&id) {
+                continue;
+            }
+            let Some(s) = g.latest.get(&id) else {
+                continue;
+            };
+            out.push(if n == 0 { '[' } else { ',' });
+            out.push_str(&model::batch_item(s, self.key.variant));
+            n += 1;
+        }
+        if n == 0 {
+            return None;
+        }
+        out.push(']');
+        Some(ByteString::from(model::batch_event(
+            "state_batch",
+            &out,
+            self.key.variant,
+            now,
+        )))
+    }
+
+    /// Every non-blocked tracker's latest state, as one frame (a member's first batch).
+    fn full_frame(&self, g: &GroupState) -> Option<ByteString> {
+        let mut ids: Vec<TrackerId> = g.latest.keys().copied().collect();
+        ids.sort_unstable();
+        self.render(g, &mut ids.into_iter())
+    }
+
+    /// One period: the changed trackers to every member that keeps up, a full catch-up batch to
+    /// members that lagged and have drained. Returns false once the group has no members.
+    fn tick(&self) -> bool {
+        let mut g = self.lock();
+        if g.members.is_empty() {
+            g.retired = true;
+            return false;
+        }
+        let mut changed: Vec<TrackerId> = g.dirty.drain().collect();
+        changed.sort_unstable();
+        let delta = self.render(&g, &mut changed.into_iter());
+        let mut full: Option<Option<ByteString>> = None;
+        let mut members = std::mem::take(&mut g.members);
+        for m in &mut members {
+            if m.outbox.len() >= m.capacity {
+                m.lagging = true;
+                continue;
+            }
+            if m.lagging {
+                let frame = full.get_or_insert_with(|| self.full_frame(&g)).clone();
+                if let Some(f) = frame {
+                    m.outbox.push(Outgoing::Frame(f));
+                }
+                m.lagging = false;
+            } else if let Some(f) = &delta {
+                m.outbox.push(Outgoing::Frame(f.clone()));
+            }
+        }
+        g.members = members;
+        true
+    }
+
+    /// Statuses of the target's trackers, for the subscribe response.
+    pub fn statuses(&self) -> Vec<(TrackerId, &'static str)> {
+        let g = self.lock();
+        let mut ids: Vec<TrackerId> = g.trackers.iter().copied().collect();
+        ids.sort_unstable();
+        ids.into_iter()
+            .map(|id| {
+                (
+                    id,
+                    if g.blocked.contains(&id) {
+                        "blocked"
+                    } else {
+                        "normal"
+                    },
+                )
+            })
+            .collect()
+    }
+
+    pub fn tracker_ids(&self) -> Vec<TrackerId> {
+        self.lock().trackers.iter().copied().collect()
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.lock().members.len()
+    }
+}
+
+/// The registry of batch groups.
+pub struct Batches {
+    groups: DashMap<GroupKey, Arc<BatchGroup>>,
+    runtime: Option<tokio::runtime::Handle>,
+}
+
+impl Default for Batches {
+    fn default() -> Self {
+        Batches {
+            groups: DashMap::new(),
+            runtime: tokio::runtime::Handle::try_current().ok(),
+        }
+    }
+}
+
+/// What a socket gets when it joins a group.
+pub struct Joined {
+    pub group: Arc<BatchGroup>,
+    pub statuses: Vec<(TrackerId, &'static str)>,
+    pub first_batch: Option<ByteString>,
+}
+
+impl Batches {
+    pub fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Joins (creating and filling if needed) the group for `key`.
+    pub async fn join(
+        &self,
+        hub: &Arc<Hub>,
+        pool: &PgPool,
+        key: GroupKey,
+        conn: ConnId,
+        outbox: &Arc<Outbox>,
+        capacity: usize,
+    ) -> Result<Joined, sqlx::Error> {
+        loop {
+            let group = self
+                .groups
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    Arc::new(BatchGroup {
+                        key: key.clone(),
+                        state: Mutex::new(GroupState::default()),
+                        filled: OnceCell::new(),
+                    })
+                })
+                .clone();
+            group
+                .filled
+                .get_or_try_init(|| self.fill(hub, pool, &group))
+                .await?;
+            let mut g = group.lock();
+            if g.retired {
+                // Lost a race with the group's last member leaving: start over with a new one.
+                drop(g);
+                self.groups.remove_if(&key, |_, v| Arc::ptr_eq(v, &group));
+                continue;
+            }
+            if !g.members.iter().any(|m| m.conn == conn) {
+                g.members.push(Member {
+                    conn,
+                    outbox: outbox.clone(),
+                    capacity: capacity.max(1),
+                    lagging: false,
+                });
+            }
+            let first_batch = group.full_frame(&g);
+            drop(g);
+            let statuses = group.statuses();
+            return Ok(Joined {
+                group,
+                statuses,
+                first_batch,
+            });
+        }
+    }
+
+    /// Registers a new group in the hub, reads its target and current states, and starts its
+    /// timer. Registration comes first, so no change committed meanwhile is missed.
+    async fn fill(
+        &self,
+        hub: &Arc<Hub>,
+        pool: &PgPool,
+        group: &Arc<BatchGroup>,
+    ) -> Result<(), sqlx::Error> {
+        let facts = target_trackers(pool, &group.key).await?;
+        add_trackers(hub, pool, group, facts).await?;
+        // Nobody has joined yet: the first member's full batch carries these states.
+        group.lock().dirty.clear();
+        if let Some(rt) = &self.runtime {
+            rt.spawn(run_group(hub.clone(), group.clone()));
+        } else {
+            tokio::spawn(run_group(hub.clone(), group.clone()));
+        }
+        Ok(())
+    }
+
+    pub fn leave(&self, group: &Arc<BatchGroup>, conn: ConnId) {
+        group.lock().members.retain(|m| m.conn != conn);
+    }
+
+    /// Trackers were added to (or granted within) these accounts: `all` groups pick them up.
+    pub async fn accounts_changed(
+        &self,
+        hub: &Arc<Hub>,
+        pool: &PgPool,
+        accounts: &HashSet<i64>,
+    ) -> Result<(), sqlx::Error> {
+        let groups: Vec<Arc<BatchGroup>> = self
+            .groups
+            .iter()
+            .filter(|g| g.key.target == Target::All && accounts.contains(&g.key.scope.account_id))
+            .map(|g| g.value().clone())
+            .collect();
+        for group in groups {
+            let known: HashSet<TrackerId> = group.lock().trackers.clone();
+            let facts: Vec<(TrackerId, TrackerFacts)> = target_trackers(pool, &group.key)
+                .await?
+                .into_iter()
+                .filter(|(id, _)| !known.contains(id))
+                .collect();
+            if !facts.is_empty() {
+                tracing::debug!(added = facts.len(), "batch target grew");
+                add_trackers(hub, pool, &group, facts).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The target's trackers as the database sees them now.
+async fn target_trackers(
+    pool: &PgPool,
+    key: &GroupKey,
+) -> Result<Vec<(TrackerId, TrackerFacts)>, sqlx::Error> {
+    let rows = match &key.target {
+        Target::All => {
+            queries::visible_trackers(pool, key.scope.account_id, key.scope.sub_user).await?
+        }
+        Target::Selected(ids) => {
+            queries::visible_trackers_among(pool, key.scope.account_id, key.scope.sub_user, ids)
+                .await?
+        }
+    };
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            (
+                r.id,
+                TrackerFacts {
+                    source_id: r.source_id,
+                    blocked: r.blocked,
+                    change_no: r.change_no,
+                },
+            )
+        })
+        .collect())
+}
+
+async fn add_trackers(
+    hub: &Arc<Hub>,
+    pool: &PgPool,
+    group: &Arc<BatchGroup>,
+    facts: Vec<(TrackerId, TrackerFacts)>,
+) -> Result<(), sqlx::Error> {
+    {
+        let mut g = group.lock();
+        for (id, f) in &facts {
+            g.trackers.insert(*id);
+            if f.blocked {
+                g.blocked.insert(*id);
+            }
+        }
+    }
+    let ids: Vec<TrackerId> = facts.iter().map(|(id, _)| *id).collect();
+    hub.subscribe_group(group, &ids);
+    for (id, f) in &facts {
+        hub.observe(*id, *f);
+    }
+    let open: Vec<TrackerId> = facts
+        .iter()
+        .filter(|(_, f)| !f.blocked)
+        .map(|(id, _)| *id)
+        .collect();
+    for chunk in open.chunks(10_000) {
+        for s in queries::states_by_ids(pool, chunk).await? {
+            group.offer(&Arc::new(s), false);
+        }
+    }
+    Ok(())
+}
+
+/// The group's timer: one batch per period until the last member leaves.
+async fn run_group(hub: Arc<Hub>, group: Arc<BatchGroup>) {
+    let mut interval = tokio::time::interval(group.key.rate);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    interval.tick().await; // the first tick is immediate; the first batch was sent on join
+    loop {
+        interval.tick().await;
+        if !group.tick() {
+            break;
+        }
+    }
+    hub.batches
+        .groups
+        .remove_if(&group.key, |_, v| Arc::ptr_eq(v, &group));
+    hub.unsubscribe_group(&group, &group.tracker_ids());
+}

@@ -1,0 +1,357 @@
+//! `state_batch`: first batch, deltas, newest-state-wins, no empty batches, growing `all`
+//! targets, selected targets, rate limits, mixed requests, unsubscribe, lifecycle, shared groups.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::common::*;
+
+fn batch_request(target: Value, rate: &str, format: &str) -> Value {
+    json!({"type": "state_batch", "target": target, "rate_limit": rate, "format": format})
+}
+
+async fn subscribe_batch(c: &mut Client, hash: &str, req: Value) -> Value {
+    c.send(json!({"action": "subscribe", "hash": hash, "requests": [req]}))
+        .await;
+    c.recv().await
+}
+
+/// tracker_id → speed of each item of a batch event.
+fn items(v: &Value) -> HashMap<i64, i64> {
+    assert_eq!(v["event"], "state_batch", "{v}");
+    let mut out = HashMap::new();
+    for item in v["data"].as_array().expect("data array") {
+        assert_eq!(item["type"], "source_state_event");
+        let id = item["tracker_id"].as_i64().expect("tracker_id");
+        let prev = out.insert(id, item["state"]["gps"]["speed"].as_i64().unwrap_or(-1));
+        assert!(prev.is_none(), "tracker {id} twice in one batch: {v}");
+    }
+    out
+}
+
+async fn next_batch(c: &mut Client) -> Value {
+    c.recv_until(|v| v["event"] == "state_batch").await.0
+}
+
+#[tokio::test]
+async fn first_batch_then_only_changed_trackers() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    let resp = subscribe_batch(
+        &mut c,
+        ACME,
+        batch_request(json!({"type": "all"}), "200ms", "compact"),
+    )
+    .await;
+    assert_eq!(
+        resp,
+        json!({"type": "response", "action": "subscription/subscribe", "events": ["state_batch"],
+               "data": {"state_batch": {"success": true, "value": {
+                   "101": "normal", "102": "normal", "103": "normal", "104": "normal", "105": "blocked"}}}})
+    );
+    let first = c.recv().await;
+    let mut ids: Vec<i64> = items(&first).into_keys().collect();
+    ids.sort_unstable();
+    assert_eq!(
+        ids,
+        [101, 102, 103, 104],
+        "every non-blocked tracker of the account"
+    );
+    let item = &first["data"][0];
+    assert_eq!(item["state"]["source_id"], 10101);
+    assert!(item["state"].get("gsm").is_none(), "compact format");
+    assert_eq!(
+        item["state"]["last_update"], "2018-10-17 12:51:46",
+        "user's zone"
+    );
+    assert!(first["user_time"].is_string());
+
+    app.set_speed(&[102], 40).await;
+    let b = next_batch(&mut c).await;
+    assert_eq!(items(&b), HashMap::from([(102, 40)]));
+    app.set_speed(&[101, 104], 41).await;
+    let b = next_batch(&mut c).await;
+    assert_eq!(items(&b), HashMap::from([(101, 41), (104, 41)]));
+}
+
+#[tokio::test]
+async fn newest_state_wins_within_a_period_and_empty_periods_send_nothing() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    subscribe_batch(
+        &mut c,
+        ACME,
+        batch_request(json!({"type": "all"}), "1s", "full"),
+    )
+    .await;
+    items(&c.recv().await);
+    for speed in 1..=20 {
+        app.set_speed(&[103], speed).await;
+    }
+    let mut seen = 0;
+    loop {
+        let b = items(&next_batch(&mut c).await);
+        assert_eq!(b.keys().collect::<Vec<_>>(), [&103]);
+        seen += 1;
+        if b[&103] == 20 {
+            break;
+        }
+    }
+    assert!(
+        seen <= 3,
+        "20 quick writes arrive in a few batches, not {seen}"
+    );
+    // Nothing changed since: the next periods send nothing (checked over 2.5 periods).
+    let quiet = tokio::time::timeout(Duration::from_millis(2500), c.next()).await;
+    assert!(quiet.is_err(), "no batch for empty periods: {quiet:?}");
+}
+
+#[tokio::test]
+async fn all_picks_up_trackers_added_later() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    subscribe_batch(
+        &mut c,
+        ACME,
+        batch_request(json!({"type": "all"}), "200ms", "compact"),
+    )
+    .await;
+    items(&c.recv().await);
+    app.exec(
+        "INSERT INTO trackers (id, account_id, source_id, label) VALUES (107, 1, 10107, 'Truck 7'); \
+         INSERT INTO tracker_states (tracker_id, speed) VALUES (107, 70);",
+    )
+    .await;
+    let (b, _) = c
+        .recv_until(|v| v["event"] == "state_batch" && items(v).contains_key(&107))
+        .await;
+    assert_eq!(items(&b)[&107], 70);
+    // Another account's new tracker never shows up; ours keeps flowing.
+    app.exec(
+        "INSERT INTO trackers (id, account_id, source_id, label) VALUES (202, 3, 20202, 'Rival 2'); \
+         INSERT INTO tracker_states (tracker_id, speed) VALUES (202, 71);",
+    )
+    .await;
+    app.set_speed(&[107], 72).await;
+    let b = next_batch(&mut c).await;
+    assert_eq!(items(&b), HashMap::from([(107, 72)]));
+}
+
+#[tokio::test]
+async fn a_sub_user_batch_covers_its_grants_and_new_grants() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    let resp = subscribe_batch(
+        &mut c,
+        SUB,
+        batch_request(json!({"type": "all"}), "200ms", "compact"),
+    )
+    .await;
+    assert_eq!(
+        resp["data"]["state_batch"]["value"],
+        json!({"101": "normal", "102": "normal"})
+    );
+    let mut ids: Vec<i64> = items(&c.recv().await).into_keys().collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [101, 102]);
+    app.exec("INSERT INTO tracker_grants (user_id, tracker_id) VALUES (2, 103)")
+        .await;
+    app.set_speed(&[103], 33).await;
+    c.recv_until(|v| v["event"] == "state_batch" && items(v).get(&103) == Some(&33))
+        .await;
+}
+
+#[tokio::test]
+async fn selected_target_reports_every_named_id() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    let resp = subscribe_batch(
+        &mut c,
+        SUB,
+        batch_request(
+            json!({"type": "selected", "tracker_ids": [102, 103, 201, 999]}),
+            "200ms",
+            "full",
+        ),
+    )
+    .await;
+    assert_eq!(
+        resp["data"]["state_batch"]["value"],
+        json!({"102": "normal", "103": "disallowed", "201": "unknown", "999": "unknown"})
+    );
+    let first = c.recv().await;
+    assert_eq!(items(&first).into_keys().collect::<Vec<_>>(), [102]);
+    assert!(
+        first["data"][0]["state"].get("gsm").is_some(),
+        "full format"
+    );
+    app.set_speed(&[101], 1).await; // not in the target
+    app.set_speed(&[102], 2).await;
+    let b = next_batch(&mut c).await;
+    assert_eq!(items(&b), HashMap::from([(102, 2)]));
+}
+
+#[tokio::test]
+async fn rate_limit_errors_and_mixed_requests() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    // Only an invalid batch: a plain error with code 7.
+    let err = subscribe_batch(
+        &mut c,
+        ACME,
+        batch_request(json!({"type": "all"}), "fast", "full"),
+    )
+    .await;
+    assert_eq!(err["type"], "error");
+    assert_eq!(err["status"]["code"], 7);
+    // Mixed: state succeeds, the invalid batch fails in its own slot.
+    c.send(json!({"action": "subscribe", "hash": ACME, "requests": [
+        {"type": "state", "trackers": [101]},
+        batch_request(json!({"type": "all"}), "5ms", "full")]}))
+        .await;
+    let resp = c.recv().await;
+    assert_eq!(resp["events"], json!(["state", "state_batch"]));
+    assert_eq!(
+        resp["data"]["state"],
+        json!({"success": true, "value": {"101": "normal"}})
+    );
+    assert_eq!(resp["data"]["state_batch"]["success"], false);
+    assert_eq!(resp["data"]["state_batch"]["status"]["code"], 7);
+    assert!(is_state_of(&c.recv().await, 101));
+    // Mixed and both valid: response, the initial state, the first batch.
+    c.send(json!({"action": "subscribe", "hash": ACME, "requests": [
+        {"type": "state", "trackers": [102]},
+        batch_request(json!({"type": "selected", "tracker_ids": [103]}), "200ms", "compact")]}))
+        .await;
+    let resp = c.recv().await;
+    assert_eq!(resp["data"]["state"]["value"], json!({"102": "normal"}));
+    assert_eq!(
+        resp["data"]["state_batch"]["value"],
+        json!({"103": "normal"})
+    );
+    let mut rest = vec![c.recv().await, c.recv().await];
+    rest.sort_by_key(|v| v["event"].as_str().unwrap_or("").to_string());
+    assert!(is_state_of(&rest[0], 102));
+    assert_eq!(items(&rest[1]).into_keys().collect::<Vec<_>>(), [103]);
+}
+
+#[tokio::test]
+async fn unsubscribing_the_batch_leaves_state_flowing() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.send(json!({"action": "subscribe", "hash": ACME, "requests": [
+        {"type": "state", "trackers": [101]},
+        batch_request(json!({"type": "all"}), "100ms", "compact")]}))
+        .await;
+    c.recv().await;
+    c.recv_until(|v| v["event"] == "state_batch").await;
+    c.send(json!({"action": "unsubscribe", "hash": ACME, "requests": [{"type": "state_batch"}]}))
+        .await;
+    let (r, _) = c.recv_until(|v| v["type"] == "response").await;
+    assert_eq!(r["action"], "subscription/unsubscribe");
+    app.until("the group retires", || app.hub.batches.group_count() == 0)
+        .await;
+    app.set_speed(&[101], 61).await;
+    let (_, skipped) = c.recv_until(|v| is_state_with_speed(v, 101, 61)).await;
+    assert!(skipped
+        .iter()
+        .all(|v| v["event"] != "state_batch" || !items(v).contains_key(&101)));
+    let quiet = tokio::time::timeout(Duration::from_millis(500), c.next()).await;
+    assert!(quiet.is_err(), "no batches after unsubscribe: {quiet:?}");
+}
+
+#[tokio::test]
+async fn lifecycle_during_batching() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    subscribe_batch(
+        &mut c,
+        ACME,
+        batch_request(json!({"type": "all"}), "200ms", "compact"),
+    )
+    .await;
+    items(&c.recv().await);
+    app.exec("UPDATE trackers SET blocked = true WHERE id = 102")
+        .await;
+    assert_eq!(
+        c.recv().await,
+        json!({"type": "event", "event": "lifecycle", "tracker_id": 102,
+               "data": {"source_id": 10102, "lifecycle_event": "block"}})
+    );
+    app.set_speed(&[102], 90).await;
+    app.set_speed(&[103], 91).await;
+    let b = next_batch(&mut c).await;
+    assert_eq!(
+        items(&b),
+        HashMap::from([(103, 91)]),
+        "blocked 102 drops out"
+    );
+    app.exec("UPDATE trackers SET blocked = false WHERE id = 102")
+        .await;
+    assert_eq!(c.recv().await["data"]["lifecycle_event"], "unblock");
+    let b = next_batch(&mut c).await;
+    assert_eq!(
+        items(&b),
+        HashMap::from([(102, 90)]),
+        "back in the next batch at its latest"
+    );
+    app.exec("UPDATE trackers SET removed = true WHERE id = 104")
+        .await;
+    assert_eq!(c.recv().await["data"]["lifecycle_event"], "corrupt");
+    app.exec(&format!(
+        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
+    ))
+    .await;
+    let (code, before) = c.recv_close().await;
+    assert_eq!(
+        before.last().map(|v| v["event"].clone()),
+        Some("logout".into())
+    );
+    assert!(code.is_some());
+    app.until("the group retires", || app.hub.batches.group_count() == 0)
+        .await;
+}
+
+#[tokio::test]
+async fn dashboards_asking_the_same_share_one_group() {
+    let app = spawn_app().await;
+    let mut clients = Vec::new();
+    for hash in [ACME, ACME2, ACME] {
+        let mut c = app.connect().await;
+        subscribe_batch(
+            &mut c,
+            hash,
+            batch_request(json!({"type": "all"}), "200ms", "compact"),
+        )
+        .await;
+        items(&c.recv().await);
+        clients.push(c);
+    }
+    assert_eq!(
+        app.hub.batches.group_count(),
+        1,
+        "same account, target, rate and format"
+    );
+    app.set_speed(&[101], 7).await;
+    let mut frames = Vec::new();
+    for c in &mut clients {
+        let b = next_batch(c).await;
+        assert_eq!(items(&b), HashMap::from([(101, 7)]));
+        frames.push(b);
+    }
+    assert!(
+        frames.windows(2).all(|w| w[0] == w[1]),
+        "the same bytes to every member"
+    );
+    // A different format is another group.
+    let mut other = app.connect().await;
+    subscribe_batch(
+        &mut other,
+        ACME,
+        batch_request(json!({"type": "all"}), "200ms", "full"),
+    )
+    .await;
+    assert_eq!(app.hub.batches.group_count(), 2);
+}

@@ -1,0 +1,817 @@
+//! The data layer: every query a subscribe or the processor runs, the NOTIFY triggers (one
+//! payload per statement, the range and chunked forms for big statements, the session-ending
+//! cascades), and the parsing of those payloads by the LISTEN side ([`Pending::add_payload`]).
+//! Each test gets its own migrated database loaded with `tests/fixtures/fleet.sql`.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeZone, Utc};
+use fleetgate::db::queries;
+use fleetgate::hub::{Hub, TrackerFacts};
+use fleetgate::listen::{Pending, CHANNEL};
+use fleetgate::model::{Format, Lifecycle, Variant};
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+
+use crate::common::*;
+
+/// Waits for the next notification on the listener's channel and returns its payload.
+async fn next_payload(l: &mut PgListener) -> String {
+    let n = tokio::time::timeout(WAIT, l.try_recv())
+        .await
+        .expect("a notification in time")
+        .expect("the listener works")
+        .expect("the LISTEN connection was not lost");
+    assert_eq!(n.channel(), CHANNEL);
+    n.payload().to_owned()
+}
+
+/// Sends a marker notification and returns every payload that arrived before it. Notifications
+/// from one session arrive in commit order, so these are exactly what the statements before the
+/// marker sent: none can still be on its way.
+async fn payloads_until_marker(pool: &PgPool, l: &mut PgListener) -> Vec<String> {
+    let marker = format!("marker|{}", uuid::Uuid::new_v4().simple());
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(&marker)
+        .execute(pool)
+        .await
+        .expect("send the marker");
+    let mut before = Vec::new();
+    loop {
+        let p = next_payload(l).await;
+        if p == marker {
+            return before;
+        }
+        before.push(p);
+    }
+}
+
+async fn listener(pool: &PgPool) -> PgListener {
+    let mut l = PgListener::connect_with(pool)
+        .await
+        .expect("LISTEN connection");
+    l.listen(CHANNEL).await.expect("LISTEN");
+    l
+}
+
+/// The body of a `<kind>|<body>` payload, asserting the kind.
+#[track_caller]
+fn body<'a>(payload: &'a str, kind: &str) -> &'a str {
+    let (k, body) = payload
+        .split_once('|')
+        .unwrap_or_else(|| panic!("no kind: {payload:?}"));
+    assert_eq!(k, kind, "{payload:?}");
+    body
+}
+
+fn ids_of(body: &str) -> BTreeSet<i64> {
+    body.split(',')
+        .map(|s| s.parse().unwrap_or_else(|_| panic!("not an id: {s:?}")))
+        .collect()
+}
+
+fn hashes_of(body: &str) -> BTreeSet<String> {
+    body.split(',').map(str::to_owned).collect()
+}
+
+/// `<change>:<id>:<event>` items of a `t|` payload.
+fn lifecycle_items(body: &str) -> Vec<(i64, i64, String)> {
+    body.split(',')
+        .map(|item| {
+            let parts: Vec<&str> = item.split(':').collect();
+            assert_eq!(parts.len(), 3, "{item:?}");
+            (
+                parts[0].parse().unwrap(),
+                parts[1].parse().unwrap(),
+                parts[2].to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[track_caller]
+fn range_of(payload: &str, kind: &str) -> (i64, i64) {
+    let body = body(payload, kind);
+    let (lo, hi) = body
+        .split_once('|')
+        .unwrap_or_else(|| panic!("not a range: {payload:?}"));
+    (lo.parse().unwrap(), hi.parse().unwrap())
+}
+
+fn set(hashes: &[&str]) -> BTreeSet<String> {
+    hashes.iter().map(|h| (*h).to_owned()).collect()
+}
+
+fn variant() -> Variant {
+    Variant {
+        format: Format::Full,
+        tz: chrono_tz::UTC,
+        iso: false,
+    }
+}
+
+async fn revoked_at(pool: &PgPool, hash: &str) -> Option<DateTime<Utc>> {
+    sqlx::query_scalar("SELECT revoked_at FROM sessions WHERE hash = $1")
+        .bind(hash)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+// --- queries -------------------------------------------------------------------------------------
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn session_rows_tell_user_account_zone_and_liveness(pool: PgPool) {
+    let acme = queries::session(&pool, ACME).await.unwrap().expect("acme");
+    assert_eq!(acme.hash, ACME);
+    assert_eq!(acme.user_id, 1);
+    assert_eq!(acme.account_id, 1);
+    assert!(!acme.is_sub_user);
+    assert_eq!(acme.time_zone, "Europe/Berlin");
+    assert!(acme.live);
+    assert!(acme.expires_at > Utc::now());
+
+    let sub = queries::session(&pool, SUB).await.unwrap().expect("sub");
+    assert_eq!(sub.user_id, 2);
+    assert_eq!(sub.account_id, 1, "a sub-user's account is its master's");
+    assert!(sub.is_sub_user);
+    assert!(sub.live);
+
+    let rival = queries::session(&pool, RIVAL)
+        .await
+        .unwrap()
+        .expect("rival");
+    assert_eq!((rival.user_id, rival.account_id), (3, 3));
+    assert_eq!(rival.time_zone, "UTC");
+    assert!(rival.live);
+
+    let expired = queries::session(&pool, EXPIRED)
+        .await
+        .unwrap()
+        .expect("row");
+    assert_eq!(expired.user_id, 1);
+    assert!(!expired.live, "expired");
+    assert!(expired.expires_at < Utc::now());
+
+    let revoked = queries::session(&pool, REVOKED)
+        .await
+        .unwrap()
+        .expect("row");
+    assert_eq!(revoked.user_id, 1);
+    assert!(!revoked.live, "revoked");
+
+    assert!(queries::session(&pool, "0123456789abcdef0123456789abcdef")
+        .await
+        .unwrap()
+        .is_none());
+
+    // The batch form returns the rows that exist, live or not.
+    let hashes: Vec<String> = [ACME, EXPIRED, "0123456789abcdef0123456789abcdef"]
+        .iter()
+        .map(|h| (*h).to_owned())
+        .collect();
+    let mut rows = queries::sessions(&pool, &hashes).await.unwrap();
+    rows.sort_by(|a, b| a.hash.cmp(&b.hash));
+    let got: Vec<(&str, bool)> = rows.iter().map(|r| (r.hash.as_str(), r.live)).collect();
+    assert_eq!(got, [(ACME, true), (EXPIRED, false)]);
+
+    // A master removed without the trigger path (flag set, sessions untouched): the sub-user's
+    // session is not live either, through the join on its master.
+    sqlx::query("ALTER TABLE users DISABLE TRIGGER users_end_sessions")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE users SET removed = true WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let sub = queries::session(&pool, SUB).await.unwrap().expect("sub");
+    assert!(revoked_at(&pool, SUB).await.is_none());
+    assert!(!sub.live, "a removed master ends its sub-users' sessions");
+    assert!(queries::session(&pool, RIVAL).await.unwrap().unwrap().live);
+}
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn tracker_access_answers_every_requested_id_in_one_call(pool: PgPool) {
+    let ids = [101, 105, 106, 201, 999];
+    for (user, granted_101) in [(1_i64, false), (2, true)] {
+        let rows = queries::tracker_access(&pool, user, &ids).await.unwrap();
+        assert_eq!(rows.len(), 5, "one row per requested id");
+        let row = |id: i64| rows.iter().find(|r| r.id == id).expect("row for id");
+
+        let r = row(101);
+        assert_eq!(r.source_id, Some(10101));
+        assert_eq!(r.account_id, Some(1));
+        assert_eq!((r.blocked, r.removed), (Some(false), Some(false)));
+        assert_eq!(r.granted, granted_101, "user {user}");
+        assert!(r.change_no.unwrap() > 0, "stamped on insert");
+
+        let r = row(105);
+        assert_eq!(r.source_id, Some(10105));
+        assert_eq!((r.blocked, r.removed), (Some(true), Some(false)));
+        assert!(!r.granted);
+
+        let r = row(106);
+        assert_eq!(r.source_id, Some(10106));
+        assert_eq!((r.blocked, r.removed), (Some(false), Some(true)));
+        assert!(!r.granted);
+
+        let r = row(201);
+        assert_eq!(r.account_id, Some(3));
+        assert_eq!(r.source_id, Some(20201));
+        assert!(!r.granted);
+
+        let r = row(999);
+        assert_eq!(
+            (r.source_id, r.account_id, r.blocked, r.removed, r.change_no),
+            (None, None, None, None, None)
+        );
+        assert!(!r.granted);
+    }
+    // The sub-user's grants: 101 and 102, nothing else.
+    let rows = queries::tracker_access(&pool, 2, &[101, 102, 103, 104])
+        .await
+        .unwrap();
+    let granted: BTreeSet<i64> = rows.iter().filter(|r| r.granted).map(|r| r.id).collect();
+    assert_eq!(granted, BTreeSet::from([101, 102]));
+}
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn states_by_ids_reads_every_column(pool: PgPool) {
+    // 102 gets a newer state, so it sorts after 101 and 105.
+    sqlx::query("UPDATE tracker_states SET speed = 55, gps_precision = 12, gsm_lbs = true WHERE tracker_id = 102")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let states = queries::states_by_ids(&pool, &[102, 101, 999, 105])
+        .await
+        .unwrap();
+    let ids: Vec<i64> = states.iter().map(|s| s.tracker_id).collect();
+    assert_eq!(ids.len(), 3, "999 has no state");
+    assert_eq!(ids[2], 102, "ordered by change number");
+    assert!(states.windows(2).all(|w| w[0].change_no < w[1].change_no));
+
+    let s = states.iter().find(|s| s.tracker_id == 101).unwrap();
+    let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+    assert_eq!(s.source_id, 10101);
+    assert_eq!(s.gps_updated, Some(at("2018-10-17T10:51:43Z")));
+    assert_eq!(s.gps_signal_level, Some(100));
+    assert_eq!(s.lat, 14.330065796228606);
+    assert_eq!(s.lng, -90.99037259141691);
+    assert_eq!((s.heading, s.speed, s.alt), (248, 0, 431));
+    assert_eq!((s.gps_precision, s.gsm_lbs), (None, None));
+    assert_eq!(s.connection_status, "active");
+    assert_eq!(s.movement_status, "parked");
+    assert_eq!(s.movement_status_update, Some(at("2018-10-04T20:47:07Z")));
+    assert!(!s.ignition);
+    assert_eq!(s.ignition_update, Some(at("2018-10-04T20:47:07Z")));
+    assert_eq!(s.gsm_updated, Some(at("2018-10-17T10:51:43Z")));
+    assert_eq!(s.gsm_signal_level, Some(80));
+    assert_eq!(s.gsm_network_name.as_deref(), Some("T-Mobile"));
+    assert_eq!(s.gsm_roaming, Some(false));
+    assert_eq!(
+        s.last_update,
+        Utc.with_ymd_and_hms(2018, 10, 17, 10, 51, 46).unwrap()
+    );
+    assert_eq!(s.battery_level, Some(97));
+    assert_eq!(s.battery_update, Some(at("2018-10-17T10:51:43Z")));
+    assert_eq!(s.inputs, [false, false, true]);
+    assert_eq!(s.outputs, [true, false]);
+    assert_eq!(s.outputs_update, Some(at("2018-10-17T10:51:43Z")));
+    assert_eq!(
+        s.additional,
+        serde_json::json!({"hardware_key": {"value": "20910998202956382057",
+                                            "updated": "2018-10-17T08:47:09Z"}})
+    );
+    assert_eq!(s.actual_track_update, Some(at("2018-10-04T20:47:07Z")));
+
+    let s102 = states.iter().find(|s| s.tracker_id == 102).unwrap();
+    assert_eq!((s102.source_id, s102.speed), (10102, 55));
+    assert_eq!((s102.gps_precision, s102.gsm_lbs), (Some(12), Some(true)));
+    let s105 = states.iter().find(|s| s.tracker_id == 105).unwrap();
+    assert_eq!(s105.source_id, 10105);
+
+    assert!(queries::states_by_ids(&pool, &[]).await.unwrap().is_empty());
+}
+
+// --- triggers ------------------------------------------------------------------------------------
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_batch_upsert_sends_one_notification_naming_its_trackers(pool: PgPool) {
+    let mut l = listener(&pool).await;
+    // The ingest contract: one INSERT … ON CONFLICT DO UPDATE over unnest for the whole batch.
+    let ids: Vec<i64> = vec![101, 102, 103, 104];
+    let speeds: Vec<i32> = vec![10, 20, 30, 40];
+    sqlx::query(
+        "INSERT INTO tracker_states (tracker_id, speed, last_update) \
+         SELECT u.id, u.speed, now() FROM unnest($1::bigint[], $2::int4[]) AS u(id, speed) \
+         ON CONFLICT (tracker_id) DO UPDATE SET speed = EXCLUDED.speed, \
+                                              last_update = EXCLUDED.last_update",
+    )
+    .bind(&ids)
+    .bind(&speeds)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    assert_eq!(
+        payloads.len(),
+        1,
+        "one statement, one notification: {payloads:?}"
+    );
+    assert_eq!(
+        ids_of(body(&payloads[0], "s")),
+        BTreeSet::from([101, 102, 103, 104])
+    );
+
+    // The states carry fresh, distinct change numbers and the written values.
+    let states = queries::states_by_ids(&pool, &ids).await.unwrap();
+    let got: Vec<(i64, i32)> = states.iter().map(|s| (s.tracker_id, s.speed)).collect();
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [(101, 10), (102, 20), (103, 30), (104, 40)]);
+    let changes: BTreeSet<i64> = states.iter().map(|s| s.change_no).collect();
+    assert_eq!(changes.len(), 4);
+
+    // A batch mixing a new row with an existing one: the INSERT and the UPDATE parts each name
+    // their own trackers, and nothing is announced twice.
+    sqlx::query(
+        "INSERT INTO trackers (id, account_id, source_id, label) VALUES (107, 1, 10107, 'Truck 7')",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(payloads_until_marker(&pool, &mut l).await, ["n|1"]);
+    sqlx::query(
+        "INSERT INTO tracker_states (tracker_id, speed) \
+         SELECT u.id, u.speed FROM unnest($1::bigint[], $2::int4[]) AS u(id, speed) \
+         ON CONFLICT (tracker_id) DO UPDATE SET speed = EXCLUDED.speed",
+    )
+    .bind(vec![101_i64, 107])
+    .bind(vec![11_i32, 17])
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut payloads = payloads_until_marker(&pool, &mut l).await;
+    payloads.sort();
+    assert_eq!(payloads, ["s|101", "s|107"]);
+
+    // A statement that changes no row sends nothing.
+    sqlx::query("UPDATE tracker_states SET speed = 1 WHERE tracker_id = 999")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(payloads_until_marker(&pool, &mut l).await.is_empty());
+}
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn block_unblock_and_remove_announce_lifecycle_with_rising_change_numbers(pool: PgPool) {
+    let mut l = listener(&pool).await;
+    assert!(queries::set_tracker_blocked(&pool, 101, true)
+        .await
+        .unwrap());
+    assert!(queries::set_tracker_blocked(&pool, 101, false)
+        .await
+        .unwrap());
+    assert!(queries::remove_tracker(&pool, 101).await.unwrap());
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    assert_eq!(payloads.len(), 3, "{payloads:?}");
+    let items: Vec<(i64, i64, String)> = payloads
+        .iter()
+        .flat_map(|p| lifecycle_items(body(p, "t")))
+        .collect();
+    let events: Vec<(i64, &str)> = items.iter().map(|(_, id, e)| (*id, e.as_str())).collect();
+    assert_eq!(events, [(101, "block"), (101, "unblock"), (101, "corrupt")]);
+    assert!(
+        items[0].0 < items[1].0 && items[1].0 < items[2].0,
+        "{items:?}"
+    );
+    // The last announced change number is the tracker's own.
+    let change: i64 = sqlx::query_scalar("SELECT change_no FROM trackers WHERE id = 101")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(change, items[2].0);
+
+    // No-ops announce nothing: a removed tracker cannot be blocked or removed again, blocking a
+    // blocked tracker changes nothing, and a label change is not a lifecycle event.
+    assert!(!queries::set_tracker_blocked(&pool, 101, true)
+        .await
+        .unwrap());
+    assert!(!queries::remove_tracker(&pool, 101).await.unwrap());
+    assert!(queries::set_tracker_blocked(&pool, 105, true)
+        .await
+        .unwrap());
+    sqlx::query("UPDATE trackers SET label = 'renamed' WHERE id = 102")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(payloads_until_marker(&pool, &mut l).await.is_empty());
+
+    // Moving a tracker to another account is a removal for its old viewers.
+    sqlx::query("UPDATE trackers SET account_id = 3 WHERE id = 102")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    assert_eq!(payloads.len(), 1, "{payloads:?}");
+    let items = lifecycle_items(body(&payloads[0], "t"));
+    assert_eq!(items.len(), 1);
+    assert_eq!((items[0].1, items[0].2.as_str()), (102, "corrupt"));
+    assert!(items[0].0 > change);
+
+    // Several trackers in one statement: one payload naming them all.
+    sqlx::query("UPDATE trackers SET blocked = true WHERE id IN (103, 104)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    assert_eq!(payloads.len(), 1, "{payloads:?}");
+    let mut items = lifecycle_items(body(&payloads[0], "t"));
+    items.sort();
+    assert_eq!(items.len(), 2);
+    assert_ne!(items[0].0, items[1].0, "each row its own change number");
+    let mut named: Vec<(i64, &str)> = items.iter().map(|(_, id, e)| (*id, e.as_str())).collect();
+    named.sort_unstable();
+    assert_eq!(named, [(103, "block"), (104, "block")]);
+}
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn blocking_a_user_ends_its_sessions_and_its_sub_users_once(pool: PgPool) {
+    let mut l = listener(&pool).await;
+    let revoked_before = revoked_at(&pool, REVOKED)
+        .await
+        .expect("revoked in the fixture");
+    sqlx::query("UPDATE users SET blocked = true WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    assert_eq!(
+        payloads.len(),
+        1,
+        "one statement, one payload: {payloads:?}"
+    );
+    let named = hashes_of(body(&payloads[0], "e"));
+    // acme's live sessions and its sub-user's; the expired one is stamped revoked too. The
+    // already revoked session is not announced again, and other accounts are untouched.
+    assert_eq!(named, set(&[ACME, ACME2, SUB, EXPIRED]));
+    assert!(!named.contains(REVOKED));
+    assert!(!named.contains(RIVAL));
+    assert_eq!(revoked_at(&pool, REVOKED).await, Some(revoked_before));
+    for hash in [ACME, ACME2, SUB] {
+        assert!(revoked_at(&pool, hash).await.is_some(), "{hash} revoked");
+        let row = queries::session(&pool, hash).await.unwrap().unwrap();
+        assert!(!row.live, "{hash} ended");
+    }
+    assert!(queries::session(&pool, RIVAL).await.unwrap().unwrap().live);
+
+    // Blocking again changes nothing, and announces nothing.
+    sqlx::query("UPDATE users SET blocked = true WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(payloads_until_marker(&pool, &mut l).await.is_empty());
+}
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_password_change_ends_the_users_and_its_sub_users_sessions(pool: PgPool) {
+    let mut l = listener(&pool).await;
+    // An unrelated change of the user announces nothing.
+    sqlx::query("UPDATE users SET time_zone = 'Europe/Paris' WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(payloads_until_marker(&pool, &mut l).await.is_empty());
+
+    // The sub-user's own password: only its session.
+    sqlx::query("UPDATE users SET password_hash = 'sub-new' WHERE id = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    assert_eq!(payloads, [format!("e|{SUB}")]);
+    assert!(!queries::session(&pool, SUB).await.unwrap().unwrap().live);
+    assert!(queries::session(&pool, ACME).await.unwrap().unwrap().live);
+
+    // Give the sub-user a fresh session, then change the master's password: it ends too.
+    let fresh = "56565656565656565656565656565656";
+    sqlx::query("INSERT INTO sessions (hash, user_id) VALUES ($1, 2)")
+        .bind(fresh)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert!(
+        payloads_until_marker(&pool, &mut l).await.is_empty(),
+        "a new session is not an event"
+    );
+    sqlx::query("UPDATE users SET password_hash = 'acme-new' WHERE id = 1")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    assert_eq!(payloads.len(), 1, "{payloads:?}");
+    let named = hashes_of(body(&payloads[0], "e"));
+    assert_eq!(named, set(&[ACME, ACME2, EXPIRED, fresh]));
+    for hash in [ACME, ACME2, fresh] {
+        assert!(
+            !queries::session(&pool, hash).await.unwrap().unwrap().live,
+            "{hash}"
+        );
+    }
+    assert!(queries::session(&pool, RIVAL).await.unwrap().unwrap().live);
+
+    // Moving a session's expiry is announced too (the gateway refreshes its expiry timer).
+    sqlx::query("UPDATE sessions SET expires_at = now() + interval '2 days' WHERE hash = $1")
+        .bind(RIVAL)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        payloads_until_marker(&pool, &mut l).await,
+        [format!("e|{RIVAL}")]
+    );
+}
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn deleting_a_tracker_announces_corrupt_with_a_fresh_change_number(pool: PgPool) {
+    let before: i64 = sqlx::query_scalar("SELECT max(change_no) FROM tracker_states")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let mut l = listener(&pool).await;
+    sqlx::query("DELETE FROM trackers WHERE id = 101")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The cascade removes its state and grants without any other notification.
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    assert_eq!(payloads.len(), 1, "{payloads:?}");
+    let items = lifecycle_items(body(&payloads[0], "t"));
+    assert_eq!(items.len(), 1);
+    let (change, id, event) = &items[0];
+    assert_eq!((*id, event.as_str()), (101, "corrupt"));
+    assert!(*change > before, "a fresh change number");
+    assert!(queries::states_by_ids(&pool, &[101])
+        .await
+        .unwrap()
+        .is_empty());
+    let rows = queries::tracker_access(&pool, 2, &[101]).await.unwrap();
+    assert_eq!((rows[0].account_id, rows[0].granted), (None, false));
+}
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn deleting_450_sessions_is_announced_in_chunks_under_the_payload_limit(pool: PgPool) {
+    let hashes: Vec<String> = (1..=450).map(|i| format!("d{i:031}")).collect();
+    sqlx::query("INSERT INTO sessions (hash, user_id) SELECT unnest($1::text[]), 3")
+        .bind(&hashes)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut l = listener(&pool).await;
+    let r = sqlx::query("DELETE FROM sessions WHERE hash LIKE 'd%'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(r.rows_affected(), 450);
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    assert!(payloads.len() >= 3, "several payloads: {}", payloads.len());
+    let mut seen: Vec<String> = Vec::new();
+    for p in &payloads {
+        assert!(p.len() < 8000, "payload of {} bytes", p.len());
+        let chunk: Vec<&str> = body(p, "e").split(',').collect();
+        assert!(chunk.len() <= 200, "chunks of at most 200: {}", chunk.len());
+        seen.extend(chunk.into_iter().map(str::to_owned));
+    }
+    assert_eq!(seen.len(), 450, "no hash announced twice");
+    let seen: BTreeSet<String> = seen.into_iter().collect();
+    let want: BTreeSet<String> = hashes.into_iter().collect();
+    assert_eq!(seen, want);
+}
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_2000_row_update_is_announced_as_a_range(pool: PgPool) {
+    let mut l = listener(&pool).await;
+    sqlx::query(
+        "INSERT INTO trackers (id, account_id, source_id, label) \
+         SELECT g, 1, 1000000 + g, 'Bulk ' || g FROM generate_series(10001, 12000) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO tracker_states (tracker_id) SELECT g FROM generate_series(10001, 12000) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    assert_eq!(payloads.len(), 2, "{payloads:?}");
+    assert_eq!(payloads[0], "n|1", "the account gained trackers");
+    let (lo, hi) = range_of(&payloads[1], "S");
+    assert_eq!(hi - lo, 1999, "the insert as a range");
+
+    sqlx::query("UPDATE tracker_states SET speed = 77 WHERE tracker_id BETWEEN 10001 AND 12000")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    assert_eq!(payloads.len(), 1, "{payloads:?}");
+    // 2000 ids of 5 digits do not fit in a payload: the change number range is sent instead.
+    let (lo2, hi2) = range_of(&payloads[0], "S");
+    assert!(lo2 > hi, "newer than the insert");
+    assert_eq!(hi2 - lo2, 1999);
+    let states = queries::states_by_range(&pool, lo2, hi2).await.unwrap();
+    assert_eq!(states.len(), 2000);
+    assert!(states.iter().all(|s| s.speed == 77));
+    assert!(states
+        .iter()
+        .all(|s| s.source_id == 1_000_000 + s.tracker_id));
+    assert!(states.windows(2).all(|w| w[0].change_no < w[1].change_no));
+    let ids: BTreeSet<i64> = states.iter().map(|s| s.tracker_id).collect();
+    assert_eq!(ids, (10001..=12000).collect());
+    // The fixture's states are outside the range.
+    assert!(states.iter().all(|s| s.tracker_id > 10000));
+
+    // The LISTEN side reads the range form.
+    let hub = Hub::new();
+    let mut p = Pending::default();
+    assert!(p.add_payload(&payloads[0], &hub));
+    assert_eq!(p.state_ranges, [(lo2, hi2)]);
+
+    // Deleting them all: chunked `t|` payloads, each under the limit, every id once, each with
+    // its own change number.
+    sqlx::query("DELETE FROM trackers WHERE id BETWEEN 10001 AND 12000")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    assert!(payloads.len() >= 10, "{} payloads", payloads.len());
+    let mut items = Vec::new();
+    for p in &payloads {
+        assert!(p.len() < 8000, "payload of {} bytes", p.len());
+        items.extend(lifecycle_items(body(p, "t")));
+    }
+    assert_eq!(items.len(), 2000);
+    assert!(items.iter().all(|(c, _, e)| *c > hi2 && e == "corrupt"));
+    let ids: BTreeSet<i64> = items.iter().map(|(_, id, _)| *id).collect();
+    assert_eq!(ids, (10001..=12000).collect());
+    let changes: HashSet<i64> = items.iter().map(|(c, _, _)| *c).collect();
+    assert_eq!(changes.len(), 2000);
+}
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn the_list_form_is_used_up_to_7900_bytes(pool: PgPool) {
+    // 1316 five-digit ids joined by commas: 7895 bytes, a list; one more id: 7901, a range.
+    sqlx::query(
+        "INSERT INTO trackers (id, account_id, source_id, label) \
+         SELECT g, 1, 1000000 + g, 'Bulk ' || g FROM generate_series(10001, 11317) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO tracker_states (tracker_id) SELECT g FROM generate_series(10001, 11317) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut l = listener(&pool).await;
+    sqlx::query("UPDATE tracker_states SET speed = 5 WHERE tracker_id BETWEEN 10001 AND 11316")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    assert_eq!(payloads.len(), 1);
+    let list = body(&payloads[0], "s");
+    assert_eq!(list.len(), 7895);
+    assert_eq!(ids_of(list), (10001..=11316).collect());
+
+    sqlx::query("UPDATE tracker_states SET speed = 6 WHERE tracker_id BETWEEN 10001 AND 11317")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    assert_eq!(payloads.len(), 1);
+    let (lo, hi) = range_of(&payloads[0], "S");
+    assert_eq!(hi - lo, 1316);
+    assert_eq!(
+        queries::states_by_range(&pool, lo, hi).await.unwrap().len(),
+        1317
+    );
+}
+
+// --- the LISTEN side's parsing -------------------------------------------------------------------
+
+#[test]
+fn pending_keeps_only_what_the_hub_watches() {
+    let hub = Hub::new();
+    let outbox = hub.outbox(8);
+    hub.subscribe(1, &outbox, &[101, 102, 105], variant());
+    hub.observe(
+        105,
+        TrackerFacts {
+            source_id: 10105,
+            blocked: true,
+            change_no: 10,
+        },
+    );
+    let acme: Arc<str> = Arc::from(ACME);
+    hub.register_session(&acme, 1, &outbox, DateTime::<Utc>::MAX_UTC);
+
+    let mut p = Pending::default();
+    assert!(p.add_payload("s|101,102,103,105,999", &hub));
+    // 103 and 999 are not watched; 105 is blocked, so its state is not wanted.
+    assert_eq!(p.state_ids, HashSet::from([101, 102]));
+
+    assert!(p.add_payload(
+        "t|11:101:block,12:103:unblock,13:105:unblock,14:102:corrupt",
+        &hub
+    ));
+    assert_eq!(
+        p.lifecycle,
+        [
+            (11, 101, Lifecycle::Block),
+            (13, 105, Lifecycle::Unblock),
+            (14, 102, Lifecycle::Corrupt)
+        ]
+    );
+
+    assert!(p.add_payload(&format!("e|{ACME},{SUB}"), &hub));
+    assert_eq!(p.sessions, HashSet::from([ACME.to_owned()]));
+
+    assert!(p.add_payload("S|100|250", &hub));
+    assert!(p.add_payload("T|3|4", &hub));
+    assert!(p.add_payload("E|5|6", &hub));
+    assert_eq!(p.state_ranges, [(100, 250)]);
+    assert_eq!(p.lifecycle_ranges, [(3, 4)]);
+    assert_eq!(p.session_ranges, [(5, 6)]);
+
+    // `n|` is read but adds nothing for state subscriptions.
+    assert!(p.add_payload("n|1,3", &hub));
+    assert_eq!(p.state_ids.len(), 2);
+    assert_eq!(p.lifecycle.len(), 3);
+    assert!(!p.resync);
+}
+
+#[test]
+fn pending_rejects_unreadable_payloads() {
+    let hub = Hub::new();
+    let outbox = hub.outbox(8);
+    hub.subscribe(1, &outbox, &[101], variant());
+    for bad in [
+        "",
+        "s",
+        "nonsense",
+        "s|101,abc",
+        "s|",
+        "t|11:101",
+        "t|x:101:block",
+        "t|11:y:block",
+        "t|11:101:explode",
+        "S|10",
+        "S|a|b",
+        "T|1|",
+        "E||2",
+        "q|1",
+        "marker|x",
+    ] {
+        let mut p = Pending::default();
+        assert!(!p.add_payload(bad, &hub), "{bad:?} must be refused");
+    }
+}
