@@ -19,9 +19,11 @@ use tracing::Instrument;
 
 use super::atmosphere::Transport;
 use super::protocol::{self, Action, ClientMessage, Item, ProtoError};
+use crate::access;
 use crate::batch::{BatchGroup, GroupKey, Scope, Target};
 use crate::db::{self, queries};
 use crate::hub::{ConnId, Outbox, Outgoing, TrackerFacts};
+use crate::metrics::FrameKind;
 use crate::model::{self, Format, Lifecycle, TrackerId, Variant};
 use crate::startup::AppState;
 
@@ -46,7 +48,12 @@ pub async fn subscription(
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|| "-".into());
-    let span = tracing::info_span!("ws", conn = conn_id, peer = %peer);
+    let span = tracing::info_span!(
+        "ws",
+        conn = conn_id,
+        peer = %peer,
+        session = tracing::field::Empty
+    );
     let conn = Connection::new(conn_id, state.get_ref().clone(), transport, session);
     actix_web::rt::spawn(conn.run(stream).instrument(span));
     Ok(response)
@@ -105,7 +112,9 @@ impl Connection {
 
     async fn run(mut self, mut stream: actix_ws::AggregatedMessageStream) {
         tracing::debug!("connected");
+        self.app.hub.metrics.open_sockets.inc();
         let stop = self.serve(&mut stream).await;
+        self.app.hub.metrics.open_sockets.dec();
         // Cleanup first, so the hub stops queueing for this socket.
         self.outbox.close();
         let ids: Vec<TrackerId> = self.watches.keys().copied().collect();
@@ -224,10 +233,15 @@ impl Connection {
     /// Writes one frame (with Atmosphere framing if negotiated). A peer that does not take it
     /// within the idle timeout is given up on.
     async fn send(&mut self, msg: ByteString) -> Result<(), Stop> {
+        let kind = FrameKind::of(&msg);
         let frame = self.transport.frame(msg);
+        let len = frame.len();
         let idle = self.app.settings.websocket.idle_timeout();
         match tokio::time::timeout(idle, self.ws.text(frame)).await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                self.app.hub.metrics.frame_sent(kind, len);
+                Ok(())
+            }
             Ok(Err(_)) => Err(Stop::Gone),
             Err(_) => {
                 tracing::info!("peer stopped reading: closing");
@@ -332,6 +346,8 @@ impl Connection {
             }
         };
         hub.set_session_expiry(&hash, session.expires_at);
+        // The span names the connection's latest session (a hash prefix, never the whole hash).
+        tracing::Span::current().record("session", Self::session_tag(&hash));
         let tz: Tz = session.time_zone.parse().unwrap_or(chrono_tz::UTC);
         self.sessions.insert(hash.clone());
 
@@ -512,6 +528,7 @@ impl Connection {
             let frame = model::state_event(&s, variant(f), now);
             self.send(frame.into()).await?;
         }
+        hub.metrics.subscribe_latency.observe(started.elapsed());
         tracing::info!(
             session = Self::session_tag(&hash),
             trackers = order.len(),
@@ -534,52 +551,17 @@ impl Connection {
         ),
         sqlx::Error,
     > {
-        let statuses = self.statuses(session, ids).await?;
-        let normal: Vec<TrackerId> = statuses
-            .iter()
-            .filter(|(_, s, _)| *s == "normal")
-            .map(|(id, _, _)| *id)
-            .collect();
-        let states = if normal.is_empty() {
-            Vec::new()
-        } else {
-            queries::states_by_ids(&self.app.pool, &normal).await?
-        };
-        Ok((statuses, states))
+        access::snapshot(&self.app.pool, session, ids).await
     }
 
-    /// Each requested tracker's status for this session, in request order, in one query.
+    /// Each requested tracker's status for this session, in request order, in one query: the
+    /// computation shared with the HTTP API ([`crate::access`]).
     async fn statuses(
         &self,
         session: &queries::SessionRow,
         ids: &[TrackerId],
     ) -> Result<Vec<(TrackerId, &'static str, Option<TrackerFacts>)>, sqlx::Error> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = queries::tracker_access(&self.app.pool, session.user_id, ids).await?;
-        let by_id: HashMap<TrackerId, &queries::TrackerAccess> =
-            rows.iter().map(|r| (r.id, r)).collect();
-        Ok(ids
-            .iter()
-            .map(|&id| match by_id.get(&id) {
-                Some(r) if r.account_id == Some(session.account_id) && r.removed == Some(false) => {
-                    let facts = TrackerFacts {
-                        source_id: r.source_id.unwrap_or_default(),
-                        blocked: r.blocked.unwrap_or(false),
-                        change_no: r.change_no.unwrap_or(0),
-                    };
-                    if session.is_sub_user && !r.granted {
-                        (id, "disallowed", None)
-                    } else if facts.blocked {
-                        (id, "blocked", Some(facts))
-                    } else {
-                        (id, "normal", Some(facts))
-                    }
-                }
-                _ => (id, "unknown", None),
-            })
-            .collect())
+        access::statuses(&self.app.pool, session, ids).await
     }
 
     async fn unsubscribe(&mut self, msg: ClientMessage) -> Result<(), Stop> {
@@ -650,6 +632,7 @@ impl Connection {
                 change,
                 resend,
                 frame,
+                notified,
             } => {
                 let Some(w) = self.watches.get_mut(&tracker) else {
                     return Ok(());
@@ -659,7 +642,45 @@ impl Connection {
                     return Ok(());
                 }
                 w.state_change = change;
-                self.send(frame).await
+                self.send(frame).await?;
+                self.app
+                    .hub
+                    .metrics
+                    .notify_to_send
+                    .observe(notified.elapsed());
+                Ok(())
+            }
+            Outgoing::Disallow { hash, revoked } => {
+                let gone: Vec<TrackerId> = self
+                    .watches
+                    .iter()
+                    .filter(|(id, w)| w.session == hash && revoked.covers(**id))
+                    .map(|(id, _)| *id)
+                    .collect();
+                if gone.is_empty() {
+                    return Ok(());
+                }
+                // Read the source ids before unsubscribing drops the hub's entries.
+                let frames: Vec<String> = gone
+                    .iter()
+                    .map(|&id| {
+                        let source = self.app.hub.source_id(id).unwrap_or_default();
+                        model::disallowed_event(id, source)
+                    })
+                    .collect();
+                for id in &gone {
+                    self.watches.remove(id);
+                }
+                self.app.hub.unsubscribe(self.id, &gone);
+                tracing::info!(
+                    session = Self::session_tag(&hash),
+                    trackers = gone.len(),
+                    "grants revoked: trackers disallowed"
+                );
+                for frame in frames {
+                    self.send(frame.into()).await?;
+                }
+                Ok(())
             }
             Outgoing::Lifecycle {
                 tracker,
