@@ -234,7 +234,7 @@ $LINE
   fleetgate demo is running  (simulating $RATE state updates/s)
 $LINE
 
-  Page:       http://$ADDR/
+  Live page:  http://$ADDR/   (sign in as $M_LOGIN / $M_PASS, or paste a session hash)
   WebSocket:  $WS_URL
   Health:     http://$ADDR/health   http://$ADDR/ready
   Database:   DATABASE_URL=$DATABASE_URL
@@ -253,7 +253,7 @@ $(printf '    %-9s %-20s %s\n' \
     other account:       ${OTHER_TRACKER:-none}   (not visible to $M_LOGIN)
     blocked:             ${BLOCKED_TRACKER:-none}
 
-  Browser: open http://$ADDR/ , press F12 and paste into the console:
+  Raw events in a browser console (F12, on any page):
 
 ws = new WebSocket("$WS_URL"); ws.onmessage = e => console.log(e.data); ws.onopen = () => ws.send(JSON.stringify({action:"subscribe", hash:"$M_HASH", requests:[{type:"state", trackers:[$TRACKERS], format:"compact"}]}))
 

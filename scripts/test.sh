@@ -3,6 +3,7 @@
 #
 #   PostgreSQL (found or started, see scripts/pg.sh; tests create their own
 #   databases on that server via DATABASE_URL)
+#   -> headless Chromium (installed if missing, see scripts/browser.sh)
 #   -> cargo fmt --check -> cargo clippy -D warnings -> cargo test
 #   -> with CI=true, and once src/bin/fleetgate-bench.rs exists: quick benchmark.
 #
@@ -15,6 +16,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$ROOT"
 # shellcheck source=scripts/pg.sh
 source "$ROOT/scripts/pg.sh"
+# shellcheck source=scripts/browser.sh
+source "$ROOT/scripts/browser.sh"
 
 # shellcheck disable=SC2317 # called by the EXIT trap
 on_exit() {
@@ -68,6 +71,11 @@ done
 
 fg_pg_ensure
 export DATABASE_URL
+# Headless Chromium for the live page's browser tests (FLEETGATE_SKIP_BROWSER=1 skips them).
+fg_browser_ensure || {
+    fg_err "could not install Chromium for the browser tests (FLEETGATE_SKIP_BROWSER=1 skips them)"
+    exit 1
+}
 
 step "format" cargo fmt --all -- --check
 step "clippy" cargo clippy --all-targets -- -D warnings

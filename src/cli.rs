@@ -1,5 +1,6 @@
 //! The command line: one binary for the server, migrations, the demo fleet, the traffic
-//! simulator and the operator commands. Each command is a thin call into `commands` or `startup`.
+//! simulator and the operator commands. Each command is a thin call into `commands`, `service`
+//! (the operator actions the HTTP API shares) or `startup`.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -8,6 +9,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::Settings;
+use crate::service::{self, UserRef};
 use crate::{commands, db, startup::Application};
 
 #[derive(Debug, Parser)]
@@ -67,8 +69,74 @@ pub enum Command {
         #[command(subcommand)]
         action: SessionAction,
     },
+    /// Operator actions on users: create, block, unblock.
+    User {
+        #[command(subcommand)]
+        action: UserAction,
+    },
+    /// Grant trackers of its account to a sub-user.
+    Grant {
+        /// The sub-user: an id or a login (digits are taken as an id).
+        user: String,
+        /// Tracker ids.
+        #[arg(required = true)]
+        trackers: Vec<i64>,
+    },
+    /// Revoke a sub-user's grants: its live subscriptions to them stop (`disallowed`).
+    RevokeGrant {
+        /// The sub-user: an id or a login (digits are taken as an id).
+        user: String,
+        /// Tracker ids.
+        #[arg(required = true)]
+        trackers: Vec<i64>,
+    },
+    /// Operator API keys for `/v2/admin/`.
+    ApiKey {
+        #[command(subcommand)]
+        action: ApiKeyAction,
+    },
     /// Print the effective configuration (secrets redacted) and exit.
     CheckConfig,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserAction {
+    /// Create a master account, or with --master a sub-user of one; prints its id.
+    Create {
+        login: String,
+        /// The password (or set FLEETGATE_USER_PASSWORD, which stays out of `ps`).
+        #[arg(long, env = "FLEETGATE_USER_PASSWORD", hide_env_values = true)]
+        password: String,
+        /// IANA time zone of the user's dates (default UTC).
+        #[arg(long)]
+        time_zone: Option<String>,
+        /// Make a sub-user of this master account (an id or a login).
+        #[arg(long)]
+        master: Option<String>,
+    },
+    /// Block a user: its sessions (and its sub-users') end with `logout`; logging in is refused.
+    Block {
+        /// An id or a login (digits are taken as an id).
+        user: String,
+    },
+    /// Unblock a user (ended sessions stay ended).
+    Unblock {
+        /// An id or a login (digits are taken as an id).
+        user: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApiKeyAction {
+    /// Create a key and print it (only its hash is stored: it cannot be shown again).
+    Create {
+        /// What the key is for, e.g. the tool or person using it.
+        name: String,
+    },
+    /// Revoke a key by id: it is refused from now on (code 11).
+    Revoke { id: i64 },
+    /// List keys (ids, names, dates; never the keys).
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +215,76 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
             let pool = commands::pool(&settings).await?;
             commands::revoke_session(&pool, &hash).await?;
             println!("session revoked");
+            Ok(())
+        }
+        Command::User { action } => {
+            let pool = commands::pool(&settings).await?;
+            match action {
+                UserAction::Create {
+                    login,
+                    password,
+                    time_zone,
+                    master,
+                } => {
+                    let new = service::NewUser {
+                        login,
+                        password,
+                        time_zone,
+                        master: master.as_deref().map(UserRef::parse),
+                    };
+                    let id = service::create_user(&pool, new).await?;
+                    println!("user {id} created");
+                }
+                UserAction::Block { user } => {
+                    let u = service::set_user_blocked(&pool, &UserRef::parse(&user), true).await?;
+                    println!("user {} ({}) blocked", u.id, u.login);
+                }
+                UserAction::Unblock { user } => {
+                    let u = service::set_user_blocked(&pool, &UserRef::parse(&user), false).await?;
+                    println!("user {} ({}) unblocked", u.id, u.login);
+                }
+            }
+            Ok(())
+        }
+        Command::Grant { user, trackers } => {
+            let pool = commands::pool(&settings).await?;
+            let n = service::grant(&pool, &UserRef::parse(&user), &trackers).await?;
+            println!("{n} new grant(s)");
+            Ok(())
+        }
+        Command::RevokeGrant { user, trackers } => {
+            let pool = commands::pool(&settings).await?;
+            let n = service::revoke_grant(&pool, &UserRef::parse(&user), &trackers).await?;
+            println!("{n} grant(s) revoked");
+            Ok(())
+        }
+        Command::ApiKey { action } => {
+            let pool = commands::pool(&settings).await?;
+            match action {
+                ApiKeyAction::Create { name } => {
+                    let (id, key) = service::create_api_key(&pool, &name).await?;
+                    eprintln!("operator key {id} created; it is shown only once:");
+                    println!("{key}");
+                }
+                ApiKeyAction::Revoke { id } => {
+                    service::revoke_api_key(&pool, id).await?;
+                    println!("operator key {id} revoked");
+                }
+                ApiKeyAction::List => {
+                    for k in service::list_api_keys(&pool).await? {
+                        let state = match k.revoked_at {
+                            Some(t) => format!("revoked {}", t.format("%Y-%m-%d %H:%M:%S UTC")),
+                            None => "active".into(),
+                        };
+                        println!(
+                            "{:>4}  {:<24}  created {}  {state}",
+                            k.id,
+                            k.name,
+                            k.created_at.format("%Y-%m-%d %H:%M:%S UTC")
+                        );
+                    }
+                }
+            }
             Ok(())
         }
         Command::CheckConfig => {

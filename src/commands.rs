@@ -13,7 +13,8 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::config::Settings;
-use crate::db::{self, queries};
+use crate::db;
+use crate::service;
 
 pub async fn pool(settings: &Settings) -> anyhow::Result<PgPool> {
     db::ensure_database(&settings.database.url).await?;
@@ -448,39 +449,15 @@ pub async fn simulate(
 }
 
 // --- operator actions ------------------------------------------------------------------------------
+// The rules live in `service`, shared with the HTTP operator API; these keep the command-line
+// signatures.
 
-#[derive(Debug, Clone, Copy)]
-pub enum TrackerOp {
-    Block,
-    Unblock,
-    Remove,
-}
-
-impl TrackerOp {
-    pub fn done(self) -> &'static str {
-        match self {
-            TrackerOp::Block => "blocked",
-            TrackerOp::Unblock => "unblocked",
-            TrackerOp::Remove => "removed",
-        }
-    }
-}
+pub use crate::service::TrackerOp;
 
 pub async fn tracker_op(pool: &PgPool, id: i64, op: TrackerOp) -> anyhow::Result<()> {
-    let found = match op {
-        TrackerOp::Block => queries::set_tracker_blocked(pool, id, true).await?,
-        TrackerOp::Unblock => queries::set_tracker_blocked(pool, id, false).await?,
-        TrackerOp::Remove => queries::remove_tracker(pool, id).await?,
-    };
-    if !found {
-        bail!("no tracker {id} (or it was removed)");
-    }
-    Ok(())
+    Ok(service::tracker_op(pool, id, op).await?)
 }
 
 pub async fn revoke_session(pool: &PgPool, hash: &str) -> anyhow::Result<()> {
-    if !queries::revoke_session(pool, hash).await? {
-        bail!("no live session with that hash");
-    }
-    Ok(())
+    Ok(service::revoke_session(pool, hash).await?)
 }

@@ -16,6 +16,8 @@ pub struct Settings {
     pub listen: ListenSettings,
     pub sessions: SessionSettings,
     pub log: LogSettings,
+    pub api: ApiSettings,
+    pub web: WebSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -80,6 +82,27 @@ pub struct LogSettings {
     pub level: String,
 }
 
+/// The live fleet page served at `/` (see `src/web/`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct WebSettings {
+    /// Map tiles drawn under the graticule, e.g. `https://tile.example/{z}/{x}/{y}.png`; empty
+    /// (the default) draws no tiles, so the page loads nothing from outside the gateway.
+    pub tile_url: String,
+}
+
+/// The HTTP API (`/v2/user/…`, `/v2/tracker/…`, `/v2/admin/…`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct ApiSettings {
+    pub max_body_bytes: usize,
+    pub session_lifetime_secs: i64,
+    pub login_attempts_per_login: u32,
+    pub login_attempts_per_address: u32,
+    pub login_window_secs: u64,
+    pub trust_forwarded_for: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -140,6 +163,19 @@ impl Default for SessionSettings {
     }
 }
 
+impl Default for ApiSettings {
+    fn default() -> Self {
+        ApiSettings {
+            max_body_bytes: 65536,
+            session_lifetime_secs: 30 * 24 * 3600,
+            login_attempts_per_login: 5,
+            login_attempts_per_address: 20,
+            login_window_secs: 60,
+            trust_forwarded_for: false,
+        }
+    }
+}
+
 impl Default for LogSettings {
     fn default() -> Self {
         LogSettings {
@@ -158,6 +194,19 @@ impl WebSocketSettings {
     }
 }
 
+/// The environment layer: only `FLEETGATE_<SECTION>__<KEY>` variables. Other `FLEETGATE_*`
+/// variables (`FLEETGATE_CONFIG`, the scripts' `FLEETGATE_LISTEN`, …) are not settings.
+fn env_source(vars: impl Iterator<Item = (String, String)>) -> config::Environment {
+    let map: std::collections::HashMap<String, String> = vars
+        .filter(|(k, _)| k.starts_with("FLEETGATE_") && k.contains("__"))
+        .collect();
+    config::Environment::with_prefix("FLEETGATE")
+        .prefix_separator("_")
+        .separator("__")
+        .try_parsing(true)
+        .source(Some(map))
+}
+
 impl Settings {
     /// Loads the layered configuration from `dir` (normally `config/`) and the environment.
     pub fn load(dir: &Path) -> Result<Settings, config::ConfigError> {
@@ -167,15 +216,54 @@ impl Settings {
         if let Ok(extra) = std::env::var("FLEETGATE_CONFIG") {
             builder = builder.add_source(config::File::with_name(&extra).required(true));
         }
-        builder = builder.add_source(
-            config::Environment::with_prefix("FLEETGATE")
-                .prefix_separator("_")
-                .separator("__")
-                .try_parsing(true),
-        );
+        builder = builder.add_source(env_source(std::env::vars()));
         if let Ok(url) = std::env::var("DATABASE_URL") {
             builder = builder.set_override("database.url", url)?;
         }
         builder.build()?.try_deserialize()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_with(vars: &[(&str, &str)]) -> Settings {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        config::Config::builder()
+            .add_source(env_source(vars.collect::<Vec<_>>().into_iter()))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .expect("settings")
+    }
+
+    #[test]
+    fn environment_overrides_sections_and_ignores_other_variables() {
+        let s = load_with(&[
+            ("FLEETGATE_SERVER__LISTEN", "0.0.0.0:9000"),
+            ("FLEETGATE_WEBSOCKET__QUEUE_CAPACITY", "77"),
+            ("FLEETGATE_LOG__FORMAT", "json"),
+            ("FLEETGATE_LISTEN", "127.0.0.1:18090"),
+            ("FLEETGATE_CONFIG_DIR", "elsewhere"),
+        ]);
+        assert_eq!(s.server.listen, "0.0.0.0:9000");
+        assert_eq!(s.websocket.queue_capacity, 77);
+        assert_eq!(s.log.format, LogFormat::Json);
+        assert_eq!(
+            s.listen.reconnect_min_ms,
+            ListenSettings::default().reconnect_min_ms
+        );
+    }
+
+    #[test]
+    fn the_default_file_matches_the_built_in_defaults() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let file: Settings = config::Config::builder()
+            .add_source(config::File::from(dir.join("default.toml")))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .expect("config/default.toml parses");
+        let built_in = Settings::default();
+        assert_eq!(format!("{file:?}"), format!("{built_in:?}"));
     }
 }

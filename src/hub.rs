@@ -6,10 +6,14 @@
 //! events it has already read from the database, the hub serializes each event once per
 //! [`Variant`] and pushes the same bytes into every subscriber's outbox. What a socket does with
 //! them (per-tracker ordering, blocked filtering, writing frames) belongs to [`crate::ws`].
+//!
+//! The hub also carries the process's [`Metrics`] (so every task that reaches the hub can count
+//! with atomics) and answers `/metrics`' questions about the index with [`Hub::sample`].
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use bytestring::ByteString;
 use chrono::{DateTime, Utc};
@@ -17,6 +21,7 @@ use dashmap::DashMap;
 use tokio::sync::Notify;
 
 use crate::batch::{BatchGroup, Batches};
+use crate::metrics::{Metrics, Sample};
 use crate::model::{self, Lifecycle, TrackerId, TrackerState, Variant};
 
 pub type ConnId = u64;
@@ -25,12 +30,14 @@ pub type ConnId = u64;
 #[derive(Debug, Clone)]
 pub enum Outgoing {
     /// A state event. `resend` allows a state whose change number equals the last one sent (the
-    /// current state pushed again after an unblock).
+    /// current state pushed again after an unblock). `notified`: when the notification behind it
+    /// arrived (for the notify-to-send latency metric).
     State {
         tracker: TrackerId,
         change: i64,
         resend: bool,
         frame: ByteString,
+        notified: Instant,
     },
     Lifecycle {
         tracker: TrackerId,
@@ -46,10 +53,34 @@ pub enum Outgoing {
     },
     /// A ready frame (a batch); never coalesced (a group skips members whose queue is full).
     Frame(ByteString),
+    /// The session with this hash may no longer see these trackers (a sub-user's grants were
+    /// revoked): the socket stops them and sends a `disallowed` lifecycle event for each.
+    Disallow {
+        hash: Arc<str>,
+        revoked: Arc<Revoked>,
+    },
     /// The session with this hash has ended.
     Logout { hash: Arc<str> },
     /// The server is shutting down.
     Shutdown,
+}
+
+/// The trackers a session lost the grants of.
+#[derive(Debug)]
+pub enum Revoked {
+    /// These trackers.
+    These(HashSet<TrackerId>),
+    /// Every tracker but these (the grants it still holds, as read after a LISTEN gap).
+    AllBut(HashSet<TrackerId>),
+}
+
+impl Revoked {
+    pub fn covers(&self, id: TrackerId) -> bool {
+        match self {
+            Revoked::These(ids) => ids.contains(&id),
+            Revoked::AllBut(ids) => !ids.contains(&id),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -210,6 +241,8 @@ pub struct Hub {
     stream_up: AtomicBool,
     pub stats: HubStats,
     pub batches: Batches,
+    /// Prometheus metrics; the hot paths only touch its atomics.
+    pub metrics: Metrics,
 }
 
 impl Hub {
@@ -347,6 +380,7 @@ impl Hub {
         }
         entry.state_change = state.change_no;
         entry.source_id = state.source_id;
+        let notified = self.metrics.round_notified();
         let mut frames: Vec<(Variant, ByteString)> = Vec::with_capacity(1);
         for sub in &entry.subs {
             let frame = match frames.iter().find(|(v, _)| *v == sub.variant) {
@@ -362,6 +396,7 @@ impl Hub {
                 change: state.change_no,
                 resend,
                 frame,
+                notified,
             });
         }
         if !entry.groups.is_empty() {
@@ -460,6 +495,51 @@ impl Hub {
         self.sessions.len()
     }
 
+    /// Tells every socket holding `hash` that the session lost trackers; returns how many sockets.
+    pub fn disallow(&self, hash: &str, revoked: Arc<Revoked>) -> usize {
+        let Some(entry) = self.sessions.get(hash) else {
+            return 0;
+        };
+        for (_, outbox) in &entry.conns {
+            outbox.push(Outgoing::Disallow {
+                hash: entry.key().clone(),
+                revoked: revoked.clone(),
+            });
+        }
+        entry.conns.len()
+    }
+
+    /// The data source id of a watched tracker.
+    pub fn source_id(&self, id: TrackerId) -> Option<i64> {
+        self.trackers.get(&id).map(|e| e.source_id)
+    }
+
+    /// The values `/metrics` samples from the index. Walks every watched tracker and session:
+    /// meant for a scrape every few seconds, not for hot paths.
+    pub fn sample(&self) -> Sample {
+        let mut sample = Sample {
+            subscribed_trackers: self.trackers.len() as u64,
+            sessions: self.sessions.len() as u64,
+            coalesced: self.stats.coalesced.load(Ordering::Relaxed),
+            ..Sample::default()
+        };
+        for e in self.trackers.iter() {
+            sample.subscriptions += (e.subs.len() + e.groups.len()) as u64;
+        }
+        let mut outboxes: HashMap<ConnId, Arc<Outbox>> = HashMap::new();
+        for e in self.sessions.iter() {
+            for (conn, outbox) in &e.conns {
+                outboxes.entry(*conn).or_insert_with(|| outbox.clone());
+            }
+        }
+        for outbox in outboxes.values() {
+            let n = outbox.len() as u64;
+            sample.queue_depth += n;
+            sample.queue_depth_max = sample.queue_depth_max.max(n);
+        }
+        sample
+    }
+
     /// Ends a session: every socket holding it gets a logout item. The entry is removed, so a
     /// second logout for the same session is a no-op.
     pub fn logout(&self, hash: &str) -> usize {
@@ -499,6 +579,7 @@ mod tests {
             change,
             resend: false,
             frame: ByteString::from(format!("{tracker}:{change}")),
+            notified: Instant::now(),
         }
     }
 

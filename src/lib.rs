@@ -16,9 +16,15 @@
 //! - [`hub`]: the subscription index, per-socket bounded queues with coalescing.
 //! - [`batch`]: `state_batch` groups shared by every socket asking for the same batch.
 //! - [`ws`]: the WebSocket endpoint: protocol parsing, Atmosphere framing, the socket task.
-//! - [`http`]: `/health` and `/ready`.
+//! - [`access`]: which trackers a session may see (shared by the socket and the HTTP API).
+//! - [`http`]: `/health`, `/ready`, `/metrics`, `/openapi.json` and the Navixy-style JSON API
+//!   (`/v2/user/…`, `/v2/tracker/…`, operator `/v2/admin/…`).
+//! - [`service`]: account, session and operator actions shared by the HTTP API and the commands.
+//! - [`metrics`]: the Prometheus registry; hot paths touch only its atomics.
+//! - [`web`]: the live fleet page at `/` (embedded files; a reference client of the protocol).
 //! - [`commands`]: demo fleet, traffic simulator, operator actions.
 
+pub mod access;
 pub mod batch;
 pub mod cli;
 pub mod commands;
@@ -27,7 +33,10 @@ pub mod db;
 pub mod http;
 pub mod hub;
 pub mod listen;
+pub mod metrics;
 pub mod model;
+pub mod service;
 pub mod startup;
 pub mod telemetry;
+pub mod web;
 pub mod ws;

@@ -7,7 +7,8 @@
 //! queries, orders the resulting events by change number and hands them to the [`Hub`]. When the
 //! LISTEN connection is lost, the listener reconnects with backoff, re-LISTENs, and asks the
 //! processor to resync: every watched tracker, and every session held, is compared with the
-//! tables, so that what changed during the gap is delivered.
+//! tables, so that what changed during the gap is delivered. Revoked grants (`g|` payloads, and
+//! the grant table on resync) make the sockets of the sub-user's sessions drop those trackers.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -20,7 +21,7 @@ use tokio::sync::{watch, Notify};
 
 use crate::config::{ListenSettings, SessionSettings};
 use crate::db::queries;
-use crate::hub::{Hub, TrackerFacts};
+use crate::hub::{Hub, Revoked, TrackerFacts};
 use crate::model::{Lifecycle, TrackerId, TrackerState};
 
 pub const CHANNEL: &str = "fleetgate";
@@ -42,6 +43,10 @@ pub struct Pending {
     pub session_ranges: Vec<(i64, i64)>,
     /// Accounts that gained trackers (added, or granted to a sub-user).
     pub accounts: HashSet<i64>,
+    /// Grants revoked, as `(user_id, tracker_id)`, for watched trackers.
+    pub revoked_grants: Vec<(i64, TrackerId)>,
+    /// When the earliest notification of this work arrived (for the notify-to-send metric).
+    pub notified_at: Option<Instant>,
     pub resync: bool,
 }
 
@@ -54,6 +59,7 @@ impl Pending {
             && self.sessions.is_empty()
             && self.session_ranges.is_empty()
             && self.accounts.is_empty()
+            && self.revoked_grants.is_empty()
             && !self.resync
     }
 
@@ -111,6 +117,27 @@ impl Pending {
                             self.accounts.insert(a);
                         }
                         Err(_) => return false,
+                    }
+                }
+                true
+            }
+            "g" => {
+                for item in body.split(',') {
+                    let mut parts = item.splitn(3, ':');
+                    let (Some(user), Some(id), Some(ev)) =
+                        (parts.next(), parts.next(), parts.next())
+                    else {
+                        return false;
+                    };
+                    let (Ok(user), Ok(id)) = (user.parse::<i64>(), id.parse::<TrackerId>()) else {
+                        return false;
+                    };
+                    match ev {
+                        "revoke" if hub.is_watched(id) => self.revoked_grants.push((user, id)),
+                        // A new grant changes nothing for `state` subscriptions (the tracker was
+                        // answered `disallowed` and is not watched); batch targets follow `n|`.
+                        "revoke" | "grant" => {}
+                        _ => return false,
                     }
                 }
                 true
@@ -214,10 +241,14 @@ pub async fn run_listener(
         inbox.update(|p| p.resync = true);
         hub.set_stream_up(true);
         match down_since.take() {
-            Some(t) => tracing::warn!(
-                gap_ms = t.elapsed().as_millis() as u64,
-                "LISTEN stream restored; resyncing watched trackers and sessions"
-            ),
+            Some(t) => {
+                hub.metrics.listen_reconnects.inc();
+                hub.metrics.listen_gap.observe(t.elapsed());
+                tracing::warn!(
+                    gap_ms = t.elapsed().as_millis() as u64,
+                    "LISTEN stream restored; resyncing watched trackers and sessions"
+                )
+            }
             None if first => tracing::info!(channel = CHANNEL, "LISTEN stream up"),
             None => {}
         }
@@ -229,7 +260,12 @@ pub async fn run_listener(
                     Ok(Some(n)) => {
                         let payload = n.payload();
                         let mut ok = true;
-                        inbox.update(|p| ok = p.add_payload(payload, &hub));
+                        hub.metrics.notifications.inc();
+                        let now = Instant::now();
+                        inbox.update(|p| {
+                            p.notified_at.get_or_insert(now);
+                            ok = p.add_payload(payload, &hub);
+                        });
                         if !ok {
                             tracing::warn!(payload = %payload.chars().take(120).collect::<String>(), "unreadable notification ignored");
                         }
@@ -276,6 +312,8 @@ pub async fn run_processor(
             p = inbox.take() => p,
             _ = shutdown.changed() => return,
         };
+        hub.metrics
+            .round_started(pending.notified_at.unwrap_or_else(Instant::now));
         let result = if pending.resync {
             resync(&pool, &hub).await
         } else {
@@ -395,6 +433,9 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
     if !hashes.is_empty() {
         check_sessions(pool, hub, hashes.into_iter().collect()).await?;
     }
+    if !p.revoked_grants.is_empty() {
+        disallow_revoked(pool, hub, p.revoked_grants).await?;
+    }
     Ok(())
 }
 
@@ -476,6 +517,7 @@ pub async fn resync(pool: &PgPool, hub: &Hub) -> Result<(), sqlx::Error> {
     let hashes: Vec<String> = hub.session_hashes().iter().map(|h| h.to_string()).collect();
     for chunk in hashes.chunks(RESYNC_CHUNK) {
         check_sessions(pool, hub, chunk.to_vec()).await?;
+        resync_grants(pool, hub, chunk).await?;
     }
     if !watched.is_empty() || !hashes.is_empty() {
         tracing::info!(
@@ -508,4 +550,48 @@ pub async fn run_expiry(
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// Revoked grants `(user, tracker)`: every socket that watches one of those trackers under a live
+/// session of that (sub-)user stops it and is told `disallowed`. A grant re-inserted since does not
+/// count (the query checks the table), and master accounts are never affected.
+async fn disallow_revoked(
+    pool: &PgPool,
+    hub: &Hub,
+    revoked: Vec<(i64, TrackerId)>,
+) -> Result<(), sqlx::Error> {
+    let (users, trackers): (Vec<i64>, Vec<TrackerId>) = revoked.into_iter().unzip();
+    let mut by_session: HashMap<String, HashSet<TrackerId>> = HashMap::new();
+    for (hash, tracker) in queries::sessions_losing_grants(pool, &users, &trackers).await? {
+        if hub.has_session(&hash) {
+            by_session.entry(hash).or_default().insert(tracker);
+        }
+    }
+    for (hash, ids) in by_session {
+        let n = hub.disallow(&hash, Arc::new(Revoked::These(ids)));
+        tracing::info!(session = %&hash[..6.min(hash.len())], sockets = n, "grants revoked: trackers disallowed");
+    }
+    Ok(())
+}
+
+/// After a gap: every held session of a sub-user keeps only the trackers it is still granted.
+async fn resync_grants(pool: &PgPool, hub: &Hub, hashes: &[String]) -> Result<(), sqlx::Error> {
+    let subs: Vec<queries::SessionRow> = queries::sessions(pool, hashes)
+        .await?
+        .into_iter()
+        .filter(|s| s.live && s.is_sub_user)
+        .collect();
+    if subs.is_empty() {
+        return Ok(());
+    }
+    let users: Vec<i64> = subs.iter().map(|s| s.user_id).collect();
+    let mut granted: HashMap<i64, HashSet<TrackerId>> = HashMap::new();
+    for (user, tracker) in queries::grants_of(pool, &users).await? {
+        granted.entry(user).or_default().insert(tracker);
+    }
+    for s in subs {
+        let keep = granted.get(&s.user_id).cloned().unwrap_or_default();
+        hub.disallow(&s.hash, Arc::new(Revoked::AllBut(keep)));
+    }
+    Ok(())
 }

@@ -292,6 +292,14 @@ pub fn lifecycle_event(tracker_id: TrackerId, source_id: i64, kind: Lifecycle) -
     )
 }
 
+/// `{"type":"event","event":"lifecycle","tracker_id":…,"data":{"source_id":…,"lifecycle_event":"disallowed"}}`:
+/// extension (PROTOCOL.md §8): the session's user lost its grant for the tracker, whose events stop.
+pub fn disallowed_event(tracker_id: TrackerId, source_id: i64) -> String {
+    format!(
+        r#"{{"type":"event","event":"lifecycle","tracker_id":{tracker_id},"data":{{"source_id":{source_id},"lifecycle_event":"disallowed"}}}}"#
+    )
+}
+
 pub const LOGOUT_EVENT: &str = r#"{"type":"event","event":"logout","data":"session closed"}"#;
 
 #[cfg(test)]

@@ -11,8 +11,9 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Settings;
+use crate::http::limit::LoginLimiter;
 use crate::hub::Hub;
-use crate::{db, http, listen, ws};
+use crate::{db, http, listen, service, ws};
 
 /// What every request handler and socket task shares.
 #[derive(Clone)]
@@ -21,6 +22,8 @@ pub struct AppState {
     pub pool: PgPool,
     pub settings: Arc<Settings>,
     pub shutdown: watch::Receiver<bool>,
+    /// `user/auth` attempts per login and per address, shared by every worker.
+    pub login_limiter: Arc<LoginLimiter>,
 }
 
 pub struct Application {
@@ -78,7 +81,10 @@ impl Application {
             pool,
             settings: settings.clone(),
             shutdown: shutdown_rx,
+            login_limiter: Arc::new(LoginLimiter::new(&settings.api)),
         };
+        // The dummy password hash that unknown logins are checked against, ahead of the first.
+        tokio::task::spawn_blocking(service::warm_up);
         let port = listener.local_addr()?.port();
         let data = web::Data::new(state.clone());
         let mut server =
@@ -140,4 +146,5 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         cfg.route(path, web::get().to(ws::subscription));
     }
     http::configure(cfg);
+    crate::web::configure(cfg);
 }

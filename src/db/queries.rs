@@ -225,3 +225,267 @@ pub async fn revoke_session<'e>(db: impl PgExecutor<'e>, hash: &str) -> Result<b
     .await?;
     Ok(r.rows_affected() > 0)
 }
+
+// --- HTTP API and operator service (src/service.rs, src/http/) -----------------------------------
+
+/// What `user/auth` needs to know of a login. `removed` covers the user and its master.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct LoginRow {
+    pub id: i64,
+    pub password_hash: String,
+    pub blocked: bool,
+    pub removed: bool,
+}
+
+pub async fn user_by_login(pool: &PgPool, login: &str) -> Result<Option<LoginRow>, sqlx::Error> {
+    sqlx::query_as::<_, LoginRow>(
+        "SELECT u.id, u.password_hash, \
+                (u.blocked OR COALESCE(m.blocked, false)) AS blocked, \
+                (u.removed OR COALESCE(m.removed, false)) AS removed \
+           FROM users u LEFT JOIN users m ON m.id = u.master_id WHERE u.login = $1",
+    )
+    .bind(login)
+    .fetch_optional(pool)
+    .await
+}
+
+/// A user as the API shows it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserRow {
+    pub id: i64,
+    pub login: String,
+    pub master_id: Option<i64>,
+    pub time_zone: String,
+    pub blocked: bool,
+    pub removed: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+const USER_SELECT: &str =
+    "SELECT id, login, master_id, time_zone, blocked, removed, created_at FROM users";
+
+pub async fn user_by_id(pool: &PgPool, id: i64) -> Result<Option<UserRow>, sqlx::Error> {
+    sqlx::query_as::<_, UserRow>(&format!("{USER_SELECT} WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(pool)
+        .await
+}
+
+pub async fn user_by_login_full(
+    pool: &PgPool,
+    login: &str,
+) -> Result<Option<UserRow>, sqlx::Error> {
+    sqlx::query_as::<_, UserRow>(&format!("{USER_SELECT} WHERE login = $1"))
+        .bind(login)
+        .fetch_optional(pool)
+        .await
+}
+
+/// Inserts a user; `None` when the login is taken.
+pub async fn insert_user(
+    pool: &PgPool,
+    login: &str,
+    password_hash: &str,
+    master_id: Option<i64>,
+    time_zone: &str,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO users (login, password_hash, master_id, time_zone) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (login) DO NOTHING RETURNING id",
+    )
+    .bind(login)
+    .bind(password_hash)
+    .bind(master_id)
+    .bind(time_zone)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Sets a user's blocked flag (blocking ends its sessions and its sub-users' through the
+/// `users_end_sessions` trigger); returns whether a non-removed user was found.
+pub async fn set_user_blocked(pool: &PgPool, id: i64, blocked: bool) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query("UPDATE users SET blocked = $2 WHERE id = $1 AND NOT removed")
+        .bind(id)
+        .bind(blocked)
+        .execute(pool)
+        .await?;
+    Ok(r.rows_affected() > 0)
+}
+
+/// Creates a session for `user_id` that lives `lifetime_secs`.
+pub async fn insert_session(
+    pool: &PgPool,
+    hash: &str,
+    user_id: i64,
+    lifetime_secs: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO sessions (hash, user_id, expires_at) \
+         VALUES ($1, $2, now() + make_interval(secs => $3::double precision))",
+    )
+    .bind(hash)
+    .bind(user_id)
+    .bind(lifetime_secs as f64)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// One row of `tracker/list`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct TrackerListRow {
+    pub id: i64,
+    pub label: String,
+    pub source_id: i64,
+    pub blocked: bool,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The trackers of an account that a user may see (a sub-user: only its grants), removed ones
+/// excepted, by id.
+pub async fn tracker_list(
+    pool: &PgPool,
+    account_id: i64,
+    sub_user: Option<i64>,
+) -> Result<Vec<TrackerListRow>, sqlx::Error> {
+    sqlx::query_as::<_, TrackerListRow>(
+        "SELECT t.id, t.label, t.source_id, t.blocked, t.created_at FROM trackers t \
+          WHERE t.account_id = $1 AND NOT t.removed \
+            AND ($2::bigint IS NULL \
+                 OR EXISTS (SELECT 1 FROM tracker_grants g WHERE g.user_id = $2 AND g.tracker_id = t.id)) \
+          ORDER BY t.id",
+    )
+    .bind(account_id)
+    .bind(sub_user)
+    .fetch_all(pool)
+    .await
+}
+
+/// Among `ids`, those that are not live trackers of `account_id` (missing, removed, or another
+/// account's).
+pub async fn trackers_outside_account(
+    pool: &PgPool,
+    account_id: i64,
+    ids: &[TrackerId],
+) -> Result<Vec<TrackerId>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT r.id FROM unnest($1::bigint[]) AS r(id) \
+          WHERE NOT EXISTS (SELECT 1 FROM trackers t \
+                             WHERE t.id = r.id AND t.account_id = $2 AND NOT t.removed) \
+          ORDER BY r.id",
+    )
+    .bind(ids)
+    .bind(account_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// Grants trackers to a user; returns how many grants were new.
+pub async fn insert_grants(
+    pool: &PgPool,
+    user_id: i64,
+    ids: &[TrackerId],
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "INSERT INTO tracker_grants (user_id, tracker_id) SELECT $1, unnest($2::bigint[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(user_id)
+    .bind(ids)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// Revokes grants; returns how many existed.
+pub async fn delete_grants(
+    pool: &PgPool,
+    user_id: i64,
+    ids: &[TrackerId],
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query("DELETE FROM tracker_grants WHERE user_id = $1 AND tracker_id = ANY($2)")
+        .bind(user_id)
+        .bind(ids)
+        .execute(pool)
+        .await?;
+    Ok(r.rows_affected())
+}
+
+/// For revoked grants `(user, tracker)`: the live sessions of those users that are sub-users,
+/// paired with each tracker whose grant is still absent (a grant deleted and re-inserted in the
+/// same transaction does not count).
+pub async fn sessions_losing_grants(
+    pool: &PgPool,
+    users: &[i64],
+    trackers: &[TrackerId],
+) -> Result<Vec<(String, TrackerId)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT s.hash, r.tracker_id \
+           FROM unnest($1::bigint[], $2::bigint[]) AS r(user_id, tracker_id) \
+           JOIN users u ON u.id = r.user_id AND u.master_id IS NOT NULL \
+           JOIN sessions s ON s.user_id = r.user_id AND s.revoked_at IS NULL \
+          WHERE NOT EXISTS (SELECT 1 FROM tracker_grants g \
+                             WHERE g.user_id = r.user_id AND g.tracker_id = r.tracker_id)",
+    )
+    .bind(users)
+    .bind(trackers)
+    .fetch_all(pool)
+    .await
+}
+
+/// Every grant of the given users, as `(user_id, tracker_id)`.
+pub async fn grants_of(pool: &PgPool, users: &[i64]) -> Result<Vec<(i64, TrackerId)>, sqlx::Error> {
+    sqlx::query_as("SELECT user_id, tracker_id FROM tracker_grants WHERE user_id = ANY($1)")
+        .bind(users)
+        .fetch_all(pool)
+        .await
+}
+
+/// An operator API key, without its hash.
+#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
+pub struct OperatorKeyRow {
+    pub id: i64,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+pub async fn insert_operator_key(
+    pool: &PgPool,
+    name: &str,
+    key_hash: &str,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("INSERT INTO operator_keys (name, key_hash) VALUES ($1, $2) RETURNING id")
+        .bind(name)
+        .bind(key_hash)
+        .fetch_one(pool)
+        .await
+}
+
+/// Whether a non-revoked key has this hash.
+pub async fn operator_key_valid(pool: &PgPool, key_hash: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM operator_keys WHERE key_hash = $1 AND revoked_at IS NULL)",
+    )
+    .bind(key_hash)
+    .fetch_one(pool)
+    .await
+}
+
+pub async fn revoke_operator_key(pool: &PgPool, id: i64) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE operator_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
+    )
+    .bind(id)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() > 0)
+}
+
+pub async fn operator_keys(pool: &PgPool) -> Result<Vec<OperatorKeyRow>, sqlx::Error> {
+    sqlx::query_as::<_, OperatorKeyRow>(
+        "SELECT id, name, created_at, revoked_at FROM operator_keys ORDER BY id",
+    )
+    .fetch_all(pool)
+    .await
+}

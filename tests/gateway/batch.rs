@@ -231,7 +231,7 @@ async fn rate_limit_errors_and_mixed_requests() {
         resp["data"]["state_batch"]["value"],
         json!({"103": "normal"})
     );
-    let mut rest = vec![c.recv().await, c.recv().await];
+    let mut rest = [c.recv().await, c.recv().await];
     rest.sort_by_key(|v| v["event"].as_str().unwrap_or("").to_string());
     assert!(is_state_of(&rest[0], 102));
     assert_eq!(items(&rest[1]).into_keys().collect::<Vec<_>>(), [103]);

@@ -570,10 +570,13 @@ async fn deleting_a_tracker_announces_corrupt_with_a_fresh_change_number(pool: P
         .execute(&pool)
         .await
         .unwrap();
-    // The cascade removes its state and grants without any other notification.
-    let payloads = payloads_until_marker(&pool, &mut l).await;
-    assert_eq!(payloads.len(), 1, "{payloads:?}");
-    let items = lifecycle_items(body(&payloads[0], "t"));
+    // The cascade removes its state without any other notification; the removal of its grant is
+    // announced as a revoke (migration 20261123000002), which changes nothing for a removed tracker.
+    let mut payloads = payloads_until_marker(&pool, &mut l).await;
+    assert_eq!(payloads.len(), 2, "{payloads:?}");
+    payloads.sort();
+    assert_eq!(payloads[0], "g|2:101:revoke");
+    let items = lifecycle_items(body(&payloads[1], "t"));
     assert_eq!(items.len(), 1);
     let (change, id, event) = &items[0];
     assert_eq!((*id, event.as_str()), (101, "corrupt"));

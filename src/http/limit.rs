@@ -1,0 +1,151 @@
+//! The login rate limit: one token bucket per login and one per client address, shared by every
+//! worker. Each `user/auth` attempt takes a token from both (before the password is checked, so
+//! the limit also bounds the hashing work); an empty bucket refuses with code 15. Buckets refill
+//! evenly over `api.login_window_secs`; idle ones are dropped now and then.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+
+use crate::config::ApiSettings;
+
+/// Above this many buckets, idle ones are pruned (at most once a second).
+const PRUNE_ABOVE: usize = 4096;
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+struct Buckets {
+    map: DashMap<String, Bucket>,
+    capacity: f64,
+    per_sec: f64,
+}
+
+impl Buckets {
+    fn new(capacity: u32, window: Duration) -> Buckets {
+        let capacity = f64::from(capacity.max(1));
+        Buckets {
+            map: DashMap::new(),
+            capacity,
+            per_sec: capacity / window.as_secs_f64().max(0.001),
+        }
+    }
+
+    /// Takes one token for `key`; when none is left, the seconds until one is.
+    fn take(&self, key: &str, now: Instant) -> Result<(), u64> {
+        let mut b = self.map.entry(key.to_owned()).or_insert(Bucket {
+            tokens: self.capacity,
+            at: now,
+        });
+        let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+        b.tokens = (b.tokens + elapsed * self.per_sec).min(self.capacity);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - b.tokens) / self.per_sec).ceil() as u64)
+        }
+    }
+
+    /// Drops buckets that have refilled completely (they are as good as new).
+    fn prune(&self, now: Instant) {
+        let full_after = self.capacity / self.per_sec;
+        self.map
+            .retain(|_, b| now.saturating_duration_since(b.at).as_secs_f64() < full_after);
+    }
+}
+
+pub struct LoginLimiter {
+    by_login: Buckets,
+    by_address: Buckets,
+    started: Instant,
+    last_prune_ms: AtomicU64,
+    prune_lock: Mutex<()>,
+}
+
+impl LoginLimiter {
+    pub fn new(settings: &ApiSettings) -> LoginLimiter {
+        let window = Duration::from_secs(settings.login_window_secs.max(1));
+        LoginLimiter {
+            by_login: Buckets::new(settings.login_attempts_per_login, window),
+            by_address: Buckets::new(settings.login_attempts_per_address, window),
+            started: Instant::now(),
+            last_prune_ms: AtomicU64::new(0),
+            prune_lock: Mutex::new(()),
+        }
+    }
+
+    /// Counts one attempt for `login` from `address`; `Err(seconds)` when either is over its limit.
+    pub fn attempt(&self, login: &str, address: &str) -> Result<(), u64> {
+        let now = Instant::now();
+        self.maybe_prune(now);
+        let by_login = self.by_login.take(login, now);
+        let by_address = self.by_address.take(address, now);
+        match (by_login, by_address) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(a), Err(b)) => Err(a.max(b)),
+            (Err(s), _) | (_, Err(s)) => Err(s),
+        }
+    }
+
+    fn maybe_prune(&self, now: Instant) {
+        if self.by_login.map.len() + self.by_address.map.len() <= PRUNE_ABOVE {
+            return;
+        }
+        let ms = now.saturating_duration_since(self.started).as_millis() as u64;
+        let last = self.last_prune_ms.load(Ordering::Relaxed);
+        if ms < last + 1000 {
+            return;
+        }
+        // One pruner at a time; the others carry on.
+        if let Ok(_guard) = self.prune_lock.try_lock() {
+            self.last_prune_ms.store(ms, Ordering::Relaxed);
+            self.by_login.prune(now);
+            self.by_address.prune(now);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(per_login: u32, per_address: u32) -> LoginLimiter {
+        LoginLimiter::new(&ApiSettings {
+            login_attempts_per_login: per_login,
+            login_attempts_per_address: per_address,
+            login_window_secs: 60,
+            ..ApiSettings::default()
+        })
+    }
+
+    #[test]
+    fn each_login_and_each_address_has_its_own_allowance() {
+        let l = limiter(2, 3);
+        assert!(l.attempt("a", "1.1.1.1").is_ok());
+        assert!(l.attempt("a", "1.1.1.1").is_ok());
+        let wait = l.attempt("a", "2.2.2.2").unwrap_err();
+        assert!((1..=30).contains(&wait), "{wait}");
+        // The first address has one attempt left: another login may use it, then it is spent.
+        assert!(l.attempt("b", "1.1.1.1").is_ok());
+        assert!(l.attempt("c", "1.1.1.1").is_err());
+        assert!(l.attempt("c", "3.3.3.3").is_ok());
+    }
+
+    #[test]
+    fn buckets_refill_over_the_window() {
+        let b = Buckets::new(2, Duration::from_secs(2));
+        let t0 = Instant::now();
+        assert!(b.take("k", t0).is_ok());
+        assert!(b.take("k", t0).is_ok());
+        assert!(b.take("k", t0).is_err());
+        assert!(b.take("k", t0 + Duration::from_millis(1100)).is_ok());
+        b.prune(t0 + Duration::from_secs(10));
+        assert!(b.map.is_empty());
+    }
+}

@@ -1,0 +1,320 @@
+//! Request parameters the way Navixy's API takes them: a JSON object body, form fields, or the
+//! query string (merged; the body wins), read under the configured body size limit. Handlers
+//! deserialize them into typed request structs; the lenient field readers in [`de`] accept what
+//! forms and query strings can carry (`"101"` for 101, `"true"`, `"[1,2]"` or `"1,2"` for a list).
+//! Also owns the two credentials: the session `hash` (parameter, or `Authorization: NVX <hash>`)
+//! and the operator key (`Authorization: Bearer <key>`).
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::{web, FromRequest, HttpMessage, HttpRequest};
+use futures_util::future::LocalBoxFuture;
+use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use crate::db::queries::{self, SessionRow};
+use crate::service;
+use crate::startup::AppState;
+
+/// The merged parameters of one request.
+#[derive(Debug, Default)]
+pub struct Params {
+    map: Map<String, Value>,
+    authorization: Option<String>,
+}
+
+impl Params {
+    /// The parameters as a typed request; a missing or mistyped field is code 7.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        serde_json::from_value(Value::Object(self.map.clone()))
+            .map_err(|e| ApiError::Invalid(e.to_string()))
+    }
+
+    /// The session hash: the `hash` parameter, or `Authorization: NVX <hash>`. Code 3 unless it is
+    /// a string of exactly 32 characters.
+    pub fn session_hash(&self) -> Result<&str, ApiError> {
+        let hash = match self.map.get("hash") {
+            Some(Value::String(h)) => Some(h.as_str()),
+            Some(_) => None,
+            None => self
+                .authorization
+                .as_deref()
+                .and_then(|a| a.strip_prefix("NVX "))
+                .map(str::trim),
+        };
+        match hash {
+            Some(h) if h.chars().count() == 32 => Ok(h),
+            _ => Err(ApiError::WrongHash),
+        }
+    }
+
+    /// The operator key of `Authorization: Bearer <key>`, if one was presented.
+    pub fn bearer(&self) -> Option<&str> {
+        let a = self.authorization.as_deref()?;
+        let (scheme, key) = a.split_once(' ')?;
+        let key = key.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+    }
+
+    fn add_pairs(&mut self, text: &str) -> Result<(), ApiError> {
+        let pairs = web::Query::<Vec<(String, String)>>::from_query(text)
+            .map_err(|e| ApiError::BadFormat(e.to_string()))?;
+        for (k, v) in pairs.into_inner() {
+            self.map.insert(k, Value::String(v));
+        }
+        Ok(())
+    }
+}
+
+impl FromRequest for Params {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        let mut payload = payload.take();
+        Box::pin(async move {
+            let limit = req
+                .app_data::<web::Data<AppState>>()
+                .map_or(65536, |s| s.settings.api.max_body_bytes);
+            let too_large = || ApiError::TooLarge(format!("the body is over {limit} bytes"));
+            let mut params = Params {
+                map: Map::new(),
+                authorization: req
+                    .headers()
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            };
+            params.add_pairs(req.query_string())?;
+            let declared = req
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok());
+            if declared.is_some_and(|n| n > limit) {
+                return Err(too_large());
+            }
+            let mut body = web::BytesMut::new();
+            while let Some(chunk) = payload.next().await {
+                let chunk = chunk.map_err(|e| ApiError::BadFormat(e.to_string()))?;
+                if body.len() + chunk.len() > limit {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            let text = std::str::from_utf8(&body)
+                .map_err(|_| ApiError::BadFormat("the body is not UTF-8".into()))?;
+            if text.trim().is_empty() {
+                return Ok(params);
+            }
+            let content_type = req.content_type().to_ascii_lowercase();
+            let json = content_type.ends_with("json")
+                || (content_type != "application/x-www-form-urlencoded"
+                    && text.trim_start().starts_with('{'));
+            if json {
+                match serde_json::from_str::<Value>(text) {
+                    Ok(Value::Object(fields)) => params.map.extend(fields),
+                    Ok(_) => {
+                        return Err(ApiError::BadFormat("the body must be a JSON object".into()))
+                    }
+                    Err(e) => return Err(ApiError::BadFormat(format!("invalid JSON: {e}"))),
+                }
+            } else {
+                params.add_pairs(text)?;
+            }
+            Ok(params)
+        })
+    }
+}
+
+/// The live session named by the request: code 3 for a missing or malformed hash, 4 for an
+/// unknown or ended session.
+pub async fn session(state: &AppState, params: &Params) -> Result<SessionRow, ApiError> {
+    let hash = params.session_hash()?;
+    match queries::session(&state.pool, hash).await? {
+        Some(s) if s.live => Ok(s),
+        _ => Err(ApiError::SessionNotFound),
+    }
+}
+
+/// Checks the operator key: code 2 when none is presented, 11 when it is wrong or revoked. Both
+/// are refused before anything is read or written.
+pub async fn operator(state: &AppState, params: &Params) -> Result<(), ApiError> {
+    let key = params.bearer().ok_or(ApiError::ServiceAuth)?;
+    if service::check_api_key(&state.pool, key).await? {
+        Ok(())
+    } else {
+        Err(ApiError::AccessDenied(
+            "wrong or revoked operator key".into(),
+        ))
+    }
+}
+
+/// Lenient field readers for `#[serde(deserialize_with = …)]`: JSON values as such, and the
+/// strings that forms and query strings carry.
+pub mod de {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer};
+    use serde_json::Value;
+
+    fn int_of(v: &Value) -> Option<i64> {
+        match v {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// An integer, or a string holding one.
+    pub fn int<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+        let v = Value::deserialize(d)?;
+        int_of(&v).ok_or_else(|| D::Error::custom(format!("expected an integer, got {v}")))
+    }
+
+    /// A boolean, or `"true"`/`"false"`/`"1"`/`"0"`; absent means false (use with `default`).
+    pub fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Bool(b) => Ok(b),
+            Value::String(s) if s == "true" || s == "1" => Ok(true),
+            Value::String(s) if s == "false" || s == "0" || s.is_empty() => Ok(false),
+            Value::Number(n) if n.as_i64() == Some(1) => Ok(true),
+            Value::Number(n) if n.as_i64() == Some(0) => Ok(false),
+            v => Err(D::Error::custom(format!("expected a boolean, got {v}"))),
+        }
+    }
+
+    /// A string, or a number written as one (a numeric login or password in JSON).
+    pub fn string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        match Value::deserialize(d)? {
+            Value::String(s) => Ok(s),
+            Value::Number(n) => Ok(n.to_string()),
+            v => Err(D::Error::custom(format!("expected a string, got {v}"))),
+        }
+    }
+
+    /// An optional string (absent or null: none).
+    pub fn opt_string<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(None),
+            Value::String(s) => Ok(Some(s)),
+            Value::Number(n) => Ok(Some(n.to_string())),
+            v => Err(D::Error::custom(format!("expected a string, got {v}"))),
+        }
+    }
+
+    /// An optional integer (absent or null: none).
+    pub fn opt_int<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+        match Value::deserialize(d)? {
+            Value::Null => Ok(None),
+            v => int_of(&v)
+                .map(Some)
+                .ok_or_else(|| D::Error::custom(format!("expected an integer, got {v}"))),
+        }
+    }
+
+    /// A list of integers: a JSON array, or a string holding one (`"[1,2]"`) or a comma list
+    /// (`"1,2"`). Nulls and non-integers are refused.
+    pub fn int_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i64>, D::Error> {
+        let v = Value::deserialize(d)?;
+        let items: Vec<Value> = match v {
+            Value::Array(items) => items,
+            Value::String(s) => {
+                let s = s.trim();
+                if s.starts_with('[') {
+                    match serde_json::from_str::<Value>(s) {
+                        Ok(Value::Array(items)) => items,
+                        _ => return Err(D::Error::custom("expected a list of integers")),
+                    }
+                } else if s.is_empty() {
+                    Vec::new()
+                } else {
+                    s.split(',').map(|p| Value::String(p.to_owned())).collect()
+                }
+            }
+            Value::Number(_) => vec![v],
+            other => {
+                return Err(D::Error::custom(format!(
+                    "expected a list of integers, got {other}"
+                )))
+            }
+        };
+        items
+            .iter()
+            .map(|i| {
+                int_of(i).ok_or_else(|| {
+                    D::Error::custom(format!("expected a list of integers, found {i}"))
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+    use serde_json::json;
+
+    #[derive(Debug, Deserialize)]
+    struct Sample {
+        #[serde(deserialize_with = "de::int")]
+        id: i64,
+        #[serde(default, deserialize_with = "de::int_list")]
+        ids: Vec<i64>,
+        #[serde(default, deserialize_with = "de::boolean")]
+        flag: bool,
+        #[serde(deserialize_with = "de::string")]
+        name: String,
+    }
+
+    fn parse(v: Value) -> Result<Sample, ApiError> {
+        let Value::Object(map) = v else {
+            unreachable!("tests pass objects")
+        };
+        Params {
+            map,
+            authorization: None,
+        }
+        .parse()
+    }
+
+    #[test]
+    fn form_strings_and_json_values_both_parse() {
+        let a = parse(json!({"id": "7", "ids": "[1, 2]", "flag": "true", "name": 12})).unwrap();
+        assert_eq!(
+            (a.id, a.ids, a.flag, a.name.as_str()),
+            (7, vec![1, 2], true, "12")
+        );
+        let b = parse(json!({"id": 7, "ids": "3,4", "name": "x"})).unwrap();
+        assert_eq!((b.ids, b.flag), (vec![3, 4], false));
+        let c = parse(json!({"id": 7, "ids": [5], "name": "x"})).unwrap();
+        assert_eq!(c.ids, vec![5]);
+    }
+
+    #[test]
+    fn bad_values_are_code_7() {
+        for v in [
+            json!({"name": "x"}),
+            json!({"id": "x", "name": "x"}),
+            json!({"id": 1, "ids": [1, null], "name": "x"}),
+            json!({"id": 1, "flag": "maybe", "name": "x"}),
+        ] {
+            assert_eq!(parse(v).unwrap_err().code(), 7);
+        }
+    }
+
+    #[test]
+    fn hash_comes_from_the_parameter_or_the_nvx_header() {
+        let mut p = Params::default();
+        assert_eq!(p.session_hash(), Err(ApiError::WrongHash));
+        p.authorization = Some(format!("NVX {}", "a".repeat(32)));
+        assert_eq!(p.session_hash().map(str::len), Ok(32));
+        p.map.insert("hash".into(), json!("short"));
+        assert_eq!(p.session_hash(), Err(ApiError::WrongHash));
+        p.authorization = Some("Bearer fgk_x".into());
+        assert_eq!(p.bearer(), Some("fgk_x"));
+    }
+}

@@ -1,0 +1,1148 @@
+//! The HTTP API end to end: user and tracker calls with a session, operator calls with a key, their
+//! error codes and HTTP statuses, their effects on live sockets (lifecycle, logout, disallowed),
+//! the login rate limit, `/metrics` and `/openapi.json`. Requests are written by hand over a plain
+//! TCP connection, as a client would send them.
+
+use std::time::{Duration, Instant};
+
+use fleetgate::service::{self, NewUser, UserRef};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::common::*;
+
+// --- a minimal HTTP/1.1 client ----------------------------------------------------------------------
+
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("status {}: {:?}: {e}", self.status, self.body))
+    }
+
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Asserts a failure with this code and HTTP status.
+    #[track_caller]
+    fn assert_error(&self, code: i64, status: u16) {
+        let v = self.json();
+        assert_eq!(v["success"], false, "{v}");
+        assert_eq!(v["status"]["code"], code, "{v}");
+        assert!(v["status"]["description"].is_string(), "{v}");
+        assert_eq!(self.status, status, "{v}");
+    }
+
+    /// Asserts success and returns the body.
+    #[track_caller]
+    fn ok(&self) -> Value {
+        let v = self.json();
+        assert_eq!((self.status, &v["success"]), (200, &json!(true)), "{v}");
+        v
+    }
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+async fn http(
+    app: &TestApp,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &str)>,
+) -> Resp {
+    let mut s = TcpStream::connect(("127.0.0.1", app.port))
+        .await
+        .expect("connect");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    match body {
+        Some((content_type, b)) => req.push_str(&format!(
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        )),
+        None => req.push_str("\r\n"),
+    }
+    // The server may answer (and close) before reading a body it refuses: keep what was read.
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("response in time");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let chunked = headers.iter().any(|(k, v)| {
+        k.eq_ignore_ascii_case("transfer-encoding") && v.eq_ignore_ascii_case("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn post(app: &TestApp, path: &str, body: Value) -> Resp {
+    http(
+        app,
+        "POST",
+        path,
+        &[],
+        Some(("application/json", &body.to_string())),
+    )
+    .await
+}
+
+async fn post_form(app: &TestApp, path: &str, form: &str) -> Resp {
+    http(
+        app,
+        "POST",
+        path,
+        &[],
+        Some(("application/x-www-form-urlencoded", form)),
+    )
+    .await
+}
+
+async fn get(app: &TestApp, path: &str) -> Resp {
+    http(app, "GET", path, &[], None).await
+}
+
+async fn admin(app: &TestApp, key: Option<&str>, path: &str, body: Value) -> Resp {
+    let auth = key.map(|k| format!("Bearer {k}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| vec![("Authorization", a)])
+        .unwrap_or_default();
+    http(
+        app,
+        "POST",
+        path,
+        &headers,
+        Some(("application/json", &body.to_string())),
+    )
+    .await
+}
+
+// --- fixtures ----------------------------------------------------------------------------------------
+
+/// Gives a fixture user a password (this ends its fixture sessions, as a password change does).
+async fn set_password(app: &TestApp, user_id: i64, password: &str) {
+    let hash = fleetgate::commands::hash_password(password).expect("hash");
+    sqlx::query("UPDATE users SET password_hash = $1 WHERE id = $2")
+        .bind(hash)
+        .bind(user_id)
+        .execute(&app.pool)
+        .await
+        .expect("set password");
+}
+
+async fn login(app: &TestApp, login: &str, password: &str) -> String {
+    let r = post(
+        app,
+        "/v2/user/auth",
+        json!({"login": login, "password": password}),
+    )
+    .await;
+    let hash = r.ok()["hash"].as_str().expect("hash").to_string();
+    assert_eq!(hash.len(), 32);
+    hash
+}
+
+async fn api_key(app: &TestApp) -> String {
+    service::create_api_key(&app.pool, "tests")
+        .await
+        .expect("create key")
+        .1
+}
+
+async fn tracker_blocked(app: &TestApp, id: i64) -> bool {
+    sqlx::query_scalar("SELECT blocked FROM trackers WHERE id = $1")
+        .bind(id)
+        .fetch_one(&app.pool)
+        .await
+        .expect("tracker")
+}
+
+/// The value of one series in a `/metrics` exposition (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+async fn metrics(app: &TestApp) -> String {
+    let r = get(app, "/metrics").await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.contains("openmetrics-text")),
+        "{:?}",
+        r.headers
+    );
+    r.body
+}
+
+/// Polls `/metrics` until `f` holds for it.
+async fn until_metrics(app: &TestApp, what: &str, f: impl Fn(&str) -> bool) -> String {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = metrics(app).await;
+        if f(&text) {
+            return text;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval, not a sync
+    }
+}
+
+// --- user calls --------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn auth_accepts_json_form_and_query_and_refuses_wrong_credentials() {
+    let app = spawn_app().await;
+    service::create_user(
+        &app.pool,
+        NewUser {
+            login: "alice".into(),
+            password: "wonder land".into(),
+            time_zone: Some("Asia/Tokyo".into()),
+            master: None,
+        },
+    )
+    .await
+    .expect("create alice");
+
+    let hash = login(&app, "alice", "wonder land").await;
+    let form = post_form(&app, "/v2/user/auth", "login=alice&password=wonder+land").await;
+    let query = get(&app, "/v2/user/auth?login=alice&password=wonder%20land").await;
+    let (h2, h3) = (form.ok()["hash"].clone(), query.ok()["hash"].clone());
+    assert!(
+        h2 != json!(hash) && h3 != h2,
+        "every login opens a new session"
+    );
+
+    let info = post(&app, "/v2/user/get_info", json!({"hash": hash}))
+        .await
+        .ok();
+    assert_eq!(info["user_info"]["login"], "alice");
+    assert_eq!(info["user_info"]["time_zone"], "Asia/Tokyo");
+    assert_eq!(info["user_info"]["sub_user"], false);
+    // The hash may also come as Navixy's `Authorization: NVX <hash>` header.
+    let header = format!("NVX {hash}");
+    let r = http(
+        &app,
+        "GET",
+        "/v2/user/get_info",
+        &[("Authorization", &header)],
+        None,
+    )
+    .await;
+    assert_eq!(r.ok()["user_info"]["id"], info["user_info"]["id"]);
+
+    post(
+        &app,
+        "/v2/user/auth",
+        json!({"login": "alice", "password": "nope"}),
+    )
+    .await
+    .assert_error(102, 400);
+    post(
+        &app,
+        "/v2/user/auth",
+        json!({"login": "nobody", "password": "nope"}),
+    )
+    .await
+    .assert_error(102, 400);
+    // Fixture users have no password at all: never a match.
+    post(
+        &app,
+        "/v2/user/auth",
+        json!({"login": "acme", "password": ""}),
+    )
+    .await
+    .assert_error(102, 400);
+    post(&app, "/v2/user/auth", json!({"login": "alice"}))
+        .await
+        .assert_error(7, 400);
+    post(
+        &app,
+        "/v2/user/auth",
+        json!({"login": ["alice"], "password": "x"}),
+    )
+    .await
+    .assert_error(7, 400);
+
+    // A blocked user is refused once its password matched.
+    service::set_user_blocked(&app.pool, &UserRef::Login("alice".into()), true)
+        .await
+        .expect("block");
+    post(
+        &app,
+        "/v2/user/auth",
+        json!({"login": "alice", "password": "wonder land"}),
+    )
+    .await
+    .assert_error(11, 403);
+    // ...and its sessions ended with the block.
+    post(&app, "/v2/user/get_info", json!({"hash": hash}))
+        .await
+        .assert_error(4, 400);
+}
+
+#[tokio::test]
+async fn an_unknown_login_costs_as_much_as_a_wrong_password() {
+    let app = spawn_app_with(|s| {
+        s.api.login_attempts_per_login = 100;
+        s.api.login_attempts_per_address = 100;
+    })
+    .await;
+    set_password(&app, 1, "correct horse").await;
+    let timed = |login: &'static str| {
+        let app = &app;
+        async move {
+            let mut best = Duration::MAX;
+            for _ in 0..3 {
+                let t = Instant::now();
+                post(
+                    app,
+                    "/v2/user/auth",
+                    json!({"login": login, "password": "wrong"}),
+                )
+                .await
+                .assert_error(102, 400);
+                best = best.min(t.elapsed());
+            }
+            best
+        }
+    };
+    let wrong_password = timed("acme").await;
+    let unknown_login = timed("nobody-at-all").await;
+    // Both verify one argon2 hash; without the dummy hash an unknown login would answer at once.
+    assert!(
+        unknown_login * 2 >= wrong_password,
+        "unknown login {unknown_login:?} vs wrong password {wrong_password:?}"
+    );
+}
+
+#[tokio::test]
+async fn session_errors_are_codes_3_and_4() {
+    let app = spawn_app().await;
+    for path in ["/v2/user/get_info", "/v2/tracker/list", "/v2/user/logout"] {
+        post(&app, path, json!({})).await.assert_error(3, 400);
+        post(&app, path, json!({"hash": "short"}))
+            .await
+            .assert_error(3, 400);
+        post(&app, path, json!({"hash": 12345}))
+            .await
+            .assert_error(3, 400);
+        post(
+            &app,
+            path,
+            json!({"hash": "0123456789abcdef0123456789abcdef"}),
+        )
+        .await
+        .assert_error(4, 400);
+        post(&app, path, json!({"hash": EXPIRED}))
+            .await
+            .assert_error(4, 400);
+        post(&app, path, json!({"hash": REVOKED}))
+            .await
+            .assert_error(4, 400);
+    }
+}
+
+#[tokio::test]
+async fn logout_reaches_a_subscribed_socket() {
+    let app = spawn_app().await;
+    set_password(&app, 1, "s3cret").await;
+    let hash = login(&app, "acme", "s3cret").await;
+    let mut c = app.connect().await;
+    let (resp, _) = c.subscribe_and_states(&hash, &[101], 1).await;
+    assert_eq!(resp["data"]["state"]["101"], "normal");
+
+    post(&app, "/v2/user/logout", json!({"hash": hash}))
+        .await
+        .ok();
+    let (code, before) = c.recv_close().await;
+    assert_eq!(
+        before.last(),
+        Some(&json!({"type": "event", "event": "logout", "data": "session closed"}))
+    );
+    assert_eq!(code, Some(CloseCode::Normal));
+    // The session is gone for the API too.
+    post(&app, "/v2/user/logout", json!({"hash": hash}))
+        .await
+        .assert_error(4, 400);
+    post(&app, "/v2/tracker/list", json!({"hash": hash}))
+        .await
+        .assert_error(4, 400);
+}
+
+// --- tracker calls -----------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn tracker_list_shows_what_the_session_may_see() {
+    let app = spawn_app().await;
+    let v = post(&app, "/v2/tracker/list", json!({"hash": ACME}))
+        .await
+        .ok();
+    let list = v["list"].as_array().expect("list");
+    let ids: Vec<i64> = list.iter().filter_map(|t| t["id"].as_i64()).collect();
+    assert_eq!(
+        ids,
+        [101, 102, 103, 104, 105],
+        "removed and foreign trackers are not listed"
+    );
+    assert_eq!(list[0]["label"], "Truck 1");
+    assert_eq!(list[0]["source"]["id"], 10101);
+    assert_eq!(list[0]["source"]["blocked"], false);
+    assert_eq!(list[4]["source"]["blocked"], true);
+    assert_eq!(list[0]["group_id"], 0);
+
+    let sub = get(&app, &format!("/v2/tracker/list?hash={SUB}"))
+        .await
+        .ok();
+    let ids: Vec<i64> = sub["list"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|t| t["id"].as_i64())
+        .collect();
+    assert_eq!(ids, [101, 102], "a sub-user sees its grants only");
+}
+
+#[tokio::test]
+async fn get_state_matches_the_websocket_state_and_has_the_error_codes() {
+    let app = spawn_app().await;
+    let v = post(
+        &app,
+        "/v2/tracker/get_state",
+        json!({"hash": ACME, "tracker_id": 101}),
+    )
+    .await
+    .ok();
+    let user_time = v["user_time"].as_str().expect("user_time");
+    assert_eq!(user_time.len(), 19, "{user_time}");
+    assert_eq!(v["state"]["source_id"], 10101);
+    assert_eq!(
+        v["state"]["gps"]["updated"], "2018-10-17 12:51:43",
+        "Berlin time"
+    );
+
+    let mut c = app.connect().await;
+    let (_, states) = c.subscribe_and_states(ACME, &[101], 1).await;
+    assert_eq!(
+        v["state"], states[0]["data"],
+        "the same full format as the socket"
+    );
+
+    // Form fields and numbers as strings work too.
+    let form = post_form(
+        &app,
+        "/v2/tracker/get_state",
+        &format!("hash={ACME}&tracker_id=101"),
+    )
+    .await;
+    assert_eq!(form.ok()["state"], v["state"]);
+
+    let call = |id: Value, hash: &'static str| {
+        let app = &app;
+        async move {
+            post(
+                app,
+                "/v2/tracker/get_state",
+                json!({"hash": hash, "tracker_id": id}),
+            )
+            .await
+        }
+    };
+    call(json!(105), ACME).await.assert_error(208, 403);
+    call(json!(106), ACME).await.assert_error(201, 400);
+    call(json!(201), ACME).await.assert_error(201, 400);
+    call(json!(999), ACME).await.assert_error(201, 400);
+    call(json!(103), SUB).await.assert_error(11, 403);
+    call(json!("abc"), ACME).await.assert_error(7, 400);
+    post(&app, "/v2/tracker/get_state", json!({"hash": ACME}))
+        .await
+        .assert_error(7, 400);
+}
+
+#[tokio::test]
+async fn get_states_gives_the_subscribe_statuses_and_navixy_errors() {
+    let app = spawn_app_with(|s| {
+        s.websocket.max_trackers_per_request = 20;
+        s.api.max_body_bytes = 4096;
+    })
+    .await;
+    let ids = [101, 102, 105, 106, 201, 999];
+    let v = post(
+        &app,
+        "/v2/tracker/get_states",
+        json!({"hash": ACME, "trackers": ids, "list_blocked": true, "allow_not_exist": true}),
+    )
+    .await
+    .ok();
+    let mut c = app.connect().await;
+    let ws = c.subscribe(ACME, &ids).await;
+    assert_eq!(
+        v["statuses"], ws["data"]["state"],
+        "the same statuses as subscribe"
+    );
+    let keys: Vec<&String> = v["states"].as_object().expect("states").keys().collect();
+    assert_eq!(keys, ["101", "102"]);
+    assert_eq!(v["states"]["102"]["source_id"], 10102);
+    assert_eq!(v["blocked"], json!([105]));
+    assert_eq!(v["not_exist"], json!([106, 201, 999]));
+
+    // A sub-user's ungranted tracker is `disallowed` (and does not exist for Navixy's lists).
+    let sub = get(
+        &app,
+        &format!("/v2/tracker/get_states?hash={SUB}&trackers=[101,103]&allow_not_exist=true"),
+    )
+    .await
+    .ok();
+    assert_eq!(
+        sub["statuses"],
+        json!({"101": "normal", "103": "disallowed"})
+    );
+    assert_eq!(sub["not_exist"], json!([103]));
+
+    let call = |body: Value| {
+        let app = &app;
+        async move { post(app, "/v2/tracker/get_states", body).await }
+    };
+    call(json!({"hash": ACME, "trackers": [101, 999]}))
+        .await
+        .assert_error(217, 400);
+    call(json!({"hash": ACME, "trackers": [101, 105]}))
+        .await
+        .assert_error(208, 403);
+    call(json!({"hash": ACME, "trackers": [101, null]}))
+        .await
+        .assert_error(7, 400);
+    call(json!({"hash": ACME})).await.assert_error(7, 400);
+    call(json!({"hash": ACME, "trackers": (1..=21).collect::<Vec<i64>>()}))
+        .await
+        .assert_error(9, 412);
+
+    // Request format and size.
+    let big = json!({"hash": ACME, "trackers": [101], "pad": "x".repeat(5000)});
+    call(big).await.assert_error(9, 412);
+    http(
+        &app,
+        "POST",
+        "/v2/tracker/get_states",
+        &[],
+        Some(("application/json", "{not json")),
+    )
+    .await
+    .assert_error(5, 400);
+    http(
+        &app,
+        "POST",
+        "/v2/tracker/get_states",
+        &[],
+        Some(("application/json", "[1, 2]")),
+    )
+    .await
+    .assert_error(5, 400);
+    http(&app, "PUT", "/v2/tracker/get_states", &[], None)
+        .await
+        .assert_error(112, 400);
+}
+
+// --- operator calls ----------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn operator_calls_refuse_missing_wrong_and_revoked_keys() {
+    let app = spawn_app().await;
+    let block = json!({"tracker_id": 101});
+    admin(&app, None, "/v2/admin/tracker/block", block.clone())
+        .await
+        .assert_error(2, 403);
+    admin(
+        &app,
+        Some("fgk_not-a-key"),
+        "/v2/admin/tracker/block",
+        block.clone(),
+    )
+    .await
+    .assert_error(11, 403);
+    let (id, revoked) = service::create_api_key(&app.pool, "old")
+        .await
+        .expect("create key");
+    service::revoke_api_key(&app.pool, id)
+        .await
+        .expect("revoke");
+    admin(
+        &app,
+        Some(&revoked),
+        "/v2/admin/tracker/block",
+        block.clone(),
+    )
+    .await
+    .assert_error(11, 403);
+    // A session hash is not an operator key.
+    let nvx = format!("NVX {ACME}");
+    http(
+        &app,
+        "POST",
+        "/v2/admin/user/block",
+        &[("Authorization", &nvx)],
+        Some(("application/json", r#"{"user_id": 1}"#)),
+    )
+    .await
+    .assert_error(2, 403);
+    assert!(!tracker_blocked(&app, 101).await, "nothing changed");
+
+    // The key is checked before anything else, even before parameters.
+    admin(&app, None, "/v2/admin/user/create", json!({}))
+        .await
+        .assert_error(2, 403);
+    // Operator calls are POST only.
+    let key = api_key(&app).await;
+    let bearer = format!("Bearer {key}");
+    http(
+        &app,
+        "GET",
+        "/v2/admin/tracker/block?tracker_id=101",
+        &[("Authorization", &bearer)],
+        None,
+    )
+    .await
+    .assert_error(112, 400);
+    assert!(!tracker_blocked(&app, 101).await);
+
+    admin(&app, Some(&key), "/v2/admin/tracker/block", block)
+        .await
+        .ok();
+    assert!(tracker_blocked(&app, 101).await);
+}
+
+#[tokio::test]
+async fn a_block_through_the_api_reaches_a_socket_as_lifecycle() {
+    let app = spawn_app().await;
+    let key = api_key(&app).await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101, 102], 2).await;
+
+    admin(
+        &app,
+        Some(&key),
+        "/v2/admin/tracker/block",
+        json!({"tracker_id": 101}),
+    )
+    .await
+    .ok();
+    let (ev, _) = c.recv_until(|v| v["event"] == "lifecycle").await;
+    assert_eq!(
+        ev,
+        json!({"type": "event", "event": "lifecycle", "tracker_id": 101,
+               "data": {"source_id": 10101, "lifecycle_event": "block"}})
+    );
+    admin(
+        &app,
+        Some(&key),
+        "/v2/admin/tracker/unblock",
+        json!({"tracker_id": "101"}),
+    )
+    .await
+    .ok();
+    let (ev, _) = c.recv_until(|v| v["event"] == "lifecycle").await;
+    assert_eq!(ev["data"]["lifecycle_event"], "unblock");
+    let (state, _) = c.recv_until(|v| is_state_of(v, 101)).await;
+    assert_eq!(
+        state["data"]["source_id"], 10101,
+        "the current state follows an unblock"
+    );
+
+    admin(
+        &app,
+        Some(&key),
+        "/v2/admin/tracker/remove",
+        json!({"tracker_id": 102}),
+    )
+    .await
+    .ok();
+    let (ev, _) = c.recv_until(|v| v["event"] == "lifecycle").await;
+    assert_eq!(
+        (
+            ev["tracker_id"].clone(),
+            ev["data"]["lifecycle_event"].clone()
+        ),
+        (json!(102), json!("corrupt"))
+    );
+
+    for (path, body) in [
+        ("/v2/admin/tracker/block", json!({"tracker_id": 999})),
+        ("/v2/admin/tracker/remove", json!({"tracker_id": 102})),
+        ("/v2/admin/session/revoke", json!({"session_hash": REVOKED})),
+    ] {
+        admin(&app, Some(&key), path, body)
+            .await
+            .assert_error(201, 400);
+    }
+    admin(&app, Some(&key), "/v2/admin/tracker/block", json!({}))
+        .await
+        .assert_error(7, 400);
+}
+
+#[tokio::test]
+async fn operators_manage_users_sessions_and_grants() {
+    let app = spawn_app().await;
+    let key = api_key(&app).await;
+    let call = |path: &'static str, body: Value| {
+        let app = &app;
+        let key = key.clone();
+        async move { admin(app, Some(&key), path, body).await }
+    };
+
+    // Users.
+    let id = call(
+        "/v2/admin/user/create",
+        json!({"login": "fleet2", "password": "pw-fleet2", "time_zone": "Europe/Paris"}),
+    )
+    .await
+    .ok()["id"]
+        .as_i64()
+        .expect("id");
+    call(
+        "/v2/admin/user/create",
+        json!({"login": "fleet2", "password": "x"}),
+    )
+    .await
+    .assert_error(206, 400);
+    call(
+        "/v2/admin/user/create",
+        json!({"login": "x", "password": "x", "time_zone": "Mars/Olympus"}),
+    )
+    .await
+    .assert_error(7, 400);
+    call(
+        "/v2/admin/user/create",
+        json!({"login": "x", "password": "x", "master_login": "nobody"}),
+    )
+    .await
+    .assert_error(201, 400);
+    call(
+        "/v2/admin/user/create",
+        json!({"login": "x", "password": "x", "master_id": 2}),
+    )
+    .await
+    .assert_error(7, 400);
+    let sub_id = call(
+        "/v2/admin/user/create",
+        json!({"login": "acme-driver", "password": "pw-driver", "master_login": "acme"}),
+    )
+    .await
+    .ok()["id"]
+        .as_i64()
+        .expect("id");
+    assert!(sub_id > id);
+
+    // Grants.
+    let granted = call(
+        "/v2/admin/user/grant",
+        json!({"login": "acme-driver", "trackers": [103, 104]}),
+    )
+    .await
+    .ok();
+    assert_eq!(granted["count"], 2);
+    call(
+        "/v2/admin/user/grant",
+        json!({"user_id": sub_id, "trackers": [103, 201]}),
+    )
+    .await
+    .assert_error(217, 400);
+    call(
+        "/v2/admin/user/grant",
+        json!({"user_id": id, "trackers": [103]}),
+    )
+    .await
+    .assert_error(7, 400);
+    call(
+        "/v2/admin/user/grant",
+        json!({"user_id": 424242, "trackers": [103]}),
+    )
+    .await
+    .assert_error(201, 400);
+    call(
+        "/v2/admin/user/grant",
+        json!({"user_id": sub_id, "trackers": []}),
+    )
+    .await
+    .assert_error(7, 400);
+    call(
+        "/v2/admin/user/grant",
+        json!({"user_id": sub_id, "login": "acme-driver", "trackers": [103]}),
+    )
+    .await
+    .assert_error(7, 400);
+
+    let hash = login(&app, "acme-driver", "pw-driver").await;
+    let mut driver = app.connect().await;
+    let (resp, _) = driver.subscribe_and_states(&hash, &[103, 104], 2).await;
+    assert_eq!(
+        resp["data"]["state"],
+        json!({"103": "normal", "104": "normal"})
+    );
+    let revoked = call(
+        "/v2/admin/user/revoke_grant",
+        json!({"user_id": sub_id, "trackers": [104, 105]}),
+    )
+    .await
+    .ok();
+    assert_eq!(revoked["count"], 1);
+    let (ev, _) = driver.recv_until(|v| v["event"] == "lifecycle").await;
+    assert_eq!(ev["data"]["lifecycle_event"], "disallowed");
+    assert_eq!(ev["tracker_id"], 104);
+
+    // Blocking a user logs its sockets out; unblocking lets it log in again.
+    call("/v2/admin/user/block", json!({"login": "acme-driver"}))
+        .await
+        .ok();
+    let (code, before) = driver.recv_close().await;
+    assert_eq!(
+        before.last().map(|v| v["event"].clone()),
+        Some(json!("logout"))
+    );
+    assert_eq!(code, Some(CloseCode::Normal));
+    post(
+        &app,
+        "/v2/user/auth",
+        json!({"login": "acme-driver", "password": "pw-driver"}),
+    )
+    .await
+    .assert_error(11, 403);
+    call("/v2/admin/user/unblock", json!({"user_id": sub_id}))
+        .await
+        .ok();
+    login(&app, "acme-driver", "pw-driver").await;
+    call("/v2/admin/user/block", json!({"user_id": 999}))
+        .await
+        .assert_error(201, 400);
+    call("/v2/admin/user/block", json!({}))
+        .await
+        .assert_error(7, 400);
+
+    // Revoking a session logs its socket out.
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME2, &[101], 1).await;
+    call("/v2/admin/session/revoke", json!({"session_hash": ACME2}))
+        .await
+        .ok();
+    let (_, before) = c.recv_close().await;
+    assert_eq!(
+        before.last().map(|v| v["event"].clone()),
+        Some(json!("logout"))
+    );
+}
+
+// --- grants on live subscriptions --------------------------------------------------------------------
+
+#[tokio::test]
+async fn revoking_a_grant_stops_a_live_subscription() {
+    let app = spawn_app().await;
+    let mut sub = app.connect().await;
+    sub.subscribe_and_states(SUB, &[101, 102], 2).await;
+    let mut master = app.connect().await;
+    master.subscribe_and_states(ACME, &[101], 1).await;
+
+    // The command line's path: the same service call as the operator API.
+    let n = service::revoke_grant(&app.pool, &UserRef::Login("acme-sub".into()), &[101])
+        .await
+        .expect("revoke");
+    assert_eq!(n, 1);
+    let (ev, _) = sub.recv_until(|v| v["event"] == "lifecycle").await;
+    assert_eq!(
+        ev,
+        json!({"type": "event", "event": "lifecycle", "tracker_id": 101,
+               "data": {"source_id": 10101, "lifecycle_event": "disallowed"}})
+    );
+
+    app.set_speed(&[101, 102], 42).await;
+    let (_, skipped) = sub.recv_until(|v| is_state_with_speed(v, 102, 42)).await;
+    assert!(
+        !skipped.iter().any(|v| is_state_of(v, 101)),
+        "101 stopped flowing: {skipped:?}"
+    );
+    // The master account is not affected.
+    master.recv_until(|v| is_state_with_speed(v, 101, 42)).await;
+    // Subscribing again answers `disallowed`.
+    let resp = sub.subscribe(SUB, &[101]).await;
+    assert_eq!(resp["data"]["state"]["101"], "disallowed");
+
+    // A grant deleted and re-inserted in one transaction changes nothing.
+    app.exec(
+        "BEGIN; DELETE FROM tracker_grants WHERE user_id = 2 AND tracker_id = 102; \
+         INSERT INTO tracker_grants VALUES (2, 102); COMMIT;",
+    )
+    .await;
+    app.set_speed(&[102], 43).await;
+    let (_, skipped) = sub.recv_until(|v| is_state_with_speed(v, 102, 43)).await;
+    assert!(
+        !skipped.iter().any(|v| v["event"] == "lifecycle"),
+        "{skipped:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_grant_revoked_during_a_listen_gap_takes_effect_on_resync() {
+    let app = spawn_app().await;
+    let mut sub = app.connect().await;
+    sub.subscribe_and_states(SUB, &[101, 102], 2).await;
+    app.exec(&format!(
+        "BEGIN; DELETE FROM tracker_grants WHERE user_id = 2 AND tracker_id = 102; \
+         SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+          WHERE application_name = '{}' AND datname = current_database(); \
+         COMMIT;",
+        fleetgate::listen::LISTEN_APPLICATION_NAME
+    ))
+    .await;
+    let (ev, _) = sub
+        .recv_until(|v| v["event"] == "lifecycle" && v["tracker_id"] == 102)
+        .await;
+    assert_eq!(ev["data"]["lifecycle_event"], "disallowed");
+    app.set_speed(&[101, 102], 7).await;
+    let (_, skipped) = sub.recv_until(|v| is_state_with_speed(v, 101, 7)).await;
+    assert!(!skipped.iter().any(|v| is_state_of(v, 102)), "{skipped:?}");
+}
+
+// --- limits, metrics, documents ----------------------------------------------------------------------
+
+#[tokio::test]
+async fn login_attempts_are_rate_limited_per_login_and_per_address() {
+    let app = spawn_app_with(|s| {
+        s.api.login_attempts_per_login = 3;
+        s.api.login_attempts_per_address = 5;
+        s.api.login_window_secs = 600;
+    })
+    .await;
+    set_password(&app, 1, "right").await;
+    let attempt = |login: &'static str, password: &'static str| {
+        let app = &app;
+        async move {
+            post(
+                app,
+                "/v2/user/auth",
+                json!({"login": login, "password": password}),
+            )
+            .await
+        }
+    };
+    for _ in 0..3 {
+        attempt("acme", "wrong").await.assert_error(102, 400);
+    }
+    let limited = attempt("acme", "right").await;
+    limited.assert_error(15, 429);
+    let retry: u64 = limited
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=600).contains(&retry), "{retry}");
+    // Another login from the same address still has the address's last attempt...
+    attempt("rival", "wrong").await.assert_error(102, 400);
+    // ...and then the address is spent too.
+    attempt("acme-ops", "wrong").await.assert_error(15, 429);
+}
+
+#[tokio::test]
+async fn metrics_move_when_events_flow() {
+    let app = spawn_app().await;
+    let before = metrics(&app).await;
+    for series in [
+        "fleetgate_open_sockets",
+        "fleetgate_subscriptions",
+        "fleetgate_subscribed_trackers",
+        "fleetgate_outbound_queue_depth",
+        "fleetgate_coalesced_states_total",
+        "fleetgate_notifications_total",
+        "fleetgate_listen_reconnects_total",
+        "fleetgate_listen_gap_seconds_count",
+        "fleetgate_subscribe_latency_seconds_count",
+        "fleetgate_notify_to_send_seconds_count",
+        "fleetgate_socket_sent_bytes_total",
+        r#"fleetgate_events_sent_total{kind="state"}"#,
+    ] {
+        assert!(
+            before.lines().any(|l| l.starts_with(series)),
+            "{series} missing:\n{before}"
+        );
+    }
+    assert_eq!(metric(&before, "fleetgate_open_sockets"), 0.0);
+    let notifications = metric(&before, "fleetgate_notifications_total");
+
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101, 102], 2).await;
+    app.set_speed(&[101], 55).await;
+    c.recv_until(|v| is_state_with_speed(v, 101, 55)).await;
+    let text = until_metrics(&app, "events to be counted", |t| {
+        metric(t, "fleetgate_notify_to_send_seconds_count") >= 1.0
+    })
+    .await;
+    assert_eq!(metric(&text, "fleetgate_open_sockets"), 1.0);
+    assert_eq!(metric(&text, "fleetgate_subscribed_trackers"), 2.0);
+    assert_eq!(metric(&text, "fleetgate_subscriptions"), 2.0);
+    assert_eq!(metric(&text, "fleetgate_sessions"), 1.0);
+    assert!(metric(&text, "fleetgate_notifications_total") > notifications);
+    assert_eq!(
+        metric(&text, "fleetgate_subscribe_latency_seconds_count"),
+        1.0
+    );
+    assert!(metric(&text, r#"fleetgate_events_sent_total{kind="state"}"#) >= 3.0);
+    assert_eq!(
+        metric(&text, r#"fleetgate_events_sent_total{kind="response"}"#),
+        1.0
+    );
+    assert!(metric(&text, "fleetgate_socket_sent_bytes_total") > 500.0);
+
+    // A lost LISTEN connection is counted, with its gap.
+    app.exec(&format!(
+        "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+          WHERE application_name = '{}' AND datname = current_database()",
+        fleetgate::listen::LISTEN_APPLICATION_NAME
+    ))
+    .await;
+    let text = until_metrics(&app, "the reconnect to be counted", |t| {
+        metric(t, "fleetgate_listen_reconnects_total") >= 1.0
+    })
+    .await;
+    assert_eq!(metric(&text, "fleetgate_listen_gap_seconds_count"), 1.0);
+
+    drop(c);
+    until_metrics(&app, "the socket to close", |t| {
+        metric(t, "fleetgate_open_sockets") == 0.0 && metric(t, "fleetgate_subscriptions") == 0.0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_openapi_document_describes_every_endpoint() {
+    let app = spawn_app().await;
+    let r = get(&app, "/openapi.json").await;
+    assert_eq!(r.status, 200);
+    let doc = r.json();
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
+    for path in [
+        "/v2/user/auth",
+        "/v2/user/logout",
+        "/v2/user/get_info",
+        "/v2/tracker/list",
+        "/v2/tracker/get_state",
+        "/v2/tracker/get_states",
+        "/v2/admin/tracker/block",
+        "/v2/admin/tracker/unblock",
+        "/v2/admin/tracker/remove",
+        "/v2/admin/session/revoke",
+        "/v2/admin/user/block",
+        "/v2/admin/user/unblock",
+        "/v2/admin/user/create",
+        "/v2/admin/user/grant",
+        "/v2/admin/user/revoke_grant",
+    ] {
+        assert!(doc["paths"][path]["post"].is_object(), "{path} missing");
+    }
+    assert_eq!(
+        doc["paths"]["/v2/admin/tracker/block"]["post"]["security"],
+        json!([{"operator_key": []}])
+    );
+}
+
+#[tokio::test]
+async fn commands_share_the_operator_code_path() {
+    use clap::Parser;
+    let app = spawn_app().await;
+    let run = |args: &[&str]| {
+        let mut settings = fleetgate::config::Settings::default();
+        settings.database.url = app.db_url.clone();
+        settings.database.max_connections = 2;
+        let cli = fleetgate::cli::Cli::parse_from(
+            std::iter::once("fleetgate").chain(args.iter().copied()),
+        );
+        fleetgate::cli::run(cli, settings)
+    };
+    run(&[
+        "user",
+        "create",
+        "bob",
+        "--password",
+        "pw-bob",
+        "--master",
+        "acme",
+    ])
+    .await
+    .expect("user create");
+    run(&["grant", "bob", "103", "104"]).await.expect("grant");
+    run(&["revoke-grant", "bob", "104"])
+        .await
+        .expect("revoke-grant");
+    let grants: Vec<i64> = sqlx::query_scalar(
+        "SELECT g.tracker_id FROM tracker_grants g JOIN users u ON u.id = g.user_id \
+          WHERE u.login = 'bob' ORDER BY 1",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .expect("grants");
+    assert_eq!(grants, [103]);
+    let err = run(&["grant", "bob", "201"])
+        .await
+        .expect_err("foreign tracker");
+    assert!(err.to_string().contains("201"), "{err}");
+    run(&["user", "block", "bob"]).await.expect("block");
+    post(
+        &app,
+        "/v2/user/auth",
+        json!({"login": "bob", "password": "pw-bob"}),
+    )
+    .await
+    .assert_error(11, 403);
+    run(&["user", "unblock", "bob"]).await.expect("unblock");
+    login(&app, "bob", "pw-bob").await;
+    run(&["api-key", "list"]).await.expect("api-key list");
+}
