@@ -344,6 +344,60 @@ impl Batches {
         Ok(())
     }
 
+    /// A sub-user's groups keep only the trackers it is still granted; each tracker dropped is
+    /// announced to the members as `disallowed`, as for `state` subscriptions.
+    pub fn restrict_to_grants(&self, hub: &Hub, user: i64, keep: &HashSet<TrackerId>) {
+        let groups: Vec<Arc<BatchGroup>> = self
+            .groups
+            .iter()
+            .filter(|g| g.key.scope.sub_user == Some(user))
+            .map(|g| g.value().clone())
+            .collect();
+        for group in groups {
+            let dropped: Vec<TrackerId> = group
+                .lock()
+                .trackers
+                .iter()
+                .copied()
+                .filter(|id| !keep.contains(id))
+                .collect();
+            if dropped.is_empty() {
+                continue;
+            }
+            // Source ids are read before taking the group lock: the hub locks a tracker entry
+            // and then a group, never the other way round.
+            let frames: Vec<ByteString> = dropped
+                .iter()
+                .map(|id| {
+                    model::disallowed_event(*id, hub.source_id(*id).unwrap_or_default()).into()
+                })
+                .collect();
+            {
+                let mut g = group.lock();
+                for id in &dropped {
+                    g.trackers.remove(id);
+                    g.latest.remove(id);
+                    g.dirty.remove(id);
+                    g.blocked.remove(id);
+                }
+                for m in &g.members {
+                    for f in &frames {
+                        m.outbox.push(Outgoing::Frame(f.clone()));
+                    }
+                }
+            }
+            hub.unsubscribe_group(&group, &dropped);
+        }
+    }
+
+    /// The sub-users that have batch groups.
+    pub fn sub_users(&self) -> HashSet<i64> {
+        self.groups
+            .iter()
+            .filter_map(|g| g.key.scope.sub_user)
+            .collect()
+    }
+
     pub fn leave(&self, group: &Arc<BatchGroup>, conn: ConnId) {
         group.lock().members.retain(|m| m.conn != conn);
     }

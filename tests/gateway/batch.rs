@@ -355,3 +355,32 @@ async fn dashboards_asking_the_same_share_one_group() {
     .await;
     assert_eq!(app.hub.batches.group_count(), 2);
 }
+
+#[tokio::test]
+async fn a_revoked_grant_leaves_the_sub_users_batches() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    subscribe_batch(
+        &mut c,
+        SUB,
+        batch_request(json!({"type": "all"}), "200ms", "compact"),
+    )
+    .await;
+    items(&c.recv().await);
+    app.exec("DELETE FROM tracker_grants WHERE user_id = 2 AND tracker_id = 102")
+        .await;
+    let (ev, _) = c.recv_until(|v| v["event"] == "lifecycle").await;
+    assert_eq!(
+        ev,
+        json!({"type": "event", "event": "lifecycle", "tracker_id": 102,
+               "data": {"source_id": 10102, "lifecycle_event": "disallowed"}})
+    );
+    app.set_speed(&[102], 80).await;
+    app.set_speed(&[101], 81).await;
+    let b = next_batch(&mut c).await;
+    assert_eq!(
+        items(&b),
+        HashMap::from([(101, 81)]),
+        "102 no longer in the batches"
+    );
+}

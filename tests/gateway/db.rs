@@ -425,13 +425,15 @@ async fn block_unblock_and_remove_announce_lifecycle_with_rising_change_numbers(
         .unwrap();
     assert!(payloads_until_marker(&pool, &mut l).await.is_empty());
 
-    // Moving a tracker to another account is a removal for its old viewers.
+    // Moving a tracker to another account is a removal for its old viewers, and the new
+    // account's `all` batch targets are told it gained a tracker.
     sqlx::query("UPDATE trackers SET account_id = 3 WHERE id = 102")
         .execute(&pool)
         .await
         .unwrap();
     let payloads = payloads_until_marker(&pool, &mut l).await;
-    assert_eq!(payloads.len(), 1, "{payloads:?}");
+    assert_eq!(payloads.len(), 2, "{payloads:?}");
+    assert_eq!(payloads[1], "n|3");
     let items = lifecycle_items(body(&payloads[0], "t"));
     assert_eq!(items.len(), 1);
     assert_eq!((items[0].1, items[0].2.as_str()), (102, "corrupt"));
@@ -817,4 +819,85 @@ fn pending_rejects_unreadable_payloads() {
         let mut p = Pending::default();
         assert!(!p.add_payload(bad, &hub), "{bad:?} must be refused");
     }
+}
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_bulk_account_move_is_announced_as_corrupt_items_never_a_range(pool: PgPool) {
+    sqlx::raw_sql(
+        "INSERT INTO trackers (id, account_id, source_id, label) \
+         SELECT g, 1, 700000 + g, 'Bulk ' || g FROM generate_series(5000, 5499) g",
+    )
+    .execute(&pool)
+    .await
+    .expect("seed 500 trackers");
+    let mut l = listener(&pool).await;
+    sqlx::query("UPDATE trackers SET account_id = 3 WHERE id BETWEEN 5000 AND 5499")
+        .execute(&pool)
+        .await
+        .expect("move them to another account");
+    let payloads = payloads_until_marker(&pool, &mut l).await;
+    let mut moved = BTreeSet::new();
+    let mut accounts = BTreeSet::new();
+    for p in &payloads {
+        assert!(p.len() < 8000, "{} bytes", p.len());
+        if let Some(body) = p.strip_prefix("t|") {
+            for (_, id, ev) in lifecycle_items(body) {
+                assert_eq!(ev, "corrupt", "a moved tracker is gone for its old account");
+                moved.insert(id);
+            }
+        } else if let Some(body) = p.strip_prefix("n|") {
+            accounts.extend(ids_of(body));
+        } else {
+            panic!("unexpected payload {p}");
+        }
+    }
+    assert_eq!(moved, (5000..5500).collect::<BTreeSet<i64>>());
+    assert_eq!(
+        accounts,
+        BTreeSet::from([3]),
+        "the new account's `all` targets pick them up"
+    );
+}
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn trackers_added_to_1500_accounts_name_every_account(pool: PgPool) {
+    sqlx::raw_sql(
+        "INSERT INTO users (id, login) SELECT g, 'bulk' || g FROM generate_series(10000, 11499) g",
+    )
+    .execute(&pool)
+    .await
+    .expect("seed 1500 accounts");
+    let mut l = listener(&pool).await;
+    sqlx::query(
+        "INSERT INTO trackers (id, account_id, source_id, label) \
+         SELECT g, g, 800000 + g, 'New ' || g FROM generate_series(10000, 11499) g",
+    )
+    .execute(&pool)
+    .await
+    .expect("one tracker per account");
+    let mut accounts = BTreeSet::new();
+    for p in payloads_until_marker(&pool, &mut l).await {
+        assert!(p.len() < 8000);
+        accounts.extend(ids_of(body(&p, "n")));
+    }
+    assert_eq!(accounts, (10000..11500).collect::<BTreeSet<i64>>());
+}
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn restoring_a_removed_tracker_announces_its_account(pool: PgPool) {
+    let mut l = listener(&pool).await;
+    sqlx::query("UPDATE trackers SET removed = false WHERE id = 106")
+        .execute(&pool)
+        .await
+        .expect("restore");
+    assert_eq!(payloads_until_marker(&pool, &mut l).await, ["n|1"]);
 }
