@@ -1,6 +1,7 @@
-//! `state_batch` subscriptions. Owns the batch groups: one per (session scope, target, rate
-//! limit, variant), shared by every socket that asks for the same thing, so that a thousand
-//! dashboards watching the same account at the same rate cost one batch build per period.
+//! `state_batch` and `readings_batch` subscriptions. Owns the batch groups: one per (session
+//! scope, target, rate limit, variant, kind), shared by every socket that asks for the same
+//! thing, so that a thousand dashboards watching the same account at the same rate cost one
+//! batch build per period.
 //!
 //! A group is a subscriber in the [`Hub`] index like a socket is: the hub hands it every state
 //! and lifecycle event of its target's trackers. The group keeps the newest state per tracker and
@@ -8,6 +9,10 @@
 //! (nothing when nothing changed) and queues the same bytes to every member. A member whose queue
 //! is full is skipped and later gets one catch-up batch with the latest state of every tracker,
 //! so slow dashboards cost bounded memory and still end with the latest state.
+//!
+//! A readings group ([`GroupKind::Readings`]) works the same way, keyed one level deeper: it
+//! keeps the newest reading per (tracker, key) by change number, offered by the LISTEN processor
+//! through [`Hub::offer_readings`], and each batch carries only the keys changed in the period.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,6 +27,7 @@ use tokio::sync::OnceCell;
 use crate::db::queries;
 use crate::hub::{ConnId, Hub, Outbox, Outgoing, TrackerFacts};
 use crate::model::{self, Lifecycle, TrackerId, TrackerState, Variant};
+use crate::readings::{self, ReadingKey, ReadingRow, ReadingsFilter};
 
 /// Smallest accepted `rate_limit`.
 pub const MIN_RATE: Duration = Duration::from_millis(100);
@@ -63,12 +69,26 @@ pub struct Scope {
     pub sub_user: Option<i64>,
 }
 
+/// What a group batches: tracker states (`state_batch`) or sensor readings (`readings_batch`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum GroupKind {
+    State,
+    Readings(ReadingsFilter),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct GroupKey {
     pub scope: Scope,
     pub target: Target,
     pub rate: Duration,
     pub variant: Variant,
+    pub kind: GroupKind,
+}
+
+impl GroupKey {
+    pub fn is_readings(&self) -> bool {
+        matches!(self.kind, GroupKind::Readings(_))
+    }
 }
 
 struct Member {
@@ -86,7 +106,22 @@ struct GroupState {
     blocked: HashSet<TrackerId>,
     latest: HashMap<TrackerId, Arc<TrackerState>>,
     dirty: HashSet<TrackerId>,
+    /// Readings groups: the newest reading per tracker and key (blocked trackers' included, so
+    /// an unblock can send them), and the keys changed since the last period.
+    readings: HashMap<TrackerId, HashMap<ReadingKey, Arc<ReadingRow>>>,
+    readings_dirty: HashMap<TrackerId, HashSet<ReadingKey>>,
     retired: bool,
+}
+
+impl GroupState {
+    fn forget(&mut self, id: &TrackerId) {
+        self.trackers.remove(id);
+        self.blocked.remove(id);
+        self.latest.remove(id);
+        self.dirty.remove(id);
+        self.readings.remove(id);
+        self.readings_dirty.remove(id);
+    }
 }
 
 pub struct BatchGroup {
@@ -117,6 +152,36 @@ impl BatchGroup {
         }
     }
 
+    /// A reading from the hub (readings groups): kept if it passes the filter and is newer than
+    /// the one held for its key, and marked changed unless the tracker is blocked.
+    pub fn offer_reading(&self, r: &Arc<ReadingRow>) {
+        let GroupKind::Readings(filter) = &self.key.kind else {
+            return;
+        };
+        if !filter.accepts(r) {
+            return;
+        }
+        let mut g = self.lock();
+        if !g.trackers.contains(&r.tracker_id) {
+            return;
+        }
+        let key = r.key();
+        let held = g.readings.entry(r.tracker_id).or_default();
+        if held
+            .get(&key)
+            .is_some_and(|old| old.change_no >= r.change_no)
+        {
+            return;
+        }
+        held.insert(key.clone(), r.clone());
+        if !g.blocked.contains(&r.tracker_id) {
+            g.readings_dirty
+                .entry(r.tracker_id)
+                .or_default()
+                .insert(key);
+        }
+    }
+
     /// A lifecycle event from the hub: forwarded to every member at once (never batched).
     pub fn lifecycle(&self, id: TrackerId, change: i64, kind: Lifecycle, frame: &ByteString) {
         let mut g = self.lock();
@@ -127,16 +192,21 @@ impl BatchGroup {
             Lifecycle::Block => {
                 g.blocked.insert(id);
                 g.dirty.remove(&id);
+                g.readings_dirty.remove(&id);
             }
             Lifecycle::Unblock => {
                 g.blocked.remove(&id);
+                // Readings come back in the next batch (states are re-sent by the processor).
+                let keys: HashSet<ReadingKey> = g
+                    .readings
+                    .get(&id)
+                    .map(|m| m.keys().cloned().collect())
+                    .unwrap_or_default();
+                if !keys.is_empty() {
+                    g.readings_dirty.insert(id, keys);
+                }
             }
-            Lifecycle::Corrupt => {
-                g.trackers.remove(&id);
-                g.blocked.remove(&id);
-                g.latest.remove(&id);
-                g.dirty.remove(&id);
-            }
+            Lifecycle::Corrupt => g.forget(&id),
         }
         for m in &g.members {
             m.outbox.push(Outgoing::GroupLifecycle {
@@ -145,6 +215,57 @@ impl BatchGroup {
                 frame: frame.clone(),
             });
         }
+    }
+
+    /// A readings batch: per tracker (sorted, blocked ones left out), the readings named by
+    /// `keys`, or all of the tracker's readings when `keys` is `None`.
+    fn render_readings(
+        &self,
+        g: &GroupState,
+        mut ids: Vec<TrackerId>,
+        keys: Option<&HashMap<TrackerId, HashSet<ReadingKey>>>,
+    ) -> Option<ByteString> {
+        ids.sort_unstable();
+        let mut out = String::new();
+        let mut n = 0usize;
+        for id in ids {
+            if g.blocked.contains(&id) {
+                continue;
+            }
+            let Some(held) = g.readings.get(&id) else {
+                continue;
+            };
+            let mut rows: Vec<(&ReadingKey, &Arc<ReadingRow>)> = match keys {
+                Some(k) => k
+                    .get(&id)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|key| held.get_key_value(key))
+                    .collect(),
+                None => held.iter().collect(),
+            };
+            if rows.is_empty() {
+                continue;
+            }
+            rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(if n == 0 { '[' } else { ',' });
+            out.push_str(&readings::render_item(
+                id,
+                rows.into_iter().map(|(_, r)| r.as_ref()),
+                self.key.variant,
+            ));
+            n += 1;
+        }
+        if n == 0 {
+            return None;
+        }
+        out.push(']');
+        Some(ByteString::from(model::batch_event(
+            "readings_batch",
+            &out,
+            self.key.variant,
+            Utc::now(),
+        )))
     }
 
     fn render(
@@ -180,6 +301,9 @@ impl BatchGroup {
 
     /// Every non-blocked tracker's latest state, as one frame (a member's first batch).
     fn full_frame(&self, g: &GroupState) -> Option<ByteString> {
+        if self.key.is_readings() {
+            return self.render_readings(g, g.readings.keys().copied().collect(), None);
+        }
         let mut ids: Vec<TrackerId> = g.latest.keys().copied().collect();
         ids.sort_unstable();
         self.render(g, &mut ids.into_iter())
@@ -193,9 +317,14 @@ impl BatchGroup {
             g.retired = true;
             return false;
         }
-        let mut changed: Vec<TrackerId> = g.dirty.drain().collect();
-        changed.sort_unstable();
-        let delta = self.render(&g, &mut changed.into_iter());
+        let delta = if self.key.is_readings() {
+            let dirty = std::mem::take(&mut g.readings_dirty);
+            self.render_readings(&g, dirty.keys().copied().collect(), Some(&dirty))
+        } else {
+            let mut changed: Vec<TrackerId> = g.dirty.drain().collect();
+            changed.sort_unstable();
+            self.render(&g, &mut changed.into_iter())
+        };
         let mut full: Option<Option<ByteString>> = None;
         let mut members = std::mem::take(&mut g.members);
         for m in &mut members {
@@ -335,7 +464,11 @@ impl Batches {
         let facts = target_trackers(pool, &group.key).await?;
         add_trackers(hub, pool, group, facts).await?;
         // Nobody has joined yet: the first member's full batch carries these states.
-        group.lock().dirty.clear();
+        {
+            let mut g = group.lock();
+            g.dirty.clear();
+            g.readings_dirty.clear();
+        }
         if let Some(rt) = &self.runtime {
             rt.spawn(run_group(hub.clone(), group.clone()));
         } else {
@@ -375,10 +508,7 @@ impl Batches {
             {
                 let mut g = group.lock();
                 for id in &dropped {
-                    g.trackers.remove(id);
-                    g.latest.remove(id);
-                    g.dirty.remove(id);
-                    g.blocked.remove(id);
+                    g.forget(id);
                 }
                 for m in &g.members {
                     for f in &frames {
@@ -479,6 +609,16 @@ async fn add_trackers(
     hub.subscribe_group(group, &ids);
     for (id, f) in &facts {
         hub.observe(*id, *f);
+    }
+    if group.key.is_readings() {
+        // Blocked trackers' readings too: they are held back until an unblock.
+        let ids: Vec<TrackerId> = facts.iter().map(|(id, _)| *id).collect();
+        for chunk in ids.chunks(10_000) {
+            for r in readings::readings_by_ids(pool, chunk).await? {
+                group.offer_reading(&Arc::new(r));
+            }
+        }
+        return Ok(());
     }
     let open: Vec<TrackerId> = facts
         .iter()

@@ -217,6 +217,24 @@ pub async fn seed_demo(pool: &PgPool) -> anyhow::Result<DemoFleet> {
     )
     .await?;
     let others = ensure_trackers(&mut tx, other, "Van", 1, 900_001, (40.73, -73.99)).await?;
+    // A fuel and a temperature sensor with a reading on every demo tracker (once).
+    let all: Vec<i64> = trackers.iter().chain(&others).copied().collect();
+    sqlx::query(
+        "WITH added AS ( \
+           INSERT INTO sensors (tracker_id, name, label, type, units, units_type, min_value, max_value) \
+           SELECT t.id, x.name, x.label, x.type, x.units, x.units_type, x.lo, x.hi \
+             FROM unnest($1::bigint[]) AS t(id) \
+            CROSS JOIN (VALUES ('fuel_1', 'Fuel tank', 'fuel', 'l', 'litre', 0.0::float8, 400.0::float8), \
+                               ('temp_1', 'Engine', 'temperature', 'C', 'celsius', -40.0, 150.0)) \
+                  AS x(name, label, type, units, units_type, lo, hi) \
+            WHERE NOT EXISTS (SELECT 1 FROM sensors s WHERE s.tracker_id = t.id AND s.type = x.type) \
+           RETURNING id, tracker_id, type) \
+         INSERT INTO sensor_values (tracker_id, sensor_id, value) \
+         SELECT tracker_id, id, CASE type WHEN 'fuel' THEN 300 ELSE 20 END FROM added",
+    )
+    .bind(&all)
+    .execute(&mut *tx)
+    .await?;
     let granted: Vec<i64> = trackers.iter().copied().take(DEMO_TRACKERS / 2).collect();
     sqlx::query(
         "INSERT INTO tracker_grants (user_id, tracker_id) SELECT $1, unnest($2::bigint[]) \
@@ -280,6 +298,11 @@ struct Vehicle {
     since: DateTime<Utc>,
     last: Instant,
     battery: f64,
+    /// The tracker's fuel and temperature sensors (seed-demo) and their values.
+    fuel_sensor: Option<i64>,
+    temp_sensor: Option<i64>,
+    fuel: f64,
+    temp: f64,
 }
 
 impl Vehicle {
@@ -308,6 +331,13 @@ impl Vehicle {
             self.since = Utc::now();
         }
         self.battery = (self.battery - 0.01).max(20.0);
+        self.fuel = if self.fuel < 40.0 {
+            380.0
+        } else {
+            self.fuel - self.speed * dt / 3600.0 * 0.3
+        };
+        self.temp = (self.temp + rng.gen_range(-0.5..0.5) + if self.moving { 0.5 } else { -0.5 })
+            .clamp(15.0, 95.0);
     }
 }
 
@@ -328,6 +358,16 @@ pub const INGEST_UPSERT: &str = "INSERT INTO tracker_states AS s (tracker_id, gp
     ignition_update = EXCLUDED.ignition_update, last_update = EXCLUDED.last_update, \
     battery_level = EXCLUDED.battery_level, battery_update = EXCLUDED.battery_update";
 
+/// The batched readings statement of `docs/ingest.md` ("Readings"): one upsert for many sensors.
+pub const READINGS_UPSERT: &str = "INSERT INTO sensor_values AS v (tracker_id, sensor_id, value, \
+    converted_value, update_time) \
+  SELECT s.tracker_id, u.sensor_id, u.value, u.converted_value, u.t \
+    FROM unnest($1::bigint[], $2::float8[], $3::float8[], $4::timestamptz[]) \
+         AS u(sensor_id, value, converted_value, t) \
+    JOIN sensors s ON s.id = u.sensor_id \
+  ON CONFLICT (tracker_id, sensor_id) DO UPDATE SET value = EXCLUDED.value, \
+    converted_value = EXCLUDED.converted_value, update_time = EXCLUDED.update_time";
+
 async fn write_batch(pool: &PgPool, batch: &[&Vehicle]) -> Result<(), sqlx::Error> {
     let now = Utc::now();
     let ids: Vec<i64> = batch.iter().map(|v| v.id).collect();
@@ -346,6 +386,7 @@ async fn write_batch(pool: &PgPool, batch: &[&Vehicle]) -> Result<(), sqlx::Erro
     let ignition: Vec<bool> = batch.iter().map(|v| v.moving).collect();
     let battery: Vec<i16> = batch.iter().map(|v| v.battery.round() as i16).collect();
     let t: Vec<DateTime<Utc>> = vec![now; batch.len()];
+    let mut tx = pool.begin().await?;
     sqlx::query(INGEST_UPSERT)
         .bind(&ids)
         .bind(&lat)
@@ -357,8 +398,24 @@ async fn write_batch(pool: &PgPool, batch: &[&Vehicle]) -> Result<(), sqlx::Erro
         .bind(&ignition)
         .bind(&battery)
         .bind(&t)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
+    let readings: Vec<(i64, f64)> = batch
+        .iter()
+        .flat_map(|v| [(v.fuel_sensor, v.fuel), (v.temp_sensor, v.temp)])
+        .filter_map(|(s, value)| Some((s?, (value * 10.0).round() / 10.0)))
+        .collect();
+    if !readings.is_empty() {
+        let (sensors, values): (Vec<i64>, Vec<f64>) = readings.into_iter().unzip();
+        sqlx::query(READINGS_UPSERT)
+            .bind(&sensors)
+            .bind(&values)
+            .bind(vec![None::<f64>; sensors.len()])
+            .bind(vec![now; sensors.len()])
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
     Ok(())
 }
 
@@ -378,9 +435,14 @@ pub async fn simulate(
         lat: Option<f64>,
         lng: Option<f64>,
         heading: Option<i16>,
+        fuel_sensor: Option<i64>,
+        temp_sensor: Option<i64>,
     }
     let rows: Vec<Start> = sqlx::query_as(
-        "SELECT t.id, s.lat, s.lng, s.heading FROM trackers t \
+        "SELECT t.id, s.lat, s.lng, s.heading, \
+           (SELECT min(id) FROM sensors WHERE tracker_id = t.id AND type = 'fuel') AS fuel_sensor, \
+           (SELECT min(id) FROM sensors WHERE tracker_id = t.id AND type = 'temperature') AS temp_sensor \
+           FROM trackers t \
            JOIN users u ON u.id = t.account_id \
            LEFT JOIN tracker_states s ON s.tracker_id = t.id \
           WHERE NOT t.removed AND ($1::text IS NULL OR u.login = $1) ORDER BY t.id",
@@ -404,6 +466,10 @@ pub async fn simulate(
             since: Utc::now(),
             last: Instant::now(),
             battery: 97.0,
+            fuel_sensor: r.fuel_sensor,
+            temp_sensor: r.temp_sensor,
+            fuel: rng.gen_range(100.0..380.0),
+            temp: rng.gen_range(20.0..80.0),
         })
         .collect();
     eprintln!(

@@ -203,10 +203,18 @@ struct Subscriber {
 struct TrackerEntry {
     subs: Vec<Subscriber>,
     groups: Vec<Arc<BatchGroup>>,
+    /// `readings_batch` groups: fed by [`Hub::offer_readings`], never by state fan-out.
+    readings_groups: Vec<Arc<BatchGroup>>,
     source_id: i64,
     blocked: bool,
     lifecycle_change: i64,
     state_change: i64,
+}
+
+impl TrackerEntry {
+    fn is_idle(&self) -> bool {
+        self.subs.is_empty() && self.groups.is_empty() && self.readings_groups.is_empty()
+    }
 }
 
 struct SessionEntry {
@@ -291,13 +299,12 @@ impl Hub {
             let empty = match self.trackers.get_mut(id) {
                 Some(mut entry) => {
                     entry.subs.retain(|s| s.conn != conn);
-                    entry.subs.is_empty() && entry.groups.is_empty()
+                    entry.is_idle()
                 }
                 None => false,
             };
             if empty {
-                self.trackers
-                    .remove_if(id, |_, e| e.subs.is_empty() && e.groups.is_empty());
+                self.trackers.remove_if(id, |_, e| e.is_idle());
             }
         }
     }
@@ -306,8 +313,13 @@ impl Hub {
     pub fn subscribe_group(&self, group: &Arc<BatchGroup>, ids: &[TrackerId]) {
         for &id in ids {
             let mut entry = self.trackers.entry(id).or_default();
-            if !entry.groups.iter().any(|g| Arc::ptr_eq(g, group)) {
-                entry.groups.push(group.clone());
+            let list = if group.key.is_readings() {
+                &mut entry.readings_groups
+            } else {
+                &mut entry.groups
+            };
+            if !list.iter().any(|g| Arc::ptr_eq(g, group)) {
+                list.push(group.clone());
             }
         }
     }
@@ -317,13 +329,13 @@ impl Hub {
             let empty = match self.trackers.get_mut(id) {
                 Some(mut entry) => {
                     entry.groups.retain(|g| !Arc::ptr_eq(g, group));
-                    entry.subs.is_empty() && entry.groups.is_empty()
+                    entry.readings_groups.retain(|g| !Arc::ptr_eq(g, group));
+                    entry.is_idle()
                 }
                 None => false,
             };
             if empty {
-                self.trackers
-                    .remove_if(id, |_, e| e.subs.is_empty() && e.groups.is_empty());
+                self.trackers.remove_if(id, |_, e| e.is_idle());
             }
         }
     }
@@ -343,9 +355,46 @@ impl Hub {
         self.trackers.contains_key(&id)
     }
 
-    /// Whether a state fetch for this tracker could reach anyone: watched and not blocked.
+    /// Whether a state fetch for this tracker could reach anyone: watched (by a socket or a
+    /// state batch) and not blocked.
     pub fn wants_state(&self, id: TrackerId) -> bool {
-        self.trackers.get(&id).is_some_and(|e| !e.blocked)
+        self.trackers
+            .get(&id)
+            .is_some_and(|e| !e.blocked && (!e.subs.is_empty() || !e.groups.is_empty()))
+    }
+
+    /// Whether some `readings_batch` group watches this tracker (blocked or not: a blocked
+    /// tracker's readings are kept for its unblock).
+    pub fn wants_readings(&self, id: TrackerId) -> bool {
+        self.trackers
+            .get(&id)
+            .is_some_and(|e| !e.readings_groups.is_empty())
+    }
+
+    /// The trackers some `readings_batch` group watches (for a resync).
+    pub fn readings_trackers(&self) -> Vec<TrackerId> {
+        self.trackers
+            .iter()
+            .filter(|e| !e.readings_groups.is_empty())
+            .map(|e| *e.key())
+            .collect()
+    }
+
+    /// Hands readings to the `readings_batch` groups of their trackers (each group keeps the
+    /// newest per key and applies its filters).
+    pub fn offer_readings(&self, rows: Vec<crate::readings::ReadingRow>) {
+        for r in rows {
+            let Some(entry) = self.trackers.get(&r.tracker_id) else {
+                continue;
+            };
+            if entry.readings_groups.is_empty() {
+                continue;
+            }
+            let r = Arc::new(r);
+            for g in &entry.readings_groups {
+                g.offer_reading(&r);
+            }
+        }
     }
 
     pub fn watched_trackers(&self) -> Vec<TrackerId> {
@@ -435,7 +484,7 @@ impl Hub {
                 frame: frame.clone(),
             });
         }
-        for g in &entry.groups {
+        for g in entry.groups.iter().chain(&entry.readings_groups) {
             g.lifecycle(id, change, kind, &frame);
         }
         self.stats.lifecycle_events.fetch_add(1, Ordering::Relaxed);
@@ -524,7 +573,8 @@ impl Hub {
             ..Sample::default()
         };
         for e in self.trackers.iter() {
-            sample.subscriptions += (e.subs.len() + e.groups.len()) as u64;
+            sample.subscriptions +=
+                (e.subs.len() + e.groups.len() + e.readings_groups.len()) as u64;
         }
         let mut outboxes: HashMap<ConnId, Arc<Outbox>> = HashMap::new();
         for e in self.sessions.iter() {

@@ -12,6 +12,7 @@
 //! - [`startup`]: building the application (pool, tasks, bound server) and running it.
 //! - [`db`]: connection, migrations, and every SQL query.
 //! - [`model`]: tracker state and its rendering into protocol events.
+//! - [`readings`]: sensor readings (`readings_batch`): rows, filters, rendering.
 //! - [`listen`]: the single LISTEN connection, the batched processor, resync after a gap.
 //! - [`hub`]: the subscription index, per-socket bounded queues with coalescing.
 //! - [`batch`]: `state_batch` groups shared by every socket asking for the same batch.
@@ -35,6 +36,7 @@ pub mod hub;
 pub mod listen;
 pub mod metrics;
 pub mod model;
+pub mod readings;
 pub mod service;
 pub mod startup;
 pub mod telemetry;

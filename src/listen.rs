@@ -36,6 +36,8 @@ const RESYNC_CHUNK: usize = 5000;
 #[derive(Debug, Default)]
 pub struct Pending {
     pub state_ids: HashSet<TrackerId>,
+    /// Trackers whose readings changed (`r|` payloads), for those a readings group watches.
+    pub readings_ids: HashSet<TrackerId>,
     pub state_ranges: Vec<(i64, i64)>,
     pub lifecycle: Vec<(i64, TrackerId, Lifecycle)>,
     pub lifecycle_ranges: Vec<(i64, i64)>,
@@ -53,6 +55,7 @@ pub struct Pending {
 impl Pending {
     fn is_empty(&self) -> bool {
         self.state_ids.is_empty()
+            && self.readings_ids.is_empty()
             && self.state_ranges.is_empty()
             && self.lifecycle.is_empty()
             && self.lifecycle_ranges.is_empty()
@@ -75,6 +78,18 @@ impl Pending {
                     match id.parse::<TrackerId>() {
                         Ok(id) if hub.wants_state(id) => {
                             self.state_ids.insert(id);
+                        }
+                        Ok(_) => {}
+                        Err(_) => return false,
+                    }
+                }
+                true
+            }
+            "r" => {
+                for id in body.split(',') {
+                    match id.parse::<TrackerId>() {
+                        Ok(id) if hub.wants_readings(id) => {
+                            self.readings_ids.insert(id);
                         }
                         Ok(_) => {}
                         Err(_) => return false,
@@ -421,6 +436,17 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
         }
     }
 
+    // Readings: the current rows of the notified trackers, in one query; each group keeps the
+    // newest per key by change number, so rows read twice change nothing.
+    let readings_ids: Vec<TrackerId> = p
+        .readings_ids
+        .into_iter()
+        .filter(|id| hub.wants_readings(*id))
+        .collect();
+    if !readings_ids.is_empty() {
+        hub.offer_readings(crate::readings::readings_by_ids(pool, &readings_ids).await?);
+    }
+
     let mut hashes: HashSet<String> = p.sessions;
     for (lo, hi) in p.session_ranges {
         hashes.extend(
@@ -513,6 +539,9 @@ pub async fn resync(pool: &PgPool, hub: &Hub) -> Result<(), sqlx::Error> {
                 events += 1;
             }
         }
+    }
+    for chunk in hub.readings_trackers().chunks(RESYNC_CHUNK) {
+        hub.offer_readings(crate::readings::readings_by_ids(pool, chunk).await?);
     }
     let hashes: Vec<String> = hub.session_hashes().iter().map(|h| h.to_string()).collect();
     for chunk in hashes.chunks(RESYNC_CHUNK) {

@@ -48,11 +48,22 @@ pub struct BatchRequest {
     pub format: Format,
 }
 
+/// A `readings_batch` request. As for `state_batch`, a missing target on unsubscribe means
+/// every `readings_batch` of the session on this connection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadingsRequest {
+    pub target: Option<Target>,
+    pub rate: Duration,
+    pub sensor_type: Option<String>,
+    pub include_components: bool,
+}
+
 /// One entry of a `requests` array (or the single implied entry of the legacy form).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Item {
     State(StateRequest),
     StateBatch(BatchRequest),
+    ReadingsBatch(ReadingsRequest),
     /// A request this server could not accept; answered in its slot of the response.
     Failed {
         kind: String,
@@ -66,6 +77,7 @@ impl Item {
         match self {
             Item::State(_) => "state",
             Item::StateBatch(_) => "state_batch",
+            Item::ReadingsBatch(_) => "readings_batch",
             Item::Failed { kind, .. } => kind,
         }
     }
@@ -93,8 +105,12 @@ impl ClientMessage {
                 Item::StateBatch(BatchRequest {
                     target: Some(Target::Selected(ids)),
                     ..
+                })
+                | Item::ReadingsBatch(ReadingsRequest {
+                    target: Some(Target::Selected(ids)),
+                    ..
                 }) => ids.len(),
-                Item::StateBatch(_) | Item::Failed { .. } => 0,
+                Item::StateBatch(_) | Item::ReadingsBatch(_) | Item::Failed { .. } => 0,
             })
             .sum()
     }
@@ -267,6 +283,24 @@ fn parse_item(v: &Value) -> Result<Item, ProtoError> {
             target: target_of(obj.get("target"))?,
             rate: rate_of(obj)?,
             format: format_of(obj)?,
+        })),
+        "readings_batch" => Ok(Item::ReadingsBatch(ReadingsRequest {
+            target: target_of(obj.get("target"))?,
+            rate: rate_of(obj)?,
+            sensor_type: match obj.get("sensor_type") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(t)) => Some(t.clone()),
+                Some(_) => return Err(ProtoError::invalid("`sensor_type` must be a string")),
+            },
+            include_components: match obj.get("include_components") {
+                None | Some(Value::Null) => true,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(ProtoError::invalid(
+                        "`include_components` must be a boolean",
+                    ))
+                }
+            },
         })),
         k if KNOWN_TYPES.contains(&k) => Ok(Item::Failed {
             kind: k.to_owned(),
@@ -591,6 +625,45 @@ mod tests {
                 format: Format::Compact
             })]
         );
+    }
+
+    #[test]
+    fn readings_batch_request() {
+        let m = parse(&format!(
+            r#"{{"action":"subscribe","hash":"{HASH}","requests":[{{"type":"readings_batch","target":{{"type":"all"}},"rate_limit":"2s","sensor_type":"fuel","include_components":false}},{{"type":"readings_batch","target":{{"type":"selected","tracker_ids":[2]}}}}]}}"#
+        ))
+        .unwrap();
+        assert_eq!(
+            m.items,
+            [
+                Item::ReadingsBatch(ReadingsRequest {
+                    target: Some(Target::All),
+                    rate: Duration::from_secs(2),
+                    sensor_type: Some("fuel".into()),
+                    include_components: false,
+                }),
+                Item::ReadingsBatch(ReadingsRequest {
+                    target: Some(Target::Selected(vec![2])),
+                    rate: Duration::from_secs(1),
+                    sensor_type: None,
+                    include_components: true,
+                })
+            ]
+        );
+        for bad in [
+            r#"{"type":"readings_batch","target":{"type":"all"},"sensor_type":5}"#,
+            r#"{"type":"readings_batch","target":{"type":"all"},"include_components":"no"}"#,
+            r#"{"type":"readings_batch","target":{"type":"all"},"rate_limit":"1ms"}"#,
+        ] {
+            let m = parse(&format!(
+                r#"{{"action":"subscribe","hash":"{HASH}","requests":[{{"type":"state","trackers":[1]}},{bad}]}}"#
+            ))
+            .unwrap();
+            assert!(
+                matches!(&m.items[1], Item::Failed { kind, error } if kind == "readings_batch" && error.code == 7),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -20,11 +20,12 @@ use tracing::Instrument;
 use super::atmosphere::Transport;
 use super::protocol::{self, Action, ClientMessage, Item, ProtoError};
 use crate::access;
-use crate::batch::{BatchGroup, GroupKey, Scope, Target};
+use crate::batch::{BatchGroup, GroupKey, GroupKind, Scope, Target};
 use crate::db::{self, queries};
 use crate::hub::{ConnId, Outbox, Outgoing, TrackerFacts};
 use crate::metrics::FrameKind;
 use crate::model::{self, Format, Lifecycle, TrackerId, Variant};
+use crate::readings::ReadingsFilter;
 use crate::startup::AppState;
 
 /// Most outbox items written per wake-up before the task looks at client frames again.
@@ -432,15 +433,25 @@ impl Connection {
                 .map(|(id, s, _)| (*id, *s))
                 .collect::<Vec<_>>(),
         );
-        // state_batch items: join (or create) the shared group of each.
+        // state_batch and readings_batch items: join (or create) the shared group of each.
         let capacity = self.app.settings.websocket.queue_capacity;
         let mut batch_results: Vec<Result<serde_json::Value, ProtoError>> = Vec::new();
         let mut first_batches: Vec<ByteString> = Vec::new();
         for item in &msg.items {
-            let Item::StateBatch(req) = item else {
-                continue;
+            let (target, rate, format, kind) = match item {
+                Item::StateBatch(req) => (&req.target, req.rate, req.format, GroupKind::State),
+                Item::ReadingsBatch(req) => (
+                    &req.target,
+                    req.rate,
+                    Format::Full,
+                    GroupKind::Readings(ReadingsFilter {
+                        sensor_type: req.sensor_type.clone(),
+                        include_components: req.include_components,
+                    }),
+                ),
+                _ => continue,
             };
-            let Some(target) = req.target.clone() else {
+            let Some(target) = target.clone() else {
                 batch_results.push(Err(ProtoError::invalid("`target` is required")));
                 continue;
             };
@@ -450,8 +461,9 @@ impl Connection {
                     sub_user: session.is_sub_user.then_some(session.user_id),
                 },
                 target,
-                rate: req.rate,
-                variant: variant(req.format),
+                rate,
+                variant: variant(format),
+                kind,
             };
             let joined = hub
                 .batches
@@ -496,7 +508,7 @@ impl Connection {
                     Some(m) => Ok(m),
                     None => continue,
                 },
-                Item::StateBatch(_) => match batch_results.next() {
+                Item::StateBatch(_) | Item::ReadingsBatch(_) => match batch_results.next() {
                     Some(r) => r,
                     None => continue,
                 },
@@ -582,18 +594,22 @@ impl Connection {
             }
         }
         for item in &msg.items {
-            if let Item::StateBatch(req) = item {
-                let batches = &self.app.hub.batches;
-                let conn = self.id;
-                self.memberships.retain(|(group, session)| {
-                    let named = *session == hash
-                        && req.target.as_ref().is_none_or(|t| *t == group.key.target);
-                    if named {
-                        batches.leave(group, conn);
-                    }
-                    !named
-                });
-            }
+            let (target, readings) = match item {
+                Item::StateBatch(req) => (&req.target, false),
+                Item::ReadingsBatch(req) => (&req.target, true),
+                _ => continue,
+            };
+            let batches = &self.app.hub.batches;
+            let conn = self.id;
+            self.memberships.retain(|(group, session)| {
+                let named = *session == hash
+                    && group.key.is_readings() == readings
+                    && target.as_ref().is_none_or(|t| *t == group.key.target);
+                if named {
+                    batches.leave(group, conn);
+                }
+                !named
+            });
         }
         let mine: Vec<TrackerId> = ids
             .iter()

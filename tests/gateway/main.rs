@@ -9,6 +9,7 @@ mod db;
 mod errors;
 mod events;
 mod logout;
+mod readings;
 mod resync;
 mod slow;
 mod subscribe;
