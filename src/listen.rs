@@ -3,7 +3,8 @@
 //!
 //! Notifications are wake-ups that name what changed (see the payload formats atop the
 //! migration). The listener task only parses them into a [`Pending`] set, keeping what some
-//! socket watches; the processor task takes everything pending at once, reads the rows in batched
+//! socket watches (state ids are filtered by the processor); the processor task takes
+//! everything pending at once, reads the rows in batched
 //! queries, orders the resulting events by change number and hands them to the [`Hub`]. When the
 //! LISTEN connection is lost, the listener reconnects with backoff, re-LISTENs, and asks the
 //! processor to resync: every watched tracker, and every session held, is compared with the
@@ -66,8 +67,9 @@ impl Pending {
             && !self.resync
     }
 
-    /// Adds one notification payload, keeping only what the hub watches. Returns false for a
-    /// payload it cannot read (logged by the caller, never fatal).
+    /// Adds one notification payload, keeping only what the hub watches (state ids are kept
+    /// as they come and filtered by `process`). Returns false for a payload it cannot read
+    /// (logged by the caller, never fatal).
     pub fn add_payload(&mut self, payload: &str, hub: &Hub) -> bool {
         let Some((kind, body)) = payload.split_once('|') else {
             return false;
@@ -75,11 +77,15 @@ impl Pending {
         match kind {
             "s" => {
                 for id in body.split(',') {
+                    // Not filtered here: `process` keeps the wanted ids with one lookup each.
+                    // Looking them up here too doubled the index lookups, and these ran on
+                    // another thread than the processor, whose `publish_state` holds the
+                    // same shard locks while it serializes: the benchmark's profile showed the
+                    // listener spending more time in those lookups than in parsing.
                     match id.parse::<TrackerId>() {
-                        Ok(id) if hub.wants_state(id) => {
+                        Ok(id) => {
                             self.state_ids.insert(id);
                         }
-                        Ok(_) => {}
                         Err(_) => return false,
                     }
                 }

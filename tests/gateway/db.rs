@@ -761,8 +761,16 @@ fn pending_keeps_only_what_the_hub_watches() {
 
     let mut p = Pending::default();
     assert!(p.add_payload("s|101,102,103,105,999", &hub));
-    // 103 and 999 are not watched; 105 is blocked, so its state is not wanted.
-    assert_eq!(p.state_ids, HashSet::from([101, 102]));
+    // State ids are kept as notified; `process` reads only the wanted ones: 103 and 999 are not
+    // watched, 105 is blocked, so its state is not wanted.
+    assert_eq!(p.state_ids, HashSet::from([101, 102, 103, 105, 999]));
+    let wanted: HashSet<i64> = p
+        .state_ids
+        .iter()
+        .copied()
+        .filter(|id| hub.wants_state(*id))
+        .collect();
+    assert_eq!(wanted, HashSet::from([101, 102]));
 
     assert!(p.add_payload(
         "t|11:101:block,12:103:unblock,13:105:unblock,14:102:corrupt",
@@ -789,7 +797,7 @@ fn pending_keeps_only_what_the_hub_watches() {
 
     // `n|` is read but adds nothing for state subscriptions.
     assert!(p.add_payload("n|1,3", &hub));
-    assert_eq!(p.state_ids.len(), 2);
+    assert_eq!(p.state_ids.len(), 5);
     assert_eq!(p.lifecycle.len(), 3);
     assert!(!p.resync);
 }
