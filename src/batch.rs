@@ -110,11 +110,15 @@ struct GroupState {
     /// an unblock can send them), and the keys changed since the last period.
     readings: HashMap<TrackerId, HashMap<ReadingKey, Arc<ReadingRow>>>,
     readings_dirty: HashMap<TrackerId, HashSet<ReadingKey>>,
+    /// The full batch rendered in the current period, shared by every member that joins or
+    /// catches up before the next tick (see [`BatchGroup::shared_full`]).
+    full: Option<Option<ByteString>>,
     retired: bool,
 }
 
 impl GroupState {
     fn forget(&mut self, id: &TrackerId) {
+        self.full = None;
         self.trackers.remove(id);
         self.blocked.remove(id);
         self.latest.remove(id);
@@ -188,6 +192,8 @@ impl BatchGroup {
         if !g.trackers.contains(&id) {
             return;
         }
+        // A member joining later must not get a full batch that predates this event.
+        g.full = None;
         match kind {
             Lifecycle::Block => {
                 g.blocked.insert(id);
@@ -309,8 +315,26 @@ impl BatchGroup {
         self.render(g, &mut ids.into_iter())
     }
 
+    /// The full batch, rendered at most once per period: every member joining (or catching up)
+    /// until the next tick gets the same bytes. It stays valid until then because whatever
+    /// changes after it was rendered is marked dirty and so goes out in the next delta; a
+    /// lifecycle change or a change of target drops it. Rendering it once per join cost a
+    /// hundred renders of 100,000 trackers (and gigabytes of frames) when a hundred dashboards
+    /// joined at once in the benchmark.
+    fn shared_full(&self, g: &mut GroupState) -> Option<ByteString> {
+        if let Some(f) = &g.full {
+            return f.clone();
+        }
+        let f = self.full_frame(g);
+        g.full = Some(f.clone());
+        f
+    }
+
     /// One period: the changed trackers to every member that keeps up, a full catch-up batch to
     /// members that lagged and have drained. Returns false once the group has no members.
+    /// A member lags when its queue is full or when the batch of an earlier period is still
+    /// waiting in it: batches can weigh megabytes, so counting queued items alone let a slow
+    /// dashboard hold hundreds of them (gigabytes, in the benchmark).
     fn tick(&self) -> bool {
         let mut g = self.lock();
         if g.members.is_empty() {
@@ -325,16 +349,16 @@ impl BatchGroup {
             changed.sort_unstable();
             self.render(&g, &mut changed.into_iter())
         };
-        let mut full: Option<Option<ByteString>> = None;
+        // A new period starts: the dirty set was just drained into the delta.
+        g.full = None;
         let mut members = std::mem::take(&mut g.members);
         for m in &mut members {
-            if m.outbox.len() >= m.capacity {
+            if m.outbox.len() >= m.capacity || m.outbox.frames() > 0 {
                 m.lagging = true;
                 continue;
             }
             if m.lagging {
-                let frame = full.get_or_insert_with(|| self.full_frame(&g)).clone();
-                if let Some(f) = frame {
+                if let Some(f) = self.shared_full(&mut g) {
                     m.outbox.push(Outgoing::Frame(f));
                 }
                 m.lagging = false;
@@ -442,7 +466,7 @@ impl Batches {
                     lagging: false,
                 });
             }
-            let first_batch = group.full_frame(&g);
+            let first_batch = group.shared_full(&mut g);
             drop(g);
             let statuses = group.statuses();
             return Ok(Joined {
@@ -598,6 +622,7 @@ async fn add_trackers(
 ) -> Result<(), sqlx::Error> {
     {
         let mut g = group.lock();
+        g.full = None;
         for (id, f) in &facts {
             g.trackers.insert(*id);
             if f.blocked {

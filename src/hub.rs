@@ -88,6 +88,9 @@ struct OutboxInner {
     queue: VecDeque<Outgoing>,
     /// States that arrived while the queue was full: the newest per tracker.
     overflow: HashMap<TrackerId, Outgoing>,
+    /// How many of the queued items are ready frames (batches): batch groups skip a member
+    /// that still has one waiting, since a single batch can weigh megabytes.
+    frames: usize,
     closed: bool,
 }
 
@@ -139,7 +142,12 @@ impl Outbox {
                     }
                     inner.queue.push_back(item);
                 }
-                other => inner.queue.push_back(other),
+                other => {
+                    if matches!(other, Outgoing::Frame(_)) {
+                        inner.frames += 1;
+                    }
+                    inner.queue.push_back(other)
+                }
             }
         }
         self.ready.notify_one();
@@ -152,6 +160,9 @@ impl Outbox {
                 let mut inner = self.lock();
                 while out.len() < max {
                     if let Some(item) = inner.queue.pop_front() {
+                        if matches!(item, Outgoing::Frame(_)) {
+                            inner.frames = inner.frames.saturating_sub(1);
+                        }
                         out.push(item);
                     } else if let Some(key) = inner.overflow.keys().next().copied() {
                         if let Some(item) = inner.overflow.remove(&key) {
@@ -175,6 +186,12 @@ impl Outbox {
         inner.closed = true;
         inner.queue.clear();
         inner.overflow.clear();
+        inner.frames = 0;
+    }
+
+    /// Ready frames (batches) queued and not yet taken by the socket.
+    pub fn frames(&self) -> usize {
+        self.lock().frames
     }
 
     pub fn len(&self) -> usize {
@@ -664,6 +681,20 @@ mod tests {
         assert_eq!(last_for(1), Some(10));
         assert_eq!(last_for(2), Some(10));
         assert!(outbox.coalesced() >= 14);
+    }
+
+    #[tokio::test]
+    async fn queued_frames_are_counted_until_taken() {
+        let outbox = Outbox::new(8, Default::default());
+        outbox.push(Outgoing::Frame(ByteString::from("batch 1")));
+        outbox.push(state_item(1, 1));
+        outbox.push(Outgoing::Frame(ByteString::from("batch 2")));
+        assert_eq!(outbox.frames(), 2);
+        let mut out = Vec::new();
+        outbox.pop_batch(2, &mut out).await;
+        assert_eq!(outbox.frames(), 1);
+        outbox.close();
+        assert_eq!(outbox.frames(), 0);
     }
 
     #[tokio::test]

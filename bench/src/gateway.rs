@@ -7,6 +7,7 @@ use std::fs::File;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -83,6 +84,15 @@ pub struct Gateway {
     pub log: PathBuf,
     rss: Arc<Mutex<Vec<(u64, u64)>>>,
     sampler: Option<tokio::task::JoinHandle<()>>,
+    /// Set (to the RSS in KiB) when the guard killed the gateway for using too much memory.
+    pub killed_at_kb: Arc<AtomicU64>,
+}
+
+/// The gateway is killed if its RSS passes this share of the machine's memory (or 8 GiB): the
+/// machine is shared, and an out-of-memory kill could hit someone else's process.
+fn rss_limit_kb() -> u64 {
+    let total = (procfs::mem_total_gib() * 1024.0 * 1024.0) as u64;
+    (total * 2 / 5).clamp(1 << 20, 8 << 20)
 }
 
 impl Gateway {
@@ -142,13 +152,29 @@ impl Gateway {
             log,
             rss: rss.clone(),
             sampler: None,
+            killed_at_kb: Arc::new(AtomicU64::new(0)),
         };
+        let killed = gw.killed_at_kb.clone();
+        let limit = rss_limit_kb();
         gw.sampler = Some(tokio::spawn(async move {
             while let Some(kb) = procfs::rss_kb(pid) {
                 rss.lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push((now_ns(), kb));
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                if kb > limit {
+                    eprintln!(
+                        "bench: the gateway's RSS reached {} MiB (limit {} MiB): killing it",
+                        kb / 1024,
+                        limit / 1024
+                    );
+                    killed.store(kb, Ordering::Relaxed);
+                    // SAFETY: our own child, not reaped yet (the guard waits for it).
+                    unsafe {
+                        libc::kill(pid as libc::pid_t, libc::SIGKILL);
+                    }
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }));
         gw.wait_ready(Duration::from_secs(60)).await?;

@@ -64,8 +64,8 @@ struct Cli {
     /// Gateway binary to run (default: build and run target/release/fleetgate).
     #[arg(long, env = "FLEETGATE_BENCH_GATEWAY")]
     gateway: Option<PathBuf>,
-    /// Sockets of the connections scenario (default 100,000; --quick: 2,000). Capped by the
-    /// open-file limit, which covers both ends' processes.
+    /// Sockets of the connections scenario (default 100,000; --quick: 2,000; capped by the
+    /// open-file limit), or dashboards of the batch scenario (default 100; --quick: 10).
     #[arg(long)]
     sockets: Option<usize>,
     /// Output folder for JSON results and gateway logs (default: target/bench).

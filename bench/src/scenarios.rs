@@ -37,7 +37,8 @@ pub struct Ctx {
     pub quick: bool,
     /// Overrides the measurement window.
     pub window: Option<Duration>,
-    /// Sockets of the connections scenario (default 100,000; quick 2,000).
+    /// Sockets of the connections scenario (default 100,000; quick 2,000), or dashboards of
+    /// the batch scenario (default 100; quick 10).
     pub sockets: Option<usize>,
     /// Results of earlier scenarios of this run (slow compares with latency).
     pub done: Vec<Outcome>,
@@ -451,7 +452,10 @@ async fn stream(ctx: &Ctx, plan: StreamPlan) -> anyhow::Result<Measured> {
     if werr > 0 {
         errors.insert("write".into(), werr);
     }
-    if !alive {
+    let killed_kb = gw.killed_at_kb.load(Ordering::Relaxed);
+    if killed_kb > 0 {
+        errors.insert("gateway_killed_over_memory_limit".into(), 1);
+    } else if !alive {
         errors.insert("gateway_died".into(), 1);
     }
     o.errors = errors
@@ -530,6 +534,12 @@ async fn stream(ctx: &Ctx, plan: StreamPlan) -> anyhow::Result<Measured> {
         o.notes.push(format!(
             "the bench itself used {:.1} cores: client-side decoding limits what can be received",
             bench_cpu / dt
+        ));
+    }
+    if killed_kb > 0 {
+        o.notes.push(format!(
+            "the bench killed the gateway when its RSS reached {} MiB (the limit protects the shared machine); figures after that are meaningless",
+            killed_kb / 1024
         ));
     }
     if !settled {
@@ -1169,6 +1179,8 @@ async fn batch(ctx: &Ctx) -> anyhow::Result<Outcome> {
     } else {
         (100_000, 100, 10)
     };
+    let dashboards = ctx.sockets.unwrap_or(dashboards).max(1);
+    let probes = probes.min(dashboards);
     let clients = (0..dashboards)
         .map(|i| Spec {
             sub: Sub::Batch {
