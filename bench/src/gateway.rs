@@ -274,6 +274,21 @@ impl Gateway {
             .unwrap_or(0)
     }
 
+    /// The sampled RSS (KiB) between two bench-clock times, one sample per `step_ns`, with
+    /// seconds since `from`.
+    pub fn rss_series(&self, from: u64, to: u64, step_ns: u64) -> Vec<(f64, u64)> {
+        let samples = self.rss.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = Vec::new();
+        let mut next = from;
+        for &(t, kb) in samples.iter() {
+            if t >= next && t <= to {
+                out.push(((t - from) as f64 / 1e9, kb));
+                next = t + step_ns;
+            }
+        }
+        out
+    }
+
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
