@@ -94,6 +94,11 @@ impl Application {
                 // written while the previous one is unacknowledged waits for the peer's delayed
                 // ACK (up to 40 ms on Linux), which the benchmark showed as a p95 of ~45 ms.
                 .tcp_nodelay(true)
+                // actix-http starts each connection with an 8 KiB write buffer and, by default,
+                // fills it to 32 KiB, keeping what it grew to. Sockets are written in chunks of
+                // at most `writer::CHUNK` bytes, so this bound keeps the buffer at 8 KiB: most of
+                // a socket's memory, with tens of thousands of them.
+                .h1_write_buffer_size(8 * 1024 - crate::ws::writer::CHUNK)
                 .shutdown_timeout(settings.server.shutdown_timeout_secs);
         if settings.server.workers > 0 {
             server = server.workers(settings.server.workers);

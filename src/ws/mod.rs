@@ -4,5 +4,6 @@
 pub mod atmosphere;
 pub mod protocol;
 pub mod session;
+pub mod writer;
 
 pub use session::subscription;

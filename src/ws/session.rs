@@ -10,6 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use actix_http::body::{BodyStream, MessageBody};
 use actix_web::{web, HttpRequest, HttpResponse};
 use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 use bytestring::ByteString;
@@ -19,6 +20,7 @@ use tracing::Instrument;
 
 use super::atmosphere::Transport;
 use super::protocol::{self, Action, ClientMessage, Item, ProtoError};
+use super::writer::{self, Writer};
 use crate::access;
 use crate::batch::{BatchGroup, GroupKey, GroupKind, Scope, Target};
 use crate::db::{self, queries};
@@ -38,7 +40,13 @@ pub async fn subscription(
     state: web::Data<AppState>,
 ) -> actix_web::Result<HttpResponse> {
     let transport = Transport::from_query(req.query_string());
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    // actix-ws parses the handshake and the client's frames; what the gateway writes goes
+    // through its own byte-bounded queue (`writer`), whose body replaces actix-ws's.
+    let (_, _, stream) = actix_ws::handle(&req, body)?;
+    let (session, out) = writer::channel(state.settings.websocket.write_buffer_bytes);
+    let response = actix_http::ws::handshake(req.head())?
+        .message_body(BodyStream::new(out).boxed())?
+        .into();
     let max = state.settings.websocket.max_frame_bytes.max(256);
     let stream = stream
         .max_frame_size(max)
@@ -79,7 +87,7 @@ struct Connection {
     id: ConnId,
     app: AppState,
     transport: Transport,
-    ws: actix_ws::Session,
+    ws: Writer,
     outbox: Arc<Outbox>,
     sessions: HashSet<Arc<str>>,
     watches: HashMap<TrackerId, Watch>,
@@ -92,7 +100,7 @@ struct Connection {
 }
 
 impl Connection {
-    fn new(id: ConnId, app: AppState, transport: Transport, ws: actix_ws::Session) -> Self {
+    fn new(id: ConnId, app: AppState, transport: Transport, ws: Writer) -> Self {
         let cap = app.settings.websocket.queue_capacity;
         let burst = f64::from(app.settings.websocket.messages_burst.max(1));
         let outbox = app.hub.outbox(cap);
@@ -127,8 +135,8 @@ impl Connection {
             self.app.hub.batches.leave(group, self.id);
         }
         if let Stop::Close(reason) = stop {
-            let ws = self.ws.clone();
-            let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(reason))).await;
+            let close = self.ws.close(Some(reason));
+            let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
         }
         tracing::debug!("disconnected");
     }

@@ -1,0 +1,422 @@
+//! The write half of a socket: a queue bounded in bytes between the socket's task and the HTTP
+//! response body that actix-http writes to the connection.
+//!
+//! actix-ws's own `Session` hands each message to a 32-slot channel, and its response body
+//! copies every message it finds there into one buffer before actix-http copies that into its
+//! write buffer. The bound is in messages, not bytes: a dashboard that reads slowly while
+//! megabyte-sized `state_batch` frames are sent to it pins 32 of them plus two copies, each its
+//! own. Here the bound is in bytes ([`Writer::text`] waits while more than the configured bytes
+//! are queued), a frame's payload is never copied into a per-socket buffer when it is large (it
+//! is handed to actix-http in slices of the same shared allocation, so a batch rendered once for
+//! a hundred dashboards stays one allocation), and small frames are gathered into chunks of at
+//! most [`CHUNK`] bytes, which keeps actix-http's write buffer at its initial size.
+//!
+//! Reading stays with actix-ws's `MessageStream`, which parses and aggregates client frames.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use actix_web::web::{Bytes, BytesMut};
+use actix_ws::CloseReason;
+use bytestring::ByteString;
+use futures_util::Stream;
+
+/// The largest chunk handed to actix-http at once. Payloads above it are passed as slices of
+/// their own allocation; smaller frames are copied together into one chunk.
+pub const CHUNK: usize = 4096;
+
+const OP_TEXT: u8 = 0x1;
+const OP_CLOSE: u8 = 0x8;
+const OP_PING: u8 = 0x9;
+const OP_PONG: u8 = 0xA;
+
+/// The socket is closed or its peer is gone: nothing more can be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Closed;
+
+struct Frame {
+    opcode: u8,
+    payload: Bytes,
+}
+
+#[derive(Default)]
+struct Inner {
+    frames: VecDeque<Frame>,
+    /// The rest of a large payload being handed over in slices (its header already went).
+    rest: Bytes,
+    /// Payload bytes queued (including `rest`), not yet taken by actix-http.
+    queued: usize,
+    /// No more frames will be queued: the body ends once the queue is empty.
+    closing: bool,
+    /// The body was dropped (the connection is gone): writing fails.
+    gone: bool,
+    body: Option<Waker>,
+    writer: Option<Waker>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    limit: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves the queue consistent (every update is a
+        // single push or pop), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The socket task's handle. Dropping it ends the response body after what is queued.
+pub struct Writer {
+    shared: Arc<Shared>,
+}
+
+/// The response body: the frames queued by the [`Writer`], encoded.
+pub struct Body {
+    shared: Arc<Shared>,
+}
+
+/// A writer and the body it feeds. `limit` is the most payload bytes queued before
+/// [`Writer::text`] waits (one frame is always accepted when the queue is under it, however
+/// large).
+pub fn channel(limit: usize) -> (Writer, Body) {
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Inner::default()),
+        limit: limit.max(1),
+    });
+    (
+        Writer {
+            shared: shared.clone(),
+        },
+        Body { shared },
+    )
+}
+
+impl Writer {
+    /// Queues a text frame, first waiting until the queue is under its byte limit.
+    pub async fn text(&mut self, text: ByteString) -> Result<(), Closed> {
+        self.push(OP_TEXT, text.into_bytes()).await
+    }
+
+    pub async fn ping(&mut self, payload: &[u8]) -> Result<(), Closed> {
+        self.push(OP_PING, Bytes::copy_from_slice(payload)).await
+    }
+
+    pub async fn pong(&mut self, payload: &[u8]) -> Result<(), Closed> {
+        self.push(OP_PONG, Bytes::copy_from_slice(payload)).await
+    }
+
+    /// Queues a close frame and ends the body after it.
+    pub async fn close(&mut self, reason: Option<CloseReason>) -> Result<(), Closed> {
+        let mut payload = BytesMut::new();
+        if let Some(reason) = reason {
+            payload.extend_from_slice(&u16::from(reason.code).to_be_bytes());
+            if let Some(text) = &reason.description {
+                payload.extend_from_slice(text.as_bytes());
+            }
+        }
+        let result = self.push(OP_CLOSE, payload.freeze()).await;
+        let mut inner = self.shared.lock();
+        inner.closing = true;
+        if let Some(w) = inner.body.take() {
+            w.wake();
+        }
+        result
+    }
+
+    /// Payload bytes queued and not yet taken by the connection.
+    pub fn queued(&self) -> usize {
+        self.shared.lock().queued
+    }
+
+    async fn push(&mut self, opcode: u8, payload: Bytes) -> Result<(), Closed> {
+        let shared = &self.shared;
+        poll_fn(|cx| {
+            let mut inner = shared.lock();
+            if inner.gone || inner.closing {
+                return Poll::Ready(Err(Closed));
+            }
+            if inner.queued >= shared.limit {
+                inner.writer = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            inner.queued += payload.len();
+            inner.frames.push_back(Frame {
+                opcode,
+                payload: payload.clone(),
+            });
+            if let Some(w) = inner.body.take() {
+                w.wake();
+            }
+            Poll::Ready(Ok(()))
+        })
+        .await
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        inner.closing = true;
+        if let Some(w) = inner.body.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Writes a server frame's header (final fragment, unmasked) for a payload of `len` bytes.
+fn put_header(buf: &mut BytesMut, opcode: u8, len: usize) {
+    buf.extend_from_slice(&[0x80 | opcode]);
+    if len < 126 {
+        buf.extend_from_slice(&[len as u8]);
+    } else if let Ok(short) = u16::try_from(len) {
+        buf.extend_from_slice(&[126]);
+        buf.extend_from_slice(&short.to_be_bytes());
+    } else {
+        buf.extend_from_slice(&[127]);
+        buf.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+}
+
+const HEADER_MAX: usize = 10;
+
+impl Inner {
+    /// The next chunk for the connection, if anything is queued.
+    fn next_chunk(&mut self) -> Option<Bytes> {
+        if !self.rest.is_empty() {
+            let n = self.rest.len().min(CHUNK);
+            self.queued -= n;
+            return Some(self.rest.split_to(n));
+        }
+        if self.frames.is_empty() {
+            return None;
+        }
+        // Size the chunk for the small frames that fit, so nothing is reallocated.
+        let mut size = 0;
+        for f in &self.frames {
+            let large = f.payload.len() > CHUNK;
+            let need = HEADER_MAX + if large { 0 } else { f.payload.len() };
+            if size > 0 && size + need > CHUNK {
+                break;
+            }
+            size += need;
+            if large {
+                break;
+            }
+        }
+        let mut buf = BytesMut::with_capacity(size);
+        while let Some(f) = self.frames.front() {
+            let large = f.payload.len() > CHUNK;
+            let need = HEADER_MAX + if large { 0 } else { f.payload.len() };
+            if !buf.is_empty() && buf.len() + need > CHUNK {
+                break;
+            }
+            let Some(f) = self.frames.pop_front() else {
+                break;
+            };
+            put_header(&mut buf, f.opcode, f.payload.len());
+            if large {
+                // The payload follows in slices of its own (possibly shared) allocation.
+                self.rest = f.payload;
+                break;
+            }
+            buf.extend_from_slice(&f.payload);
+            self.queued -= f.payload.len();
+        }
+        Some(buf.freeze())
+    }
+}
+
+impl Stream for Body {
+    type Item = Result<Bytes, actix_web::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let shared = &self.shared;
+        let mut inner = shared.lock();
+        match inner.next_chunk() {
+            Some(chunk) => {
+                // Let the writer go on once the queue is under its limit again.
+                if inner.queued < shared.limit {
+                    if let Some(w) = inner.writer.take() {
+                        w.wake();
+                    }
+                }
+                Poll::Ready(Some(Ok(chunk)))
+            }
+            None if inner.closing => Poll::Ready(None),
+            None => {
+                inner.body = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for Body {
+    fn drop(&mut self) {
+        let mut inner = self.shared.lock();
+        inner.gone = true;
+        inner.frames.clear();
+        inner.rest = Bytes::new();
+        inner.queued = 0;
+        if let Some(w) = inner.writer.take() {
+            w.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actix_codec::Encoder;
+    use actix_http::ws::{Codec, Message};
+    use std::task::Wake;
+
+    struct Flag(std::sync::atomic::AtomicBool);
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn drain(body: &mut Body) -> (Vec<u8>, Vec<usize>, bool) {
+        let flag = Arc::new(Flag(false.into()));
+        let waker = Waker::from(flag);
+        let mut cx = Context::from_waker(&waker);
+        let (mut out, mut sizes) = (Vec::new(), Vec::new());
+        loop {
+            match Pin::new(&mut *body).poll_next(&mut cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    sizes.push(chunk.len());
+                    out.extend_from_slice(&chunk);
+                }
+                Poll::Ready(None) => return (out, sizes, true),
+                Poll::Ready(Some(Err(_))) | Poll::Pending => return (out, sizes, false),
+            }
+        }
+    }
+
+    fn encoded(messages: Vec<Message>) -> Vec<u8> {
+        let mut codec = Codec::new();
+        let mut buf = BytesMut::new();
+        for m in messages {
+            if let Err(e) = codec.encode(m, &mut buf) {
+                panic!("encode: {e}");
+            }
+        }
+        buf.to_vec()
+    }
+
+    fn now<F: std::future::Future>(f: F) -> Poll<F::Output> {
+        let waker = Waker::from(Arc::new(Flag(false.into())));
+        let mut cx = Context::from_waker(&waker);
+        let mut f = std::pin::pin!(f);
+        f.as_mut().poll(&mut cx)
+    }
+
+    #[test]
+    fn frames_match_actix_codec_for_every_length_class() {
+        let (mut w, mut body) = channel(usize::MAX);
+        let texts: Vec<String> = [0usize, 1, 125, 126, 4000, 4096, 4097, 65535, 65536, 200_000]
+            .iter()
+            .map(|&n| "x".repeat(n))
+            .collect();
+        let mut expected = Vec::new();
+        for t in &texts {
+            assert_eq!(
+                now(w.text(ByteString::from(t.clone()))),
+                Poll::Ready(Ok(()))
+            );
+            expected.push(Message::Text(t.clone().into()));
+        }
+        assert_eq!(now(w.ping(b"p")), Poll::Ready(Ok(())));
+        assert_eq!(now(w.pong(b"q")), Poll::Ready(Ok(())));
+        let reason = CloseReason {
+            code: actix_ws::CloseCode::Away,
+            description: Some("bye".into()),
+        };
+        assert_eq!(now(w.close(Some(reason.clone()))), Poll::Ready(Ok(())));
+        expected.push(Message::Ping(Bytes::from_static(b"p")));
+        expected.push(Message::Pong(Bytes::from_static(b"q")));
+        expected.push(Message::Close(Some(reason)));
+        let (out, sizes, ended) = drain(&mut body);
+        assert!(ended, "the body ends after the close frame");
+        assert_eq!(out, encoded(expected));
+        assert!(sizes.iter().all(|&s| s <= CHUNK + HEADER_MAX), "{sizes:?}");
+        assert_eq!(w.queued(), 0);
+    }
+
+    #[test]
+    fn writer_waits_while_the_queue_is_over_its_byte_limit() {
+        let (mut w, mut body) = channel(10_000);
+        let big = ByteString::from("a".repeat(50_000));
+        // One frame is accepted however large, as the queue is under the limit.
+        assert_eq!(now(w.text(big.clone())), Poll::Ready(Ok(())));
+        assert_eq!(w.queued(), 50_000);
+        // The next waits.
+        assert!(now(w.text(ByteString::from_static("x"))).is_pending());
+        // The connection takes the first slices: still over the limit.
+        let flag = Arc::new(Flag(false.into()));
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        for _ in 0..3 {
+            assert!(matches!(
+                Pin::new(&mut body).poll_next(&mut cx),
+                Poll::Ready(Some(Ok(_)))
+            ));
+        }
+        assert!(now(w.text(ByteString::from_static("x"))).is_pending());
+        let (out, _, ended) = drain(&mut body);
+        assert!(!ended);
+        assert!(!out.is_empty());
+        assert_eq!(w.queued(), 0);
+        assert_eq!(
+            now(w.text(ByteString::from_static("x"))),
+            Poll::Ready(Ok(()))
+        );
+    }
+
+    #[test]
+    fn large_payloads_are_passed_on_without_copying() {
+        let (mut w, mut body) = channel(usize::MAX);
+        let big = ByteString::from("z".repeat(3 * CHUNK + 5));
+        let base = big.as_ptr();
+        assert_eq!(now(w.text(big)), Poll::Ready(Ok(())));
+        let waker = Waker::from(Arc::new(Flag(false.into())));
+        let mut cx = Context::from_waker(&waker);
+        let Poll::Ready(Some(Ok(header))) = Pin::new(&mut body).poll_next(&mut cx) else {
+            panic!("header chunk expected");
+        };
+        assert_eq!(header.len(), 4);
+        let Poll::Ready(Some(Ok(slice))) = Pin::new(&mut body).poll_next(&mut cx) else {
+            panic!("payload chunk expected");
+        };
+        assert_eq!(
+            slice.as_ptr(),
+            base,
+            "the first slice shares the frame's allocation"
+        );
+        assert_eq!(slice.len(), CHUNK);
+    }
+
+    #[test]
+    fn a_dropped_body_fails_the_writer_and_a_dropped_writer_ends_the_body() {
+        let (mut w, body) = channel(10);
+        assert_eq!(
+            now(w.text(ByteString::from_static("0123456789ab"))),
+            Poll::Ready(Ok(()))
+        );
+        let pending = w.text(ByteString::from_static("x"));
+        drop(body);
+        assert_eq!(now(pending), Poll::Ready(Err(Closed)));
+
+        let (w, mut body) = channel(10);
+        drop(w);
+        let (_, _, ended) = drain(&mut body);
+        assert!(ended);
+    }
+}
