@@ -33,6 +33,9 @@ pub const LISTEN_APPLICATION_NAME: &str = "fleetgate-listen";
 /// Largest id list sent to the database in one query during a resync.
 const RESYNC_CHUNK: usize = 5000;
 
+/// Trackers whose states one round reads and publishes at a time.
+const STATE_FETCH_CHUNK: usize = 2000;
+
 /// Work the listener has collected for the processor.
 #[derive(Debug, Default)]
 pub struct Pending {
@@ -391,52 +394,76 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
     let mut ids: HashSet<TrackerId> = p.state_ids;
     ids.retain(|id| hub.wants_state(*id));
     let mut unblocked_at: HashMap<TrackerId, i64> = HashMap::new();
-    for (c, id, kind) in &lifecycle {
-        ids.insert(*id);
-        if *kind == Lifecycle::Unblock {
-            let e = unblocked_at.entry(*id).or_insert(*c);
-            *e = (*e).max(*c);
-        }
-    }
-    let mut states = if ids.is_empty() {
-        Vec::new()
-    } else {
-        let ids: Vec<TrackerId> = ids.into_iter().collect();
-        queries::states_by_ids(pool, &ids).await?
-    };
-    for (lo, hi) in p.state_ranges {
-        let rows = queries::states_by_range(pool, lo, hi).await?;
-        states.extend(rows.into_iter().filter(|s| hub.is_watched(s.tracker_id)));
-    }
-
-    // Order every step by change number: a state committed before a block is delivered before
-    // the block; a state re-sent after an unblock sorts right after it.
-    let mut steps: Vec<((i64, u8), Step)> = Vec::with_capacity(lifecycle.len() + states.len());
+    let mut lifecycle_of_id: HashMap<TrackerId, Vec<(i64, Lifecycle)>> = HashMap::new();
     for (c, id, kind) in lifecycle {
-        steps.push(((c, 0), Step::Lifecycle(id, c, kind)));
+        ids.insert(id);
+        if kind == Lifecycle::Unblock {
+            let e = unblocked_at.entry(id).or_insert(c);
+            *e = (*e).max(c);
+        }
+        lifecycle_of_id.entry(id).or_default().push((c, kind));
     }
-    for s in states {
-        match unblocked_at.get(&s.tracker_id) {
-            Some(&u) if s.change_no < u => steps.push(((u, 1), Step::Forced(s))),
-            _ => steps.push(((s.change_no, 0), Step::State(s))),
+    // Overflow payloads name change-number ranges: rare, read whole.
+    let mut ranged: HashMap<TrackerId, Vec<TrackerState>> = HashMap::new();
+    for (lo, hi) in p.state_ranges {
+        for s in queries::states_by_range(pool, lo, hi).await? {
+            if hub.is_watched(s.tracker_id) {
+                ranged.entry(s.tracker_id).or_default().push(s);
+            }
         }
     }
-    steps.sort_by_key(|(k, _)| *k);
-    let now = Utc::now();
-    let mut reopened: HashSet<TrackerId> = HashSet::new();
-    for (_, step) in steps {
-        match step {
-            Step::Lifecycle(id, change, kind) => {
-                if hub.publish_lifecycle(id, change, kind) && kind == Lifecycle::Unblock {
-                    reopened.insert(id);
+    let mut all: Vec<TrackerId> = ids.iter().copied().collect();
+    all.extend(ranged.keys().filter(|id| !ids.contains(id)).copied());
+
+    // Read and publish in chunks of trackers: a backlog of the whole fleet (after a burst, or
+    // when the gateway falls behind) then costs one chunk of rows at a time, and the first
+    // chunk's sockets are written while the next is read. Every step of one tracker is in the
+    // same chunk, so per-tracker order holds: within a chunk, steps go by change number (a
+    // state committed before a block is delivered before the block; a state re-sent after an
+    // unblock sorts right after it).
+    for chunk in all.chunks(STATE_FETCH_CHUNK) {
+        let fetch: Vec<TrackerId> = chunk
+            .iter()
+            .copied()
+            .filter(|id| ids.contains(id))
+            .collect();
+        let mut states = if fetch.is_empty() {
+            Vec::new()
+        } else {
+            queries::states_by_ids(pool, &fetch).await?
+        };
+        let mut steps: Vec<((i64, u8), Step)> = Vec::with_capacity(states.len());
+        for id in chunk {
+            if let Some(rows) = ranged.remove(id) {
+                states.extend(rows);
+            }
+            for &(c, kind) in lifecycle_of_id.get(id).into_iter().flatten() {
+                steps.push(((c, 0), Step::Lifecycle(*id, c, kind)));
+            }
+        }
+        for s in states {
+            match unblocked_at.get(&s.tracker_id) {
+                Some(&u) if s.change_no < u => steps.push(((u, 1), Step::Forced(s))),
+                _ => steps.push(((s.change_no, 0), Step::State(s))),
+            }
+        }
+        steps.sort_by_key(|(k, _)| *k);
+        let now = Utc::now();
+        let mut reopened: HashSet<TrackerId> = HashSet::new();
+        for (_, step) in steps {
+            match step {
+                Step::Lifecycle(id, change, kind) => {
+                    if hub.publish_lifecycle(id, change, kind) && kind == Lifecycle::Unblock {
+                        reopened.insert(id);
+                    }
                 }
-            }
-            Step::State(s) => {
-                hub.publish_state(&s, reopened.contains(&s.tracker_id), now);
-            }
-            Step::Forced(s) => {
-                if reopened.contains(&s.tracker_id) {
-                    hub.publish_state(&s, true, now);
+                Step::State(s) => {
+                    hub.publish_state(&s, reopened.contains(&s.tracker_id), now);
+                }
+                Step::Forced(s) => {
+                    if reopened.contains(&s.tracker_id) {
+                        hub.publish_state(&s, true, now);
+                    }
                 }
             }
         }

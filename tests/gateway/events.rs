@@ -169,3 +169,55 @@ async fn lifecycle_reaches_every_socket_watching() {
     assert_eq!(a.recv().await["data"]["lifecycle_event"], "block");
     assert_eq!(b.recv().await["data"]["lifecycle_event"], "block");
 }
+
+/// A round larger than the processor's read chunk (2,000 trackers): every tracker gets its
+/// latest state, and a block committed after a state in the same transaction still comes
+/// after that state, whichever chunk the tracker falls in.
+#[tokio::test]
+async fn a_round_of_thousands_of_trackers_is_delivered_whole_and_in_order() {
+    let app = spawn_app().await;
+    let n = 5000i64;
+    app.exec(&format!(
+        "INSERT INTO trackers (id, account_id, source_id, label) \
+           SELECT g, 1, g, 'bulk ' || g FROM generate_series(200001, {}) g; \
+         INSERT INTO tracker_states (tracker_id, lat, lng, speed, last_update) \
+           SELECT g, 52.5, 13.4, 0, now() FROM generate_series(200001, {}) g;",
+        200_000 + n,
+        200_000 + n
+    ))
+    .await;
+    let ids: Vec<i64> = (200_001..=200_000 + n).collect();
+    let mut c = app.connect().await;
+    let (response, _) = c.subscribe_and_states(ACME, &ids, n as usize).await;
+    assert_eq!(response["data"]["state"]["200001"], "normal");
+    // One transaction: every tracker's speed, then a block of one of them.
+    app.exec(&format!(
+        "BEGIN; \
+         UPDATE tracker_states SET speed = 5, last_update = now() \
+           WHERE tracker_id BETWEEN 200001 AND {}; \
+         UPDATE trackers SET blocked = true WHERE id = 204999; \
+         COMMIT;",
+        200_000 + n
+    ))
+    .await;
+    let mut fast = std::collections::HashSet::new();
+    let mut blocked = false;
+    while fast.len() < n as usize || !blocked {
+        let v = c.recv().await;
+        let id = v["tracker_id"].as_i64().unwrap_or(0);
+        if v["event"] == "lifecycle" {
+            assert_eq!(id, 204_999, "{v}");
+            assert_eq!(v["data"]["lifecycle_event"], "block");
+            assert!(
+                fast.contains(&id),
+                "the block came before the state committed first"
+            );
+            blocked = true;
+        } else {
+            assert_eq!(v["event"], "state", "{v}");
+            assert!(!blocked || id != 204_999, "a state after the block: {v}");
+            assert_eq!(v["data"]["gps"]["speed"], 5, "{v}");
+            assert!(fast.insert(id), "tracker {id} sent twice: {v}");
+        }
+    }
+}
