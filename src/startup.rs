@@ -24,6 +24,9 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// `user/auth` attempts per login and per address, shared by every worker.
     pub login_limiter: Arc<LoginLimiter>,
+    /// The processor's work queue (see [`listen`]): a subscribe whose snapshot could not be
+    /// read hands its trackers to the processor, which sends their current states.
+    pub inbox: Arc<listen::Inbox>,
 }
 
 pub struct Application {
@@ -66,7 +69,7 @@ impl Application {
             tokio::spawn(listen::run_processor(
                 pool.clone(),
                 hub.clone(),
-                inbox,
+                inbox.clone(),
                 settings.listen.clone(),
                 shutdown_rx.clone(),
             )),
@@ -82,6 +85,7 @@ impl Application {
             settings: settings.clone(),
             shutdown: shutdown_rx,
             login_limiter: Arc::new(LoginLimiter::new(&settings.api)),
+            inbox,
         };
         // The dummy password hash that unknown logins are checked against, ahead of the first.
         tokio::task::spawn_blocking(service::warm_up);

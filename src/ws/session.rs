@@ -390,10 +390,20 @@ impl Connection {
             }
         }
 
-        let result = self.snapshot(&session, &order).await;
-        let (statuses, states) = match result {
+        // The states are read on another task while the statuses are read here, and the
+        // response goes out as soon as the statuses are known; the states follow it. Both
+        // reads start after the registration above, so a change committed meanwhile is
+        // either in the snapshot or delivered as an event (PROTOCOL.md §5).
+        let states_task = (!order.is_empty()).then(|| {
+            let (pool, ids) = (self.app.pool.clone(), order.clone());
+            tokio::spawn(async move { queries::states_by_ids(&pool, &ids).await })
+        });
+        let statuses = match self.statuses(&session, &order).await {
             Ok(r) => r,
             Err(e) => {
+                if let Some(task) = states_task {
+                    task.abort();
+                }
                 // Undo the registrations this request added.
                 let added: Vec<TrackerId> = order
                     .iter()
@@ -534,8 +544,34 @@ impl Connection {
             self.send(frame).await?;
         }
 
+        let normal: HashSet<TrackerId> = statuses
+            .iter()
+            .filter(|(_, s, _)| *s == access::NORMAL)
+            .map(|(id, _, _)| *id)
+            .collect();
+        let read = match states_task {
+            None => Ok(Vec::new()),
+            Some(task) => match task.await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+        };
+        let states = read.unwrap_or_else(|error| {
+            // The response said `normal`: the states must still come. The processor reads
+            // them (and if the database is down, its resync re-sends every watched tracker
+            // once it is back).
+            tracing::warn!(%error, "subscribe: states not read; handed to the processor");
+            self.app
+                .inbox
+                .update(|p| p.state_ids.extend(normal.iter().copied()));
+            Vec::new()
+        });
         let now = Utc::now();
         for s in states {
+            // Only the trackers this request found `normal` (the read covered every id).
+            if !normal.contains(&s.tracker_id) {
+                continue;
+            }
             let Some(w) = self.watches.get_mut(&s.tracker_id) else {
                 continue;
             };
@@ -558,22 +594,6 @@ impl Connection {
             "subscribed"
         );
         Ok(())
-    }
-
-    /// Statuses (one query) and the current states of the `normal` trackers (one query).
-    #[allow(clippy::type_complexity)]
-    async fn snapshot(
-        &self,
-        session: &queries::SessionRow,
-        ids: &[TrackerId],
-    ) -> Result<
-        (
-            Vec<(TrackerId, &'static str, Option<TrackerFacts>)>,
-            Vec<model::TrackerState>,
-        ),
-        sqlx::Error,
-    > {
-        access::snapshot(&self.app.pool, session, ids).await
     }
 
     /// Each requested tracker's status for this session, in request order, in one query: the

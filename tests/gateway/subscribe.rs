@@ -190,3 +190,46 @@ async fn subscribe_of_many_trackers_uses_one_status_query() {
     assert!(map.values().all(|s| s == "normal"));
     assert_eq!(states.len(), 2000);
 }
+
+#[tokio::test]
+async fn states_that_cannot_be_read_after_the_response_still_arrive() {
+    // The response goes out once the statuses are read; the states are read beside it. When
+    // that read fails (here: the table is renamed away for a moment), the processor sends them.
+    let app = spawn_app().await;
+    app.wait_ready().await;
+    app.exec("ALTER TABLE tracker_states RENAME TO tracker_states_away")
+        .await;
+    let mut c = app.connect().await;
+    let resp = c.subscribe(ACME, &[101, 102]).await;
+    assert_eq!(
+        resp["data"]["state"],
+        json!({"101": "normal", "102": "normal"})
+    );
+    app.exec("ALTER TABLE tracker_states_away RENAME TO tracker_states")
+        .await;
+    let mut seen = std::collections::HashSet::new();
+    while seen.len() < 2 {
+        let v = c.recv().await;
+        assert_eq!(v["event"], "state", "{v}");
+        seen.insert(v["tracker_id"].as_i64().unwrap_or(0));
+    }
+    assert_eq!(seen, [101, 102].into_iter().collect());
+}
+
+#[tokio::test]
+async fn a_tracker_disallowed_to_a_second_session_is_not_sent_again() {
+    // 103 is watched under ACME; the sub-user's subscribe answers it `disallowed` and must not
+    // re-send its state, while 101 (allowed to both) is sent.
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[103], 1).await;
+    let (resp, states) = c.subscribe_and_states(SUB, &[103, 101], 1).await;
+    assert_eq!(
+        resp["data"]["state"],
+        json!({"103": "disallowed", "101": "normal"})
+    );
+    assert!(is_state_of(&states[0], 101), "{}", states[0]);
+    app.set_speed(&[101], 31).await;
+    let (_, skipped) = c.recv_until(|v| is_state_with_speed(v, 101, 31)).await;
+    assert!(skipped.is_empty(), "{skipped:?}");
+}
