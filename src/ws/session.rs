@@ -313,9 +313,11 @@ impl Connection {
                 .send_error(Some(msg.action.wire()), &e, Some(&msg.echo))
                 .await;
         }
+        // Boxed: these futures are large (kilobytes of state across their awaits) and rare, and
+        // an unboxed one would make every idle socket's task that large.
         match msg.action {
-            Action::Subscribe => self.subscribe(msg).await,
-            Action::Unsubscribe => self.unsubscribe(msg).await,
+            Action::Subscribe => Box::pin(self.subscribe(msg)).await,
+            Action::Unsubscribe => Box::pin(self.unsubscribe(msg)).await,
         }
     }
 
