@@ -33,6 +33,7 @@ pub struct ServerSettings {
 pub struct DatabaseSettings {
     pub url: String,
     pub max_connections: u32,
+    pub event_connections: u32,
     pub acquire_timeout_secs: u64,
     pub migrate_on_start: bool,
 }
@@ -43,6 +44,7 @@ impl std::fmt::Debug for DatabaseSettings {
         f.debug_struct("DatabaseSettings")
             .field("url", &"<redacted>")
             .field("max_connections", &self.max_connections)
+            .field("event_connections", &self.event_connections)
             .field("acquire_timeout_secs", &self.acquire_timeout_secs)
             .field("migrate_on_start", &self.migrate_on_start)
             .finish()
@@ -126,6 +128,7 @@ impl Default for DatabaseSettings {
         DatabaseSettings {
             url: "postgres://postgres@127.0.0.1:5432/fleetgate".into(),
             max_connections: 8,
+            event_connections: 4,
             acquire_timeout_secs: 5,
             migrate_on_start: true,
         }

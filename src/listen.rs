@@ -37,8 +37,8 @@ const RESYNC_CHUNK: usize = 5000;
 /// Trackers whose states one round reads and publishes at a time.
 const STATE_FETCH_CHUNK: usize = 2000;
 
-/// Most chunk reads in flight at once (and at most half the pool): the next chunks are read
-/// while one is decoded and published. On the 2-core benchmark machine, where PostgreSQL's
+/// Most chunk reads in flight at once (and at most the processor pool's connections,
+/// `database.event_connections`): the next chunks are read while one is decoded and published. On the 2-core benchmark machine, where PostgreSQL's
 /// writers compete for the same cores, 1, 2, 3 and 4 reads in flight delivered 25%, 37%, 46–59%
 /// and 61% of the raw LISTEN rate (README, Performance).
 const STATE_FETCHES_IN_FLIGHT: usize = 4;
@@ -449,7 +449,7 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
         })
         .collect();
     let in_flight =
-        (pool.options().get_max_connections() as usize / 2).clamp(1, STATE_FETCHES_IN_FLIGHT);
+        (pool.options().get_max_connections() as usize).clamp(1, STATE_FETCHES_IN_FLIGHT);
     let mut fetches = futures_util::stream::iter(reads).buffered(in_flight);
     while let Some(fetched) = fetches.next().await {
         let (chunk, mut states) = fetched?;

@@ -67,7 +67,7 @@ impl Application {
                 shutdown_rx.clone(),
             )),
             tokio::spawn(listen::run_processor(
-                pool.clone(),
+                db::events_pool(&pool, &settings.database),
                 hub.clone(),
                 inbox.clone(),
                 settings.listen.clone(),
