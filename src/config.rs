@@ -138,7 +138,7 @@ impl Default for DatabaseSettings {
 impl Default for WebSocketSettings {
     fn default() -> Self {
         WebSocketSettings {
-            max_frame_bytes: 65536,
+            max_frame_bytes: 262_144,
             max_trackers_per_request: 10_000,
             queue_capacity: 1024,
             write_buffer_bytes: 65_536,
@@ -240,6 +240,20 @@ mod tests {
             .build()
             .and_then(|c| c.try_deserialize())
             .expect("settings")
+    }
+
+    #[test]
+    fn the_default_frame_limit_holds_a_subscribe_of_the_most_trackers() {
+        // A subscribe naming max_trackers_per_request ids of 19 digits (plus commas and the
+        // message around them) fits in one frame (config/default.toml matches these defaults,
+        // as the test above checks).
+        let ws = WebSocketSettings::default();
+        assert!(
+            ws.max_frame_bytes >= ws.max_trackers_per_request * 20 + 512,
+            "{} bytes for {} ids",
+            ws.max_frame_bytes,
+            ws.max_trackers_per_request
+        );
     }
 
     #[test]

@@ -24,9 +24,9 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::stats::{now_ns, Histogram};
 use crate::writer::Tape;
 
-/// Most tracker ids in one subscribe message (the gateway's default limit is 10,000 ids and
-/// 64 KiB a frame; 8,000 six-digit ids stay under both).
-const IDS_PER_MESSAGE: usize = 8000;
+/// Most tracker ids in one subscribe message: the gateway's default limit (10,000 ids; its
+/// 256 KiB frame limit holds them).
+const IDS_PER_MESSAGE: usize = 10_000;
 
 const STATE_PREFIX: &[u8] = br#"{"type":"event","event":"state","#;
 const BATCH_PREFIX: &[u8] = br#"{"type":"event","event":"state_batch","#;
@@ -629,7 +629,7 @@ mod tests {
             },
             "h",
         );
-        assert_eq!(m.len(), 3);
-        assert!(m[0].len() < 65536);
+        assert_eq!(m.len(), 2);
+        assert!(m[0].len() < 262_144);
     }
 }
