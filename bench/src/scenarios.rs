@@ -144,7 +144,7 @@ async fn snap(
 }
 
 /// PostgreSQL backends serving the bench database, each with whether it serves the gateway
-/// (application name `fleetgate` or `fleetgate-listen`) or the bench (writers, raw LISTEN).
+/// (application name `fleetgate`, `fleetgate-listen` or `fleetgate-events`) or the bench (writers, raw LISTEN).
 async fn pg_backends(db: &BenchDb) -> Vec<(u32, bool)> {
     sqlx::query_as::<_, (i32, String)>(
         "SELECT pid, application_name FROM pg_stat_activity \
@@ -155,7 +155,9 @@ async fn pg_backends(db: &BenchDb) -> Vec<(u32, bool)> {
     .unwrap_or_default()
     .into_iter()
     .filter_map(|(p, app)| {
-        let gateway = app == "fleetgate" || app == fleetgate::listen::LISTEN_APPLICATION_NAME;
+        let gateway = app == "fleetgate"
+            || app == fleetgate::listen::LISTEN_APPLICATION_NAME
+            || app == fleetgate::db::EVENTS_APPLICATION_NAME;
         u32::try_from(p).ok().map(|p| (p, gateway))
     })
     .collect()

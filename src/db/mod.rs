@@ -37,6 +37,9 @@ pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error>
         .await
 }
 
+/// The `application_name` of the event processor's connections, as seen in `pg_stat_activity`.
+pub const EVENTS_APPLICATION_NAME: &str = "fleetgate-events";
+
 /// The event processor's pool, on the same server and database as `pool`: its own connections,
 /// not tested before use (one round trip less per read; a broken connection fails a round, and
 /// the processor then resyncs). Connects lazily.
@@ -46,7 +49,7 @@ pub fn events_pool(pool: &PgPool, settings: &DatabaseSettings) -> PgPool {
         .max_connections(settings.event_connections.max(1))
         .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs.max(1)))
         .test_before_acquire(false)
-        .connect_lazy_with(options.application_name("fleetgate-events"))
+        .connect_lazy_with(options.application_name(EVENTS_APPLICATION_NAME))
 }
 
 pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
