@@ -4,6 +4,7 @@
 #   PostgreSQL (found or started, see scripts/pg.sh; tests create their own
 #   databases on that server via DATABASE_URL)
 #   -> headless Chromium (installed if missing, see scripts/browser.sh)
+#   -> `fleetgate migrate` (creates DATABASE_URL's database on a fresh server)
 #   -> cargo fmt --check -> cargo clippy -D warnings (whole workspace: the gateway
 #   and bench/) -> cargo test
 #   -> with CI=true: the quick benchmark (bench/, `fleetgate-bench all --quick`), which
@@ -79,6 +80,9 @@ fg_browser_ensure || {
     exit 1
 }
 
+# The data-layer tests (#[sqlx::test]) create their databases through DATABASE_URL's database,
+# which must exist: on a fresh server it does not yet. `fleetgate migrate` creates it.
+step "database" cargo run --quiet -p fleetgate -- migrate
 step "format" cargo fmt --all -- --check
 step "clippy" cargo clippy --workspace --all-targets -- -D warnings
 step "tests" cargo test "$@"

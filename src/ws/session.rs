@@ -68,6 +68,18 @@ pub async fn subscription(
     Ok(response)
 }
 
+/// A control frame (ping, pong) queued within `limit`: like any frame, it waits while the
+/// socket's write queue is full, and a peer that reads nothing for that long is given up on.
+async fn within(
+    limit: Duration,
+    write: impl std::future::Future<Output = Result<(), writer::Closed>>,
+) -> Result<(), Stop> {
+    match tokio::time::timeout(limit, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(Stop::Gone),
+    }
+}
+
 struct Watch {
     session: Arc<str>,
     blocked: bool,
@@ -180,7 +192,7 @@ impl Connection {
                             self.send_error(None, &e, None).await
                         }
                         Some(Ok(AggregatedMessage::Ping(p))) => {
-                            self.ws.pong(&p).await.map_err(|_| Stop::Gone)
+                            within(idle, self.ws.pong(&p)).await
                         }
                         Some(Ok(AggregatedMessage::Pong(_))) => Ok(()),
                         Some(Ok(AggregatedMessage::Close(_))) => {
@@ -231,7 +243,7 @@ impl Connection {
                     let beat = if self.transport.atmo_protocol {
                         self.send(ByteString::from_static("X")).await
                     } else {
-                        self.ws.ping(b"").await.map_err(|_| Stop::Gone)
+                        within(idle, self.ws.ping(b"")).await
                     };
                     if let Err(stop) = beat {
                         return stop;
