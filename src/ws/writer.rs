@@ -42,6 +42,18 @@ struct Frame {
     payload: Bytes,
 }
 
+impl Frame {
+    /// Passed on in slices of its own allocation rather than copied into a chunk.
+    fn large(&self) -> bool {
+        self.payload.len() > CHUNK
+    }
+
+    /// The most bytes it takes in a chunk: its header, and its payload unless large.
+    fn room(&self) -> usize {
+        HEADER_MAX + if self.large() { 0 } else { self.payload.len() }
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     frames: VecDeque<Frame>,
@@ -198,21 +210,18 @@ impl Inner {
         // Size the chunk for the small frames that fit, so nothing is reallocated.
         let mut size = 0;
         for f in &self.frames {
-            let large = f.payload.len() > CHUNK;
-            let need = HEADER_MAX + if large { 0 } else { f.payload.len() };
-            if size > 0 && size + need > CHUNK {
+            if size > 0 && size + f.room() > CHUNK {
                 break;
             }
-            size += need;
-            if large {
+            size += f.room();
+            if f.large() {
                 break;
             }
         }
         let mut buf = BytesMut::with_capacity(size);
         while let Some(f) = self.frames.front() {
-            let large = f.payload.len() > CHUNK;
-            let need = HEADER_MAX + if large { 0 } else { f.payload.len() };
-            if !buf.is_empty() && buf.len() + need > CHUNK {
+            let large = f.large();
+            if !buf.is_empty() && buf.len() + f.room() > CHUNK {
                 break;
             }
             let Some(f) = self.frames.pop_front() else {
