@@ -38,9 +38,10 @@ const RESYNC_CHUNK: usize = 5000;
 const STATE_FETCH_CHUNK: usize = 2000;
 
 /// Most chunk reads in flight at once (and at most the processor pool's connections,
-/// `database.event_connections`): the next chunks are read while one is decoded and published. On the 2-core benchmark machine, where PostgreSQL's
-/// writers compete for the same cores, 1, 2, 3 and 4 reads in flight delivered 25%, 37%, 46–59%
-/// and 61% of the raw LISTEN rate (README, Performance).
+/// `database.event_connections`): the next chunks are read while one is decoded and published.
+/// On the 2-core benchmark machine, where PostgreSQL's writers compete for the same cores, 1, 2,
+/// 3 and 4 reads in flight delivered 25%, 37%, 46–59% and 61% of the raw LISTEN rate (README,
+/// Performance).
 const STATE_FETCHES_IN_FLIGHT: usize = 4;
 
 /// Work the listener has collected for the processor.
@@ -425,10 +426,10 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
     // Read and publish in chunks of trackers: a backlog of the whole fleet (after a burst, or
     // when the gateway falls behind) then costs a few chunks of rows at a time, and the first
     // chunk's sockets are written while the next chunks are read (several reads in flight, so
-    // the database works on them in parallel). Every step of one tracker is in the
-    // same chunk, so per-tracker order holds: within a chunk, steps go by change number (a
-    // state committed before a block is delivered before the block; a state re-sent after an
-    // unblock sorts right after it).
+    // the database works on them in parallel). Every step of one tracker is in the same chunk,
+    // so per-tracker order holds: within a chunk, steps go by change number (a state committed
+    // before a block is delivered before the block; a state re-sent after an unblock sorts
+    // right after it).
     let ids = &ids;
     let reads: Vec<_> = all
         .chunks(STATE_FETCH_CHUNK)
