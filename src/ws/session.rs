@@ -68,15 +68,19 @@ pub async fn subscription(
     Ok(response)
 }
 
-/// A control frame (ping, pong) queued within `limit`: like any frame, it waits while the
-/// socket's write queue is full, and a peer that reads nothing for that long is given up on.
+/// Queues one frame within `limit` (the idle timeout): a frame waits while the socket's write
+/// queue is full, and a peer that takes nothing for that long is given up on.
 async fn within(
     limit: Duration,
     write: impl std::future::Future<Output = Result<(), writer::Closed>>,
 ) -> Result<(), Stop> {
     match tokio::time::timeout(limit, write).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(_)) | Err(_) => Err(Stop::Gone),
+        Ok(Err(_)) => Err(Stop::Gone),
+        Err(_) => {
+            tracing::info!("peer stopped reading: closing");
+            Err(Stop::Gone)
+        }
     }
 }
 
@@ -260,17 +264,9 @@ impl Connection {
         let frame = self.transport.frame(msg);
         let len = frame.len();
         let idle = self.app.settings.websocket.idle_timeout();
-        match tokio::time::timeout(idle, self.ws.text(frame)).await {
-            Ok(Ok(())) => {
-                self.app.hub.metrics.frame_sent(kind, len);
-                Ok(())
-            }
-            Ok(Err(_)) => Err(Stop::Gone),
-            Err(_) => {
-                tracing::info!("peer stopped reading: closing");
-                Err(Stop::Gone)
-            }
-        }
+        within(idle, self.ws.text(frame)).await?;
+        self.app.hub.metrics.frame_sent(kind, len);
+        Ok(())
     }
 
     async fn send_error(
