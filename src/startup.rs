@@ -98,10 +98,10 @@ impl Application {
                 // written while the previous one is unacknowledged waits for the peer's delayed
                 // ACK (up to 40 ms on Linux), which the benchmark showed as a p95 of ~45 ms.
                 .tcp_nodelay(true)
-                // actix-http starts each connection with an 8 KiB write buffer and, by default,
-                // fills it to 32 KiB, keeping what it grew to. Sockets are written in chunks of
-                // at most `writer::CHUNK` bytes, so this bound keeps the buffer at 8 KiB: most of
-                // a socket's memory, with tens of thousands of them.
+                // actix-http fills a connection's write buffer to 32 KiB by default before
+                // writing. Sockets are written in chunks of at most `writer::CHUNK` bytes, so this
+                // bound keeps it within 8 KiB while a socket is busy; our patched actix-http
+                // (vendor/README.md) releases it when the socket has nothing left to write.
                 .h1_write_buffer_size(8 * 1024 - crate::ws::writer::CHUNK)
                 .shutdown_timeout(settings.server.shutdown_timeout_secs);
         if settings.server.workers > 0 {
