@@ -7,8 +7,9 @@
 //! and lifecycle event of its target's trackers. The group keeps the newest state per tracker and
 //! the set changed since the last period; a timer task per group renders one frame per period
 //! (nothing when nothing changed) and queues the same bytes to every member. A member whose queue
-//! is full is skipped and later gets one catch-up batch with the latest state of every tracker,
-//! so slow dashboards cost bounded memory and still end with the latest state.
+//! is full is skipped; once it has drained it gets one catch-up batch with every tracker changed
+//! since the last batch it got (rendered once for all members that fell behind at the same
+//! period), so slow dashboards cost bounded memory and still end with the latest state.
 //!
 //! A readings group ([`GroupKind::Readings`]) works the same way, keyed one level deeper: it
 //! keeps the newest reading per (tracker, key) by change number, offered by the LISTEN processor
@@ -95,7 +96,8 @@ struct Member {
     conn: ConnId,
     outbox: Arc<Outbox>,
     capacity: usize,
-    lagging: bool,
+    /// The member holds every change sent up to this tick (see [`GroupState::ticks`]).
+    seen: u64,
 }
 
 #[derive(Default)]
@@ -110,6 +112,13 @@ struct GroupState {
     /// an unblock can send them), and the keys changed since the last period.
     readings: HashMap<TrackerId, HashMap<ReadingKey, Arc<ReadingRow>>>,
     readings_dirty: HashMap<TrackerId, HashSet<ReadingKey>>,
+    /// Periods batched so far.
+    ticks: u64,
+    /// The tick that last sent a change of each tracker (of each reading key, for readings
+    /// groups): a member that missed batches catches up on what changed after the last tick it
+    /// got, whatever how far behind it is.
+    changed_at: HashMap<TrackerId, u64>,
+    readings_changed_at: HashMap<TrackerId, HashMap<ReadingKey, u64>>,
     /// The full batch rendered in the current period, shared by every member that joins or
     /// catches up before the next tick (see [`BatchGroup::shared_full`]).
     full: Option<Option<ByteString>>,
@@ -117,6 +126,18 @@ struct GroupState {
 }
 
 impl GroupState {
+    /// Adds a member that is about to get the full batch (which holds every change up to now).
+    fn add_member(&mut self, conn: ConnId, outbox: &Arc<Outbox>, capacity: usize) {
+        if !self.members.iter().any(|m| m.conn == conn) {
+            self.members.push(Member {
+                conn,
+                outbox: outbox.clone(),
+                capacity: capacity.max(1),
+                seen: self.ticks,
+            });
+        }
+    }
+
     fn forget(&mut self, id: &TrackerId) {
         self.full = None;
         self.trackers.remove(id);
@@ -125,6 +146,8 @@ impl GroupState {
         self.dirty.remove(id);
         self.readings.remove(id);
         self.readings_dirty.remove(id);
+        self.changed_at.remove(id);
+        self.readings_changed_at.remove(id);
     }
 }
 
@@ -330,9 +353,42 @@ impl BatchGroup {
         f
     }
 
-    /// One period: the changed trackers to every member that keeps up, a full catch-up batch to
-    /// members that lagged and have drained. Returns false once the group has no members.
-    /// A member lags when its queue is full or when the batch of an earlier period is still
+    /// A catch-up batch for a member that holds every change up to tick `since`: every tracker
+    /// changed after it (every reading key, for readings groups), each at its latest. When that
+    /// is the whole target, the period's shared full batch.
+    fn catch_up(&self, g: &mut GroupState, since: u64) -> Option<ByteString> {
+        if self.key.is_readings() {
+            let keys: HashMap<TrackerId, HashSet<ReadingKey>> = g
+                .readings_changed_at
+                .iter()
+                .filter_map(|(id, at)| {
+                    let keys: HashSet<ReadingKey> = at
+                        .iter()
+                        .filter(|(_, t)| **t > since)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    (!keys.is_empty()).then_some((*id, keys))
+                })
+                .collect();
+            return self.render_readings(g, keys.keys().copied().collect(), Some(&keys));
+        }
+        let mut ids: Vec<TrackerId> = g
+            .changed_at
+            .iter()
+            .filter(|(_, t)| **t > since)
+            .map(|(id, _)| *id)
+            .collect();
+        if ids.len() >= g.latest.len() {
+            return self.shared_full(g);
+        }
+        ids.sort_unstable();
+        self.render(g, &mut ids.into_iter())
+    }
+
+    /// One period: the changed trackers to every member that keeps up; to a member that missed
+    /// batches and has drained, a catch-up of everything changed since the last batch it got.
+    /// Returns false once the group has no members.
+    /// A member is skipped when its queue is full or when a batch of an earlier period is still
     /// waiting in it: batches can weigh megabytes, so counting queued items alone let a slow
     /// dashboard hold hundreds of them (gigabytes, in the benchmark).
     fn tick(&self) -> bool {
@@ -341,30 +397,47 @@ impl BatchGroup {
             g.retired = true;
             return false;
         }
+        let now = g.ticks + 1;
+        g.ticks = now;
         let delta = if self.key.is_readings() {
             let dirty = std::mem::take(&mut g.readings_dirty);
+            for (id, keys) in &dirty {
+                let at = g.readings_changed_at.entry(*id).or_default();
+                for key in keys {
+                    at.insert(key.clone(), now);
+                }
+            }
             self.render_readings(&g, dirty.keys().copied().collect(), Some(&dirty))
         } else {
             let mut changed: Vec<TrackerId> = g.dirty.drain().collect();
+            for id in &changed {
+                g.changed_at.insert(*id, now);
+            }
             changed.sort_unstable();
             self.render(&g, &mut changed.into_iter())
         };
         // A new period starts: the dirty set was just drained into the delta.
         g.full = None;
+        // Catch-ups rendered this tick, by the tick their members were at: a hundred dashboards
+        // that fell behind together cost one render.
+        let mut catch_ups: HashMap<u64, Option<ByteString>> = HashMap::new();
         let mut members = std::mem::take(&mut g.members);
         for m in &mut members {
             if m.outbox.len() >= m.capacity || m.outbox.frames() > 0 {
-                m.lagging = true;
                 continue;
             }
-            if m.lagging {
-                if let Some(f) = self.shared_full(&mut g) {
-                    m.outbox.push(Outgoing::Frame(f));
-                }
-                m.lagging = false;
-            } else if let Some(f) = &delta {
-                m.outbox.push(Outgoing::Frame(f.clone()));
+            let frame = if m.seen + 1 >= now {
+                delta.clone()
+            } else {
+                catch_ups
+                    .entry(m.seen)
+                    .or_insert_with(|| self.catch_up(&mut g, m.seen))
+                    .clone()
+            };
+            if let Some(f) = frame {
+                m.outbox.push(Outgoing::Frame(f));
             }
+            m.seen = now;
         }
         g.members = members;
         true
@@ -458,14 +531,7 @@ impl Batches {
                 self.groups.remove_if(&key, |_, v| Arc::ptr_eq(v, &group));
                 continue;
             }
-            if !g.members.iter().any(|m| m.conn == conn) {
-                g.members.push(Member {
-                    conn,
-                    outbox: outbox.clone(),
-                    capacity: capacity.max(1),
-                    lagging: false,
-                });
-            }
+            g.add_member(conn, outbox, capacity);
             let first_batch = group.shared_full(&mut g);
             drop(g);
             let statuses = group.statuses();
@@ -673,4 +739,266 @@ async fn run_group(hub: Arc<Hub>, group: Arc<BatchGroup>) {
         .groups
         .remove_if(&group.key, |_, v| Arc::ptr_eq(v, &group));
     hub.unsubscribe_group(&group, &group.tracker_ids());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Format, Variant};
+
+    fn variant() -> Variant {
+        Variant {
+            format: Format::Compact,
+            tz: chrono_tz::UTC,
+            iso: false,
+        }
+    }
+
+    fn group(kind: GroupKind, trackers: impl IntoIterator<Item = TrackerId>) -> BatchGroup {
+        BatchGroup {
+            key: GroupKey {
+                scope: Scope {
+                    account_id: 1,
+                    sub_user: None,
+                },
+                target: Target::All,
+                rate: DEFAULT_RATE,
+                variant: variant(),
+                kind,
+            },
+            state: Mutex::new(GroupState {
+                trackers: trackers.into_iter().collect(),
+                ..GroupState::default()
+            }),
+            filled: OnceCell::new(),
+        }
+    }
+
+    /// What [`Batches::fill`] does once the group holds its first states.
+    fn filled(g: &BatchGroup) {
+        let mut st = g.lock();
+        st.dirty.clear();
+        st.readings_dirty.clear();
+    }
+
+    /// A member with an outbox of `capacity`; returns its outbox and its first (full) batch.
+    fn join(g: &BatchGroup, conn: ConnId, capacity: usize) -> (Arc<Outbox>, Option<ByteString>) {
+        let outbox = Outbox::new(capacity, Default::default());
+        let mut st = g.lock();
+        st.add_member(conn, &outbox, capacity);
+        let first = g.shared_full(&mut st);
+        (outbox, first)
+    }
+
+    fn offer(g: &BatchGroup, id: TrackerId, change: i64) {
+        let mut s = model::test_state(id, change);
+        s.change_no = change;
+        g.offer(&Arc::new(s), false);
+    }
+
+    /// The batch frames queued in `outbox`, each as its items' (tracker id, key) pairs.
+    async fn batches(outbox: &Outbox) -> Vec<Vec<(i64, String)>> {
+        let mut items = Vec::new();
+        while !outbox.is_empty() {
+            outbox.pop_batch(64, &mut items).await;
+        }
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Outgoing::Frame(f) => Some(items_of(f)),
+                _ => None,
+            })
+            .filter(|batch| !batch.is_empty()) // the stand-in frames of `stall`
+            .collect()
+    }
+
+    fn items_of(frame: &str) -> Vec<(i64, String)> {
+        let v: serde_json::Value = serde_json::from_str(frame).unwrap_or_default();
+        v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|item| {
+                let key = item["inputs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|i| i["name"].as_str().unwrap_or_default().to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                (item["tracker_id"].as_i64().unwrap_or(-1), key)
+            })
+            .collect()
+    }
+
+    fn ids(batch: &[(i64, String)]) -> Vec<i64> {
+        batch.iter().map(|(id, _)| *id).collect()
+    }
+
+    /// Holds a member's queue up, as a dashboard that stopped reading does.
+    fn stall(outbox: &Outbox) {
+        outbox.push(Outgoing::Frame(ByteString::from("{}")));
+    }
+
+    async fn unstall(outbox: &Outbox) {
+        let mut out = Vec::new();
+        while !outbox.is_empty() {
+            outbox.pop_batch(64, &mut out).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_member_behind_gets_only_what_changed_since_its_last_batch() {
+        let g = group(GroupKind::State, 1..=6);
+        for id in 1..=6 {
+            offer(&g, id, 1);
+        }
+        filled(&g);
+        let (steady, first) = join(&g, 1, 8);
+        assert_eq!(
+            ids(&items_of(&first.unwrap_or_default())),
+            [1, 2, 3, 4, 5, 6]
+        );
+        let (slow, _) = join(&g, 2, 8);
+        let (slowest, _) = join(&g, 3, 8);
+        let mut got: [Vec<Vec<i64>>; 3] = Default::default();
+        // Each tick changes one tracker; `reading` says which members read what they were sent.
+        let steps: [(TrackerId, [bool; 3]); 5] = [
+            (1, [true, false, false]),
+            (2, [true, false, false]),
+            (3, [true, true, false]),
+            (4, [true, true, true]),
+            (5, [true, true, true]),
+        ];
+        stall(&slow);
+        stall(&slowest);
+        for (change, (id, reading)) in (2..).zip(steps) {
+            offer(&g, id, change);
+            assert!(g.tick());
+            for (i, outbox) in [&steady, &slow, &slowest].into_iter().enumerate() {
+                if reading[i] {
+                    got[i].extend(batches(outbox).await.iter().map(|b| ids(b)));
+                }
+            }
+        }
+        assert_eq!(got[0], [vec![1], vec![2], vec![3], vec![4], vec![5]]);
+        // Stalled for two ticks and drained during the third: one batch of the three changes at
+        // the fourth, never the unchanged trackers, then deltas again.
+        assert_eq!(got[1], [vec![1, 2, 3, 4], vec![5]]);
+        assert_eq!(got[2], [vec![1, 2, 3, 4, 5]]);
+    }
+
+    #[tokio::test]
+    async fn members_behind_since_the_same_tick_share_one_catch_up() {
+        let g = group(GroupKind::State, 1..=3);
+        for id in 1..=3 {
+            offer(&g, id, 1);
+        }
+        filled(&g);
+        let (a, _) = join(&g, 1, 8);
+        let (b, _) = join(&g, 2, 8);
+        stall(&a);
+        stall(&b);
+        offer(&g, 1, 2);
+        assert!(g.tick());
+        unstall(&a).await;
+        unstall(&b).await;
+        offer(&g, 2, 3);
+        assert!(g.tick());
+        let frame = |o: &Outbox| {
+            let mut out = Vec::new();
+            futures_util::FutureExt::now_or_never(o.pop_batch(8, &mut out));
+            match out.pop() {
+                Some(Outgoing::Frame(f)) => Some(f),
+                _ => None,
+            }
+        };
+        let (fa, fb) = (frame(&a), frame(&b));
+        assert!(fa.is_some());
+        assert_eq!(
+            fa.as_ref().map(|f| f.as_ptr()),
+            fb.as_ref().map(|f| f.as_ptr())
+        );
+        assert_eq!(ids(&items_of(&fa.unwrap_or_default())), [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_catch_up_of_every_tracker_is_the_full_batch_and_skips_blocked_ones() {
+        let g = group(GroupKind::State, 1..=3);
+        for id in 1..=3 {
+            offer(&g, id, 1);
+        }
+        filled(&g);
+        let (a, _) = join(&g, 1, 8);
+        stall(&a);
+        for id in 1..=3 {
+            offer(&g, id, 2);
+        }
+        assert!(g.tick());
+        g.lifecycle(2, 3, Lifecycle::Block, &ByteString::from("{}"));
+        unstall(&a).await;
+        assert!(g.tick());
+        assert_eq!(
+            batches(&a).await.iter().map(|b| ids(b)).collect::<Vec<_>>(),
+            [vec![1, 3]]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_readings_member_behind_gets_only_the_keys_changed_since_its_last_batch() {
+        let g = group(
+            GroupKind::Readings(ReadingsFilter {
+                sensor_type: None,
+                include_components: true,
+            }),
+            [1, 2],
+        );
+        let reading = |tracker: TrackerId, sensor: i64, change: i64| {
+            let mut r = readings::test_reading(tracker, change);
+            r.sensor_id = Some(sensor);
+            r.name = format!("s{sensor}");
+            g.offer_reading(&Arc::new(r));
+        };
+        for t in [1, 2] {
+            for sensor in [10, 11, 12] {
+                reading(t, sensor, 1);
+            }
+        }
+        filled(&g);
+        let (steady, first) = join(&g, 1, 8);
+        assert_eq!(
+            items_of(&first.unwrap_or_default()),
+            [
+                (1, "s10,s11,s12".to_string()),
+                (2, "s10,s11,s12".to_string())
+            ]
+        );
+        let (slow, _) = join(&g, 2, 8);
+        stall(&slow);
+        let mut steady_got = Vec::new();
+        reading(1, 10, 2);
+        assert!(g.tick());
+        steady_got.extend(batches(&steady).await);
+        reading(1, 11, 3);
+        reading(2, 12, 3);
+        assert!(g.tick());
+        steady_got.extend(batches(&steady).await);
+        unstall(&slow).await;
+        reading(2, 10, 4);
+        assert!(g.tick());
+        steady_got.extend(batches(&steady).await);
+        let s = |v: &str| v.to_string();
+        assert_eq!(
+            steady_got,
+            [
+                vec![(1, s("s10"))],
+                vec![(1, s("s11")), (2, s("s12"))],
+                vec![(2, s("s10"))],
+            ]
+        );
+        assert_eq!(
+            batches(&slow).await,
+            [vec![(1, s("s10,s11")), (2, s("s10,s12"))]]
+        );
+    }
 }

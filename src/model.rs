@@ -443,12 +443,22 @@ pub fn disallowed_event(tracker_id: TrackerId, source_id: i64) -> String {
 
 pub const LOGOUT_EVENT: &str = r#"{"type":"event","event":"logout","data":"session closed"}"#;
 
+/// A complete state for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn test_state(tracker_id: TrackerId, change_no: i64) -> TrackerState {
+    TrackerState {
+        tracker_id,
+        change_no,
+        ..tests::sample()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::TimeZone;
 
-    fn sample() -> TrackerState {
+    pub(super) fn sample() -> TrackerState {
         let t = Utc.with_ymd_and_hms(2018, 10, 17, 10, 51, 43).unwrap();
         TrackerState {
             tracker_id: 7,

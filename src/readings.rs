@@ -80,6 +80,31 @@ impl ReadingRow {
     }
 }
 
+/// A reading of input sensor 1 for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn test_reading(tracker_id: TrackerId, change_no: i64) -> ReadingRow {
+    ReadingRow {
+        tracker_id,
+        change_no,
+        category: "input".into(),
+        sensor_id: Some(1),
+        name: "input".into(),
+        label: None,
+        sensor_type: None,
+        units: None,
+        units_type: None,
+        converted_units_type: None,
+        min_value: None,
+        max_value: None,
+        composite_sensor_ids: None,
+        part_of: None,
+        value: Some(1.0),
+        converted_value: None,
+        json_value: None,
+        update_time: chrono::Utc::now(),
+    }
+}
+
 /// The filters of a `readings_batch` request.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ReadingsFilter {
