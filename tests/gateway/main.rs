@@ -9,6 +9,7 @@ mod db;
 mod errors;
 mod events;
 mod logout;
+mod memory;
 mod readings;
 mod resync;
 mod slow;

@@ -43,6 +43,53 @@ const MAX_PIPELINED_MESSAGES: usize = 16;
 /// Write buffer capacity at which we reallocate it after flushing.
 const WRITE_BUFFER_RETENTION_LIMIT: usize = 1024 * 128;
 
+/// fleetgate patch: write buffers of connections that flushed everything, kept per thread for
+/// the next connection that has something to write. A connection holds a write buffer only while
+/// it writes, so an idle one costs none, and a busy server hands the same few buffers around
+/// instead of allocating one per flush.
+mod write_buf_pool {
+    use std::cell::RefCell;
+
+    use bytes::BytesMut;
+
+    use super::HW_BUFFER_SIZE;
+
+    /// Buffers kept per thread (8 KiB each).
+    const KEEP: usize = 64;
+
+    thread_local! {
+        static POOL: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub(super) fn take() -> BytesMut {
+        POOL.try_with(|p| p.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| BytesMut::with_capacity(HW_BUFFER_SIZE))
+    }
+
+    pub(super) fn give(mut buf: BytesMut) {
+        buf.clear();
+        let cap = buf.capacity();
+        if cap == 0 {
+            return;
+        }
+        if cap < HW_BUFFER_SIZE {
+            // Reclaims the space `advance` consumed (the buffer is never shared).
+            buf.reserve(HW_BUFFER_SIZE);
+        }
+        if buf.capacity() > 2 * HW_BUFFER_SIZE {
+            return;
+        }
+        let _ = POOL.try_with(|p| {
+            let mut p = p.borrow_mut();
+            if p.len() < KEEP {
+                p.push(buf);
+            }
+        });
+    }
+}
+
 bitflags! {
     #[derive(Debug, Clone, Copy)]
     pub struct Flags: u8 {
@@ -401,10 +448,11 @@ where
 
         // All bytes have been accepted by the I/O stream, so the buffer can be reused or released.
         //
-        // fleetgate patch: always released. A long-lived connection (a WebSocket) spends most of
-        // its life with nothing to write; keeping 8 KiB per connection for that cost more memory
-        // than everything else a connection holds. The next write allocates what it needs.
-        *write_buf = BytesMut::new();
+        // fleetgate patch: always released, to this thread's pool (see `write_buf_pool`). A
+        // long-lived connection (a WebSocket) spends most of its life with nothing to write;
+        // keeping 8 KiB per connection for that cost more memory than everything else a
+        // connection holds. `poll_response` takes one from the pool when it has to write.
+        write_buf_pool::give(mem::take(write_buf));
         *write_buf_needs_reset = false;
 
         // flush the I/O and check if get blocked
@@ -601,6 +649,11 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Result<PollResponse, DispatchError> {
+        // fleetgate patch: see `write_buf_pool`.
+        if self.write_buf.capacity() == 0 {
+            *self.as_mut().project().write_buf = write_buf_pool::take();
+        }
+
         'res: loop {
             let mut this = self.as_mut().project();
             match this.state.as_mut().project() {
