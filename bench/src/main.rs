@@ -68,6 +68,10 @@ struct Cli {
     /// open-file limit), or dashboards of the batch scenario (default 100; --quick: 10).
     #[arg(long)]
     sockets: Option<usize>,
+    /// Dashboards with a `state_batch` of the whole fleet (rate 1 s) added to the latency
+    /// scenario, to see what batch building costs the other sockets (default 0).
+    #[arg(long, default_value_t = 0)]
+    batch_dashboards: usize,
     /// Output folder for JSON results and gateway logs (default: target/bench).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -168,6 +172,7 @@ async fn run(cli: Cli, names: Vec<&'static str>) -> anyhow::Result<bool> {
         quick: cli.quick,
         window: cli.window.map(Duration::from_secs_f64),
         sockets: cli.sockets,
+        batch_dashboards: cli.batch_dashboards,
         done: Vec::new(),
     };
 

@@ -40,6 +40,8 @@ pub struct Ctx {
     /// Sockets of the connections scenario (default 100,000; quick 2,000), or dashboards of
     /// the batch scenario (default 100; quick 10).
     pub sockets: Option<usize>,
+    /// `state_batch` dashboards of the whole fleet added to the latency scenario.
+    pub batch_dashboards: usize,
     /// Results of earlier scenarios of this run (slow compares with latency).
     pub done: Vec<Outcome>,
 }
@@ -841,13 +843,32 @@ fn latency_plan(ctx: &Ctx, name: &'static str) -> (i64, usize, usize, WritePlan)
 async fn latency(ctx: &Ctx) -> anyhow::Result<Outcome> {
     let (n, sockets, per, write) = latency_plan(ctx, "latency");
     let rate = write.rate.unwrap_or(0.0);
+    let mut clients = state_clients(sockets, per, n, 0);
+    // Dashboards batching the whole fleet beside the measured sockets (not measured themselves).
+    clients.extend((0..ctx.batch_dashboards).map(|_| Spec {
+        sub: Sub::Batch {
+            rate: "1s",
+            format: "compact",
+            fleet: n,
+        },
+        source: None,
+        slow: false,
+        record: false,
+        parse_batches: false,
+    }));
+    let dashboards = match ctx.batch_dashboards {
+        0 => String::new(),
+        d => format!(", beside {d} state_batch dashboards of the whole fleet"),
+    };
     let m = stream(
         ctx,
         StreamPlan {
             name: "latency",
-            title: format!("{sockets} sockets × {per} trackers, steady {rate} updates/s"),
+            title: format!(
+                "{sockets} sockets × {per} trackers, steady {rate} updates/s{dashboards}"
+            ),
             trackers: n,
-            clients: state_clients(sockets, per, n, 0),
+            clients,
             fanout: (sockets * per) as f64 / n as f64,
             write,
             warmup: warmup(ctx),
