@@ -845,17 +845,7 @@ async fn latency(ctx: &Ctx) -> anyhow::Result<Outcome> {
     let rate = write.rate.unwrap_or(0.0);
     let mut clients = state_clients(sockets, per, n, 0);
     // Dashboards batching the whole fleet beside the measured sockets (not measured themselves).
-    clients.extend((0..ctx.batch_dashboards).map(|_| Spec {
-        sub: Sub::Batch {
-            rate: "1s",
-            format: "compact",
-            fleet: n,
-        },
-        source: None,
-        slow: false,
-        record: false,
-        parse_batches: false,
-    }));
+    clients.extend((0..ctx.batch_dashboards).map(|_| batch_dashboard(n, false)));
     let dashboards = match ctx.batch_dashboards {
         0 => String::new(),
         d => format!(", beside {d} state_batch dashboards of the whole fleet"),
@@ -1234,6 +1224,22 @@ async fn subscribe(ctx: &Ctx) -> anyhow::Result<Outcome> {
     Ok(o)
 }
 
+/// A dashboard with a `state_batch` of the whole fleet of `n` trackers (rate 1 s, compact); a
+/// probe reads and times every entry, the others count and time batch frames.
+fn batch_dashboard(n: i64, probe: bool) -> Spec {
+    Spec {
+        sub: Sub::Batch {
+            rate: "1s",
+            format: "compact",
+            fleet: n,
+        },
+        source: None,
+        slow: false,
+        record: probe,
+        parse_batches: probe,
+    }
+}
+
 // --- 6 batch ---------------------------------------------------------------------------------------
 
 async fn batch(ctx: &Ctx) -> anyhow::Result<Outcome> {
@@ -1245,17 +1251,7 @@ async fn batch(ctx: &Ctx) -> anyhow::Result<Outcome> {
     let dashboards = ctx.sockets.unwrap_or(dashboards).max(1);
     let probes = probes.min(dashboards);
     let clients = (0..dashboards)
-        .map(|i| Spec {
-            sub: Sub::Batch {
-                rate: "1s",
-                format: "compact",
-                fleet: n,
-            },
-            source: None,
-            slow: false,
-            record: i < probes,
-            parse_batches: i < probes,
-        })
+        .map(|i| batch_dashboard(n, i < probes))
         .collect();
     let win = ctx
         .window
