@@ -116,7 +116,7 @@ struct GroupState {
     ticks: u64,
     /// The tick that last sent a change of each tracker (of each reading key, for readings
     /// groups): a member that missed batches catches up on what changed after the last tick it
-    /// got, whatever how far behind it is.
+    /// got, however far behind it is.
     changed_at: HashMap<TrackerId, u64>,
     readings_changed_at: HashMap<TrackerId, HashMap<ReadingKey, u64>>,
     /// The full batch rendered in the current period, shared by every member that joins or
