@@ -27,7 +27,7 @@ use tokio::sync::OnceCell;
 
 use crate::db::queries;
 use crate::hub::{ConnId, Hub, Outbox, Outgoing, TrackerFacts};
-use crate::model::{self, Lifecycle, TrackerId, TrackerState, Variant};
+use crate::model::{self, Format, Lifecycle, TrackerId, TrackerState, Variant};
 use crate::readings::{self, ReadingKey, ReadingRow, ReadingsFilter};
 
 /// Smallest accepted `rate_limit`.
@@ -302,8 +302,15 @@ impl BatchGroup {
         g: &GroupState,
         ids: &mut dyn Iterator<Item = TrackerId>,
     ) -> Option<ByteString> {
-        let now = Utc::now();
-        let mut out = String::new();
+        // One buffer for the whole frame, sized for the items up front: a batch can hold the
+        // whole target (100,000 items, tens of megabytes).
+        let per_item = if self.key.variant.format == Format::Full {
+            800
+        } else {
+            420
+        };
+        let mut out: Vec<u8> = Vec::with_capacity(128 + ids.size_hint().0 * per_item);
+        model::write_batch_head(&mut out, "state_batch", self.key.variant, Utc::now());
         let mut n = 0usize;
         for id in ids {
             if g.blocked.contains(&id) {
@@ -312,20 +319,16 @@ impl BatchGroup {
             let Some(s) = g.latest.get(&id) else {
                 continue;
             };
-            out.push(if n == 0 { '[' } else { ',' });
-            out.push_str(&model::batch_item(s, self.key.variant));
+            out.push(if n == 0 { b'[' } else { b',' });
+            model::write_batch_item(&mut out, s, self.key.variant);
             n += 1;
         }
         if n == 0 {
             return None;
         }
-        out.push(']');
-        Some(ByteString::from(model::batch_event(
-            "state_batch",
-            &out,
-            self.key.variant,
-            now,
-        )))
+        out.extend_from_slice(b"]}");
+        // Built from serde_json's output and ASCII: valid UTF-8.
+        String::from_utf8(out).ok().map(ByteString::from)
     }
 
     /// Every non-blocked tracker's latest state, as one frame (a member's first batch).
