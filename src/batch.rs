@@ -777,6 +777,16 @@ mod tests {
         }
     }
 
+    /// A state group of trackers 1..=n, each at change 1, filled.
+    fn state_group(n: TrackerId) -> BatchGroup {
+        let g = group(GroupKind::State, 1..=n);
+        for id in 1..=n {
+            offer(&g, id, 1);
+        }
+        filled(&g);
+        g
+    }
+
     /// What [`Batches::fill`] does once the group holds its first states.
     fn filled(g: &BatchGroup) {
         let mut st = g.lock();
@@ -852,11 +862,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_member_behind_gets_only_what_changed_since_its_last_batch() {
-        let g = group(GroupKind::State, 1..=6);
-        for id in 1..=6 {
-            offer(&g, id, 1);
-        }
-        filled(&g);
+        let g = state_group(6);
         let (steady, first) = join(&g, 1, 8);
         assert_eq!(
             ids(&items_of(&first.unwrap_or_default())),
@@ -885,19 +891,15 @@ mod tests {
             }
         }
         assert_eq!(got[0], [vec![1], vec![2], vec![3], vec![4], vec![5]]);
-        // Stalled for two ticks and drained during the third: one batch of the three changes at
-        // the fourth, never the unchanged trackers, then deltas again.
+        // Stalled for two ticks and drained after the third: one batch of the four changes at the
+        // fourth, never the unchanged trackers, then deltas again.
         assert_eq!(got[1], [vec![1, 2, 3, 4], vec![5]]);
         assert_eq!(got[2], [vec![1, 2, 3, 4, 5]]);
     }
 
     #[tokio::test]
     async fn members_behind_since_the_same_tick_share_one_catch_up() {
-        let g = group(GroupKind::State, 1..=3);
-        for id in 1..=3 {
-            offer(&g, id, 1);
-        }
-        filled(&g);
+        let g = state_group(3);
         let (a, _) = join(&g, 1, 8);
         let (b, _) = join(&g, 2, 8);
         stall(&a);
@@ -927,11 +929,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_catch_up_of_every_tracker_is_the_full_batch_and_skips_blocked_ones() {
-        let g = group(GroupKind::State, 1..=3);
-        for id in 1..=3 {
-            offer(&g, id, 1);
-        }
-        filled(&g);
+        let g = state_group(3);
         let (a, _) = join(&g, 1, 8);
         stall(&a);
         for id in 1..=3 {
