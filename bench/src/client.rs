@@ -92,6 +92,23 @@ pub struct Errors {
 }
 
 impl Errors {
+    /// Adds `v` to the counter named `kind` (as [`Errors::snapshot`] names them); false for a
+    /// name it does not know.
+    pub fn add(&self, kind: &str, v: u64) -> bool {
+        let counter = match kind {
+            "connect" => &self.connect,
+            "handshake" => &self.handshake,
+            "subscribe" => &self.subscribe,
+            "order" => &self.order,
+            "parse" => &self.parse,
+            "unexpected_tracker" => &self.unexpected_tracker,
+            "closed" => &self.closed,
+            _ => return false,
+        };
+        counter.fetch_add(v, Ordering::Relaxed);
+        true
+    }
+
     pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
         let mut m = BTreeMap::new();
         for (k, v) in [
@@ -148,10 +165,23 @@ pub struct Board {
     pub periods: Mutex<Vec<(usize, u64)>>,
     /// Entries of the first batch each batch client received.
     pub first_batch_entries: Mutex<Vec<u64>>,
+    /// Log every timed receipt as (batch, receipt time) instead of timing it: a worker process
+    /// has no commit times, and hands its log to the parent (`worker.rs`).
+    log_receipts: bool,
+    pub receipts: Mutex<Vec<(u32, u64)>>,
 }
 
 impl Board {
     pub fn new(tape: Arc<Tape>) -> Arc<Board> {
+        Board::build(tape, false)
+    }
+
+    /// A board that logs receipts for another process to time (see `log_receipts`).
+    pub fn logging(tape: Arc<Tape>) -> Arc<Board> {
+        Board::build(tape, true)
+    }
+
+    fn build(tape: Arc<Tape>, log_receipts: bool) -> Arc<Board> {
         Arc::new(Board {
             tape,
             connected: AtomicUsize::new(0),
@@ -177,10 +207,12 @@ impl Board {
             period_window: [AtomicU64::new(0), AtomicU64::new(u64::MAX)],
             periods: Mutex::new(Vec::new()),
             first_batch_entries: Mutex::new(Vec::new()),
+            log_receipts,
+            receipts: Mutex::new(Vec::new()),
         })
     }
 
-    fn note_error(&self, what: &str) {
+    pub fn note_error(&self, what: &str) {
         let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
         if first.is_none() {
             *first = Some(what.chars().take(300).collect());
@@ -189,7 +221,14 @@ impl Board {
 
     /// Times a received state of batch `seq` (deferred if its commit time is not known yet:
     /// the event beat the writer's COMMIT reply to the bench).
-    fn time(&self, seq: u32, at: u64) {
+    pub fn time(&self, seq: u32, at: u64) {
+        if self.log_receipts {
+            self.receipts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((seq, at));
+            return;
+        }
         let Some(w) = self.tape.window_of(seq) else {
             return;
         };

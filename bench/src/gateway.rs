@@ -323,3 +323,105 @@ impl Drop for Gateway {
         self.stop();
     }
 }
+
+/// One or more gateway processes serving the same database, measured as one: CPU, RSS and
+/// coalesced states are sums over the processes. More than one is how a deployment holds more
+/// sockets than one process may open (see `worker.rs`).
+pub struct Gateways(pub Vec<Gateway>);
+
+impl Gateways {
+    /// Starts `n` gateways (at least one); logs go to `log`, or `log` with `-<i>` before its
+    /// extension for the i-th when there are several.
+    pub async fn start(
+        n: usize,
+        bin: &Path,
+        config_dir: &Path,
+        db_url: &str,
+        env: &[(String, String)],
+        log: PathBuf,
+    ) -> anyhow::Result<Gateways> {
+        let n = n.max(1);
+        let mut all = Vec::with_capacity(n);
+        for i in 0..n {
+            let log = if n == 1 {
+                log.clone()
+            } else {
+                let stem = log
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or("gateway");
+                log.with_file_name(format!("{stem}-{i}.log"))
+            };
+            all.push(Gateway::start(bin, config_dir, db_url, env, log).await?);
+        }
+        Ok(Gateways(all))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.0.iter().map(|g| g.port).collect()
+    }
+
+    pub fn cpu_seconds(&self) -> f64 {
+        self.0.iter().map(Gateway::cpu_seconds).sum()
+    }
+
+    pub fn rss_kb(&self) -> u64 {
+        self.0.iter().map(Gateway::rss_kb).sum()
+    }
+
+    /// The sum of each process's peak (an upper bound of the peak of the sum).
+    pub fn hwm_kb(&self) -> u64 {
+        self.0.iter().map(Gateway::hwm_kb).sum()
+    }
+
+    pub fn rss_peak_between(&self, from: u64, to: u64) -> u64 {
+        self.0.iter().map(|g| g.rss_peak_between(from, to)).sum()
+    }
+
+    /// The processes' series summed sample by sample (each samples every 50 ms, so the i-th
+    /// samples of each are within that of each other).
+    pub fn rss_series(&self, from: u64, to: u64, step_ns: u64) -> Vec<(f64, u64)> {
+        let series: Vec<Vec<(f64, u64)>> = self
+            .0
+            .iter()
+            .map(|g| g.rss_series(from, to, step_ns))
+            .collect();
+        let len = series.iter().map(Vec::len).min().unwrap_or(0);
+        (0..len)
+            .map(|i| (series[0][i].0, series.iter().map(|s| s[i].1).sum()))
+            .collect()
+    }
+
+    /// Summed over the processes; none if one does not serve the metric.
+    pub async fn coalesced(&self) -> Option<u64> {
+        let mut sum = 0;
+        for g in &self.0 {
+            sum += g.coalesced().await?;
+        }
+        Some(sum)
+    }
+
+    /// The RSS at which the memory guard killed a process (0: none was).
+    pub fn killed_kb(&self) -> u64 {
+        self.0
+            .iter()
+            .map(|g| g.killed_at_kb.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Whether every process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.0.iter_mut().all(|g| g.alive())
+    }
+
+    pub fn stop(&mut self) {
+        for g in &mut self.0 {
+            g.stop();
+        }
+    }
+}

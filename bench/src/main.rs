@@ -28,6 +28,7 @@ mod raw;
 mod report;
 mod scenarios;
 mod stats;
+mod worker;
 mod writer;
 
 use std::panic::AssertUnwindSafe;
@@ -68,6 +69,11 @@ struct Cli {
     /// open-file limit), or dashboards of the batch scenario (default 100; --quick: 10).
     #[arg(long)]
     sockets: Option<usize>,
+    /// Gateway processes of the connections scenario (default: as many as the open-file limit
+    /// requires, each holding up to the limit less 500 sockets; --quick: 2). Their clients run
+    /// in as many worker processes.
+    #[arg(long)]
+    gateways: Option<usize>,
     /// Dashboards with a `state_batch` of the whole fleet (rate 1 s) added to the latency
     /// scenario, to see what batch building costs the other sockets (default 0).
     #[arg(long, default_value_t = 0)]
@@ -80,6 +86,20 @@ struct Cli {
 fn main() -> ExitCode {
     stats::init_clock();
     let cli = Cli::parse();
+    if cli.scenario == "worker" {
+        // A client shard of the `connections` scenario (see worker.rs); not for direct use.
+        return match tokio::runtime::Runtime::new().map(|rt| rt.block_on(worker::run())) {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) => {
+                eprintln!("bench worker: {e:#}");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("bench worker: cannot start the runtime: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let names: Vec<&'static str> = if cli.scenario == "all" {
         scenarios::ALL.to_vec()
     } else if let Some(n) = scenarios::ALL.iter().find(|n| **n == cli.scenario) {
@@ -172,6 +192,7 @@ async fn run(cli: Cli, names: Vec<&'static str>) -> anyhow::Result<bool> {
         quick: cli.quick,
         window: cli.window.map(Duration::from_secs_f64),
         sockets: cli.sockets,
+        gateways: cli.gateways,
         batch_dashboards: cli.batch_dashboards,
         done: Vec::new(),
     };

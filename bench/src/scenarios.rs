@@ -21,11 +21,12 @@ use tokio::sync::{watch, Semaphore};
 
 use crate::client::{self, Board, Control, Spec, Sub};
 use crate::db::BenchDb;
-use crate::gateway::Gateway;
+use crate::gateway::{Gateway, Gateways};
 use crate::procfs;
 use crate::raw::{self, RawListener};
 use crate::report::{num, Outcome, TargetCheck};
 use crate::stats::{now_ns, Latency};
+use crate::worker::{Job, Shard};
 use crate::writer::{Tape, WritePlan, Writers};
 
 /// What every scenario needs.
@@ -40,6 +41,8 @@ pub struct Ctx {
     /// Sockets of the connections scenario (default 100,000; quick 2,000), or dashboards of
     /// the batch scenario (default 100; quick 10).
     pub sockets: Option<usize>,
+    /// Gateway processes of the connections scenario (see `connections`).
+    pub gateways: Option<usize>,
     /// `state_batch` dashboards of the whole fleet added to the latency scenario.
     pub batch_dashboards: usize,
     /// Results of earlier scenarios of this run (slow compares with latency).
@@ -89,6 +92,9 @@ struct StreamPlan {
     gate: usize,
     settle_timeout: Duration,
     env: Vec<(String, String)>,
+    /// Gateway processes on the database (1, or more for `connections`): with more than one,
+    /// the clients are split evenly among them and run in worker processes, one per gateway.
+    gateways: usize,
 }
 
 /// Counters at one instant.
@@ -124,7 +130,7 @@ async fn snap(
     tape: &Tape,
     board: &Board,
     raw: &RawListener,
-    gw: &Gateway,
+    gw: &Gateways,
     pg: &[(u32, bool)],
 ) -> Snap {
     let (pg_gateway_cpu, pg_other_cpu) = pg_cpu(pg);
@@ -252,7 +258,15 @@ async fn stream(ctx: &Ctx, plan: StreamPlan) -> anyhow::Result<Measured> {
         plan.clients.len()
     );
     let log = ctx.out_dir.join(format!("gateway-{}.log", plan.name));
-    let gw = Gateway::start(&ctx.gateway_bin, &ctx.config_dir, &url, &plan.env, log).await?;
+    let gw = Gateways::start(
+        plan.gateways,
+        &ctx.gateway_bin,
+        &ctx.config_dir,
+        &url,
+        &plan.env,
+        log,
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_idle = gw.rss_kb();
     let board = Board::new(tape.clone());
@@ -265,20 +279,32 @@ async fn stream(ctx: &Ctx, plan: StreamPlan) -> anyhow::Result<Measured> {
         stop: stop_rx,
     };
     let gate = Arc::new(Semaphore::new(plan.gate.max(1)));
-    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, gw.port));
     let hash: Arc<str> = Arc::from(fleet.hash.as_str());
     let n = plan.clients.len();
     let connect_started = Instant::now();
     let mut handles = Vec::with_capacity(n);
-    for spec in plan.clients {
-        handles.push(tokio::spawn(client::run(
-            spec,
-            addr,
-            hash.clone(),
-            board.clone(),
-            ctl.clone(),
-            Some(gate.clone()),
-        )));
+    let mut shards = Vec::new();
+    if gw.len() == 1 {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, gw.ports()[0]));
+        for spec in plan.clients {
+            handles.push(tokio::spawn(client::run(
+                spec,
+                addr,
+                hash.clone(),
+                board.clone(),
+                ctl.clone(),
+                Some(gate.clone()),
+            )));
+        }
+    } else {
+        // Each gateway gets a contiguous share of the clients, run by a worker process.
+        let per = n.div_ceil(gw.len()).max(1);
+        let gate = (plan.gate / gw.len()).max(1);
+        for (specs, port) in plan.clients.chunks(per).zip(gw.ports()) {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+            let job = Job::of(specs, addr, &fleet.hash, plan.trackers, gate)?;
+            shards.push(Shard::spawn(&job, board.clone()).await?);
+        }
     }
     let mut last_report = Instant::now();
     let settled = wait_until(plan.settle_timeout, || {
@@ -349,6 +375,13 @@ async fn stream(ctx: &Ctx, plan: StreamPlan) -> anyhow::Result<Measured> {
     let coalesced_end = gw.coalesced().await;
     let _ = stop_tx.send(true);
     let _ = go_tx.send(true);
+    for shard in shards {
+        if let Err(e) = shard.finish(&board).await {
+            board.note_error(&format!("worker: {e:#}"));
+            board.errors.closed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    board.resolve_deferred();
     let closed = wait_until(Duration::from_secs(60), || {
         board.done.load(Ordering::Relaxed) >= n
     })
@@ -457,7 +490,7 @@ async fn stream(ctx: &Ctx, plan: StreamPlan) -> anyhow::Result<Measured> {
     if werr > 0 {
         errors.insert("write".into(), werr);
     }
-    let killed_kb = gw.killed_at_kb.load(Ordering::Relaxed);
+    let killed_kb = gw.killed_kb();
     if killed_kb > 0 {
         errors.insert("gateway_killed_over_memory_limit".into(), 1);
     } else if !alive {
@@ -694,6 +727,7 @@ async fn ingest(ctx: &Ctx) -> anyhow::Result<Outcome> {
             windows: 1,
             gate: 200,
             settle_timeout: Duration::from_secs(120),
+            gateways: 1,
             env: vec![],
         },
     )
@@ -781,6 +815,7 @@ async fn fanout(ctx: &Ctx) -> anyhow::Result<Outcome> {
             windows: 1,
             gate: 200,
             settle_timeout: Duration::from_secs(180),
+            gateways: 1,
             env: vec![],
         },
     )
@@ -866,6 +901,7 @@ async fn latency(ctx: &Ctx) -> anyhow::Result<Outcome> {
             windows: 1,
             gate: 200,
             settle_timeout: Duration::from_secs(120),
+            gateways: 1,
             env: vec![],
         },
     )
@@ -907,14 +943,30 @@ async fn connections(ctx: &Ctx) -> anyhow::Result<Outcome> {
     };
     let wanted = ctx.sockets.unwrap_or(wanted);
     let per = 10;
-    // Both ends of every socket live in this process tree, one end per process: each process
-    // needs one descriptor per socket plus a margin (pool, LISTEN, logs, writers).
+    // Each end of a socket costs its process a descriptor, and the limit is per process: one
+    // process holds at most `limit` less a margin (pool, LISTEN, logs, writers). Past that, the
+    // sockets are split over several gateway processes on the database, with a worker process
+    // of clients for each (--quick runs two, to prove that path works).
     let limit = procfs::raise_nofile(wanted as u64 + 1000);
-    let sockets = wanted.min(
-        usize::try_from(limit)
-            .unwrap_or(usize::MAX)
-            .saturating_sub(500),
-    );
+    let cap = usize::try_from(limit)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(500)
+        .max(1);
+    let gateways = ctx
+        .gateways
+        .unwrap_or(if ctx.quick { 2 } else { wanted.div_ceil(cap) })
+        .max(1);
+    let sockets = wanted.min(cap.saturating_mul(gateways));
+    // Several gateways share the server's connection slots (100 by default): each keeps its
+    // subscribe pool (8) and reads events on 2 connections instead of 4 (a trickle of updates).
+    // With pools of 4, 3 of 100,000 subscribes waited more than the 5 s allowed for a pooled
+    // connection while the processes and their clients loaded both cores, and were answered
+    // code 14.
+    let env: Vec<(String, String)> = if gateways > 1 {
+        vec![("FLEETGATE_DATABASE__EVENT_CONNECTIONS".into(), "2".into())]
+    } else {
+        vec![]
+    };
     // One tracker per socket, each watched by `per` sockets.
     let n = sockets as i64;
     let m = stream(
@@ -922,7 +974,8 @@ async fn connections(ctx: &Ctx) -> anyhow::Result<Outcome> {
         StreamPlan {
             name: "connections",
             title: format!(
-                "{sockets} concurrent sockets × {per} trackers, trickle of {rate} updates/s"
+                "{sockets} concurrent sockets × {per} trackers on {gateways} gateway process{}, trickle of {rate} updates/s",
+                if gateways == 1 { "" } else { "es" }
             ),
             trackers: n,
             clients: state_clients(sockets, per, n, sources),
@@ -938,7 +991,8 @@ async fn connections(ctx: &Ctx) -> anyhow::Result<Outcome> {
             windows: 1,
             gate: 256,
             settle_timeout: Duration::from_secs(if ctx.quick { 60 } else { 900 }),
-            env: vec![],
+            env,
+            gateways,
         },
     )
     .await?;
@@ -952,10 +1006,18 @@ async fn connections(ctx: &Ctx) -> anyhow::Result<Outcome> {
         .get("connect_and_subscribe_s")
         .and_then(|v| v.as_f64())
         .unwrap_or(0.0);
+    o.extra.insert("gateway_processes".into(), json!(gateways));
     let capped = sockets < wanted;
     if capped {
         o.notes.push(format!(
-            "RLIMIT_NOFILE is {limit} here and cannot be raised (no CAP_SYS_RESOURCE), so the gateway can hold at most that many sockets: ran {sockets} of the {wanted} wanted"
+            "the open-file limit is {limit} per process here, so {gateways} gateway process(es) hold at most {} sockets: ran {sockets} of the {wanted} wanted (--gateways sets more)",
+            cap.saturating_mul(gateways)
+        ));
+    }
+    if gateways > 1 {
+        o.notes.push(format!(
+            "{gateways} gateway processes on one database, each with its own LISTEN connection and index, {} sockets each (the open-file limit here is {limit} per process), their clients in as many worker processes; CPU and RSS are the processes' sums, and RSS per socket is their summed growth over all sockets",
+            sockets.div_ceil(gateways)
         ));
     }
     o.targets = vec![
@@ -1277,6 +1339,7 @@ async fn batch(ctx: &Ctx) -> anyhow::Result<Outcome> {
             windows: 1,
             gate: 100,
             settle_timeout: Duration::from_secs(300),
+            gateways: 1,
             env: vec![],
         },
     )
@@ -1409,6 +1472,7 @@ async fn slow(ctx: &Ctx) -> anyhow::Result<Outcome> {
             windows: 2,
             gate: 200,
             settle_timeout: Duration::from_secs(120),
+            gateways: 1,
             env: vec![],
         },
     )

@@ -1,26 +1,54 @@
 //! Measurement primitives: the bench clock, a lock-free latency histogram, percentiles.
 //!
-//! Every time stamp in the bench is nanoseconds since one process-wide [`Instant`] (the bench's
-//! clock), so a commit time taken by a writer thread and a receipt time taken by a client task
-//! can be subtracted directly.
+//! Every time stamp in the bench is nanoseconds since one epoch on the system's monotonic clock
+//! (the bench's clock), so a commit time taken by a writer thread and a receipt time taken by a
+//! client task can be subtracted directly. Client worker processes (see `worker.rs`) are given
+//! the parent's epoch, so their time stamps are on the same clock.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
-use std::time::Instant;
 
 use serde::Serialize;
 
-static EPOCH: OnceLock<Instant> = OnceLock::new();
+/// The environment variable that hands the bench clock's epoch to a worker process.
+pub const EPOCH_ENV: &str = "FLEETGATE_BENCH_EPOCH_NS";
 
-/// Starts the bench clock (idempotent); call once at start-up.
+static EPOCH: OnceLock<u64> = OnceLock::new();
+
+/// `CLOCK_MONOTONIC` in nanoseconds: one clock for every process of the machine.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the struct we pass; CLOCK_MONOTONIC always exists.
+    unsafe {
+        libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts);
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Starts the bench clock (idempotent); call once at start-up. A worker process takes its
+/// parent's epoch from [`EPOCH_ENV`].
 pub fn init_clock() {
-    EPOCH.get_or_init(Instant::now);
+    EPOCH.get_or_init(|| {
+        std::env::var(EPOCH_ENV)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(monotonic_ns)
+    });
+}
+
+/// The bench clock's epoch, on `CLOCK_MONOTONIC` (for [`EPOCH_ENV`]).
+pub fn epoch_ns() -> u64 {
+    *EPOCH.get_or_init(monotonic_ns)
 }
 
 /// Nanoseconds since the bench clock started.
 pub fn now_ns() -> u64 {
-    let epoch = *EPOCH.get_or_init(Instant::now);
-    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    monotonic_ns().saturating_sub(epoch_ns())
 }
 
 /// Values below this (in µs) get one bucket each; above, 128 buckets per power of two (< 0.8%

@@ -96,6 +96,21 @@ impl Tape {
             .map_or(0, |a| a.load(Ordering::Acquire))
     }
 
+    /// The last batch of every tracker, indexed by tracker id (index 0 unused).
+    pub fn last_seqs(&self) -> Vec<u32> {
+        self.last_seq
+            .iter()
+            .map(|a| a.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// Sets what [`Tape::last_seq`] answers (a worker process is told the parent's tape).
+    pub fn set_last_seqs(&self, last: &[u32]) {
+        for (a, v) in self.last_seq.iter().zip(last) {
+            a.store(*v, Ordering::Release);
+        }
+    }
+
     /// Starts window `i` (0 or 1) at the next batch; also ends the previous one.
     pub fn mark(&self, i: usize) {
         if let Some(m) = self.marks.get(i) {
