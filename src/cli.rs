@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
 
 use crate::config::Settings;
 use crate::service::{self, UserRef};
-use crate::{commands, db, startup::Application};
+use crate::startup::{self, Application};
+use crate::{commands, db};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -161,6 +162,7 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
             if let Some(addr) = listen {
                 settings.server.listen = addr;
             }
+            startup::log_open_file_limit();
             let listener = TcpListener::bind(&settings.server.listen)
                 .with_context(|| format!("binding {}", settings.server.listen))?;
             let app = Application::build(settings, listener).await?;

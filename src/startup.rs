@@ -29,6 +29,35 @@ pub struct AppState {
     pub inbox: Arc<listen::Inbox>,
 }
 
+/// Below this open-file limit the gateway warns at start-up: each socket takes a descriptor.
+const OPEN_FILES_WARN: u64 = 10_000;
+
+/// Raises the soft open-file limit to the hard one and returns (before, after). Each socket
+/// costs the process a descriptor, and the usual soft default (1024, for programs that still
+/// use `select`) would cap the gateway at about a thousand sockets whatever the hard limit.
+pub fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
+    let (before, _) = rlimit::Resource::NOFILE.get()?;
+    let after = rlimit::increase_nofile_limit(u64::MAX)?;
+    Ok((before, after))
+}
+
+/// [`raise_open_file_limit`], logged: raised, or too low for many sockets.
+pub fn log_open_file_limit() {
+    match raise_open_file_limit() {
+        Ok((_, after)) if after < OPEN_FILES_WARN => tracing::warn!(
+            limit = after,
+            "the open-file limit caps the sockets this process can hold (one descriptor each); \
+             raise the hard limit (`ulimit -Hn`, `LimitNOFILE=` under systemd) or run several \
+             processes"
+        ),
+        Ok((before, after)) if after > before => {
+            tracing::info!(from = before, to = after, "open-file limit raised")
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
+    }
+}
+
 pub struct Application {
     port: u16,
     server: Server,
@@ -160,4 +189,22 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     }
     http::configure(cfg);
     crate::web::configure(cfg);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_soft_open_file_limit_is_raised_to_the_hard_one() -> std::io::Result<()> {
+        let (_, hard) = rlimit::Resource::NOFILE.get()?;
+        if hard < 2 || hard == rlimit::INFINITY {
+            return Ok(());
+        }
+        // Lowered by one (harmless to tests running beside this one), then raised again.
+        rlimit::Resource::NOFILE.set(hard - 1, hard)?;
+        assert_eq!(raise_open_file_limit()?, (hard - 1, hard));
+        assert_eq!(rlimit::Resource::NOFILE.get()?, (hard, hard));
+        Ok(())
+    }
 }
