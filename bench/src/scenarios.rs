@@ -316,7 +316,8 @@ async fn stream(ctx: &Ctx, plan: StreamPlan) -> anyhow::Result<Measured> {
                 board.subscribed.load(Ordering::Relaxed)
             );
         }
-        board.settled.load(Ordering::Relaxed) >= n
+        // A worker that died never settles its clients: stop waiting.
+        board.settled.load(Ordering::Relaxed) >= n || shards.iter().any(Shard::ended)
     })
     .await;
     let ramp_s = connect_started.elapsed().as_secs_f64();

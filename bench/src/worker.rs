@@ -312,6 +312,11 @@ impl Shard {
         })
     }
 
+    /// Whether the worker has stopped reporting (it ended or failed before being told to).
+    pub fn ended(&self) -> bool {
+        self.reader.is_finished()
+    }
+
     /// Stops the worker: sends the tape's last batches, waits for its report and adds it to
     /// `board` (receipts timed against the board's tape).
     pub async fn finish(mut self, board: &Board) -> anyhow::Result<()> {
