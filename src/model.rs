@@ -128,13 +128,22 @@ pub struct TrackerState {
     pub actual_track_update: Option<DateTime<Utc>>,
 }
 
-/// The columns of [`TrackerState`], for queries over `tracker_states s JOIN trackers t`.
+/// The columns of [`TrackerState`], for queries over [`STATE_FROM`].
 pub const STATE_COLUMNS: &str = "s.tracker_id, t.source_id, s.change_no, s.gps_updated, \
     s.gps_signal_level, s.lat, s.lng, s.heading, s.speed, s.alt, s.gps_precision, s.gsm_lbs, \
     s.connection_status, s.movement_status, s.movement_status_update, s.ignition, \
     s.ignition_update, s.gsm_updated, s.gsm_signal_level, s.gsm_network_name, s.gsm_roaming, \
     s.last_update, s.battery_level, s.battery_update, s.inputs, s.inputs_update, s.outputs, \
     s.outputs_update, s.additional, s.actual_track_update";
+
+/// The tables behind [`STATE_COLUMNS`]: each state with its tracker's source id, looked up by
+/// primary key. A plain `JOIN trackers t` let the planner hash-join a seq scan of the whole
+/// `trackers` table for every chunk the event processor reads: with 100,000 trackers, 21 ms
+/// for 2,000 random ids and 31 ms for a subscribe's 10,000, against 9 and 21 ms this way (the
+/// `LIMIT` keeps the lateral lookup from being flattened back into that join). Every state has
+/// its tracker (foreign key), so the rows are those of the inner join.
+pub const STATE_FROM: &str = "tracker_states s CROSS JOIN LATERAL \
+    (SELECT tr.source_id FROM trackers tr WHERE tr.id = s.tracker_id LIMIT 1) t";
 
 /// The field names of [`TrackerState`], in the order of [`STATE_COLUMNS`].
 const STATE_FIELDS: [&str; 30] = [

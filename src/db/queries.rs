@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool};
 
-use crate::model::{TrackerId, TrackerState, STATE_COLUMNS};
+use crate::model::{TrackerId, TrackerState, STATE_COLUMNS, STATE_FROM};
 
 /// A session as seen by a subscribe: its user, the account it belongs to, and whether it is live.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -78,7 +78,7 @@ pub async fn states_by_ids(
     ids: &[TrackerId],
 ) -> Result<Vec<TrackerState>, sqlx::Error> {
     sqlx::query_as::<_, TrackerState>(&format!(
-        "SELECT {STATE_COLUMNS} FROM tracker_states s JOIN trackers t ON t.id = s.tracker_id \
+        "SELECT {STATE_COLUMNS} FROM {STATE_FROM} \
           WHERE s.tracker_id = ANY($1) ORDER BY s.change_no"
     ))
     .bind(ids)
@@ -93,7 +93,7 @@ pub async fn states_by_range(
     hi: i64,
 ) -> Result<Vec<TrackerState>, sqlx::Error> {
     sqlx::query_as::<_, TrackerState>(&format!(
-        "SELECT {STATE_COLUMNS} FROM tracker_states s JOIN trackers t ON t.id = s.tracker_id \
+        "SELECT {STATE_COLUMNS} FROM {STATE_FROM} \
           WHERE s.change_no BETWEEN $1 AND $2 ORDER BY s.change_no"
     ))
     .bind(lo)
