@@ -168,20 +168,18 @@ impl Outbox {
                     out.push(item);
                 }
                 if out.len() < max && !inner.overflow.is_empty() {
-                    // The keys in one pass: finding each first key anew rescans the emptied
-                    // front of the table, which made draining a large overflow quadratic
-                    // (100,000 held states: 214 ms taken one by one, 19 ms in passes of 64).
-                    let keys: Vec<TrackerId> = inner
-                        .overflow
-                        .keys()
-                        .take(max - out.len())
-                        .copied()
-                        .collect();
-                    for key in keys {
-                        if let Some(item) = inner.overflow.remove(&key) {
-                            out.push(item);
-                        }
-                    }
+                    // Taken in one pass: finding each first key anew rescans the emptied front
+                    // of the table, which made draining a large overflow quadratic (100,000
+                    // held states: 214 ms taken one by one, 19 ms in passes of 64). Entries the
+                    // pass does not reach stay held.
+                    let room = max - out.len();
+                    out.extend(
+                        inner
+                            .overflow
+                            .extract_if(|_, _| true)
+                            .take(room)
+                            .map(|(_, item)| item),
+                    );
                 }
                 if !out.is_empty() {
                     return;
