@@ -796,7 +796,7 @@ mod tests {
 
     /// A member with an outbox of `capacity`; returns its outbox and its first (full) batch.
     fn join(g: &BatchGroup, conn: ConnId, capacity: usize) -> (Arc<Outbox>, Option<ByteString>) {
-        let outbox = Outbox::new(capacity, Default::default());
+        let outbox = Outbox::new(capacity);
         let mut st = g.lock();
         st.add_member(conn, &outbox, capacity);
         let first = g.shared_full(&mut st);

@@ -83,36 +83,159 @@ impl Revoked {
     }
 }
 
+/// A tracker's newest state, kept in the hub while some socket's outbox holds a [`Mark`] for
+/// it instead of a copy: the socket takes the state from here when it gets to the mark.
+pub struct HeldState {
+    /// Marks outstanding (set in an outbox and not yet taken or dropped). Incremented under
+    /// the outbox's lock when a mark is set; decremented once the mark's state has been read.
+    marks: AtomicU64,
+    latest: Mutex<Latest>,
+}
+
+struct Latest {
+    change: i64,
+    resend: bool,
+    notified: Instant,
+    /// The state event once per variant its subscribers wanted.
+    frames: Vec<(Variant, ByteString)>,
+}
+
+impl HeldState {
+    fn new(latest: Latest) -> Arc<HeldState> {
+        Arc::new(HeldState {
+            marks: AtomicU64::new(0),
+            latest: Mutex::new(latest),
+        })
+    }
+
+    fn latest(&self) -> MutexGuard<'_, Latest> {
+        self.latest.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn store(&self, latest: Latest) {
+        *self.latest() = latest;
+    }
+
+    fn outstanding(&self) -> u64 {
+        self.marks.load(Ordering::Acquire)
+    }
+
+    /// The state a mark stands for: the newest, in the mark's variant (or, should the socket
+    /// have changed its format since the mark was set, in the first variant there is).
+    fn item(&self, mark: &Mark) -> Option<Outgoing> {
+        let latest = self.latest();
+        let frame = latest
+            .frames
+            .iter()
+            .find(|(v, _)| *v == mark.variant)
+            .or_else(|| latest.frames.first())
+            .map(|(_, f)| f.clone())?;
+        Some(Outgoing::State {
+            tracker: mark.tracker,
+            change: latest.change,
+            resend: latest.resend,
+            frame,
+            notified: latest.notified,
+        })
+    }
+
+    /// Reads the state of a mark that is being taken, then counts the mark as gone (in that
+    /// order: the hub stops keeping the state once no mark is outstanding).
+    fn take(&self, mark: &Mark) -> Option<Outgoing> {
+        let item = self.item(mark);
+        self.marks.fetch_sub(1, Ordering::AcqRel);
+        item
+    }
+
+    fn drop_mark(&self) {
+        self.marks.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// In a socket's outbox instead of a state: "this tracker has a newer state, held in the hub".
+pub struct Mark {
+    slot: u32,
+    tracker: TrackerId,
+    variant: Variant,
+    held: Arc<HeldState>,
+}
+
+/// What [`Outbox::push_state`] did with a state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// The queue was full: a mark was set, the state stays in the hub.
+    Marked,
+    /// The queue was full and a mark was already set: the newer state replaces the older.
+    Coalesced,
+    Closed,
+}
+
 #[derive(Default)]
 struct OutboxInner {
     queue: VecDeque<Outgoing>,
-    /// States that arrived while the queue was full: the newest per tracker.
-    overflow: HashMap<TrackerId, Outgoing>,
+    /// States that arrived while the queue was full, as marks in the order they were set, at
+    /// most one per tracker. A mark is a few words in this socket's memory; the state itself is
+    /// kept once in the hub for every socket that fell behind on it, so a socket that is behind
+    /// costs the publisher a bit test per state, not a map insert.
+    marks: VecDeque<Mark>,
+    /// Which slots have a mark, one bit per slot.
+    marked: Vec<u64>,
+    /// Slots given back by unsubscribes, to be reused.
+    free_slots: Vec<u32>,
+    next_slot: u32,
     /// How many of the queued items are ready frames (batches): batch groups skip a member
     /// that still has one waiting, since a single batch can weigh megabytes.
     frames: usize,
+    coalesced: u64,
     closed: bool,
 }
 
-/// A socket's bounded outbound queue. States beyond the capacity are coalesced (the newest per
-/// tracker wins); lifecycle, logout and shutdown items are always queued.
+impl OutboxInner {
+    fn is_marked(&self, slot: u32) -> bool {
+        self.marked
+            .get(slot as usize / 64)
+            .is_some_and(|w| w & (1 << (slot % 64)) != 0)
+    }
+
+    fn set_mark(&mut self, slot: u32, on: bool) {
+        let i = slot as usize / 64;
+        if self.marked.len() <= i {
+            self.marked.resize(i + 1, 0);
+        }
+        if on {
+            self.marked[i] |= 1 << (slot % 64);
+        } else {
+            self.marked[i] &= !(1 << (slot % 64));
+        }
+    }
+
+    /// Removes the mark of a slot, if it has one.
+    fn unmark(&mut self, slot: u32) -> Option<Mark> {
+        if !self.is_marked(slot) {
+            return None;
+        }
+        self.set_mark(slot, false);
+        let at = self.marks.iter().position(|m| m.slot == slot)?;
+        self.marks.remove(at)
+    }
+}
+
+/// A socket's bounded outbound queue. A state that finds the queue full leaves a [`Mark`]
+/// instead (the newest state per tracker wins); lifecycle, logout and shutdown items are always
+/// queued. Every tracker a socket watches has a slot in its outbox, given by [`Outbox::slot`].
 pub struct Outbox {
     inner: Mutex<OutboxInner>,
     ready: Notify,
     capacity: usize,
-    coalesced: AtomicU64,
-    /// The process-wide total, shared by every outbox.
-    total_coalesced: Arc<AtomicU64>,
 }
 
 impl Outbox {
-    pub fn new(capacity: usize, total_coalesced: Arc<AtomicU64>) -> Arc<Outbox> {
+    pub fn new(capacity: usize) -> Arc<Outbox> {
         Arc::new(Outbox {
             inner: Mutex::new(OutboxInner::default()),
             ready: Notify::new(),
             capacity: capacity.max(1),
-            coalesced: AtomicU64::new(0),
-            total_coalesced,
         })
     }
 
@@ -122,39 +245,102 @@ impl Outbox {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A slot for a newly watched tracker.
+    fn slot(&self) -> u32 {
+        let mut inner = self.lock();
+        match inner.free_slots.pop() {
+            Some(slot) => slot,
+            None => {
+                inner.next_slot += 1;
+                inner.next_slot - 1
+            }
+        }
+    }
+
+    /// Gives a slot back (its tracker is no longer watched), dropping its mark.
+    fn release(&self, slot: u32) {
+        let mut inner = self.lock();
+        if let Some(mark) = inner.unmark(slot) {
+            mark.held.drop_mark();
+        }
+        inner.free_slots.push(slot);
+    }
+
+    /// Queues a state, or marks its slot when the queue is full. `item` builds the queued
+    /// item; `held` gives the hub's [`HeldState`] for the tracker, already holding this state.
+    fn push_state(
+        &self,
+        slot: u32,
+        tracker: TrackerId,
+        variant: Variant,
+        item: impl FnOnce() -> Outgoing,
+        held: impl FnOnce() -> Arc<HeldState>,
+    ) -> Pushed {
+        let pushed = {
+            let mut inner = self.lock();
+            if inner.closed {
+                return Pushed::Closed;
+            }
+            if inner.queue.len() < self.capacity {
+                inner.queue.push_back(item());
+                Pushed::Queued
+            } else if inner.is_marked(slot) {
+                inner.coalesced += 1;
+                return Pushed::Coalesced;
+            } else {
+                let held = held();
+                held.marks.fetch_add(1, Ordering::AcqRel);
+                inner.set_mark(slot, true);
+                inner.marks.push_back(Mark {
+                    slot,
+                    tracker,
+                    variant,
+                    held,
+                });
+                Pushed::Marked
+            }
+        };
+        self.ready.notify_one();
+        pushed
+    }
+
+    /// Queues a lifecycle event for a tracker, after the state marked for it (if any), so the
+    /// socket sees them in the order they happened.
+    fn push_lifecycle(&self, slot: u32, item: Outgoing) {
+        {
+            let mut inner = self.lock();
+            if inner.closed {
+                return;
+            }
+            if let Some(mark) = inner.unmark(slot) {
+                if let Some(state) = mark.held.take(&mark) {
+                    inner.queue.push_back(state);
+                }
+            }
+            inner.queue.push_back(item);
+        }
+        self.ready.notify_one();
+    }
+
+    /// Queues any item but a state (those go through the hub, see [`Hub::publish_state`]).
     pub fn push(&self, item: Outgoing) {
         {
             let mut inner = self.lock();
             if inner.closed {
                 return;
             }
-            match item {
-                Outgoing::State { tracker, .. } if inner.queue.len() >= self.capacity => {
-                    if inner.overflow.insert(tracker, item).is_some() {
-                        self.coalesced.fetch_add(1, Ordering::Relaxed);
-                        self.total_coalesced.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Outgoing::Lifecycle { tracker, .. } | Outgoing::GroupLifecycle { tracker, .. } => {
-                    // Keep per-tracker order: a state held back for this tracker goes first.
-                    if let Some(held) = inner.overflow.remove(&tracker) {
-                        inner.queue.push_back(held);
-                    }
-                    inner.queue.push_back(item);
-                }
-                other => {
-                    if matches!(other, Outgoing::Frame(_)) {
-                        inner.frames += 1;
-                    }
-                    inner.queue.push_back(other)
-                }
+            if matches!(item, Outgoing::Frame(_)) {
+                inner.frames += 1;
             }
+            inner.queue.push_back(item);
         }
         self.ready.notify_one();
     }
 
-    /// Takes up to `max` items, waiting until at least one is there.
+    /// Takes up to `max` items, waiting until at least one is there: queued items first, then
+    /// the newest state of each marked tracker.
     pub async fn pop_batch(&self, max: usize, out: &mut Vec<Outgoing>) {
+        let mut marks: Vec<Mark> = Vec::new();
         loop {
             {
                 let mut inner = self.lock();
@@ -167,23 +353,18 @@ impl Outbox {
                     }
                     out.push(item);
                 }
-                if out.len() < max && !inner.overflow.is_empty() {
-                    // Taken in one pass: finding each first key anew rescans the emptied front
-                    // of the table, which made draining a large overflow quadratic (100,000
-                    // held states: 214 ms taken one by one, 19 ms in passes of 64). Entries the
-                    // pass does not reach stay held.
-                    let room = max - out.len();
-                    out.extend(
-                        inner
-                            .overflow
-                            .extract_if(|_, _| true)
-                            .take(room)
-                            .map(|(_, item)| item),
-                    );
+                while out.len() + marks.len() < max {
+                    let Some(mark) = inner.marks.pop_front() else {
+                        break;
+                    };
+                    inner.set_mark(mark.slot, false);
+                    marks.push(mark);
                 }
-                if !out.is_empty() {
-                    return;
-                }
+            }
+            // Read outside the outbox's lock: the publisher may be writing the newest state.
+            out.extend(marks.drain(..).filter_map(|m| m.held.take(&m)));
+            if !out.is_empty() {
+                return;
             }
             self.ready.notified().await;
         }
@@ -194,7 +375,10 @@ impl Outbox {
         let mut inner = self.lock();
         inner.closed = true;
         inner.queue.clear();
-        inner.overflow.clear();
+        for mark in inner.marks.drain(..) {
+            mark.held.drop_mark();
+        }
+        inner.marked.clear();
         inner.frames = 0;
     }
 
@@ -205,7 +389,7 @@ impl Outbox {
 
     pub fn len(&self) -> usize {
         let inner = self.lock();
-        inner.queue.len() + inner.overflow.len()
+        inner.queue.len() + inner.marks.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -214,7 +398,7 @@ impl Outbox {
 
     /// States dropped because a newer one for the same tracker replaced them.
     pub fn coalesced(&self) -> u64 {
-        self.coalesced.load(Ordering::Relaxed)
+        self.lock().coalesced
     }
 }
 
@@ -223,6 +407,8 @@ struct Subscriber {
     conn: ConnId,
     outbox: Arc<Outbox>,
     variant: Variant,
+    /// This tracker's slot in the outbox (where a mark goes when the queue is full).
+    slot: u32,
 }
 
 #[derive(Default)]
@@ -235,6 +421,8 @@ struct TrackerEntry {
     blocked: bool,
     lifecycle_change: i64,
     state_change: i64,
+    /// The newest state, while some subscriber's outbox holds a mark for it.
+    held: Option<Arc<HeldState>>,
 }
 
 impl TrackerEntry {
@@ -286,7 +474,7 @@ impl Hub {
 
     /// A new outbox whose coalesced states count towards the hub's total.
     pub fn outbox(&self, capacity: usize) -> Arc<Outbox> {
-        Outbox::new(capacity, self.stats.coalesced.clone())
+        Outbox::new(capacity)
     }
 
     pub fn next_conn_id(&self) -> ConnId {
@@ -315,6 +503,7 @@ impl Hub {
                     conn,
                     outbox: outbox.clone(),
                     variant: v,
+                    slot: outbox.slot(),
                 }),
             }
         }
@@ -324,7 +513,13 @@ impl Hub {
         for id in ids {
             let empty = match self.trackers.get_mut(id) {
                 Some(mut entry) => {
-                    entry.subs.retain(|s| s.conn != conn);
+                    entry.subs.retain(|s| {
+                        let gone = s.conn == conn;
+                        if gone {
+                            s.outbox.release(s.slot);
+                        }
+                        !gone
+                    });
                     entry.is_idle()
                 }
                 None => false,
@@ -456,23 +651,63 @@ impl Hub {
         entry.state_change = state.change_no;
         entry.source_id = state.source_id;
         let notified = self.metrics.round_notified();
+        let entry = &mut *entry;
+        // Each variant's frame, serialized once for all its subscribers.
         let mut frames: Vec<(Variant, ByteString)> = Vec::with_capacity(1);
         for sub in &entry.subs {
-            let frame = match frames.iter().find(|(v, _)| *v == sub.variant) {
-                Some((_, f)) => f.clone(),
-                None => {
-                    let f = ByteString::from(model::state_event(state, sub.variant, now));
-                    frames.push((sub.variant, f.clone()));
-                    f
-                }
-            };
-            sub.outbox.push(Outgoing::State {
-                tracker: state.tracker_id,
-                change: state.change_no,
-                resend,
-                frame,
-                notified,
-            });
+            if !frames.iter().any(|(v, _)| *v == sub.variant) {
+                let f = ByteString::from(model::state_event(state, sub.variant, now));
+                frames.push((sub.variant, f));
+            }
+        }
+        let latest = || Latest {
+            change: state.change_no,
+            resend,
+            notified,
+            frames: frames.clone(),
+        };
+        // Sockets that are behind hold a mark, not this state: keep it where they will look,
+        // before any of them can look.
+        if let Some(held) = &entry.held {
+            held.store(latest());
+        }
+        let mut coalesced = 0;
+        for sub in &entry.subs {
+            let pushed = sub.outbox.push_state(
+                sub.slot,
+                state.tracker_id,
+                sub.variant,
+                || {
+                    let frame = frames
+                        .iter()
+                        .find(|(v, _)| *v == sub.variant)
+                        .map(|(_, f)| f.clone())
+                        .unwrap_or_default();
+                    Outgoing::State {
+                        tracker: state.tracker_id,
+                        change: state.change_no,
+                        resend,
+                        frame,
+                        notified,
+                    }
+                },
+                || {
+                    entry
+                        .held
+                        .get_or_insert_with(|| HeldState::new(latest()))
+                        .clone()
+                },
+            );
+            if pushed == Pushed::Coalesced {
+                coalesced += 1;
+            }
+        }
+        // Nobody is behind on this tracker any more: stop keeping its state.
+        if entry.held.as_ref().is_some_and(|h| h.outstanding() == 0) {
+            entry.held = None;
+        }
+        if coalesced > 0 {
+            self.stats.coalesced.fetch_add(coalesced, Ordering::Relaxed);
         }
         if !entry.groups.is_empty() {
             let shared = Arc::new(state.clone());
@@ -503,12 +738,18 @@ impl Hub {
         entry.blocked = kind != Lifecycle::Unblock;
         let frame = ByteString::from(model::lifecycle_event(id, entry.source_id, kind));
         for sub in &entry.subs {
-            sub.outbox.push(Outgoing::Lifecycle {
-                tracker: id,
-                change,
-                kind,
-                frame: frame.clone(),
-            });
+            sub.outbox.push_lifecycle(
+                sub.slot,
+                Outgoing::Lifecycle {
+                    tracker: id,
+                    change,
+                    kind,
+                    frame: frame.clone(),
+                },
+            );
+        }
+        if entry.held.as_ref().is_some_and(|h| h.outstanding() == 0) {
+            entry.held = None;
         }
         for g in entry.groups.iter().chain(&entry.readings_groups) {
             g.lifecycle(id, change, kind, &frame);
@@ -648,15 +889,18 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Format;
 
-    fn state_item(tracker: TrackerId, change: i64) -> Outgoing {
-        Outgoing::State {
-            tracker,
-            change,
-            resend: false,
-            frame: ByteString::from(format!("{tracker}:{change}")),
-            notified: Instant::now(),
+    fn variant() -> Variant {
+        Variant {
+            format: Format::Full,
+            tz: chrono_tz::UTC,
+            iso: false,
         }
+    }
+
+    fn publish(hub: &Hub, tracker: TrackerId, change: i64) {
+        hub.publish_state(&model::test_state(tracker, change), false, Utc::now());
     }
 
     async fn drain(outbox: &Outbox) -> Vec<Outgoing> {
@@ -667,29 +911,43 @@ mod tests {
         all
     }
 
+    /// (tracker, change) of each state taken, in order.
+    fn states(items: &[Outgoing]) -> Vec<(TrackerId, i64)> {
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Outgoing::State {
+                    tracker, change, ..
+                } => Some((*tracker, *change)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn holds_state(hub: &Hub, id: TrackerId) -> bool {
+        hub.trackers.get(&id).is_some_and(|e| e.held.is_some())
+    }
+
     #[tokio::test]
     async fn a_large_overflow_drains_whole_in_batches() {
-        let outbox = Outbox::new(1, Default::default());
-        for tracker in 0..10_000 {
-            outbox.push(state_item(tracker, 1));
+        let hub = Hub::new();
+        let outbox = hub.outbox(1);
+        let ids: Vec<TrackerId> = (0..10_000).collect();
+        hub.subscribe(1, &outbox, &ids, variant());
+        for &id in &ids {
+            publish(&hub, id, 1);
         }
-        outbox.push(state_item(5, 2));
+        publish(&hub, 5, 2);
         let mut seen = HashSet::new();
         let mut batch = Vec::new();
         while !outbox.is_empty() {
             batch.clear();
             outbox.pop_batch(64, &mut batch).await;
             assert!(batch.len() <= 64);
-            for item in &batch {
-                let Outgoing::State {
-                    tracker, change, ..
-                } = item
-                else {
-                    panic!("only states were queued");
-                };
-                assert!(seen.insert(*tracker), "tracker {tracker} taken twice");
-                if *tracker == 5 {
-                    assert_eq!(*change, 2, "the newest state of a coalesced tracker");
+            for (tracker, change) in states(&batch) {
+                assert!(seen.insert(tracker), "tracker {tracker} taken twice");
+                if tracker == 5 {
+                    assert_eq!(change, 2, "the newest state of a coalesced tracker");
                 }
             }
         }
@@ -698,34 +956,109 @@ mod tests {
 
     #[tokio::test]
     async fn full_outbox_keeps_newest_state_per_tracker() {
-        let outbox = Outbox::new(2, Default::default());
+        let hub = Hub::new();
+        let outbox = hub.outbox(2);
+        hub.subscribe(1, &outbox, &[1, 2], variant());
         for change in 1..=10 {
-            outbox.push(state_item(1, change));
-            outbox.push(state_item(2, change));
+            publish(&hub, 1, change);
+            publish(&hub, 2, change);
         }
         assert!(outbox.len() <= 4, "queue stays bounded");
-        let items = drain(&outbox).await;
+        let items = states(&drain(&outbox).await);
         let last_for = |t| {
             items
                 .iter()
-                .filter_map(|i| match i {
-                    Outgoing::State {
-                        tracker, change, ..
-                    } if *tracker == t => Some(*change),
-                    _ => None,
-                })
+                .filter(|(id, _)| *id == t)
+                .map(|(_, c)| *c)
                 .max()
         };
         assert_eq!(last_for(1), Some(10));
         assert_eq!(last_for(2), Some(10));
-        assert!(outbox.coalesced() >= 14);
+        // Two queued each, one marked each, and the other eight replaced the mark's state.
+        assert_eq!(outbox.coalesced(), 16);
+        assert_eq!(hub.stats.coalesced.load(Ordering::Relaxed), 16);
+    }
+
+    #[tokio::test]
+    async fn a_socket_behind_gets_the_newest_and_the_others_every_state() {
+        let hub = Hub::new();
+        let (slow, fast) = (hub.outbox(1), hub.outbox(64));
+        hub.subscribe(1, &slow, &[7], variant());
+        hub.subscribe(2, &fast, &[7], variant());
+        for change in 1..=5 {
+            publish(&hub, 7, change);
+            // The fast socket reads as it goes.
+            assert_eq!(states(&drain(&fast).await), [(7, change)]);
+        }
+        assert!(holds_state(&hub, 7), "the slow socket holds a mark");
+        assert_eq!(states(&drain(&slow).await), [(7, 1), (7, 5)]);
+        // The next state finds nobody behind: the hub stops keeping it.
+        publish(&hub, 7, 6);
+        assert!(!holds_state(&hub, 7));
+        assert_eq!(states(&drain(&slow).await), [(7, 6)]);
+        assert_eq!(states(&drain(&fast).await), [(7, 6)]);
+    }
+
+    #[tokio::test]
+    async fn a_state_taken_while_published_is_the_newest() {
+        // The mark is taken between two states: the second must still arrive.
+        let hub = Hub::new();
+        let outbox = hub.outbox(1);
+        hub.subscribe(1, &outbox, &[3, 4], variant());
+        publish(&hub, 3, 1);
+        publish(&hub, 4, 1); // marked
+        publish(&hub, 4, 2); // coalesced into the mark
+        let mut first = Vec::new();
+        outbox.pop_batch(64, &mut first).await;
+        assert_eq!(states(&first), [(3, 1), (4, 2)]);
+        publish(&hub, 4, 3);
+        assert_eq!(states(&drain(&outbox).await), [(4, 3)]);
+    }
+
+    #[tokio::test]
+    async fn unsubscribing_drops_the_mark_and_frees_the_slot() {
+        let hub = Hub::new();
+        let outbox = hub.outbox(1);
+        hub.subscribe(1, &outbox, &[1, 2], variant());
+        publish(&hub, 1, 1);
+        publish(&hub, 2, 1); // marked
+        hub.unsubscribe(1, &[2]);
+        assert_eq!(outbox.len(), 1);
+        // Tracker 3 reuses tracker 2's slot, and is marked in its own right.
+        hub.subscribe(1, &outbox, &[3], variant());
+        publish(&hub, 3, 4);
+        assert_eq!(states(&drain(&outbox).await), [(1, 1), (3, 4)]);
+        publish(&hub, 3, 5);
+        assert!(!holds_state(&hub, 3));
+        outbox.close();
+        hub.subscribe(1, &outbox, &[9], variant());
+        publish(&hub, 9, 1);
+        assert!(outbox.is_empty(), "a closed outbox takes nothing");
+    }
+
+    #[tokio::test]
+    async fn closing_drops_the_marks() {
+        let hub = Hub::new();
+        let outbox = hub.outbox(1);
+        hub.subscribe(1, &outbox, &[1, 2], variant());
+        publish(&hub, 1, 1);
+        publish(&hub, 2, 1); // marked
+        outbox.close();
+        hub.unsubscribe(1, &[1, 2]);
+        assert_eq!(hub.tracker_count(), 0);
+        let other = hub.outbox(8);
+        hub.subscribe(2, &other, &[2], variant());
+        publish(&hub, 2, 2);
+        assert!(!holds_state(&hub, 2));
     }
 
     #[tokio::test]
     async fn queued_frames_are_counted_until_taken() {
-        let outbox = Outbox::new(8, Default::default());
+        let outbox = Outbox::new(8);
         outbox.push(Outgoing::Frame(ByteString::from("batch 1")));
-        outbox.push(state_item(1, 1));
+        outbox.push(Outgoing::Logout {
+            hash: Arc::from("h"),
+        });
         outbox.push(Outgoing::Frame(ByteString::from("batch 2")));
         assert_eq!(outbox.frames(), 2);
         let mut out = Vec::new();
@@ -737,25 +1070,26 @@ mod tests {
 
     #[tokio::test]
     async fn lifecycle_is_never_dropped_and_follows_held_state() {
-        let outbox = Outbox::new(1, Default::default());
-        outbox.push(state_item(1, 1));
-        outbox.push(state_item(2, 5)); // held in overflow
-        outbox.push(Outgoing::Lifecycle {
-            tracker: 2,
-            change: 6,
-            kind: Lifecycle::Block,
-            frame: ByteString::from("block"),
-        });
-        let items = drain(&outbox).await;
-        let order: Vec<String> = items
+        let hub = Hub::new();
+        let outbox = hub.outbox(1);
+        hub.subscribe(1, &outbox, &[1, 2], variant());
+        publish(&hub, 1, 1);
+        publish(&hub, 2, 5); // marked
+        assert!(hub.publish_lifecycle(2, 6, Lifecycle::Block));
+        let order: Vec<String> = drain(&outbox)
+            .await
             .iter()
             .map(|i| match i {
-                Outgoing::State { frame, .. } | Outgoing::Lifecycle { frame, .. } => {
-                    frame.to_string()
-                }
+                Outgoing::State {
+                    tracker, change, ..
+                } => format!("{tracker}:{change}"),
+                Outgoing::Lifecycle { kind, .. } => format!("{kind:?}"),
                 _ => String::new(),
             })
             .collect();
-        assert_eq!(order, ["1:1", "2:5", "block"]);
+        assert_eq!(order, ["1:1", "2:5", "Block"]);
+        // The mark went with the lifecycle event: nothing is kept for it.
+        assert!(hub.publish_lifecycle(2, 7, Lifecycle::Unblock));
+        assert!(!holds_state(&hub, 2));
     }
 }
