@@ -2,6 +2,9 @@ use clap::Parser;
 
 use fleetgate::{cli, config::Settings, telemetry};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
     let settings = Settings::load(&cli.config_dir)?;
