@@ -127,11 +127,13 @@ impl Application {
                 // written while the previous one is unacknowledged waits for the peer's delayed
                 // ACK (up to 40 ms on Linux), which the benchmark showed as a p95 of ~45 ms.
                 .tcp_nodelay(true)
-                // actix-http fills a connection's write buffer to 32 KiB by default before
-                // writing. Sockets are written in chunks of at most `writer::CHUNK` bytes, so this
-                // bound keeps it within 8 KiB while a socket is busy; our patched actix-http
-                // (vendor/README.md) releases it when the socket has nothing left to write.
-                .h1_write_buffer_size(8 * 1024 - crate::ws::writer::CHUNK)
+                // How much actix-http gathers from a socket's body before writing it to the
+                // connection (its default is 32 KiB). Sockets are fed in chunks of at most
+                // `writer::CHUNK` bytes, so a busy socket holds at most 32 KiB here; our patched
+                // actix-http (vendor/README.md) releases the buffer as soon as everything is
+                // written, so an idle one holds none. 8 KiB cost about a fifth of `fanout`'s
+                // throughput in write calls (README, "What changed").
+                .h1_write_buffer_size(32 * 1024 - crate::ws::writer::CHUNK)
                 .shutdown_timeout(settings.server.shutdown_timeout_secs);
         if settings.server.workers > 0 {
             server = server.workers(settings.server.workers);

@@ -9,7 +9,7 @@
 //! are queued), a frame's payload is never copied into a per-socket buffer when it is large (it
 //! is handed to actix-http in slices of the same shared allocation, so a batch rendered once for
 //! a hundred dashboards stays one allocation), and small frames are gathered into chunks of at
-//! most [`CHUNK`] bytes, which keeps actix-http's write buffer within 8 KiB (see
+//! most [`CHUNK`] bytes, which keeps actix-http's write buffer within 32 KiB (see
 //! `h1_write_buffer_size` in `startup.rs`).
 //!
 //! Reading stays with actix-ws's `MessageStream`, which parses and aggregates client frames.
