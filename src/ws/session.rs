@@ -8,6 +8,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use actix_http::body::{BodyStream, MessageBody};
@@ -25,7 +26,7 @@ use crate::access;
 use crate::batch::{BatchGroup, GroupKey, GroupKind, Scope, Target};
 use crate::db::{self, queries};
 use crate::hub::{ConnId, Outbox, Outgoing, TrackerFacts};
-use crate::metrics::FrameKind;
+use crate::metrics::{FrameKind, SentTally};
 use crate::model::{self, Format, Lifecycle, TrackerId, Variant};
 use crate::readings::ReadingsFilter;
 use crate::startup::AppState;
@@ -74,7 +75,15 @@ async fn within(
     limit: Duration,
     write: impl std::future::Future<Output = Result<(), writer::Closed>>,
 ) -> Result<(), Stop> {
-    match tokio::time::timeout(limit, write).await {
+    // Most writes are accepted at once: only arm a timer (a clock read and a timer entry) for
+    // one that has to wait.
+    let mut write = std::pin::pin!(write);
+    let first = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+    let result = match first {
+        Poll::Ready(r) => Ok(r),
+        Poll::Pending => tokio::time::timeout(limit, write).await,
+    };
+    match result {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Stop::Gone),
         Err(_) => {
@@ -111,6 +120,10 @@ struct Connection {
     memberships: Vec<(Arc<BatchGroup>, Arc<str>)>,
     /// The last lifecycle change sent per tracker, so a tracker watched both ways sends it once.
     lifecycle_sent: HashMap<TrackerId, i64>,
+    /// Frames written, added to the process's metrics after each step of the loop.
+    sent: SentTally,
+    /// When the notifications behind the state frames written in this step arrived.
+    notified: Vec<Instant>,
     tokens: f64,
     refilled: Instant,
 }
@@ -130,6 +143,8 @@ impl Connection {
             watches: HashMap::new(),
             memberships: Vec::new(),
             lifecycle_sent: HashMap::new(),
+            sent: SentTally::default(),
+            notified: Vec::new(),
             tokens: burst,
             refilled: Instant::now(),
         }
@@ -139,6 +154,7 @@ impl Connection {
         tracing::debug!("connected");
         self.app.hub.metrics.open_sockets.inc();
         let stop = self.serve(&mut stream).await;
+        self.count_sent();
         self.app.hub.metrics.open_sockets.dec();
         // Cleanup first, so the hub stops queueing for this socket.
         self.outbox.close();
@@ -254,19 +270,37 @@ impl Connection {
                     }
                 }
             }
+            self.count_sent();
         }
     }
 
     /// Writes one frame (with Atmosphere framing if negotiated). A peer that does not take it
     /// within the idle timeout is given up on.
     async fn send(&mut self, msg: ByteString) -> Result<(), Stop> {
-        let kind = FrameKind::of(&msg);
+        self.send_kind(FrameKind::of(&msg), msg).await
+    }
+
+    async fn send_kind(&mut self, kind: FrameKind, msg: ByteString) -> Result<(), Stop> {
         let frame = self.transport.frame(msg);
         let len = frame.len();
         let idle = self.app.settings.websocket.idle_timeout();
         within(idle, self.ws.text(frame)).await?;
-        self.app.hub.metrics.frame_sent(kind, len);
+        self.sent.frame(kind, len);
         Ok(())
+    }
+
+    /// Adds the frames written since the last call to the process's metrics: once per step of
+    /// the loop (a batch of up to [`WRITE_BATCH`] items), not once per frame.
+    fn count_sent(&mut self) {
+        let metrics = &self.app.hub.metrics;
+        if !self.notified.is_empty() {
+            let now = Instant::now();
+            for at in self.notified.drain(..) {
+                self.sent
+                    .notify_to_send(metrics, now.saturating_duration_since(at));
+            }
+        }
+        metrics.add_sent(&mut self.sent);
     }
 
     async fn send_error(
@@ -698,12 +732,8 @@ impl Connection {
                     return Ok(());
                 }
                 w.state_change = change;
-                self.send(frame).await?;
-                self.app
-                    .hub
-                    .metrics
-                    .notify_to_send
-                    .observe(notified.elapsed());
+                self.send_kind(FrameKind::State, frame).await?;
+                self.notified.push(notified);
                 Ok(())
             }
             Outgoing::Disallow { hash, revoked } => {
