@@ -85,7 +85,7 @@ impl Revoked {
 
 /// A tracker's newest state, kept in the hub while some socket's outbox holds a [`Mark`] for
 /// it instead of a copy: the socket takes the state from here when it gets to the mark.
-pub struct HeldState {
+struct HeldState {
     /// Marks outstanding (set in an outbox and not yet taken or dropped). Incremented under
     /// the outbox's lock when a mark is set; decremented once the mark's state has been read.
     marks: AtomicU64,
@@ -122,16 +122,16 @@ impl HeldState {
 
     /// The state a mark stands for: the newest, in the mark's variant (or, should the socket
     /// have changed its format since the mark was set, in the first variant there is).
-    fn item(&self, mark: &Mark) -> Option<Outgoing> {
+    fn item(&self, tracker: TrackerId, variant: Variant) -> Option<Outgoing> {
         let latest = self.latest();
         let frame = latest
             .frames
             .iter()
-            .find(|(v, _)| *v == mark.variant)
+            .find(|(v, _)| *v == variant)
             .or_else(|| latest.frames.first())
             .map(|(_, f)| f.clone())?;
         Some(Outgoing::State {
-            tracker: mark.tracker,
+            tracker,
             change: latest.change,
             resend: latest.resend,
             frame,
@@ -141,8 +141,8 @@ impl HeldState {
 
     /// Reads the state of a mark that is being taken, then counts the mark as gone (in that
     /// order: the hub stops keeping the state once no mark is outstanding).
-    fn take(&self, mark: &Mark) -> Option<Outgoing> {
-        let item = self.item(mark);
+    fn take(&self, tracker: TrackerId, variant: Variant) -> Option<Outgoing> {
+        let item = self.item(tracker, variant);
         self.marks.fetch_sub(1, Ordering::AcqRel);
         item
     }
@@ -153,8 +153,11 @@ impl HeldState {
 }
 
 /// In a socket's outbox instead of a state: "this tracker has a newer state, held in the hub".
-pub struct Mark {
+struct Mark {
     slot: u32,
+    /// The slot's generation when the mark was set: a mark dropped by an unsubscribe or a
+    /// lifecycle event stays in the queue until reached, and is then skipped.
+    gen: u32,
     tracker: TrackerId,
     variant: Variant,
     held: Arc<HeldState>,
@@ -162,7 +165,7 @@ pub struct Mark {
 
 /// What [`Outbox::push_state`] did with a state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pushed {
+enum Pushed {
     Queued,
     /// The queue was full: a mark was set, the state stays in the hub.
     Marked,
@@ -181,6 +184,10 @@ struct OutboxInner {
     marks: VecDeque<Mark>,
     /// Which slots have a mark, one bit per slot.
     marked: Vec<u64>,
+    /// Per slot, bumped when its mark is dropped before being taken.
+    gens: Vec<u32>,
+    /// Marks in `marks` that were dropped and not yet reached.
+    stale: usize,
     /// Slots given back by unsubscribes, to be reused.
     free_slots: Vec<u32>,
     next_slot: u32,
@@ -210,14 +217,35 @@ impl OutboxInner {
         }
     }
 
-    /// Removes the mark of a slot, if it has one.
-    fn unmark(&mut self, slot: u32) -> Option<Mark> {
+    fn gen(&self, slot: u32) -> u32 {
+        self.gens.get(slot as usize).copied().unwrap_or(0)
+    }
+
+    fn is_live(&self, mark: &Mark) -> bool {
+        self.is_marked(mark.slot) && self.gen(mark.slot) == mark.gen
+    }
+
+    /// Drops the mark of a slot, if it has one; returns whether it had. The mark stays in the
+    /// queue (finding it would be a scan) and is skipped when reached; once more than half the
+    /// queue is dropped marks, they are swept out.
+    fn unmark(&mut self, slot: u32) -> bool {
         if !self.is_marked(slot) {
-            return None;
+            return false;
         }
         self.set_mark(slot, false);
-        let at = self.marks.iter().position(|m| m.slot == slot)?;
-        self.marks.remove(at)
+        let i = slot as usize;
+        if self.gens.len() <= i {
+            self.gens.resize(i + 1, 0);
+        }
+        self.gens[i] = self.gens[i].wrapping_add(1);
+        self.stale += 1;
+        if self.stale > 64 && self.stale * 2 > self.marks.len() {
+            let mut marks = std::mem::take(&mut self.marks);
+            marks.retain(|m| self.is_live(m));
+            self.marks = marks;
+            self.stale = 0;
+        }
+        true
     }
 }
 
@@ -257,13 +285,13 @@ impl Outbox {
         }
     }
 
-    /// Gives a slot back (its tracker is no longer watched), dropping its mark.
-    fn release(&self, slot: u32) {
+    /// Gives a slot back (its tracker is no longer watched), dropping its mark; returns
+    /// whether it had one (the caller counts it off the tracker's [`HeldState`]).
+    fn release(&self, slot: u32) -> bool {
         let mut inner = self.lock();
-        if let Some(mark) = inner.unmark(slot) {
-            mark.held.drop_mark();
-        }
+        let marked = inner.unmark(slot);
         inner.free_slots.push(slot);
+        marked
     }
 
     /// Queues a state, or marks its slot when the queue is full. `item` builds the queued
@@ -291,8 +319,10 @@ impl Outbox {
                 let held = held();
                 held.marks.fetch_add(1, Ordering::AcqRel);
                 inner.set_mark(slot, true);
+                let gen = inner.gen(slot);
                 inner.marks.push_back(Mark {
                     slot,
+                    gen,
                     tracker,
                     variant,
                     held,
@@ -306,14 +336,21 @@ impl Outbox {
 
     /// Queues a lifecycle event for a tracker, after the state marked for it (if any), so the
     /// socket sees them in the order they happened.
-    fn push_lifecycle(&self, slot: u32, item: Outgoing) {
+    /// `held` is the tracker's [`HeldState`], which any mark of this slot counts on.
+    fn push_lifecycle(
+        &self,
+        slot: u32,
+        (tracker, variant): (TrackerId, Variant),
+        held: Option<&HeldState>,
+        item: Outgoing,
+    ) {
         {
             let mut inner = self.lock();
             if inner.closed {
                 return;
             }
-            if let Some(mark) = inner.unmark(slot) {
-                if let Some(state) = mark.held.take(&mark) {
+            if inner.unmark(slot) {
+                if let Some(state) = held.and_then(|h| h.take(tracker, variant)) {
                     inner.queue.push_back(state);
                 }
             }
@@ -357,12 +394,20 @@ impl Outbox {
                     let Some(mark) = inner.marks.pop_front() else {
                         break;
                     };
+                    if !inner.is_live(&mark) {
+                        inner.stale = inner.stale.saturating_sub(1);
+                        continue;
+                    }
                     inner.set_mark(mark.slot, false);
                     marks.push(mark);
                 }
             }
             // Read outside the outbox's lock: the publisher may be writing the newest state.
-            out.extend(marks.drain(..).filter_map(|m| m.held.take(&m)));
+            out.extend(
+                marks
+                    .drain(..)
+                    .filter_map(|m| m.held.take(m.tracker, m.variant)),
+            );
             if !out.is_empty() {
                 return;
             }
@@ -375,10 +420,12 @@ impl Outbox {
         let mut inner = self.lock();
         inner.closed = true;
         inner.queue.clear();
-        for mark in inner.marks.drain(..) {
+        let marks = std::mem::take(&mut inner.marks);
+        for mark in marks.iter().filter(|m| inner.is_live(m)) {
             mark.held.drop_mark();
         }
         inner.marked.clear();
+        inner.stale = 0;
         inner.frames = 0;
     }
 
@@ -389,7 +436,7 @@ impl Outbox {
 
     pub fn len(&self) -> usize {
         let inner = self.lock();
-        inner.queue.len() + inner.marks.len()
+        inner.queue.len() + inner.marks.len() - inner.stale
     }
 
     pub fn is_empty(&self) -> bool {
@@ -513,10 +560,13 @@ impl Hub {
         for id in ids {
             let empty = match self.trackers.get_mut(id) {
                 Some(mut entry) => {
+                    let entry = &mut *entry;
                     entry.subs.retain(|s| {
                         let gone = s.conn == conn;
-                        if gone {
-                            s.outbox.release(s.slot);
+                        if gone && s.outbox.release(s.slot) {
+                            if let Some(held) = &entry.held {
+                                held.drop_mark();
+                            }
                         }
                         !gone
                     });
@@ -737,9 +787,12 @@ impl Hub {
         entry.lifecycle_change = change;
         entry.blocked = kind != Lifecycle::Unblock;
         let frame = ByteString::from(model::lifecycle_event(id, entry.source_id, kind));
+        let entry = &mut *entry;
         for sub in &entry.subs {
             sub.outbox.push_lifecycle(
                 sub.slot,
+                (id, sub.variant),
+                entry.held.as_deref(),
                 Outgoing::Lifecycle {
                     tracker: id,
                     change,
@@ -906,7 +959,9 @@ mod tests {
     async fn drain(outbox: &Outbox) -> Vec<Outgoing> {
         let mut all = Vec::new();
         while !outbox.is_empty() {
-            outbox.pop_batch(64, &mut all).await;
+            let mut batch = Vec::new();
+            outbox.pop_batch(64, &mut batch).await;
+            all.extend(batch);
         }
         all
     }
@@ -1034,6 +1089,29 @@ mod tests {
         hub.subscribe(1, &outbox, &[9], variant());
         publish(&hub, 9, 1);
         assert!(outbox.is_empty(), "a closed outbox takes nothing");
+    }
+
+    #[tokio::test]
+    async fn dropped_marks_are_skipped_and_swept() {
+        let hub = Hub::new();
+        let outbox = hub.outbox(1);
+        let ids: Vec<TrackerId> = (0..1_000).collect();
+        hub.subscribe(1, &outbox, &ids, variant());
+        for &id in &ids {
+            publish(&hub, id, 1); // 0 queued, the rest marked
+        }
+        hub.unsubscribe(1, &ids[100..]);
+        assert_eq!(outbox.len(), 100, "the queued state and 99 marks");
+        assert!(outbox.lock().marks.len() < 200, "dropped marks were swept");
+        let taken = states(&drain(&outbox).await);
+        assert_eq!(taken.len(), 100);
+        assert!(taken.iter().all(|(id, _)| *id < 100));
+        // Every held state was counted off: the next states keep nothing.
+        for &id in &ids[..100] {
+            publish(&hub, id, 2);
+            assert!(!holds_state(&hub, id));
+            assert_eq!(states(&drain(&outbox).await), [(id, 2)]);
+        }
     }
 
     #[tokio::test]
