@@ -495,7 +495,7 @@ pub struct TrackerFacts {
 #[derive(Default)]
 pub struct HubStats {
     /// States dropped from full outboxes because a newer one replaced them.
-    pub coalesced: Arc<AtomicU64>,
+    pub coalesced: AtomicU64,
     pub states_fanned_out: AtomicU64,
     pub frames_queued: AtomicU64,
     pub lifecycle_events: AtomicU64,
