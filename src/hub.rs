@@ -29,10 +29,13 @@ pub type ConnId = u64;
 /// One item in a socket's outbound queue.
 #[derive(Debug, Clone)]
 pub enum Outgoing {
-    /// A state event. `resend` allows a state whose change number equals the last one sent (the
-    /// current state pushed again after an unblock). `notified`: when the notification behind it
-    /// arrived (for the notify-to-send latency metric).
+    /// A state event. `slot`: the tracker's slot in the socket's outbox (see
+    /// [`Hub::subscribe`]), by which the socket finds its watch without a hash lookup.
+    /// `resend` allows a state whose change number equals the last one sent (the current state
+    /// pushed again after an unblock). `notified`: when the notification behind it arrived (for
+    /// the notify-to-send latency metric).
     State {
+        slot: u32,
         tracker: TrackerId,
         change: i64,
         resend: bool,
@@ -122,7 +125,7 @@ impl HeldState {
 
     /// The state a mark stands for: the newest, in the mark's variant (or, should the socket
     /// have changed its format since the mark was set, in the first variant there is).
-    fn item(&self, tracker: TrackerId, variant: Variant) -> Option<Outgoing> {
+    fn item(&self, slot: u32, tracker: TrackerId, variant: Variant) -> Option<Outgoing> {
         let latest = self.latest();
         let frame = latest
             .frames
@@ -131,6 +134,7 @@ impl HeldState {
             .or_else(|| latest.frames.first())
             .map(|(_, f)| f.clone())?;
         Some(Outgoing::State {
+            slot,
             tracker,
             change: latest.change,
             resend: latest.resend,
@@ -141,8 +145,8 @@ impl HeldState {
 
     /// Reads the state of a mark that is being taken, then counts the mark as gone (in that
     /// order: the hub stops keeping the state once no mark is outstanding).
-    fn take(&self, tracker: TrackerId, variant: Variant) -> Option<Outgoing> {
-        let item = self.item(tracker, variant);
+    fn take(&self, slot: u32, tracker: TrackerId, variant: Variant) -> Option<Outgoing> {
+        let item = self.item(slot, tracker, variant);
         self.marks.fetch_sub(1, Ordering::AcqRel);
         item
     }
@@ -350,7 +354,7 @@ impl Outbox {
                 return;
             }
             if inner.unmark(slot) {
-                if let Some(state) = held.and_then(|h| h.take(tracker, variant)) {
+                if let Some(state) = held.and_then(|h| h.take(slot, tracker, variant)) {
                     inner.queue.push_back(state);
                 }
             }
@@ -406,7 +410,7 @@ impl Outbox {
             out.extend(
                 marks
                     .drain(..)
-                    .filter_map(|m| m.held.take(m.tracker, m.variant)),
+                    .filter_map(|m| m.held.take(m.slot, m.tracker, m.variant)),
             );
             if !out.is_empty() {
                 return;
@@ -540,20 +544,37 @@ impl Hub {
     // --- subscriptions -------------------------------------------------------------------------
 
     /// Adds (or updates the variant of) `conn`'s subscription to each tracker. Called before the
-    /// subscribe query runs, so that no change committed meanwhile is missed.
-    pub fn subscribe(&self, conn: ConnId, outbox: &Arc<Outbox>, ids: &[TrackerId], v: Variant) {
+    /// subscribe query runs, so that no change committed meanwhile is missed. Returns each
+    /// tracker's slot in `outbox`, in the order of `ids`: the slot every state item for it
+    /// carries, until [`Hub::unsubscribe`] gives it back (it may then go to another tracker).
+    pub fn subscribe(
+        &self,
+        conn: ConnId,
+        outbox: &Arc<Outbox>,
+        ids: &[TrackerId],
+        v: Variant,
+    ) -> Vec<u32> {
+        let mut slots = Vec::with_capacity(ids.len());
         for &id in ids {
             let mut entry = self.trackers.entry(id).or_default();
             match entry.subs.iter_mut().find(|s| s.conn == conn) {
-                Some(sub) => sub.variant = v,
-                None => entry.subs.push(Subscriber {
-                    conn,
-                    outbox: outbox.clone(),
-                    variant: v,
-                    slot: outbox.slot(),
-                }),
+                Some(sub) => {
+                    sub.variant = v;
+                    slots.push(sub.slot);
+                }
+                None => {
+                    let slot = outbox.slot();
+                    entry.subs.push(Subscriber {
+                        conn,
+                        outbox: outbox.clone(),
+                        variant: v,
+                        slot,
+                    });
+                    slots.push(slot);
+                }
             }
         }
+        slots
     }
 
     pub fn unsubscribe(&self, conn: ConnId, ids: &[TrackerId]) {
@@ -734,6 +755,7 @@ impl Hub {
                         .map(|(_, f)| f.clone())
                         .unwrap_or_default();
                     Outgoing::State {
+                        slot: sub.slot,
                         tracker: state.tracker_id,
                         change: state.change_no,
                         resend,

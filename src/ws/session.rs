@@ -94,10 +94,83 @@ async fn within(
 }
 
 struct Watch {
+    tracker: TrackerId,
     session: Arc<str>,
     blocked: bool,
     state_change: i64,
     lifecycle_change: i64,
+}
+
+/// The trackers a socket watches, by id and by the slot the hub gave each in the socket's
+/// outbox ([`Hub::subscribe`](crate::hub::Hub::subscribe)). Every state item carries its slot,
+/// so the per-frame check is an index into a dense table instead of a hash lookup (with 1,000
+/// trackers per socket the map's lookup was the socket task's costliest cache miss).
+#[derive(Default)]
+struct Watches {
+    slot_of: HashMap<TrackerId, u32>,
+    by_slot: Vec<Option<Watch>>,
+}
+
+impl Watches {
+    fn contains(&self, id: &TrackerId) -> bool {
+        self.slot_of.contains_key(id)
+    }
+
+    fn get(&self, id: &TrackerId) -> Option<&Watch> {
+        let slot = *self.slot_of.get(id)?;
+        self.by_slot.get(slot as usize)?.as_ref()
+    }
+
+    fn get_mut(&mut self, id: &TrackerId) -> Option<&mut Watch> {
+        let slot = *self.slot_of.get(id)?;
+        self.by_slot.get_mut(slot as usize)?.as_mut()
+    }
+
+    /// The watch in `slot`, if it is still `tracker`'s (an item queued before an unsubscribe
+    /// may name a slot that has since gone to another tracker).
+    fn at(&mut self, slot: u32, tracker: TrackerId) -> Option<&mut Watch> {
+        self.by_slot
+            .get_mut(slot as usize)?
+            .as_mut()
+            .filter(|w| w.tracker == tracker)
+    }
+
+    /// `id`'s watch, created in `slot` (the one the hub gave it) if there is none.
+    fn get_or_insert(&mut self, id: TrackerId, slot: u32, session: &Arc<str>) -> &mut Watch {
+        let slot = *self.slot_of.entry(id).or_insert(slot) as usize;
+        if self.by_slot.len() <= slot {
+            self.by_slot.resize_with(slot + 1, || None);
+        }
+        self.by_slot[slot].get_or_insert_with(|| Watch {
+            tracker: id,
+            session: session.clone(),
+            blocked: false,
+            state_change: 0,
+            lifecycle_change: 0,
+        })
+    }
+
+    fn remove(&mut self, id: &TrackerId) {
+        if let Some(slot) = self.slot_of.remove(id) {
+            if let Some(w) = self.by_slot.get_mut(slot as usize) {
+                *w = None;
+            }
+        }
+    }
+
+    fn ids(&self) -> Vec<TrackerId> {
+        self.slot_of.keys().copied().collect()
+    }
+
+    /// The trackers whose watch matches `f`.
+    fn ids_where(&self, f: impl Fn(&Watch) -> bool) -> Vec<TrackerId> {
+        self.by_slot
+            .iter()
+            .flatten()
+            .filter(|w| f(w))
+            .map(|w| w.tracker)
+            .collect()
+    }
 }
 
 /// Why the loop stopped.
@@ -115,7 +188,7 @@ struct Connection {
     ws: Writer,
     outbox: Arc<Outbox>,
     sessions: HashSet<Arc<str>>,
-    watches: HashMap<TrackerId, Watch>,
+    watches: Watches,
     /// `state_batch` groups this socket belongs to, with the session that joined each.
     memberships: Vec<(Arc<BatchGroup>, Arc<str>)>,
     /// The last lifecycle change sent per tracker, so a tracker watched both ways sends it once.
@@ -140,7 +213,7 @@ impl Connection {
             ws,
             outbox,
             sessions: HashSet::new(),
-            watches: HashMap::new(),
+            watches: Watches::default(),
             memberships: Vec::new(),
             lifecycle_sent: HashMap::new(),
             sent: SentTally::default(),
@@ -158,8 +231,7 @@ impl Connection {
         self.app.hub.metrics.open_sockets.dec();
         // Cleanup first, so the hub stops queueing for this socket.
         self.outbox.close();
-        let ids: Vec<TrackerId> = self.watches.keys().copied().collect();
-        self.app.hub.unsubscribe(self.id, &ids);
+        self.app.hub.unsubscribe(self.id, &self.watches.ids());
         for hash in &self.sessions {
             self.app.hub.unregister_session(hash, self.id);
         }
@@ -423,6 +495,7 @@ impl Connection {
             tz,
             iso: msg.iso_datetime,
         };
+        let mut slot_of: HashMap<TrackerId, u32> = HashMap::with_capacity(order.len());
         for f in [Format::Full, Format::Compact] {
             let ids: Vec<TrackerId> = order
                 .iter()
@@ -430,7 +503,8 @@ impl Connection {
                 .filter(|id| format_of[id] == f)
                 .collect();
             if !ids.is_empty() {
-                hub.subscribe(self.id, &self.outbox, &ids, variant(f));
+                let slots = hub.subscribe(self.id, &self.outbox, &ids, variant(f));
+                slot_of.extend(ids.into_iter().zip(slots));
             }
         }
 
@@ -452,7 +526,7 @@ impl Connection {
                 let added: Vec<TrackerId> = order
                     .iter()
                     .copied()
-                    .filter(|id| !self.watches.contains_key(id))
+                    .filter(|id| !self.watches.contains(id))
                     .collect();
                 hub.unsubscribe(self.id, &added);
                 let err = if db::is_unavailable(&e) {
@@ -470,12 +544,10 @@ impl Connection {
             match (*status, facts) {
                 ("normal" | "blocked", Some(f)) => {
                     hub.observe(*id, *f);
-                    let w = self.watches.entry(*id).or_insert(Watch {
-                        session: hash.clone(),
-                        blocked: f.blocked,
-                        state_change: 0,
-                        lifecycle_change: 0,
-                    });
+                    let Some(&slot) = slot_of.get(id) else {
+                        continue;
+                    };
+                    let w = self.watches.get_or_insert(*id, slot, &hash);
                     w.session = hash.clone();
                     if f.change_no >= w.lifecycle_change {
                         w.blocked = f.blocked;
@@ -483,7 +555,7 @@ impl Connection {
                     }
                 }
                 _ => {
-                    if !self.watches.contains_key(id) {
+                    if !self.watches.contains(id) {
                         drop_ids.push(*id);
                     }
                 }
@@ -718,13 +790,14 @@ impl Connection {
     async fn deliver(&mut self, item: Outgoing) -> Result<(), Stop> {
         match item {
             Outgoing::State {
+                slot,
                 tracker,
                 change,
                 resend,
                 frame,
                 notified,
             } => {
-                let Some(w) = self.watches.get_mut(&tracker) else {
+                let Some(w) = self.watches.at(slot, tracker) else {
                     return Ok(());
                 };
                 let newer = change > w.state_change || (resend && change == w.state_change);
@@ -737,12 +810,9 @@ impl Connection {
                 Ok(())
             }
             Outgoing::Disallow { hash, revoked } => {
-                let gone: Vec<TrackerId> = self
+                let gone = self
                     .watches
-                    .iter()
-                    .filter(|(id, w)| w.session == hash && revoked.covers(**id))
-                    .map(|(id, _)| *id)
-                    .collect();
+                    .ids_where(|w| w.session == hash && revoked.covers(w.tracker));
                 if gone.is_empty() {
                     return Ok(());
                 }
@@ -811,12 +881,7 @@ impl Connection {
                 if !self.sessions.remove(&hash) {
                     return Ok(());
                 }
-                let gone: Vec<TrackerId> = self
-                    .watches
-                    .iter()
-                    .filter(|(_, w)| w.session == hash)
-                    .map(|(id, _)| *id)
-                    .collect();
+                let gone = self.watches.ids_where(|w| w.session == hash);
                 for id in &gone {
                     self.watches.remove(id);
                 }
@@ -843,5 +908,40 @@ impl Connection {
             }
             Outgoing::Shutdown => Err(Stop::Close(CloseCode::Away.into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_given_to_another_tracker_no_longer_finds_the_old_one() {
+        let session: Arc<str> = Arc::from("s".repeat(32));
+        let mut w = Watches::default();
+        w.get_or_insert(7, 0, &session).state_change = 3;
+        w.get_or_insert(8, 1, &session);
+        assert_eq!(w.at(0, 7).map(|w| w.state_change), Some(3));
+        assert!(w.at(1, 7).is_none(), "slot 1 is tracker 8's");
+        assert!(w.at(5, 7).is_none(), "a slot past the table");
+
+        // Unsubscribed: its slot goes to another tracker; items queued for 7 are skipped.
+        w.remove(&7);
+        assert!(!w.contains(&7) && w.get(&7).is_none());
+        w.get_or_insert(9, 0, &session);
+        assert!(w.at(0, 7).is_none());
+        assert_eq!(w.at(0, 9).map(|w| w.tracker), Some(9));
+
+        // Subscribing again keeps the watch (and its slot) it has.
+        w.get_or_insert(9, 4, &session).state_change = 11;
+        assert_eq!(w.get(&9).map(|w| w.state_change), Some(11));
+        assert!(w.at(4, 9).is_none());
+
+        let mut ids = w.ids_where(|_| true);
+        ids.sort_unstable();
+        assert_eq!(ids, [8, 9]);
+        let mut ids = w.ids();
+        ids.sort_unstable();
+        assert_eq!(ids, [8, 9]);
     }
 }
