@@ -163,6 +163,7 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
                 settings.server.listen = addr;
             }
             startup::log_open_file_limit();
+            startup::tune_process(&settings.server);
             let listener = TcpListener::bind(&settings.server.listen)
                 .with_context(|| format!("binding {}", settings.server.listen))?;
             let app = Application::build(settings, listener).await?;

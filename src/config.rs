@@ -26,6 +26,8 @@ pub struct ServerSettings {
     pub listen: String,
     pub workers: usize,
     pub shutdown_timeout_secs: u64,
+    /// Whether the kernel may back the process's memory with transparent huge pages (Linux).
+    pub transparent_huge_pages: bool,
 }
 
 #[derive(Clone, Deserialize)]
@@ -119,6 +121,7 @@ impl Default for ServerSettings {
             listen: "127.0.0.1:8080".into(),
             workers: 0,
             shutdown_timeout_secs: 5,
+            transparent_huge_pages: false,
         }
     }
 }

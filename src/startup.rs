@@ -15,6 +15,38 @@ use crate::http::limit::LoginLimiter;
 use crate::hub::Hub;
 use crate::{db, http, listen, service, ws};
 
+/// Process-wide settings, applied as `serve` starts: transparent huge pages are turned off for
+/// this process unless `server.transparent_huge_pages` allows them. The allocator
+/// (mimalloc) asks for huge pages on its arenas, and where the kernel grants them every first
+/// touch of a 2 MiB page is zeroed (after a compaction, if memory is fragmented) in the page
+/// fault: a growing heap then stalls the thread that touches it for milliseconds (Redis
+/// disables them for the same reason).
+pub fn tune_process(settings: &crate::config::ServerSettings) {
+    if settings.transparent_huge_pages {
+        return;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: prctl(PR_SET_THP_DISABLE) takes integer arguments only and sets a flag of
+        // this process's memory map; it reads and writes no memory of ours.
+        let rc = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+        if rc != 0 {
+            tracing::warn!(
+                error = %std::io::Error::last_os_error(),
+                "could not turn transparent huge pages off"
+            );
+        }
+    }
+}
+
+/// Whether transparent huge pages are off for this process (Linux's `THP_enabled` of
+/// `/proc/self/status`); `None` where the kernel does not say.
+pub fn transparent_huge_pages_disabled() -> Option<bool> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("THP_enabled:"))?;
+    Some(line.split_whitespace().nth(1)? == "0")
+}
+
 /// What every request handler and socket task shares.
 #[derive(Clone)]
 pub struct AppState {
@@ -208,5 +240,24 @@ mod tests {
         assert_eq!(raise_open_file_limit()?, (hard - 1, hard));
         assert_eq!(rlimit::Resource::NOFILE.get()?, (hard, hard));
         Ok(())
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn transparent_huge_pages_are_turned_off_unless_allowed() {
+        use crate::config::ServerSettings;
+        let allowed = ServerSettings {
+            transparent_huge_pages: true,
+            ..ServerSettings::default()
+        };
+        let before = transparent_huge_pages_disabled();
+        tune_process(&allowed);
+        assert_eq!(
+            transparent_huge_pages_disabled(),
+            before,
+            "allowed: left alone"
+        );
+        tune_process(&ServerSettings::default());
+        assert_eq!(transparent_huge_pages_disabled(), Some(true));
     }
 }
