@@ -468,7 +468,9 @@ struct TrackerEntry {
     groups: Vec<Arc<BatchGroup>>,
     /// `readings_batch` groups: fed by [`Hub::offer_readings`], never by state fan-out.
     readings_groups: Vec<Arc<BatchGroup>>,
-    source_id: i64,
+    /// The tracker's data source id, once a database read has said it (None before, and after
+    /// an `i|` notification said it changed).
+    source_id: Option<i64>,
     blocked: bool,
     lifecycle_change: i64,
     state_change: i64,
@@ -635,7 +637,7 @@ impl Hub {
     /// Records what a database read said of a tracker, unless the hub already knows newer.
     pub fn observe(&self, id: TrackerId, facts: TrackerFacts) {
         if let Some(mut entry) = self.trackers.get_mut(&id) {
-            entry.source_id = facts.source_id;
+            entry.source_id = Some(facts.source_id);
             if facts.change_no > entry.lifecycle_change {
                 entry.blocked = facts.blocked;
                 entry.lifecycle_change = facts.change_no;
@@ -720,7 +722,7 @@ impl Hub {
             return 0;
         }
         entry.state_change = state.change_no;
-        entry.source_id = state.source_id;
+        entry.source_id = Some(state.source_id);
         let notified = self.metrics.round_notified();
         let entry = &mut *entry;
         // Each variant's frame, serialized once for all its subscribers.
@@ -808,7 +810,11 @@ impl Hub {
         }
         entry.lifecycle_change = change;
         entry.blocked = kind != Lifecycle::Unblock;
-        let frame = ByteString::from(model::lifecycle_event(id, entry.source_id, kind));
+        let frame = ByteString::from(model::lifecycle_event(
+            id,
+            entry.source_id.unwrap_or_default(),
+            kind,
+        ));
         let entry = &mut *entry;
         for sub in &entry.subs {
             sub.outbox.push_lifecycle(
@@ -900,9 +906,27 @@ impl Hub {
         entry.conns.len()
     }
 
-    /// The data source id of a watched tracker.
+    /// The data source id of a watched tracker, if a database read has said it.
     pub fn source_id(&self, id: TrackerId) -> Option<i64> {
-        self.trackers.get(&id).map(|e| e.source_id)
+        self.trackers.get(&id).and_then(|e| e.source_id)
+    }
+
+    /// Sets the data source id of watched trackers (after an `i|` notification).
+    pub fn set_source_ids(&self, sources: &[(TrackerId, i64)]) {
+        for &(id, source) in sources {
+            if let Some(mut entry) = self.trackers.get_mut(&id) {
+                entry.source_id = Some(source);
+            }
+        }
+    }
+
+    /// Forgets the data source id of these trackers: their next states are read with it.
+    pub fn forget_source_ids(&self, ids: &[TrackerId]) {
+        for id in ids {
+            if let Some(mut entry) = self.trackers.get_mut(id) {
+                entry.source_id = None;
+            }
+        }
     }
 
     /// The values `/metrics` samples from the index. Walks every watched tracker and session:

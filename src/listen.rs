@@ -59,6 +59,8 @@ pub struct Pending {
     pub accounts: HashSet<i64>,
     /// Grants revoked, as `(user_id, tracker_id)`, for watched trackers.
     pub revoked_grants: Vec<(i64, TrackerId)>,
+    /// Watched trackers whose data source id changed (`i|` payloads).
+    pub sources: HashSet<TrackerId>,
     /// When the earliest notification of this work arrived (for the notify-to-send metric).
     pub notified_at: Option<Instant>,
     pub resync: bool,
@@ -75,6 +77,7 @@ impl Pending {
             && self.session_ranges.is_empty()
             && self.accounts.is_empty()
             && self.revoked_grants.is_empty()
+            && self.sources.is_empty()
             && !self.resync
     }
 
@@ -107,6 +110,18 @@ impl Pending {
                     match id.parse::<TrackerId>() {
                         Ok(id) if hub.wants_readings(id) => {
                             self.readings_ids.insert(id);
+                        }
+                        Ok(_) => {}
+                        Err(_) => return false,
+                    }
+                }
+                true
+            }
+            "i" => {
+                for id in body.split(',') {
+                    match id.parse::<TrackerId>() {
+                        Ok(id) if hub.is_watched(id) => {
+                            self.sources.insert(id);
                         }
                         Ok(_) => {}
                         Err(_) => return false,
@@ -385,6 +400,12 @@ fn lifecycle_of(row: &queries::TrackerLifecycleRow) -> Lifecycle {
 
 /// One round: everything the listener gathered since the last round.
 pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sqlx::Error> {
+    // Source ids first: the states read below take theirs from the hub.
+    if !p.sources.is_empty() {
+        let ids: Vec<TrackerId> = p.sources.iter().copied().collect();
+        hub.forget_source_ids(&ids);
+        hub.set_source_ids(&queries::source_ids(pool, &ids).await?);
+    }
     if !p.accounts.is_empty() && hub.batches.group_count() > 0 {
         hub.batches.accounts_changed(hub, pool, &p.accounts).await?;
     }
@@ -443,7 +464,7 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
                 let states = if fetch.is_empty() {
                     Vec::new()
                 } else {
-                    queries::states_by_ids(pool, &fetch).await?
+                    read_states(pool, hub, &fetch).await?
                 };
                 Ok::<_, sqlx::Error>((chunk, states))
             }
@@ -520,6 +541,33 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
     Ok(())
 }
 
+/// The current states of `ids`, each with its tracker's data source id taken from the hub, which
+/// learns it from subscribes and reads that join `trackers` and is told of changes (`i|`):
+/// looking it up in `trackers` for every state was a third of this read's cost in PostgreSQL.
+/// States of trackers whose source id the hub does not know are read again with it.
+async fn read_states(
+    pool: &PgPool,
+    hub: &Hub,
+    ids: &[TrackerId],
+) -> Result<Vec<TrackerState>, sqlx::Error> {
+    let mut states = queries::states_by_ids_source_unread(pool, ids).await?;
+    let mut unknown: Vec<TrackerId> = Vec::new();
+    states.retain_mut(|s| match hub.source_id(s.tracker_id) {
+        Some(source) => {
+            s.source_id = source;
+            true
+        }
+        None => {
+            unknown.push(s.tracker_id);
+            false
+        }
+    });
+    if !unknown.is_empty() {
+        states.extend(queries::states_by_ids(pool, &unknown).await?);
+    }
+    Ok(states)
+}
+
 /// Logs out the sessions among `hashes` that ended, and refreshes the expiry of the others.
 async fn check_sessions(pool: &PgPool, hub: &Hub, hashes: Vec<String>) -> Result<(), sqlx::Error> {
     let rows = queries::sessions(pool, &hashes).await?;
@@ -552,6 +600,9 @@ pub async fn resync(pool: &PgPool, hub: &Hub) -> Result<(), sqlx::Error> {
     for chunk in marks.chunks(RESYNC_CHUNK) {
         let ids: Vec<TrackerId> = chunk.iter().map(|m| m.0).collect();
         let rows = queries::trackers_by_ids(pool, &ids).await?;
+        // A source id may have changed while the stream was down (its `i|` lost).
+        let sources: Vec<(TrackerId, i64)> = rows.iter().map(|r| (r.id, r.source_id)).collect();
+        hub.set_source_ids(&sources);
         let by_id: HashMap<TrackerId, &queries::TrackerLifecycleRow> =
             rows.iter().map(|r| (r.id, r)).collect();
         for &(id, mark, blocked) in chunk {

@@ -128,13 +128,27 @@ pub struct TrackerState {
     pub actual_track_update: Option<DateTime<Utc>>,
 }
 
-/// The columns of [`TrackerState`], for queries over [`STATE_FROM`].
-pub const STATE_COLUMNS: &str = "s.tracker_id, t.source_id, s.change_no, s.gps_updated, \
+/// The columns of [`TrackerState`] after `tracker_id` and `source_id`.
+macro_rules! state_columns_after_source {
+    () => {
+        "s.change_no, s.gps_updated, \
     s.gps_signal_level, s.lat, s.lng, s.heading, s.speed, s.alt, s.gps_precision, s.gsm_lbs, \
     s.connection_status, s.movement_status, s.movement_status_update, s.ignition, \
     s.ignition_update, s.gsm_updated, s.gsm_signal_level, s.gsm_network_name, s.gsm_roaming, \
     s.last_update, s.battery_level, s.battery_update, s.inputs, s.inputs_update, s.outputs, \
-    s.outputs_update, s.additional, s.actual_track_update";
+    s.outputs_update, s.additional, s.actual_track_update"
+    };
+}
+
+/// The columns of [`TrackerState`], for queries over [`STATE_FROM`].
+pub const STATE_COLUMNS: &str =
+    concat!("s.tracker_id, t.source_id, ", state_columns_after_source!());
+
+/// The columns of [`TrackerState`] from `tracker_states s` alone, `source_id` left 0.
+pub const STATE_COLUMNS_SOURCE_UNREAD: &str = concat!(
+    "s.tracker_id, 0::int8 AS source_id, ",
+    state_columns_after_source!()
+);
 
 /// The tables behind [`STATE_COLUMNS`]: each state with its tracker's source id, looked up by
 /// primary key. A plain `JOIN trackers t` let the planner hash-join a seq scan of the whole

@@ -4,7 +4,9 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool};
 
-use crate::model::{TrackerId, TrackerState, STATE_COLUMNS, STATE_FROM};
+use crate::model::{
+    TrackerId, TrackerState, STATE_COLUMNS, STATE_COLUMNS_SOURCE_UNREAD, STATE_FROM,
+};
 
 /// A session as seen by a subscribe: its user, the account it belongs to, and whether it is live.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -84,6 +86,32 @@ pub async fn states_by_ids(
     .bind(ids)
     .fetch_all(pool)
     .await
+}
+
+/// The current states of these trackers without their source ids (0 in each; the event
+/// processor fills them in from the hub, see `listen::read_states`), by change number.
+pub async fn states_by_ids_source_unread(
+    pool: &PgPool,
+    ids: &[TrackerId],
+) -> Result<Vec<TrackerState>, sqlx::Error> {
+    sqlx::query_as::<_, TrackerState>(&format!(
+        "SELECT {STATE_COLUMNS_SOURCE_UNREAD} FROM tracker_states s \
+          WHERE s.tracker_id = ANY($1) ORDER BY s.change_no"
+    ))
+    .bind(ids)
+    .fetch_all(pool)
+    .await
+}
+
+/// The data source ids of these trackers (removed ones included; deleted ones are missing).
+pub async fn source_ids(
+    pool: &PgPool,
+    ids: &[TrackerId],
+) -> Result<Vec<(TrackerId, i64)>, sqlx::Error> {
+    sqlx::query_as::<_, (TrackerId, i64)>("SELECT id, source_id FROM trackers WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(pool)
+        .await
 }
 
 /// States whose change number lies in `[lo, hi]` (the overflow form of a notification).

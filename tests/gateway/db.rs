@@ -795,6 +795,10 @@ fn pending_keeps_only_what_the_hub_watches() {
     assert_eq!(p.lifecycle_ranges, [(3, 4)]);
     assert_eq!(p.session_ranges, [(5, 6)]);
 
+    // `i|`: the watched trackers among them get their source id read again.
+    assert!(p.add_payload("i|101,103", &hub));
+    assert_eq!(p.sources, HashSet::from([101]));
+
     // `n|` is read but adds nothing for state subscriptions.
     assert!(p.add_payload("n|1,3", &hub));
     assert_eq!(p.state_ids.len(), 5);
@@ -821,6 +825,7 @@ fn pending_rejects_unreadable_payloads() {
         "S|a|b",
         "T|1|",
         "E||2",
+        "i|101,x",
         "q|1",
         "marker|x",
     ] {

@@ -221,3 +221,33 @@ async fn a_round_of_thousands_of_trackers_is_delivered_whole_and_in_order() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_new_source_id_reaches_the_next_state_and_lifecycle_events() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    let (_, states) = c.subscribe_and_states(ACME, &[101, 102], 2).await;
+    assert!(
+        states
+            .iter()
+            .any(|s| is_state_of(s, 101) && s["data"]["source_id"] == 10101),
+        "{states:?}"
+    );
+    // A state read once the hub knows the source id (it is not looked up for each state).
+    app.set_speed(&[101], 5).await;
+    let (ev, _) = c.recv_until(|v| is_state_with_speed(v, 101, 5)).await;
+    assert_eq!(ev["data"]["source_id"], 10101);
+    // The device is replaced: the tracker gets another data source.
+    app.exec("UPDATE trackers SET source_id = 90101 WHERE id = 101")
+        .await;
+    app.set_speed(&[101], 6).await;
+    let (ev, _) = c.recv_until(|v| is_state_with_speed(v, 101, 6)).await;
+    assert_eq!(ev["data"]["source_id"], 90101, "{ev}");
+    app.exec("UPDATE trackers SET blocked = true WHERE id = 101")
+        .await;
+    let (ev, _) = c.recv_until(|v| v["event"] == "lifecycle").await;
+    assert_eq!(
+        ev["data"],
+        json!({"source_id": 90101, "lifecycle_event": "block"})
+    );
+}
