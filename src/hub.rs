@@ -634,10 +634,13 @@ impl Hub {
         }
     }
 
-    /// Records what a database read said of a tracker, unless the hub already knows newer.
+    /// Records what a database read said of a tracker, unless the hub already knows newer. A
+    /// source id is taken only when the hub has none: a subscribe's read may predate a change
+    /// that the processor has already applied (sources change only through the processor,
+    /// in notification order: [`Hub::set_source_ids`], and the reads that join `trackers`).
     pub fn observe(&self, id: TrackerId, facts: TrackerFacts) {
         if let Some(mut entry) = self.trackers.get_mut(&id) {
-            entry.source_id = Some(facts.source_id);
+            entry.source_id.get_or_insert(facts.source_id);
             if facts.change_no > entry.lifecycle_change {
                 entry.blocked = facts.blocked;
                 entry.lifecycle_change = facts.change_no;
@@ -1023,6 +1026,30 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_read_older_than_a_source_change_does_not_undo_it() {
+        let hub = Hub::new();
+        let outbox = hub.outbox(8);
+        hub.subscribe(1, &outbox, &[5], variant());
+        let facts = |source_id| TrackerFacts {
+            source_id,
+            blocked: false,
+            change_no: 1,
+        };
+        assert_eq!(hub.source_id(5), None);
+        hub.observe(5, facts(50));
+        assert_eq!(hub.source_id(5), Some(50));
+        // `i|5`: the processor forgets and re-reads it; a subscribe's older read comes after.
+        hub.forget_source_ids(&[5]);
+        assert_eq!(hub.source_id(5), None);
+        hub.set_source_ids(&[(5, 51)]);
+        hub.observe(5, facts(50));
+        assert_eq!(hub.source_id(5), Some(51));
+        // Unwatched trackers are not added.
+        hub.set_source_ids(&[(6, 60)]);
+        assert_eq!(hub.source_id(6), None);
     }
 
     fn holds_state(hub: &Hub, id: TrackerId) -> bool {
