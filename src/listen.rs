@@ -105,30 +105,8 @@ impl Pending {
                 }
                 true
             }
-            "r" => {
-                for id in body.split(',') {
-                    match id.parse::<TrackerId>() {
-                        Ok(id) if hub.wants_readings(id) => {
-                            self.readings_ids.insert(id);
-                        }
-                        Ok(_) => {}
-                        Err(_) => return false,
-                    }
-                }
-                true
-            }
-            "i" => {
-                for id in body.split(',') {
-                    match id.parse::<TrackerId>() {
-                        Ok(id) if hub.is_watched(id) => {
-                            self.sources.insert(id);
-                        }
-                        Ok(_) => {}
-                        Err(_) => return false,
-                    }
-                }
-                true
-            }
+            "r" => add_ids(body, &mut self.readings_ids, |id| hub.wants_readings(id)),
+            "i" => add_ids(body, &mut self.sources, |id| hub.is_watched(id)),
             "t" => {
                 for item in body.split(',') {
                     let mut parts = item.splitn(3, ':');
@@ -206,6 +184,21 @@ impl Pending {
             _ => false,
         }
     }
+}
+
+/// Adds the ids of a `<id>,<id>,…` payload body that `keep` wants to `set`; false if one is not
+/// a number.
+fn add_ids(body: &str, set: &mut HashSet<TrackerId>, keep: impl Fn(TrackerId) -> bool) -> bool {
+    for id in body.split(',') {
+        match id.parse::<TrackerId>() {
+            Ok(id) if keep(id) => {
+                set.insert(id);
+            }
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    true
 }
 
 /// Shared between the listener (producer) and the processor (consumer).

@@ -79,13 +79,7 @@ pub async fn states_by_ids(
     pool: &PgPool,
     ids: &[TrackerId],
 ) -> Result<Vec<TrackerState>, sqlx::Error> {
-    sqlx::query_as::<_, TrackerState>(&format!(
-        "SELECT {STATE_COLUMNS} FROM {STATE_FROM} \
-          WHERE s.tracker_id = ANY($1) ORDER BY s.change_no"
-    ))
-    .bind(ids)
-    .fetch_all(pool)
-    .await
+    states_of_ids(pool, &format!("{STATE_COLUMNS} FROM {STATE_FROM}"), ids).await
 }
 
 /// The current states of these trackers without their source ids (0 in each; the event
@@ -94,9 +88,18 @@ pub async fn states_by_ids_source_unread(
     pool: &PgPool,
     ids: &[TrackerId],
 ) -> Result<Vec<TrackerState>, sqlx::Error> {
+    let select = format!("{STATE_COLUMNS_SOURCE_UNREAD} FROM tracker_states s");
+    states_of_ids(pool, &select, ids).await
+}
+
+/// `SELECT <select> WHERE s.tracker_id = ANY(ids)`, by change number.
+async fn states_of_ids(
+    pool: &PgPool,
+    select: &str,
+    ids: &[TrackerId],
+) -> Result<Vec<TrackerState>, sqlx::Error> {
     sqlx::query_as::<_, TrackerState>(&format!(
-        "SELECT {STATE_COLUMNS_SOURCE_UNREAD} FROM tracker_states s \
-          WHERE s.tracker_id = ANY($1) ORDER BY s.change_no"
+        "SELECT {select} WHERE s.tracker_id = ANY($1) ORDER BY s.change_no"
     ))
     .bind(ids)
     .fetch_all(pool)
