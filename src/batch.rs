@@ -309,7 +309,7 @@ impl BatchGroup {
         } else {
             420
         };
-        let mut out: Vec<u8> = Vec::with_capacity(128 + ids.size_hint().0 * per_item);
+        let mut out = String::with_capacity(128 + ids.size_hint().0 * per_item);
         model::write_batch_head(&mut out, "state_batch", self.key.variant, Utc::now());
         let mut n = 0usize;
         for id in ids {
@@ -319,16 +319,15 @@ impl BatchGroup {
             let Some(s) = g.latest.get(&id) else {
                 continue;
             };
-            out.push(if n == 0 { b'[' } else { b',' });
+            out.push(if n == 0 { '[' } else { ',' });
             model::write_batch_item(&mut out, s, self.key.variant);
             n += 1;
         }
         if n == 0 {
             return None;
         }
-        out.extend_from_slice(b"]}");
-        // Built from serde_json's output and ASCII: valid UTF-8.
-        String::from_utf8(out).ok().map(ByteString::from)
+        out.push_str("]}");
+        Some(ByteString::from(out))
     }
 
     /// Every non-blocked tracker's latest state, as one frame (a member's first batch).

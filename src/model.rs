@@ -6,7 +6,6 @@ use std::fmt::Write as _;
 
 use chrono::{DateTime, Datelike, Offset, Timelike, Utc};
 use chrono_tz::Tz;
-use serde::ser::{Serialize, SerializeMap, Serializer};
 
 pub type TrackerId = i64;
 
@@ -86,14 +85,10 @@ impl Variant {
             two(out, m % 60);
         }
     }
-
-    fn opt_date(&self, t: Option<DateTime<Utc>>) -> Option<String> {
-        t.map(|t| self.date(t))
-    }
 }
 
 /// The latest state of one tracker: one row of `tracker_states` plus the tracker's `source_id`.
-/// Read from rows selecting [`STATE_COLUMNS`] (see the `FromRow` impl below).
+/// Read from rows selecting [`STATE_COLUMNS`] (decoded in `db::rows`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TrackerState {
     pub tracker_id: i64,
@@ -124,7 +119,9 @@ pub struct TrackerState {
     pub inputs_update: Option<DateTime<Utc>>,
     pub outputs: Vec<bool>,
     pub outputs_update: Option<DateTime<Utc>>,
-    pub additional: serde_json::Value,
+    /// A JSON object of model-specific values, as PostgreSQL renders the `jsonb` column: each
+    /// value `{"value": …, "updated": <timestamptz>}` (see [`write_state_data`]).
+    pub additional: Box<str>,
     pub actual_track_update: Option<DateTime<Utc>>,
 }
 
@@ -160,7 +157,7 @@ pub const STATE_FROM: &str = "tracker_states s CROSS JOIN LATERAL \
     (SELECT tr.source_id FROM trackers tr WHERE tr.id = s.tracker_id LIMIT 1) t";
 
 /// The field names of [`TrackerState`], in the order of [`STATE_COLUMNS`].
-const STATE_FIELDS: [&str; 30] = [
+pub(crate) const STATE_FIELDS: [&str; 30] = [
     "tracker_id",
     "source_id",
     "change_no",
@@ -193,178 +190,346 @@ const STATE_FIELDS: [&str; 30] = [
     "actual_track_update",
 ];
 
-/// Reads a row of [`STATE_COLUMNS`] by position. The derived impl looked every column up by
-/// name (a hash of the name per column per row), a measurable share of the processor's time
-/// when a round reads tens of thousands of rows. A row whose columns are not
-/// [`STATE_COLUMNS`] is refused rather than misread.
-impl<'r> sqlx::FromRow<'r, sqlx::postgres::PgRow> for TrackerState {
-    fn from_row(row: &'r sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
-        use sqlx::{Column, Row};
-        let columns = row.columns();
-        if columns.len() != STATE_FIELDS.len()
-            || columns[0].name() != STATE_FIELDS[0]
-            || columns[29].name() != STATE_FIELDS[29]
-        {
-            return Err(sqlx::Error::ColumnNotFound(
-                "a TrackerState row must select STATE_COLUMNS".into(),
-            ));
-        }
-        Ok(TrackerState {
-            tracker_id: row.try_get(0)?,
-            source_id: row.try_get(1)?,
-            change_no: row.try_get(2)?,
-            gps_updated: row.try_get(3)?,
-            gps_signal_level: row.try_get(4)?,
-            lat: row.try_get(5)?,
-            lng: row.try_get(6)?,
-            heading: row.try_get(7)?,
-            speed: row.try_get(8)?,
-            alt: row.try_get(9)?,
-            gps_precision: row.try_get(10)?,
-            gsm_lbs: row.try_get(11)?,
-            connection_status: row.try_get(12)?,
-            movement_status: row.try_get(13)?,
-            movement_status_update: row.try_get(14)?,
-            ignition: row.try_get(15)?,
-            ignition_update: row.try_get(16)?,
-            gsm_updated: row.try_get(17)?,
-            gsm_signal_level: row.try_get(18)?,
-            gsm_network_name: row.try_get(19)?,
-            gsm_roaming: row.try_get(20)?,
-            last_update: row.try_get(21)?,
-            battery_level: row.try_get(22)?,
-            battery_update: row.try_get(23)?,
-            inputs: row.try_get(24)?,
-            inputs_update: row.try_get(25)?,
-            outputs: row.try_get(26)?,
-            outputs_update: row.try_get(27)?,
-            additional: row.try_get(28)?,
-            actual_track_update: row.try_get(29)?,
-        })
-    }
-}
-
-/// A source state rendered for one [`Variant`].
-pub struct SourceState<'a> {
-    pub state: &'a TrackerState,
-    pub variant: Variant,
-}
-
-struct Gps<'a>(&'a TrackerState, Variant);
-struct Location(f64, f64);
-struct Gsm<'a>(&'a TrackerState, Variant);
-struct Additional<'a>(&'a serde_json::Value, Variant);
-
-impl Serialize for Location {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(2))?;
-        m.serialize_entry("lat", &self.0)?;
-        m.serialize_entry("lng", &self.1)?;
-        m.end()
-    }
-}
-
-impl Serialize for Gps<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let (st, v) = (self.0, self.1);
-        let mut m = s.serialize_map(None)?;
-        m.serialize_entry("updated", &v.opt_date(st.gps_updated))?;
-        m.serialize_entry("signal_level", &st.gps_signal_level)?;
-        m.serialize_entry("location", &Location(st.lat, st.lng))?;
-        m.serialize_entry("heading", &st.heading)?;
-        m.serialize_entry("speed", &st.speed)?;
-        m.serialize_entry("alt", &st.alt)?;
-        if let Some(p) = st.gps_precision {
-            m.serialize_entry("precision", &p)?;
-        }
-        if let Some(lbs) = st.gsm_lbs {
-            m.serialize_entry("gsm_lbs", &lbs)?;
-        }
-        m.end()
-    }
-}
-
-impl Serialize for Gsm<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let (st, v) = (self.0, self.1);
-        let mut m = s.serialize_map(Some(4))?;
-        m.serialize_entry("updated", &v.opt_date(st.gsm_updated))?;
-        m.serialize_entry("signal_level", &st.gsm_signal_level)?;
-        m.serialize_entry("network_name", &st.gsm_network_name)?;
-        m.serialize_entry("roaming", &st.gsm_roaming)?;
-        m.end()
-    }
-}
-
-impl Serialize for Additional<'_> {
-    // Each value is {"value": …, "updated": <timestamptz>}; `updated` is re-rendered in the
-    // user's zone when it parses as a date-time and passed through otherwise.
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let Some(map) = self.0.as_object() else {
-            return s.serialize_map(Some(0))?.end();
+/// Appends `s` as a JSON string, escaped exactly as serde_json escapes it (`"`, `\` and the
+/// control characters; nothing else).
+pub fn push_json_str(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push('"');
+    let mut start = 0;
+    for (i, &b) in s.as_bytes().iter().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            0x08 => "\\b",
+            0x09 => "\\t",
+            0x0a => "\\n",
+            0x0c => "\\f",
+            0x0d => "\\r",
+            0x00..=0x1f => "",
+            _ => continue,
         };
-        let mut m = s.serialize_map(Some(map.len()))?;
-        for (key, item) in map {
-            match item.as_object() {
-                Some(obj) => m.serialize_entry(key, &AdditionalItem(obj, self.1))?,
-                None => m.serialize_entry(key, item)?,
-            }
+        // `i` is at an ASCII byte, so on a character boundary.
+        out.push_str(&s[start..i]);
+        if escape.is_empty() {
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(escape);
         }
-        m.end()
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+fn push_int(out: &mut String, n: impl itoa::Integer) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+fn push_opt_int(out: &mut String, n: Option<impl itoa::Integer>) {
+    match n {
+        Some(n) => push_int(out, n),
+        None => out.push_str("null"),
     }
 }
 
-/// One `additional` value, serialized in place (no copy of the map): `updated` re-rendered
-/// when it parses as an RFC 3339 date-time, every other field as stored.
-struct AdditionalItem<'a>(&'a serde_json::Map<String, serde_json::Value>, Variant);
+/// As serde_json writes an `f64`: the shortest representation that reads back the same, `null`
+/// for NaN and the infinities.
+fn push_f64(out: &mut String, x: f64) {
+    if x.is_finite() {
+        out.push_str(ryu::Buffer::new().format_finite(x));
+    } else {
+        out.push_str("null");
+    }
+}
 
-impl Serialize for AdditionalItem<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (key, value) in self.0 {
-            if key == "updated" {
-                if let serde_json::Value::String(u) = value {
-                    if let Ok(t) = DateTime::parse_from_rfc3339(u) {
-                        m.serialize_entry(key, &self.1.date(t.with_timezone(&Utc)))?;
-                        continue;
+fn push_bool(out: &mut String, b: bool) {
+    out.push_str(if b { "true" } else { "false" });
+}
+
+fn push_opt_bool(out: &mut String, b: Option<bool>) {
+    match b {
+        Some(b) => push_bool(out, b),
+        None => out.push_str("null"),
+    }
+}
+
+fn push_bools(out: &mut String, bs: &[bool]) {
+    out.push('[');
+    for (i, &b) in bs.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        push_bool(out, b);
+    }
+    out.push(']');
+}
+
+impl Variant {
+    /// `"<date>"` (see [`Variant::write_date`]); no escaping is needed.
+    fn push_date(&self, out: &mut String, t: DateTime<Utc>) {
+        out.push('"');
+        self.write_date(out, t);
+        out.push('"');
+    }
+
+    fn push_opt_date(&self, out: &mut String, t: Option<DateTime<Utc>>) {
+        match t {
+            Some(t) => self.push_date(out, t),
+            None => out.push_str("null"),
+        }
+    }
+}
+
+/// Appends a state's `data` object (the `state` of a batch item) for `variant`, in the
+/// protocol's field order:
+///
+/// `{"source_id":…,"gps":{"updated":…,"signal_level":…,"location":{"lat":…,"lng":…},"heading":…,
+/// "speed":…,"alt":…[,"precision":…][,"gsm_lbs":…]},"connection_status":…,"movement_status":…,
+/// "movement_status_update":…,"ignition":…,"ignition_update":…[,"gsm":{…}],"last_update":…
+/// [,"battery_level":…,…,"additional":{…},"actual_track_update":…]}` (the bracketed fields of
+/// `gsm` onwards in the full format only).
+///
+/// Written field by field into one buffer, with the keys as literals: through serde's
+/// serializer each key went through the string escaper and each date through a `String` of its
+/// own, 16% of the gateway's CPU in the benchmark's `ingest` profile. The bytes are the same
+/// (the tests hold them).
+pub fn write_state_data(out: &mut String, st: &TrackerState, v: Variant) {
+    out.push_str(r#"{"source_id":"#);
+    push_int(out, st.source_id);
+    out.push_str(r#","gps":{"updated":"#);
+    v.push_opt_date(out, st.gps_updated);
+    out.push_str(r#","signal_level":"#);
+    push_opt_int(out, st.gps_signal_level);
+    out.push_str(r#","location":{"lat":"#);
+    push_f64(out, st.lat);
+    out.push_str(r#","lng":"#);
+    push_f64(out, st.lng);
+    out.push_str(r#"},"heading":"#);
+    push_int(out, st.heading);
+    out.push_str(r#","speed":"#);
+    push_int(out, st.speed);
+    out.push_str(r#","alt":"#);
+    push_int(out, st.alt);
+    if let Some(p) = st.gps_precision {
+        out.push_str(r#","precision":"#);
+        push_int(out, p);
+    }
+    if let Some(lbs) = st.gsm_lbs {
+        out.push_str(r#","gsm_lbs":"#);
+        push_bool(out, lbs);
+    }
+    out.push_str(r#"},"connection_status":"#);
+    push_json_str(out, &st.connection_status);
+    out.push_str(r#","movement_status":"#);
+    push_json_str(out, &st.movement_status);
+    out.push_str(r#","movement_status_update":"#);
+    v.push_opt_date(out, st.movement_status_update);
+    out.push_str(r#","ignition":"#);
+    push_bool(out, st.ignition);
+    out.push_str(r#","ignition_update":"#);
+    v.push_opt_date(out, st.ignition_update);
+    let full = v.format == Format::Full;
+    if full {
+        out.push_str(r#","gsm":{"updated":"#);
+        v.push_opt_date(out, st.gsm_updated);
+        out.push_str(r#","signal_level":"#);
+        push_opt_int(out, st.gsm_signal_level);
+        out.push_str(r#","network_name":"#);
+        match &st.gsm_network_name {
+            Some(name) => push_json_str(out, name),
+            None => out.push_str("null"),
+        }
+        out.push_str(r#","roaming":"#);
+        push_opt_bool(out, st.gsm_roaming);
+        out.push('}');
+    }
+    out.push_str(r#","last_update":"#);
+    v.push_date(out, st.last_update);
+    if full {
+        out.push_str(r#","battery_level":"#);
+        push_opt_int(out, st.battery_level);
+        out.push_str(r#","battery_update":"#);
+        v.push_opt_date(out, st.battery_update);
+        out.push_str(r#","inputs":"#);
+        push_bools(out, &st.inputs);
+        out.push_str(r#","inputs_update":"#);
+        v.push_opt_date(out, st.inputs_update);
+        out.push_str(r#","outputs":"#);
+        push_bools(out, &st.outputs);
+        out.push_str(r#","outputs_update":"#);
+        v.push_opt_date(out, st.outputs_update);
+        out.push_str(r#","additional":"#);
+        additional::write(out, &st.additional, v);
+        out.push_str(r#","actual_track_update":"#);
+        v.push_opt_date(out, st.actual_track_update);
+    }
+    out.push('}');
+}
+
+/// A state's `data` object alone (see [`write_state_data`]).
+pub fn state_data(state: &TrackerState, variant: Variant) -> String {
+    let mut out = String::with_capacity(if variant.format == Format::Full {
+        800
+    } else {
+        360
+    });
+    write_state_data(&mut out, state, variant);
+    out
+}
+
+/// The `additional` map rendered from the JSON text PostgreSQL sent: every value as stored,
+/// except that each value's `updated`, when it parses as an RFC 3339 date-time, is re-rendered
+/// in the variant's zone and form. The text is walked without building a tree (keys borrowed
+/// where they need no unescaping, values as raw slices): parsing it into a `serde_json::Value`
+/// for every state read was 8% of the gateway's CPU in `ingest`.
+mod additional {
+    use std::borrow::Cow;
+    use std::fmt;
+
+    use chrono::{DateTime, Utc};
+    use serde::de::{Deserializer as _, MapAccess, Visitor};
+    use serde_json::value::RawValue;
+
+    use super::{push_json_str, Variant};
+
+    /// Appends the map; `{}` if `raw` is not a JSON object.
+    pub(super) fn write(out: &mut String, raw: &str, v: Variant) {
+        let len = out.len();
+        if !write_object(out, raw, v, true) {
+            out.truncate(len);
+            out.push_str("{}");
+        }
+    }
+
+    /// Writes the object `raw`, whose values are themselves objects to rewrite if `outer`, or
+    /// whose `updated` is rewritten if not. False (with part of it written) if `raw` is not an
+    /// object.
+    fn write_object(out: &mut String, raw: &str, v: Variant, outer: bool) -> bool {
+        if !raw.trim_start().starts_with('{') {
+            return false;
+        }
+        let mut de = serde_json::Deserializer::from_str(raw);
+        de.deserialize_map(Entries { out, v, outer }).is_ok() && de.end().is_ok()
+    }
+
+    struct Entries<'o> {
+        out: &'o mut String,
+        v: Variant,
+        outer: bool,
+    }
+
+    impl<'de> Visitor<'de> for Entries<'_> {
+        type Value = ();
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            let Entries { out, v, outer } = self;
+            out.push('{');
+            let mut first = true;
+            while let Some(key) = map.next_key::<Key<'de>>()? {
+                let value: &'de RawValue = map.next_value()?;
+                if !first {
+                    out.push(',');
+                }
+                first = false;
+                push_json_str(out, &key.0);
+                out.push(':');
+                let value = value.get();
+                if outer {
+                    let len = out.len();
+                    if !write_object(out, value, v, false) {
+                        out.truncate(len);
+                        push_compact(out, value);
                     }
+                } else if key.0 == "updated" {
+                    match rfc3339(value) {
+                        Some(t) => {
+                            out.push('"');
+                            v.write_date(out, t);
+                            out.push('"');
+                        }
+                        None => push_compact(out, value),
+                    }
+                } else {
+                    push_compact(out, value);
                 }
             }
-            m.serialize_entry(key, value)?;
+            out.push('}');
+            Ok(())
         }
-        m.end()
     }
-}
 
-impl Serialize for SourceState<'_> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let (st, v) = (self.state, self.variant);
-        let mut m = s.serialize_map(None)?;
-        m.serialize_entry("source_id", &st.source_id)?;
-        m.serialize_entry("gps", &Gps(st, v))?;
-        m.serialize_entry("connection_status", &st.connection_status)?;
-        m.serialize_entry("movement_status", &st.movement_status)?;
-        m.serialize_entry(
-            "movement_status_update",
-            &v.opt_date(st.movement_status_update),
-        )?;
-        m.serialize_entry("ignition", &st.ignition)?;
-        m.serialize_entry("ignition_update", &v.opt_date(st.ignition_update))?;
-        if v.format == Format::Full {
-            m.serialize_entry("gsm", &Gsm(st, v))?;
+    /// A JSON string that is an RFC 3339 date-time.
+    fn rfc3339(raw: &str) -> Option<DateTime<Utc>> {
+        if !raw.starts_with('"') {
+            return None;
         }
-        m.serialize_entry("last_update", &v.date(st.last_update))?;
-        if v.format == Format::Full {
-            m.serialize_entry("battery_level", &st.battery_level)?;
-            m.serialize_entry("battery_update", &v.opt_date(st.battery_update))?;
-            m.serialize_entry("inputs", &st.inputs)?;
-            m.serialize_entry("inputs_update", &v.opt_date(st.inputs_update))?;
-            m.serialize_entry("outputs", &st.outputs)?;
-            m.serialize_entry("outputs_update", &v.opt_date(st.outputs_update))?;
-            m.serialize_entry("additional", &Additional(&st.additional, v))?;
-            m.serialize_entry("actual_track_update", &v.opt_date(st.actual_track_update))?;
+        let text: Cow<str> = match serde_json::from_str::<&str>(raw) {
+            Ok(s) => Cow::Borrowed(s),
+            Err(_) => Cow::Owned(serde_json::from_str::<String>(raw).ok()?),
+        };
+        DateTime::parse_from_rfc3339(&text)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+    }
+
+    /// A map key, borrowed from the text unless it holds escapes.
+    struct Key<'a>(Cow<'a, str>);
+
+    impl<'de> serde::Deserialize<'de> for Key<'de> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct KeyVisitor;
+            impl<'de> Visitor<'de> for KeyVisitor {
+                type Value = Key<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                    f.write_str("a string")
+                }
+                fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
+                    Ok(Key(Cow::Borrowed(s)))
+                }
+                fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
+                    Ok(Key(Cow::Owned(s.to_owned())))
+                }
+                fn visit_string<E>(self, s: String) -> Result<Key<'de>, E> {
+                    Ok(Key(Cow::Owned(s)))
+                }
+            }
+            d.deserialize_str(KeyVisitor)
         }
-        m.end()
+    }
+
+    /// Appends a JSON value without the whitespace between its tokens (PostgreSQL writes
+    /// `{"a": 1, "b": 2}`; events are compact). Strings, numbers and literals are copied as
+    /// PostgreSQL wrote them: its escapes are serde_json's, and a number keeps its digits.
+    pub(super) fn push_compact(out: &mut String, raw: &str) {
+        if !raw
+            .bytes()
+            .any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+        {
+            out.push_str(raw);
+            return;
+        }
+        let (mut in_string, mut escaped) = (false, false);
+        for c in raw.chars() {
+            if in_string {
+                out.push(c);
+                if escaped {
+                    escaped = false;
+                } else if c == '\\' {
+                    escaped = true;
+                } else if c == '"' {
+                    in_string = false;
+                }
+            } else if !matches!(c, ' ' | '\t' | '\n' | '\r') {
+                out.push(c);
+                in_string = c == '"';
+            }
+        }
     }
 }
 
@@ -376,42 +541,34 @@ pub fn state_event(state: &TrackerState, variant: Variant, now: DateTime<Utc>) -
     } else {
         420
     });
-    out.push_str(r#"{"type":"event","event":"state","user_time":""#);
-    out.push_str(&variant.date(now));
-    let _ = write!(out, r#"","tracker_id":{},"data":"#, state.tracker_id);
-    // Serializing plain structs of numbers, strings and JSON values cannot fail.
-    if let Ok(data) = serde_json::to_string(&SourceState { state, variant }) {
-        out.push_str(&data);
-    }
+    out.push_str(r#"{"type":"event","event":"state","user_time":"#);
+    variant.push_date(&mut out, now);
+    out.push_str(r#","tracker_id":"#);
+    push_int(&mut out, state.tracker_id);
+    out.push_str(r#","data":"#);
+    write_state_data(&mut out, state, variant);
     out.push('}');
     out
 }
 
 /// Appends one `state_batch` item, `{"type":"source_state_event","tracker_id":…,"state":{…}}`
-/// (`tracker_id` is an extension, as in `state` events), to a batch being rendered. Written in
-/// place: a batch of 100,000 items allocated and copied each item twice more before.
-pub fn write_batch_item(out: &mut Vec<u8>, state: &TrackerState, variant: Variant) {
-    use std::io::Write as _;
-    let _ = write!(
-        out,
-        r#"{{"type":"source_state_event","tracker_id":{},"state":"#,
-        state.tracker_id
-    );
-    if serde_json::to_writer(&mut *out, &SourceState { state, variant }).is_err() {
-        out.extend_from_slice(b"null");
-    }
-    out.push(b'}');
+/// (`tracker_id` is an extension, as in `state` events), to a batch being rendered in place.
+pub fn write_batch_item(out: &mut String, state: &TrackerState, variant: Variant) {
+    out.push_str(r#"{"type":"source_state_event","tracker_id":"#);
+    push_int(out, state.tracker_id);
+    out.push_str(r#","state":"#);
+    write_state_data(out, state, variant);
+    out.push('}');
 }
 
 /// The start of a batch event frame, up to its `data` array: `{"type":"event","event":…,
 /// "user_time":…,"data":`. The caller appends the array and the closing `}`.
-pub fn write_batch_head(out: &mut Vec<u8>, event: &str, variant: Variant, now: DateTime<Utc>) {
-    use std::io::Write as _;
-    let _ = write!(
-        out,
-        r#"{{"type":"event","event":"{event}","user_time":"{}","data":"#,
-        variant.date(now)
-    );
+pub fn write_batch_head(out: &mut String, event: &str, variant: Variant, now: DateTime<Utc>) {
+    out.push_str(r#"{"type":"event","event":"#);
+    push_json_str(out, event);
+    out.push_str(r#","user_time":"#);
+    variant.push_date(out, now);
+    out.push_str(r#","data":"#);
 }
 
 /// A batch event frame around an already rendered JSON array of items.
@@ -519,9 +676,157 @@ mod tests {
             inputs_update: Some(t),
             outputs: vec![true, false],
             outputs_update: Some(t),
-            additional: serde_json::json!({"hardware_key": {"value": "2091", "updated": "2018-10-17T08:47:09Z"}}),
+            additional: r#"{"hardware_key": {"value": "2091", "updated": "2018-10-17T08:47:09Z"}}"#
+                .into(),
             actual_track_update: None,
         }
+    }
+
+    /// A state with every optional field empty or unusual, and an `additional` map holding
+    /// what a jsonb column may: non-object values, escapes, `updated` that is not a date.
+    fn odd() -> TrackerState {
+        let t = Utc.with_ymd_and_hms(2020, 3, 29, 0, 59, 59).unwrap();
+        TrackerState {
+            tracker_id: 9_007_199_254_740_993,
+            source_id: -1,
+            change_no: 5,
+            gps_updated: None,
+            gps_signal_level: None,
+            lat: -0.000_000_1,
+            lng: 0.0,
+            heading: 0,
+            speed: 250,
+            alt: -30,
+            gps_precision: Some(5),
+            gsm_lbs: Some(true),
+            connection_status: "signal_lost".into(),
+            movement_status: "moving".into(),
+            movement_status_update: None,
+            ignition: true,
+            ignition_update: None,
+            gsm_updated: None,
+            gsm_signal_level: None,
+            gsm_network_name: Some("Q\"uote\\ back\u{1} ctl \u{e9}\u{1F600}\n".into()),
+            gsm_roaming: None,
+            last_update: t,
+            battery_level: None,
+            battery_update: None,
+            inputs: vec![],
+            inputs_update: None,
+            outputs: vec![true],
+            outputs_update: Some(t),
+            additional: r#"{"a": 1, "b\"k": "x", "arr": [1, {"y": null}], "item": {"value": "v", "updated": "2020-03-29T02:30:00+05:30", "extra": [true, false]}, "bad": {"updated": "not a date"}, "num": {"updated": 17}, "empty": {}}"#.into(),
+            actual_track_update: Some(t),
+        }
+    }
+
+    /// The frames, byte for byte, as the serde-based renderer this one replaced wrote them.
+    #[test]
+    fn frames_are_byte_identical_to_the_serde_rendering() {
+        let now = Utc.with_ymd_and_hms(2018, 10, 17, 11, 0, 0).unwrap();
+        let full = Variant {
+            format: Format::Full,
+            tz: chrono_tz::Europe::Berlin,
+            iso: false,
+        };
+        let compact = Variant {
+            format: Format::Compact,
+            tz: chrono_tz::UTC,
+            iso: true,
+        };
+        let kolkata = Variant {
+            format: Format::Full,
+            tz: chrono_tz::Asia::Kolkata,
+            iso: true,
+        };
+        let cases = [
+            (
+                sample(),
+                full,
+                r##"{"type":"event","event":"state","user_time":"2018-10-17 13:00:00","tracker_id":7,"data":{"source_id":10284,"gps":{"updated":"2018-10-17 12:51:43","signal_level":100,"location":{"lat":14.330065796228606,"lng":-90.99037259141691},"heading":248,"speed":0,"alt":431},"connection_status":"active","movement_status":"parked","movement_status_update":"2018-10-17 12:51:43","ignition":false,"ignition_update":"2018-10-17 12:51:43","gsm":{"updated":"2018-10-17 12:51:43","signal_level":80,"network_name":"T-Mobile","roaming":false},"last_update":"2018-10-17 12:51:43","battery_level":97,"battery_update":"2018-10-17 12:51:43","inputs":[false,false,true],"inputs_update":"2018-10-17 12:51:43","outputs":[true,false],"outputs_update":"2018-10-17 12:51:43","additional":{"hardware_key":{"value":"2091","updated":"2018-10-17 10:47:09"}},"actual_track_update":null}}"##,
+            ),
+            (
+                sample(),
+                compact,
+                r##"{"type":"event","event":"state","user_time":"2018-10-17T11:00:00+00:00","tracker_id":7,"data":{"source_id":10284,"gps":{"updated":"2018-10-17T10:51:43+00:00","signal_level":100,"location":{"lat":14.330065796228606,"lng":-90.99037259141691},"heading":248,"speed":0,"alt":431},"connection_status":"active","movement_status":"parked","movement_status_update":"2018-10-17T10:51:43+00:00","ignition":false,"ignition_update":"2018-10-17T10:51:43+00:00","last_update":"2018-10-17T10:51:43+00:00"}}"##,
+            ),
+            (
+                odd(),
+                kolkata,
+                r##"{"type":"event","event":"state","user_time":"2018-10-17T16:30:00+05:30","tracker_id":9007199254740993,"data":{"source_id":-1,"gps":{"updated":null,"signal_level":null,"location":{"lat":-1e-7,"lng":0.0},"heading":0,"speed":250,"alt":-30,"precision":5,"gsm_lbs":true},"connection_status":"signal_lost","movement_status":"moving","movement_status_update":null,"ignition":true,"ignition_update":null,"gsm":{"updated":null,"signal_level":null,"network_name":"Q\"uote\\ back\u0001 ctl é😀\n","roaming":null},"last_update":"2020-03-29T06:29:59+05:30","battery_level":null,"battery_update":null,"inputs":[],"inputs_update":null,"outputs":[true],"outputs_update":"2020-03-29T06:29:59+05:30","additional":{"a":1,"b\"k":"x","arr":[1,{"y":null}],"item":{"value":"v","updated":"2020-03-29T02:30:00+05:30","extra":[true,false]},"bad":{"updated":"not a date"},"num":{"updated":17},"empty":{}},"actual_track_update":"2020-03-29T06:29:59+05:30"}}"##,
+            ),
+            (
+                odd(),
+                full,
+                r##"{"type":"event","event":"state","user_time":"2018-10-17 13:00:00","tracker_id":9007199254740993,"data":{"source_id":-1,"gps":{"updated":null,"signal_level":null,"location":{"lat":-1e-7,"lng":0.0},"heading":0,"speed":250,"alt":-30,"precision":5,"gsm_lbs":true},"connection_status":"signal_lost","movement_status":"moving","movement_status_update":null,"ignition":true,"ignition_update":null,"gsm":{"updated":null,"signal_level":null,"network_name":"Q\"uote\\ back\u0001 ctl é😀\n","roaming":null},"last_update":"2020-03-29 01:59:59","battery_level":null,"battery_update":null,"inputs":[],"inputs_update":null,"outputs":[true],"outputs_update":"2020-03-29 01:59:59","additional":{"a":1,"b\"k":"x","arr":[1,{"y":null}],"item":{"value":"v","updated":"2020-03-28 22:00:00","extra":[true,false]},"bad":{"updated":"not a date"},"num":{"updated":17},"empty":{}},"actual_track_update":"2020-03-29 01:59:59"}}"##,
+            ),
+            (
+                odd(),
+                compact,
+                r##"{"type":"event","event":"state","user_time":"2018-10-17T11:00:00+00:00","tracker_id":9007199254740993,"data":{"source_id":-1,"gps":{"updated":null,"signal_level":null,"location":{"lat":-1e-7,"lng":0.0},"heading":0,"speed":250,"alt":-30,"precision":5,"gsm_lbs":true},"connection_status":"signal_lost","movement_status":"moving","movement_status_update":null,"ignition":true,"ignition_update":null,"last_update":"2020-03-29T00:59:59+00:00"}}"##,
+            ),
+        ];
+        for (state, variant, want) in cases {
+            assert_eq!(state_event(&state, variant, now), want);
+            let parsed: serde_json::Value = serde_json::from_str(want).unwrap();
+            let data: serde_json::Value =
+                serde_json::from_str(&state_data(&state, variant)).unwrap();
+            assert_eq!(data, parsed["data"]);
+        }
+        let mut item = String::new();
+        write_batch_item(&mut item, &odd(), full);
+        assert_eq!(
+            item,
+            r##"{"type":"source_state_event","tracker_id":9007199254740993,"state":{"source_id":-1,"gps":{"updated":null,"signal_level":null,"location":{"lat":-1e-7,"lng":0.0},"heading":0,"speed":250,"alt":-30,"precision":5,"gsm_lbs":true},"connection_status":"signal_lost","movement_status":"moving","movement_status_update":null,"ignition":true,"ignition_update":null,"gsm":{"updated":null,"signal_level":null,"network_name":"Q\"uote\\ back\u0001 ctl é😀\n","roaming":null},"last_update":"2020-03-29 01:59:59","battery_level":null,"battery_update":null,"inputs":[],"inputs_update":null,"outputs":[true],"outputs_update":"2020-03-29 01:59:59","additional":{"a":1,"b\"k":"x","arr":[1,{"y":null}],"item":{"value":"v","updated":"2020-03-28 22:00:00","extra":[true,false]},"bad":{"updated":"not a date"},"num":{"updated":17},"empty":{}},"actual_track_update":"2020-03-29 01:59:59"}}"##
+        );
+    }
+
+    #[test]
+    fn additional_values_keep_their_digits_and_lose_only_whitespace() {
+        let v = Variant {
+            format: Format::Full,
+            tz: chrono_tz::UTC,
+            iso: false,
+        };
+        let render = |raw: &str| {
+            let mut out = String::new();
+            additional::write(&mut out, raw, v);
+            out
+        };
+        assert_eq!(
+            render(r#"{"n": {"value": 1.50, "big": 123456789012345678901234567890}}"#),
+            r#"{"n":{"value":1.50,"big":123456789012345678901234567890}}"#
+        );
+        assert_eq!(
+            render(r#"{"s": {"value": "a b\" c", "updated": "2020-01-01T00:00:00.123456+00:00"}}"#),
+            r#"{"s":{"value":"a b\" c","updated":"2020-01-01 00:00:00"}}"#
+        );
+        assert_eq!(
+            render(r#"{"k\u0041": {"updated": "2020-01-01T00:00:00Z"}}"#),
+            r#"{"kA":{"updated":"2020-01-01 00:00:00"}}"#
+        );
+        for not_an_object in [
+            "[1, 2]",
+            "3",
+            "\"x\"",
+            "null",
+            "",
+            "{",
+            "{\"a\": 1} trailing",
+        ] {
+            assert_eq!(render(not_an_object), "{}", "{not_an_object}");
+        }
+    }
+
+    #[test]
+    fn json_strings_are_escaped_as_serde_json_escapes_them() {
+        let all: String = (0u32..0x80)
+            .filter_map(char::from_u32)
+            .chain("é😀".chars())
+            .collect();
+        let mut out = String::new();
+        push_json_str(&mut out, &all);
+        assert_eq!(out, serde_json::to_string(&all).unwrap());
     }
 
     #[test]

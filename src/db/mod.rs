@@ -1,7 +1,8 @@
 //! Database access. `pool` connects (creating the database if needed) and migrates; `queries`
-//! holds every SQL statement the gateway and its commands run.
+//! holds every SQL statement the gateway and its commands run; `rows` decodes state rows.
 
 pub mod queries;
+pub mod rows;
 
 use std::time::Duration;
 

@@ -1,6 +1,6 @@
 //! `tracker/list`, `tracker/get_state` and `tracker/get_states`: what a session may see and the
 //! current states, over plain HTTP. Statuses come from [`access`], the same computation as the
-//! WebSocket subscribe, and states are rendered by [`model::SourceState`] exactly as `state`
+//! WebSocket subscribe, and states are rendered by [`model::write_state_data`] exactly as `state`
 //! events are (full format, dates in the session user's time zone).
 
 use std::collections::HashSet;
@@ -16,7 +16,7 @@ use super::error::{ApiError, ErrorBody};
 use super::params::{self, de, Params};
 use crate::access;
 use crate::db::queries::{self, SessionRow};
-use crate::model::{Format, SourceState, TrackerId, TrackerState, Variant};
+use crate::model::{self, Format, TrackerId, TrackerState, Variant};
 use crate::startup::AppState;
 
 /// The full-format variant in the session user's zone (UTC if the zone is unreadable).
@@ -29,8 +29,8 @@ fn variant(session: &SessionRow) -> Variant {
 }
 
 fn render(state: &TrackerState, variant: Variant) -> Value {
-    // A state holds numbers, strings and JSON values only: serializing it cannot fail.
-    serde_json::to_value(SourceState { state, variant }).unwrap_or(Value::Null)
+    // The renderer writes valid JSON (its tests parse every form of it).
+    serde_json::from_str(&model::state_data(state, variant)).unwrap_or(Value::Null)
 }
 
 /// A tracker's data source.

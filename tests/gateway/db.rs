@@ -290,7 +290,7 @@ async fn states_by_ids_reads_every_column(pool: PgPool) {
     assert_eq!(s.outputs, [true, false]);
     assert_eq!(s.outputs_update, Some(at("2018-10-17T10:51:43Z")));
     assert_eq!(
-        s.additional,
+        serde_json::from_str::<serde_json::Value>(&s.additional).unwrap(),
         serde_json::json!({"hardware_key": {"value": "20910998202956382057",
                                             "updated": "2018-10-17T08:47:09Z"}})
     );
@@ -303,6 +303,85 @@ async fn states_by_ids_reads_every_column(pool: PgPool) {
     assert_eq!(s105.source_id, 10105);
 
     assert!(queries::states_by_ids(&pool, &[]).await.unwrap().is_empty());
+}
+
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn state_rows_decode_nulls_edges_and_refuse_what_they_cannot_represent(pool: PgPool) {
+    // Every nullable column NULL, empty arrays, a date before 2000 with microseconds.
+    sqlx::query(
+        "UPDATE tracker_states SET gps_updated = NULL, gps_signal_level = NULL, lat = -89.5, \
+           lng = 179.25, heading = 360, speed = 2147483647, alt = -2147483648, \
+           gps_precision = NULL, gsm_lbs = NULL, movement_status_update = NULL, \
+           ignition = true, ignition_update = NULL, gsm_updated = NULL, gsm_signal_level = NULL, \
+           gsm_network_name = NULL, gsm_roaming = NULL, \
+           last_update = '1999-12-31 23:59:59.999999+00', battery_level = NULL, \
+           battery_update = NULL, inputs = '{}', inputs_update = NULL, \
+           outputs = '{true,false,true}', outputs_update = NULL, \
+           additional = '{\"k\": {\"value\": 1.50, \"updated\": \"x\"}}', \
+           actual_track_update = '2038-01-19 03:14:08.000001+00' \
+         WHERE tracker_id = 102",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let states = queries::states_by_ids(&pool, &[102]).await.unwrap();
+    let s = &states[0];
+    assert_eq!((s.tracker_id, s.source_id), (102, 10102));
+    assert_eq!((s.gps_updated, s.gps_signal_level), (None, None));
+    assert_eq!((s.lat, s.lng, s.heading), (-89.5, 179.25, 360));
+    assert_eq!((s.speed, s.alt), (i32::MAX, i32::MIN));
+    assert_eq!((s.gps_precision, s.gsm_lbs, s.gsm_roaming), (None, None, None));
+    assert!(s.ignition);
+    assert_eq!(s.gsm_network_name, None);
+    assert_eq!(
+        s.last_update,
+        "1999-12-31T23:59:59.999999Z".parse::<DateTime<Utc>>().unwrap()
+    );
+    assert_eq!(
+        s.actual_track_update,
+        Some("2038-01-19T03:14:08.000001Z".parse::<DateTime<Utc>>().unwrap())
+    );
+    assert_eq!(s.inputs, Vec::<bool>::new());
+    assert_eq!(s.outputs, [true, false, true]);
+    // jsonb's own text: the number keeps its scale.
+    assert_eq!(&*s.additional, r#"{"k": {"value": 1.50, "updated": "x"}}"#);
+
+    // What a TrackerState cannot hold is an error, not a wrong value.
+    for (set, what) in [
+        ("last_update = 'infinity'", "infinite timestamp"),
+        ("inputs = '{{true},{false}}'", "two-dimensional array"),
+        ("inputs = '{true,NULL}'", "NULL element"),
+    ] {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query(&format!(
+            "UPDATE tracker_states SET {set} WHERE tracker_id = 101"
+        ))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let read = sqlx::query_as::<_, fleetgate::model::TrackerState>(&format!(
+            "SELECT {} FROM {} WHERE s.tracker_id = 101",
+            fleetgate::model::STATE_COLUMNS,
+            fleetgate::model::STATE_FROM
+        ))
+        .fetch_all(&mut *tx)
+        .await;
+        assert!(read.is_err(), "{what}: {read:?}");
+        tx.rollback().await.unwrap();
+    }
+    // Columns of the wrong type are refused by name and type, not misread.
+    let wrong = sqlx::query_as::<_, fleetgate::model::TrackerState>(&format!(
+        "SELECT {} FROM {} WHERE s.tracker_id = 101",
+        fleetgate::model::STATE_COLUMNS.replace("s.speed", "s.speed::int8 AS speed"),
+        fleetgate::model::STATE_FROM
+    ))
+    .fetch_all(&pool)
+    .await;
+    let message = wrong.unwrap_err().to_string();
+    assert!(message.contains("speed"), "{message}");
 }
 
 // --- triggers ------------------------------------------------------------------------------------
