@@ -333,16 +333,25 @@ async fn state_rows_decode_nulls_edges_and_refuse_what_they_cannot_represent(poo
     assert_eq!((s.gps_updated, s.gps_signal_level), (None, None));
     assert_eq!((s.lat, s.lng, s.heading), (-89.5, 179.25, 360));
     assert_eq!((s.speed, s.alt), (i32::MAX, i32::MIN));
-    assert_eq!((s.gps_precision, s.gsm_lbs, s.gsm_roaming), (None, None, None));
+    assert_eq!(
+        (s.gps_precision, s.gsm_lbs, s.gsm_roaming),
+        (None, None, None)
+    );
     assert!(s.ignition);
     assert_eq!(s.gsm_network_name, None);
     assert_eq!(
         s.last_update,
-        "1999-12-31T23:59:59.999999Z".parse::<DateTime<Utc>>().unwrap()
+        "1999-12-31T23:59:59.999999Z"
+            .parse::<DateTime<Utc>>()
+            .unwrap()
     );
     assert_eq!(
         s.actual_track_update,
-        Some("2038-01-19T03:14:08.000001Z".parse::<DateTime<Utc>>().unwrap())
+        Some(
+            "2038-01-19T03:14:08.000001Z"
+                .parse::<DateTime<Utc>>()
+                .unwrap()
+        )
     );
     assert_eq!(s.inputs, Vec::<bool>::new());
     assert_eq!(s.outputs, [true, false, true]);
