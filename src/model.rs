@@ -42,48 +42,88 @@ impl Variant {
         out
     }
 
-    /// Appends `t` in this variant's zone and form: `YYYY-MM-DD HH:MM:SS`, or ISO 8601 with the
-    /// offset (`YYYY-MM-DDTHH:MM:SS+HH:MM`). A state event holds about ten date-times, so the
-    /// digits are written directly instead of through chrono's format-string parser (which
-    /// was a tenth of the gateway's CPU time in the benchmark's profile); the rare values
-    /// outside that fast path (years beyond 0–9999, offsets with seconds) go through chrono.
+    /// Appends `t` in this variant's zone and form (see [`Variant::format_date`]).
     pub fn write_date(&self, out: &mut String, t: DateTime<Utc>) {
+        out.push_str(self.format_date(t).as_str());
+    }
+
+    /// `t` in this variant's zone and form: `YYYY-MM-DD HH:MM:SS`, or ISO 8601 with the offset
+    /// (`YYYY-MM-DDTHH:MM:SS+HH:MM`). A state event holds about ten date-times, so the digits
+    /// are written directly instead of through chrono's format-string parser (which was a
+    /// tenth of the gateway's CPU time in the benchmark's profile); the rare values outside
+    /// that fast path (years beyond 0–9999, offsets with seconds) go through chrono.
+    pub fn format_date(&self, t: DateTime<Utc>) -> DateText {
         let local = t.with_timezone(&self.tz);
         let offset = local.offset().fix().local_minus_utc();
         let n = local.naive_local();
+        let mut text = DateText {
+            bytes: [0; DateText::CAPACITY],
+            len: 0,
+        };
         if !(0..=9999).contains(&n.year()) || (self.iso && offset % 60 != 0) {
             let f = if self.iso {
                 "%Y-%m-%dT%H:%M:%S%:z"
             } else {
                 "%Y-%m-%d %H:%M:%S"
             };
-            let _ = write!(out, "{}", local.format(f));
-            return;
-        }
-        fn two(out: &mut String, v: u32) {
-            out.push(char::from(b'0' + (v / 10 % 10) as u8));
-            out.push(char::from(b'0' + (v % 10) as u8));
+            // At most 28 bytes (chrono's years end at ±262,143), all ASCII.
+            let s = local.format(f).to_string();
+            let len = s.len().min(DateText::CAPACITY);
+            text.bytes[..len].copy_from_slice(&s.as_bytes()[..len]);
+            text.len = len;
+            return text;
         }
         let y = n.year() as u32; // 0..=9999, checked above
-        two(out, y / 100);
-        two(out, y % 100);
-        out.push('-');
-        two(out, n.month());
-        out.push('-');
-        two(out, n.day());
-        out.push(if self.iso { 'T' } else { ' ' });
-        two(out, n.hour());
-        out.push(':');
-        two(out, n.minute());
-        out.push(':');
-        two(out, n.second());
+        text.two(y / 100);
+        text.two(y % 100);
+        text.put(b'-');
+        text.two(n.month());
+        text.put(b'-');
+        text.two(n.day());
+        text.put(if self.iso { b'T' } else { b' ' });
+        text.two(n.hour());
+        text.put(b':');
+        text.two(n.minute());
+        text.put(b':');
+        text.two(n.second());
         if self.iso {
-            out.push(if offset < 0 { '-' } else { '+' });
+            text.put(if offset < 0 { b'-' } else { b'+' });
             let m = offset.unsigned_abs() / 60;
-            two(out, m / 60);
-            out.push(':');
-            two(out, m % 60);
+            text.two(m / 60);
+            text.put(b':');
+            text.two(m % 60);
         }
+        text
+    }
+}
+
+/// A rendered date-time (ASCII, at most 32 bytes), kept without an allocation.
+#[derive(Clone, Copy)]
+pub struct DateText {
+    bytes: [u8; DateText::CAPACITY],
+    len: usize,
+}
+
+impl DateText {
+    const CAPACITY: usize = 32;
+
+    /// Appends a byte (the fast path writes at most 25).
+    fn put(&mut self, b: u8) {
+        if let Some(slot) = self.bytes.get_mut(self.len) {
+            *slot = b;
+            self.len += 1;
+        }
+    }
+
+    /// Appends the last two decimal digits of `v`.
+    fn two(&mut self, v: u32) {
+        self.put(b'0' + (v / 10 % 10) as u8);
+        self.put(b'0' + (v % 10) as u8);
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever written.
+        std::str::from_utf8(&self.bytes[..self.len]).unwrap_or_default()
     }
 }
 
@@ -266,17 +306,42 @@ fn push_bools(out: &mut String, bs: &[bool]) {
     out.push(']');
 }
 
-impl Variant {
-    /// `"<date>"` (see [`Variant::write_date`]); no escaping is needed.
-    fn push_date(&self, out: &mut String, t: DateTime<Utc>) {
+/// The date-times of one state, rendered through a one-entry cache: several of a state's
+/// date-times are usually the same second (one message from a tracker updates its position,
+/// signal and `last_update` at once), and each rendering costs a search of the zone's
+/// transitions. Only the second is rendered, so the second is the key.
+struct Dates {
+    variant: Variant,
+    last: Option<(i64, DateText)>,
+}
+
+impl Dates {
+    fn new(variant: Variant) -> Dates {
+        Dates {
+            variant,
+            last: None,
+        }
+    }
+
+    /// `"<date>"`; no escaping is needed.
+    fn push(&mut self, out: &mut String, t: DateTime<Utc>) {
+        let second = t.timestamp();
+        let text = match self.last {
+            Some((s, text)) if s == second => text,
+            _ => {
+                let text = self.variant.format_date(t);
+                self.last = Some((second, text));
+                text
+            }
+        };
         out.push('"');
-        self.write_date(out, t);
+        out.push_str(text.as_str());
         out.push('"');
     }
 
-    fn push_opt_date(&self, out: &mut String, t: Option<DateTime<Utc>>) {
+    fn push_opt(&mut self, out: &mut String, t: Option<DateTime<Utc>>) {
         match t {
-            Some(t) => self.push_date(out, t),
+            Some(t) => self.push(out, t),
             None => out.push_str("null"),
         }
     }
@@ -296,10 +361,11 @@ impl Variant {
 /// own, 16% of the gateway's CPU in the benchmark's `ingest` profile. The bytes are the same
 /// (the tests hold them).
 pub fn write_state_data(out: &mut String, st: &TrackerState, v: Variant) {
+    let mut dates = Dates::new(v);
     out.push_str(r#"{"source_id":"#);
     push_int(out, st.source_id);
     out.push_str(r#","gps":{"updated":"#);
-    v.push_opt_date(out, st.gps_updated);
+    dates.push_opt(out, st.gps_updated);
     out.push_str(r#","signal_level":"#);
     push_opt_int(out, st.gps_signal_level);
     out.push_str(r#","location":{"lat":"#);
@@ -325,15 +391,15 @@ pub fn write_state_data(out: &mut String, st: &TrackerState, v: Variant) {
     out.push_str(r#","movement_status":"#);
     push_json_str(out, &st.movement_status);
     out.push_str(r#","movement_status_update":"#);
-    v.push_opt_date(out, st.movement_status_update);
+    dates.push_opt(out, st.movement_status_update);
     out.push_str(r#","ignition":"#);
     push_bool(out, st.ignition);
     out.push_str(r#","ignition_update":"#);
-    v.push_opt_date(out, st.ignition_update);
+    dates.push_opt(out, st.ignition_update);
     let full = v.format == Format::Full;
     if full {
         out.push_str(r#","gsm":{"updated":"#);
-        v.push_opt_date(out, st.gsm_updated);
+        dates.push_opt(out, st.gsm_updated);
         out.push_str(r#","signal_level":"#);
         push_opt_int(out, st.gsm_signal_level);
         out.push_str(r#","network_name":"#);
@@ -346,24 +412,24 @@ pub fn write_state_data(out: &mut String, st: &TrackerState, v: Variant) {
         out.push('}');
     }
     out.push_str(r#","last_update":"#);
-    v.push_date(out, st.last_update);
+    dates.push(out, st.last_update);
     if full {
         out.push_str(r#","battery_level":"#);
         push_opt_int(out, st.battery_level);
         out.push_str(r#","battery_update":"#);
-        v.push_opt_date(out, st.battery_update);
+        dates.push_opt(out, st.battery_update);
         out.push_str(r#","inputs":"#);
         push_bools(out, &st.inputs);
         out.push_str(r#","inputs_update":"#);
-        v.push_opt_date(out, st.inputs_update);
+        dates.push_opt(out, st.inputs_update);
         out.push_str(r#","outputs":"#);
         push_bools(out, &st.outputs);
         out.push_str(r#","outputs_update":"#);
-        v.push_opt_date(out, st.outputs_update);
+        dates.push_opt(out, st.outputs_update);
         out.push_str(r#","additional":"#);
         additional::write(out, &st.additional, v);
         out.push_str(r#","actual_track_update":"#);
-        v.push_opt_date(out, st.actual_track_update);
+        dates.push_opt(out, st.actual_track_update);
     }
     out.push('}');
 }
@@ -542,7 +608,7 @@ pub fn state_event(state: &TrackerState, variant: Variant, now: DateTime<Utc>) -
         420
     });
     out.push_str(r#"{"type":"event","event":"state","user_time":"#);
-    variant.push_date(&mut out, now);
+    Dates::new(variant).push(&mut out, now);
     out.push_str(r#","tracker_id":"#);
     push_int(&mut out, state.tracker_id);
     out.push_str(r#","data":"#);
@@ -567,7 +633,7 @@ pub fn write_batch_head(out: &mut String, event: &str, variant: Variant, now: Da
     out.push_str(r#"{"type":"event","event":"#);
     push_json_str(out, event);
     out.push_str(r#","user_time":"#);
-    variant.push_date(out, now);
+    Dates::new(variant).push(out, now);
     out.push_str(r#","data":"#);
 }
 
@@ -816,6 +882,32 @@ mod tests {
         ] {
             assert_eq!(render(not_an_object), "{}", "{not_an_object}");
         }
+    }
+
+    #[test]
+    fn a_cached_date_is_reused_only_within_its_second() {
+        let v = Variant {
+            format: Format::Full,
+            tz: chrono_tz::Europe::Berlin,
+            iso: true,
+        };
+        // 2020-03-29 01:59:59.9 UTC is the last second before Berlin's clocks go forward.
+        let t = Utc.with_ymd_and_hms(2020, 3, 29, 0, 59, 59).unwrap();
+        let mut dates = Dates::new(v);
+        let mut out = String::new();
+        for t in [
+            t,
+            t + chrono::Duration::milliseconds(900),
+            t + chrono::Duration::seconds(1),
+            t - chrono::Duration::milliseconds(1),
+        ] {
+            dates.push(&mut out, t);
+            out.push(',');
+        }
+        assert_eq!(
+            out,
+            r#""2020-03-29T01:59:59+01:00","2020-03-29T01:59:59+01:00","2020-03-29T03:00:00+02:00","2020-03-29T01:59:58+01:00","#
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgExecutor, PgPool};
 
+use super::rows;
 use crate::model::{
     TrackerId, TrackerState, STATE_COLUMNS, STATE_COLUMNS_SOURCE_UNREAD, STATE_FROM,
 };
@@ -98,12 +99,8 @@ async fn states_of_ids(
     select: &str,
     ids: &[TrackerId],
 ) -> Result<Vec<TrackerState>, sqlx::Error> {
-    sqlx::query_as::<_, TrackerState>(&format!(
-        "SELECT {select} WHERE s.tracker_id = ANY($1) ORDER BY s.change_no"
-    ))
-    .bind(ids)
-    .fetch_all(pool)
-    .await
+    let sql = format!("SELECT {select} WHERE s.tracker_id = ANY($1) ORDER BY s.change_no");
+    rows::fetch_states(pool, sqlx::query(&sql).bind(ids)).await
 }
 
 /// The data source ids of these trackers (removed ones included; deleted ones are missing).
@@ -123,14 +120,11 @@ pub async fn states_by_range(
     lo: i64,
     hi: i64,
 ) -> Result<Vec<TrackerState>, sqlx::Error> {
-    sqlx::query_as::<_, TrackerState>(&format!(
+    let sql = format!(
         "SELECT {STATE_COLUMNS} FROM {STATE_FROM} \
           WHERE s.change_no BETWEEN $1 AND $2 ORDER BY s.change_no"
-    ))
-    .bind(lo)
-    .bind(hi)
-    .fetch_all(pool)
-    .await
+    );
+    rows::fetch_states(pool, sqlx::query(&sql).bind(lo).bind(hi)).await
 }
 
 /// Lifecycle facts of trackers: (id, source_id, blocked, removed, change_no).

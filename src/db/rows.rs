@@ -5,13 +5,16 @@
 //! column a type-compatibility check that clones type descriptors, a `Result` the size of
 //! `sqlx::Error` moved through every layer, integers read through a generic variable-width
 //! reader, timestamps built by calendar arithmetic from 2000-01-01, and `additional` parsed into
-//! a `serde_json::Value` (a map and a string per key) only to be written out again. Here each
-//! column's type is checked by its OID, its bytes are read as what that OID says they are, and
-//! `additional` stays the JSON text PostgreSQL sent (rendered in [`crate::model`]).
+//! a `serde_json::Value` (a map and a string per key) only to be written out again. Here a
+//! result's column names and types are checked once (by OID, at its first row), each value's
+//! bytes are read as what that type says they are, and `additional` stays the JSON text
+//! PostgreSQL sent (rendered in [`crate::model`]).
 
 use chrono::{DateTime, Utc};
-use sqlx::postgres::{PgRow, PgValueFormat};
-use sqlx::{Column, Row, TypeInfo, ValueRef};
+use futures_util::TryStreamExt;
+use sqlx::postgres::{PgArguments, PgRow, PgValueFormat};
+use sqlx::query::Query;
+use sqlx::{Column, PgPool, Postgres, Row, TypeInfo, ValueRef};
 
 use crate::model::{TrackerState, STATE_FIELDS};
 
@@ -31,164 +34,227 @@ const JSONB: u32 = 3802;
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00:00 UTC).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
-type BoxDynError = Box<dyn std::error::Error + Send + Sync>;
+/// A column that could not be decoded: its index and what was wrong. Boxed so that the
+/// `Result` of every column read stays small (`sqlx::Error`'s size, moved through each `?`, was
+/// a fifth of the decoding time).
+struct Bad(Box<(usize, String)>);
 
-/// One row being decoded: column `i`'s bytes, after checking its type.
+fn bad(i: usize, what: impl std::fmt::Display) -> Bad {
+    Bad(Box::new((i, what.to_string())))
+}
+
+impl Bad {
+    fn into_sqlx(self, row: &PgRow) -> sqlx::Error {
+        let (i, what) = *self.0;
+        let name = row.columns().get(i).map(|c| c.name()).unwrap_or("?");
+        sqlx::Error::ColumnDecode {
+            index: format!("{i} ({name})"),
+            source: what.into(),
+        }
+    }
+}
+
+/// The types each column of [`crate::model::STATE_COLUMNS`] may have, in order.
+const TYPES: [&[u32]; 30] = [
+    &[INT8],
+    &[INT8],
+    &[INT8],
+    &[TIMESTAMPTZ],
+    &[INT2],
+    &[FLOAT8],
+    &[FLOAT8],
+    &[INT2],
+    &[INT4],
+    &[INT4],
+    &[INT4],
+    &[BOOL],
+    &[TEXT, VARCHAR],
+    &[TEXT, VARCHAR],
+    &[TIMESTAMPTZ],
+    &[BOOL],
+    &[TIMESTAMPTZ],
+    &[TIMESTAMPTZ],
+    &[INT2],
+    &[TEXT, VARCHAR],
+    &[BOOL],
+    &[TIMESTAMPTZ],
+    &[INT2],
+    &[TIMESTAMPTZ],
+    &[BOOL_ARRAY],
+    &[TIMESTAMPTZ],
+    &[BOOL_ARRAY],
+    &[TIMESTAMPTZ],
+    &[JSONB, JSON],
+    &[TIMESTAMPTZ],
+];
+
+/// The checked columns of a result: every row of one result shares them, so a result is
+/// checked once, at its first row.
+pub struct Layout {
+    additional_is_jsonb: bool,
+}
+
+impl Layout {
+    /// Checks that `row` has the names, types and (binary) format of [`crate::model::STATE_COLUMNS`].
+    pub fn of(row: &PgRow) -> Result<Layout, sqlx::Error> {
+        let columns = row.columns();
+        if columns.len() != STATE_FIELDS.len()
+            || columns.iter().zip(STATE_FIELDS).any(|(c, f)| c.name() != f)
+        {
+            return Err(sqlx::Error::ColumnNotFound(
+                "a TrackerState row must select STATE_COLUMNS".into(),
+            ));
+        }
+        for (i, (column, want)) in columns.iter().zip(TYPES).enumerate() {
+            let info = column.type_info();
+            if !info.oid().is_some_and(|oid| want.contains(&oid.0)) {
+                return Err(bad(
+                    i,
+                    format!("unexpected column type {} (want OID {want:?})", info.name()),
+                )
+                .into_sqlx(row));
+            }
+        }
+        if row.try_get_raw(0)?.format() != PgValueFormat::Binary {
+            return Err(bad(0, "values in text format; binary expected").into_sqlx(row));
+        }
+        let additional_is_jsonb = columns[28]
+            .type_info()
+            .oid()
+            .is_some_and(|oid| oid.0 == JSONB);
+        Ok(Layout {
+            additional_is_jsonb,
+        })
+    }
+}
+
+/// One row being decoded, its columns already checked by a [`Layout`].
 struct Columns<'r> {
     row: &'r PgRow,
 }
 
 impl<'r> Columns<'r> {
-    fn error(&self, i: usize, source: impl Into<BoxDynError>) -> sqlx::Error {
-        let name = self.row.columns().get(i).map(|c| c.name()).unwrap_or("?");
-        sqlx::Error::ColumnDecode {
-            index: format!("{i} ({name})"),
-            source: source.into(),
-        }
-    }
-
-    /// The bytes of column `i`, or `None` for NULL, if its type is one of `oids`.
-    fn raw(&self, i: usize, oids: &[u32]) -> Result<Option<&'r [u8]>, sqlx::Error> {
-        let Some(column) = self.row.columns().get(i) else {
-            return Err(sqlx::Error::ColumnIndexOutOfBounds {
-                index: i,
-                len: self.row.columns().len(),
-            });
-        };
-        let info = column.type_info();
-        if !info.oid().is_some_and(|oid| oids.contains(&oid.0)) {
-            return Err(self.error(
-                i,
-                format!("unexpected column type {} (want OID {oids:?})", info.name()),
-            ));
-        }
-        let value = self.row.try_get_raw(i)?;
+    /// The bytes of column `i`, or `None` for NULL.
+    fn raw(&self, i: usize) -> Result<Option<&'r [u8]>, Bad> {
+        let value = self.row.try_get_raw(i).map_err(|e| bad(i, e))?;
         if value.is_null() {
             return Ok(None);
         }
-        if value.format() != PgValueFormat::Binary {
-            return Err(self.error(i, "value in text format; binary expected"));
-        }
-        value.as_bytes().map(Some).map_err(|e| self.error(i, e))
+        value.as_bytes().map(Some).map_err(|e| bad(i, e))
     }
 
-    fn required(&self, i: usize, oids: &[u32]) -> Result<&'r [u8], sqlx::Error> {
-        self.raw(i, oids)?
-            .ok_or_else(|| self.error(i, "unexpected NULL"))
+    fn required(&self, i: usize) -> Result<&'r [u8], Bad> {
+        self.raw(i)?.ok_or_else(|| bad(i, "unexpected NULL"))
     }
 
-    fn fixed<const N: usize>(&self, i: usize, bytes: &[u8]) -> Result<[u8; N], sqlx::Error> {
+    fn fixed<const N: usize>(i: usize, bytes: &[u8]) -> Result<[u8; N], Bad> {
         bytes
             .try_into()
-            .map_err(|_| self.error(i, format!("{} bytes, want {N}", bytes.len())))
+            .map_err(|_| bad(i, format!("{} bytes, want {N}", bytes.len())))
     }
 
-    fn opt_i16(&self, i: usize) -> Result<Option<i16>, sqlx::Error> {
-        self.raw(i, &[INT2])?
-            .map(|b| self.fixed(i, b).map(i16::from_be_bytes))
+    fn opt_i16(&self, i: usize) -> Result<Option<i16>, Bad> {
+        self.raw(i)?
+            .map(|b| Self::fixed(i, b).map(i16::from_be_bytes))
             .transpose()
     }
 
-    fn opt_i32(&self, i: usize) -> Result<Option<i32>, sqlx::Error> {
-        self.raw(i, &[INT4])?
-            .map(|b| self.fixed(i, b).map(i32::from_be_bytes))
+    fn opt_i32(&self, i: usize) -> Result<Option<i32>, Bad> {
+        self.raw(i)?
+            .map(|b| Self::fixed(i, b).map(i32::from_be_bytes))
             .transpose()
     }
 
-    fn i16(&self, i: usize) -> Result<i16, sqlx::Error> {
-        self.fixed(i, self.required(i, &[INT2])?)
-            .map(i16::from_be_bytes)
+    fn i16(&self, i: usize) -> Result<i16, Bad> {
+        Self::fixed(i, self.required(i)?).map(i16::from_be_bytes)
     }
 
-    fn i32(&self, i: usize) -> Result<i32, sqlx::Error> {
-        self.fixed(i, self.required(i, &[INT4])?)
-            .map(i32::from_be_bytes)
+    fn i32(&self, i: usize) -> Result<i32, Bad> {
+        Self::fixed(i, self.required(i)?).map(i32::from_be_bytes)
     }
 
-    fn i64(&self, i: usize) -> Result<i64, sqlx::Error> {
-        self.fixed(i, self.required(i, &[INT8])?)
-            .map(i64::from_be_bytes)
+    fn i64(&self, i: usize) -> Result<i64, Bad> {
+        Self::fixed(i, self.required(i)?).map(i64::from_be_bytes)
     }
 
-    fn f64(&self, i: usize) -> Result<f64, sqlx::Error> {
-        self.fixed(i, self.required(i, &[FLOAT8])?)
-            .map(f64::from_be_bytes)
+    fn f64(&self, i: usize) -> Result<f64, Bad> {
+        Self::fixed(i, self.required(i)?).map(f64::from_be_bytes)
     }
 
-    fn opt_bool(&self, i: usize) -> Result<Option<bool>, sqlx::Error> {
-        self.raw(i, &[BOOL])?
-            .map(|b| self.fixed::<1>(i, b).map(|[b]| b != 0))
+    fn opt_bool(&self, i: usize) -> Result<Option<bool>, Bad> {
+        self.raw(i)?
+            .map(|b| Self::fixed::<1>(i, b).map(|[b]| b != 0))
             .transpose()
     }
 
-    fn bool(&self, i: usize) -> Result<bool, sqlx::Error> {
-        self.fixed::<1>(i, self.required(i, &[BOOL])?)
-            .map(|[b]| b != 0)
+    fn bool(&self, i: usize) -> Result<bool, Bad> {
+        Self::fixed::<1>(i, self.required(i)?).map(|[b]| b != 0)
     }
 
-    fn text(&self, i: usize, bytes: &'r [u8]) -> Result<&'r str, sqlx::Error> {
-        std::str::from_utf8(bytes).map_err(|e| self.error(i, e))
+    fn text(i: usize, bytes: &[u8]) -> Result<&str, Bad> {
+        std::str::from_utf8(bytes).map_err(|e| bad(i, e))
     }
 
-    fn opt_string(&self, i: usize) -> Result<Option<String>, sqlx::Error> {
-        self.raw(i, &[TEXT, VARCHAR])?
-            .map(|b| self.text(i, b).map(str::to_owned))
+    fn opt_string(&self, i: usize) -> Result<Option<String>, Bad> {
+        self.raw(i)?
+            .map(|b| Self::text(i, b).map(str::to_owned))
             .transpose()
     }
 
-    fn string(&self, i: usize) -> Result<String, sqlx::Error> {
-        self.text(i, self.required(i, &[TEXT, VARCHAR])?)
-            .map(str::to_owned)
+    fn string(&self, i: usize) -> Result<String, Bad> {
+        Self::text(i, self.required(i)?).map(str::to_owned)
     }
 
-    fn timestamp(&self, i: usize, bytes: &[u8]) -> Result<DateTime<Utc>, sqlx::Error> {
-        let micros = i64::from_be_bytes(self.fixed(i, bytes)?);
+    fn timestamp(i: usize, bytes: &[u8]) -> Result<DateTime<Utc>, Bad> {
+        let micros = i64::from_be_bytes(Self::fixed(i, bytes)?);
         micros
             .checked_add(PG_EPOCH_MICROS)
             .and_then(DateTime::from_timestamp_micros)
-            .ok_or_else(|| self.error(i, format!("timestamp out of range ({micros} µs)")))
+            .ok_or_else(|| bad(i, format!("timestamp out of range ({micros} µs)")))
     }
 
-    fn opt_time(&self, i: usize) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-        self.raw(i, &[TIMESTAMPTZ])?
-            .map(|b| self.timestamp(i, b))
-            .transpose()
+    fn opt_time(&self, i: usize) -> Result<Option<DateTime<Utc>>, Bad> {
+        self.raw(i)?.map(|b| Self::timestamp(i, b)).transpose()
     }
 
-    fn time(&self, i: usize) -> Result<DateTime<Utc>, sqlx::Error> {
-        self.timestamp(i, self.required(i, &[TIMESTAMPTZ])?)
+    fn time(&self, i: usize) -> Result<DateTime<Utc>, Bad> {
+        Self::timestamp(i, self.required(i)?)
     }
 
     /// A one-dimensional `boolean[]` without NULL elements (what sqlx's `Vec<bool>` accepted).
-    fn bools(&self, i: usize) -> Result<Vec<bool>, sqlx::Error> {
-        let bytes = self.required(i, &[BOOL_ARRAY])?;
-        let bad = |what: &str| self.error(i, format!("boolean[]: {what}"));
-        let word = |at: usize| -> Result<i32, sqlx::Error> {
+    fn bools(&self, i: usize) -> Result<Vec<bool>, Bad> {
+        let bytes = self.required(i)?;
+        let word = |at: usize| -> Result<i32, Bad> {
             bytes
                 .get(at..at + 4)
                 .and_then(|b| b.try_into().ok())
                 .map(i32::from_be_bytes)
-                .ok_or_else(|| bad("truncated"))
+                .ok_or_else(|| bad(i, "boolean[]: truncated"))
         };
         let dims = word(0)?;
         if dims == 0 {
             return Ok(Vec::new());
         }
         if dims != 1 {
-            return Err(bad("only one-dimensional arrays are supported"));
+            return Err(bad(
+                i,
+                "boolean[]: only one-dimensional arrays are supported",
+            ));
         }
         if word(8)? as u32 != BOOL {
-            return Err(bad("element type is not boolean"));
+            return Err(bad(i, "boolean[]: element type is not boolean"));
         }
-        let len = usize::try_from(word(12)?).map_err(|_| bad("negative length"))?;
+        let len = usize::try_from(word(12)?).map_err(|_| bad(i, "boolean[]: negative length"))?;
         // Header: dims, flags, element OID, then (length, lower bound) for the one dimension.
         let mut at = 20;
         let mut out = Vec::with_capacity(len.min(bytes.len()));
         for _ in 0..len {
             if word(at)? != 1 {
-                return Err(bad("NULL or malformed element"));
+                return Err(bad(i, "boolean[]: NULL or malformed element"));
             }
-            let b = *bytes.get(at + 4).ok_or_else(|| bad("truncated"))?;
+            let b = *bytes
+                .get(at + 4)
+                .ok_or_else(|| bad(i, "boolean[]: truncated"))?;
             out.push(b != 0);
             at += 5;
         }
@@ -196,72 +262,83 @@ impl<'r> Columns<'r> {
     }
 
     /// A `jsonb` (or `json`) value's JSON text.
-    fn json(&self, i: usize) -> Result<Box<str>, sqlx::Error> {
-        let bytes = self.required(i, &[JSONB, JSON])?;
-        let is_jsonb = self
-            .row
-            .columns()
-            .get(i)
-            .and_then(|c| c.type_info().oid())
-            .is_some_and(|oid| oid.0 == JSONB);
-        let text = if is_jsonb {
+    fn json(&self, i: usize, jsonb: bool) -> Result<Box<str>, Bad> {
+        let bytes = self.required(i)?;
+        let text = if jsonb {
             // jsonb's binary form: a version byte (1), then the text.
             match bytes.split_first() {
                 Some((1, text)) => text,
-                _ => return Err(self.error(i, "unknown jsonb format version")),
+                _ => return Err(bad(i, "unknown jsonb format version")),
             }
         } else {
             bytes
         };
-        self.text(i, text).map(Box::from)
+        Self::text(i, text).map(Box::from)
+    }
+
+    fn state(&self, layout: &Layout) -> Result<TrackerState, Bad> {
+        Ok(TrackerState {
+            tracker_id: self.i64(0)?,
+            source_id: self.i64(1)?,
+            change_no: self.i64(2)?,
+            gps_updated: self.opt_time(3)?,
+            gps_signal_level: self.opt_i16(4)?,
+            lat: self.f64(5)?,
+            lng: self.f64(6)?,
+            heading: self.i16(7)?,
+            speed: self.i32(8)?,
+            alt: self.i32(9)?,
+            gps_precision: self.opt_i32(10)?,
+            gsm_lbs: self.opt_bool(11)?,
+            connection_status: self.string(12)?,
+            movement_status: self.string(13)?,
+            movement_status_update: self.opt_time(14)?,
+            ignition: self.bool(15)?,
+            ignition_update: self.opt_time(16)?,
+            gsm_updated: self.opt_time(17)?,
+            gsm_signal_level: self.opt_i16(18)?,
+            gsm_network_name: self.opt_string(19)?,
+            gsm_roaming: self.opt_bool(20)?,
+            last_update: self.time(21)?,
+            battery_level: self.opt_i16(22)?,
+            battery_update: self.opt_time(23)?,
+            inputs: self.bools(24)?,
+            inputs_update: self.opt_time(25)?,
+            outputs: self.bools(26)?,
+            outputs_update: self.opt_time(27)?,
+            additional: self.json(28, layout.additional_is_jsonb)?,
+            actual_track_update: self.opt_time(29)?,
+        })
     }
 }
 
-/// Reads a row of [`crate::model::STATE_COLUMNS`] by position. A row whose columns are not
-/// those is refused rather than misread.
+/// Decodes a row of a result whose columns `layout` checked.
+pub fn decode(row: &PgRow, layout: &Layout) -> Result<TrackerState, sqlx::Error> {
+    Columns { row }.state(layout).map_err(|e| e.into_sqlx(row))
+}
+
+/// Runs `query`, which selects [`crate::model::STATE_COLUMNS`], and decodes its rows as they
+/// arrive, checking the columns once.
+pub async fn fetch_states(
+    pool: &PgPool,
+    query: Query<'_, Postgres, PgArguments>,
+) -> Result<Vec<TrackerState>, sqlx::Error> {
+    let mut rows = query.fetch(pool);
+    let mut states = Vec::new();
+    let mut layout: Option<Layout> = None;
+    while let Some(row) = rows.try_next().await? {
+        let layout = match &layout {
+            Some(layout) => layout,
+            None => layout.insert(Layout::of(&row)?),
+        };
+        states.push(decode(&row, layout)?);
+    }
+    Ok(states)
+}
+
+/// A single row, checked on its own (queries decoding many rows use [`fetch_states`]).
 impl<'r> sqlx::FromRow<'r, PgRow> for TrackerState {
     fn from_row(row: &'r PgRow) -> Result<Self, sqlx::Error> {
-        let columns = row.columns();
-        if columns.len() != STATE_FIELDS.len()
-            || columns[0].name() != STATE_FIELDS[0]
-            || columns[29].name() != STATE_FIELDS[29]
-        {
-            return Err(sqlx::Error::ColumnNotFound(
-                "a TrackerState row must select STATE_COLUMNS".into(),
-            ));
-        }
-        let c = Columns { row };
-        Ok(TrackerState {
-            tracker_id: c.i64(0)?,
-            source_id: c.i64(1)?,
-            change_no: c.i64(2)?,
-            gps_updated: c.opt_time(3)?,
-            gps_signal_level: c.opt_i16(4)?,
-            lat: c.f64(5)?,
-            lng: c.f64(6)?,
-            heading: c.i16(7)?,
-            speed: c.i32(8)?,
-            alt: c.i32(9)?,
-            gps_precision: c.opt_i32(10)?,
-            gsm_lbs: c.opt_bool(11)?,
-            connection_status: c.string(12)?,
-            movement_status: c.string(13)?,
-            movement_status_update: c.opt_time(14)?,
-            ignition: c.bool(15)?,
-            ignition_update: c.opt_time(16)?,
-            gsm_updated: c.opt_time(17)?,
-            gsm_signal_level: c.opt_i16(18)?,
-            gsm_network_name: c.opt_string(19)?,
-            gsm_roaming: c.opt_bool(20)?,
-            last_update: c.time(21)?,
-            battery_level: c.opt_i16(22)?,
-            battery_update: c.opt_time(23)?,
-            inputs: c.bools(24)?,
-            inputs_update: c.opt_time(25)?,
-            outputs: c.bools(26)?,
-            outputs_update: c.opt_time(27)?,
-            additional: c.json(28)?,
-            actual_track_update: c.opt_time(29)?,
-        })
+        decode(row, &Layout::of(row)?)
     }
 }
