@@ -655,9 +655,17 @@ impl Hub {
     /// Whether a state fetch for this tracker could reach anyone: watched (by a socket or a
     /// state batch) and not blocked.
     pub fn wants_state(&self, id: TrackerId) -> bool {
+        self.wanted_source(id).is_some()
+    }
+
+    /// For a tracker whose state is wanted (see [`Hub::wants_state`]), its data source id if
+    /// the hub knows it (`Some(None)` if not); `None` if its state is not wanted. One lookup
+    /// for both, which the event processor makes for every notified tracker.
+    pub fn wanted_source(&self, id: TrackerId) -> Option<Option<i64>> {
         self.trackers
             .get(&id)
-            .is_some_and(|e| !e.blocked && (!e.subs.is_empty() || !e.groups.is_empty()))
+            .filter(|e| !e.blocked && (!e.subs.is_empty() || !e.groups.is_empty()))
+            .map(|e| e.source_id)
     }
 
     /// Whether some `readings_batch` group watches this tracker (blocked or not: a blocked

@@ -412,13 +412,17 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
     }
 
     // Which trackers need their state read: those notified and still wanted, plus every tracker
-    // with a lifecycle change in this round (an unblock pushes the current state).
-    let mut ids: HashSet<TrackerId> = p.state_ids;
-    ids.retain(|id| hub.wants_state(*id));
+    // with a lifecycle change in this round (an unblock pushes the current state); each with
+    // its data source id if the hub knows it (see `read_states`).
+    let mut ids: HashMap<TrackerId, Option<i64>> = p
+        .state_ids
+        .into_iter()
+        .filter_map(|id| hub.wanted_source(id).map(|source| (id, source)))
+        .collect();
     let mut unblocked_at: HashMap<TrackerId, i64> = HashMap::new();
     let mut lifecycle_of_id: HashMap<TrackerId, Vec<(i64, Lifecycle)>> = HashMap::new();
     for (c, id, kind) in lifecycle {
-        ids.insert(id);
+        ids.entry(id).or_insert_with(|| hub.source_id(id));
         if kind == Lifecycle::Unblock {
             let e = unblocked_at.entry(id).or_insert(c);
             *e = (*e).max(c);
@@ -434,8 +438,8 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
             }
         }
     }
-    let mut all: Vec<TrackerId> = ids.iter().copied().collect();
-    all.extend(ranged.keys().filter(|id| !ids.contains(id)).copied());
+    let mut all: Vec<TrackerId> = ids.keys().copied().collect();
+    all.extend(ranged.keys().filter(|id| !ids.contains_key(id)).copied());
 
     // Read and publish in chunks of trackers: a backlog of the whole fleet (after a burst, or
     // when the gateway falls behind) then costs a few chunks of rows at a time, and the first
@@ -451,13 +455,13 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
             let fetch: Vec<TrackerId> = chunk
                 .iter()
                 .copied()
-                .filter(|id| ids.contains(id))
+                .filter(|id| ids.contains_key(id))
                 .collect();
             async move {
                 let states = if fetch.is_empty() {
                     Vec::new()
                 } else {
-                    read_states(pool, hub, &fetch).await?
+                    read_states(pool, ids, &fetch).await?
                 };
                 Ok::<_, sqlx::Error>((chunk, states))
             }
@@ -534,27 +538,29 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
     Ok(())
 }
 
-/// The current states of `ids`, each with its tracker's data source id taken from the hub, which
-/// learns it from subscribes and reads that join `trackers` and is told of changes (`i|`):
-/// looking it up in `trackers` for every state was a third of this read's cost in PostgreSQL.
-/// States of trackers whose source id the hub does not know are read again with it.
+/// The current states of `fetch`, each with its tracker's data source id as the hub knew it
+/// when the round began (`sources`, from the same lookup that found the state wanted). The hub
+/// learns source ids from subscribes and reads that join `trackers` and is told of changes
+/// (`i|`, applied at the start of the round): looking the id up in `trackers` for every state
+/// was a third of this read's cost in PostgreSQL. Trackers whose source id the hub did not know
+/// are read with it.
 async fn read_states(
     pool: &PgPool,
-    hub: &Hub,
-    ids: &[TrackerId],
+    sources: &HashMap<TrackerId, Option<i64>>,
+    fetch: &[TrackerId],
 ) -> Result<Vec<TrackerState>, sqlx::Error> {
-    let mut states = queries::states_by_ids_source_unread(pool, ids).await?;
-    let mut unknown: Vec<TrackerId> = Vec::new();
-    states.retain_mut(|s| match hub.source_id(s.tracker_id) {
-        Some(source) => {
-            s.source_id = source;
-            true
+    let (known, unknown): (Vec<TrackerId>, Vec<TrackerId>) = fetch
+        .iter()
+        .partition(|id| sources.get(id).is_some_and(Option::is_some));
+    let mut states = Vec::new();
+    if !known.is_empty() {
+        states = queries::states_by_ids_source_unread(pool, &known).await?;
+        for s in &mut states {
+            if let Some(Some(source)) = sources.get(&s.tracker_id) {
+                s.source_id = *source;
+            }
         }
-        None => {
-            unknown.push(s.tracker_id);
-            false
-        }
-    });
+    }
     if !unknown.is_empty() {
         states.extend(queries::states_by_ids(pool, &unknown).await?);
     }

@@ -84,13 +84,17 @@ pub async fn states_by_ids(
 }
 
 /// The current states of these trackers without their source ids (0 in each; the event
-/// processor fills them in from the hub, see `listen::read_states`), by change number.
+/// processor fills them in from the hub, see `listen::read_states`), in no particular order:
+/// the processor orders each chunk's steps by change number itself, and sorting the rows in
+/// the database cost it a copy of every row.
 pub async fn states_by_ids_source_unread(
     pool: &PgPool,
     ids: &[TrackerId],
 ) -> Result<Vec<TrackerState>, sqlx::Error> {
-    let select = format!("{STATE_COLUMNS_SOURCE_UNREAD} FROM tracker_states s");
-    states_of_ids(pool, &select, ids).await
+    let sql = format!(
+        "SELECT {STATE_COLUMNS_SOURCE_UNREAD} FROM tracker_states s WHERE s.tracker_id = ANY($1)"
+    );
+    rows::fetch_states(pool, sqlx::query(&sql).bind(ids)).await
 }
 
 /// `SELECT <select> WHERE s.tracker_id = ANY(ids)`, by change number.
