@@ -128,6 +128,51 @@ impl Layout {
     }
 }
 
+fn fixed<const N: usize>(i: usize, bytes: &[u8]) -> Result<[u8; N], Bad> {
+    bytes
+        .try_into()
+        .map_err(|_| bad(i, format!("{} bytes, want {N}", bytes.len())))
+}
+
+// The binary forms, by type: big-endian integers and floats, one byte per boolean, UTF-8 text,
+// and microseconds since 2000-01-01 UTC for a timestamptz.
+
+fn int2(i: usize, b: &[u8]) -> Result<i16, Bad> {
+    fixed(i, b).map(i16::from_be_bytes)
+}
+
+fn int4(i: usize, b: &[u8]) -> Result<i32, Bad> {
+    fixed(i, b).map(i32::from_be_bytes)
+}
+
+fn int8(i: usize, b: &[u8]) -> Result<i64, Bad> {
+    fixed(i, b).map(i64::from_be_bytes)
+}
+
+fn float8(i: usize, b: &[u8]) -> Result<f64, Bad> {
+    fixed(i, b).map(f64::from_be_bytes)
+}
+
+fn boolean(i: usize, b: &[u8]) -> Result<bool, Bad> {
+    fixed::<1>(i, b).map(|[b]| b != 0)
+}
+
+fn text(i: usize, bytes: &[u8]) -> Result<&str, Bad> {
+    std::str::from_utf8(bytes).map_err(|e| bad(i, e))
+}
+
+fn string(i: usize, bytes: &[u8]) -> Result<String, Bad> {
+    text(i, bytes).map(str::to_owned)
+}
+
+fn timestamp(i: usize, bytes: &[u8]) -> Result<DateTime<Utc>, Bad> {
+    let micros = i64::from_be_bytes(fixed(i, bytes)?);
+    micros
+        .checked_add(PG_EPOCH_MICROS)
+        .and_then(DateTime::from_timestamp_micros)
+        .ok_or_else(|| bad(i, format!("timestamp out of range ({micros} µs)")))
+}
+
 /// One row being decoded, its columns already checked by a [`Layout`].
 struct Columns<'r> {
     row: &'r PgRow,
@@ -147,80 +192,23 @@ impl<'r> Columns<'r> {
         self.raw(i)?.ok_or_else(|| bad(i, "unexpected NULL"))
     }
 
-    fn fixed<const N: usize>(i: usize, bytes: &[u8]) -> Result<[u8; N], Bad> {
-        bytes
-            .try_into()
-            .map_err(|_| bad(i, format!("{} bytes, want {N}", bytes.len())))
+    /// Column `i` decoded by `decode`, or `None` for NULL.
+    fn opt<T>(
+        &self,
+        i: usize,
+        decode: impl Fn(usize, &'r [u8]) -> Result<T, Bad>,
+    ) -> Result<Option<T>, Bad> {
+        self.raw(i)?.map(|b| decode(i, b)).transpose()
     }
 
-    fn opt_i16(&self, i: usize) -> Result<Option<i16>, Bad> {
-        self.raw(i)?
-            .map(|b| Self::fixed(i, b).map(i16::from_be_bytes))
-            .transpose()
+    /// Column `i`, which must not be NULL, decoded by `decode`.
+    fn req<T>(
+        &self,
+        i: usize,
+        decode: impl Fn(usize, &'r [u8]) -> Result<T, Bad>,
+    ) -> Result<T, Bad> {
+        decode(i, self.required(i)?)
     }
-
-    fn opt_i32(&self, i: usize) -> Result<Option<i32>, Bad> {
-        self.raw(i)?
-            .map(|b| Self::fixed(i, b).map(i32::from_be_bytes))
-            .transpose()
-    }
-
-    fn i16(&self, i: usize) -> Result<i16, Bad> {
-        Self::fixed(i, self.required(i)?).map(i16::from_be_bytes)
-    }
-
-    fn i32(&self, i: usize) -> Result<i32, Bad> {
-        Self::fixed(i, self.required(i)?).map(i32::from_be_bytes)
-    }
-
-    fn i64(&self, i: usize) -> Result<i64, Bad> {
-        Self::fixed(i, self.required(i)?).map(i64::from_be_bytes)
-    }
-
-    fn f64(&self, i: usize) -> Result<f64, Bad> {
-        Self::fixed(i, self.required(i)?).map(f64::from_be_bytes)
-    }
-
-    fn opt_bool(&self, i: usize) -> Result<Option<bool>, Bad> {
-        self.raw(i)?
-            .map(|b| Self::fixed::<1>(i, b).map(|[b]| b != 0))
-            .transpose()
-    }
-
-    fn bool(&self, i: usize) -> Result<bool, Bad> {
-        Self::fixed::<1>(i, self.required(i)?).map(|[b]| b != 0)
-    }
-
-    fn text(i: usize, bytes: &[u8]) -> Result<&str, Bad> {
-        std::str::from_utf8(bytes).map_err(|e| bad(i, e))
-    }
-
-    fn opt_string(&self, i: usize) -> Result<Option<String>, Bad> {
-        self.raw(i)?
-            .map(|b| Self::text(i, b).map(str::to_owned))
-            .transpose()
-    }
-
-    fn string(&self, i: usize) -> Result<String, Bad> {
-        Self::text(i, self.required(i)?).map(str::to_owned)
-    }
-
-    fn timestamp(i: usize, bytes: &[u8]) -> Result<DateTime<Utc>, Bad> {
-        let micros = i64::from_be_bytes(Self::fixed(i, bytes)?);
-        micros
-            .checked_add(PG_EPOCH_MICROS)
-            .and_then(DateTime::from_timestamp_micros)
-            .ok_or_else(|| bad(i, format!("timestamp out of range ({micros} µs)")))
-    }
-
-    fn opt_time(&self, i: usize) -> Result<Option<DateTime<Utc>>, Bad> {
-        self.raw(i)?.map(|b| Self::timestamp(i, b)).transpose()
-    }
-
-    fn time(&self, i: usize) -> Result<DateTime<Utc>, Bad> {
-        Self::timestamp(i, self.required(i)?)
-    }
-
     /// A one-dimensional `boolean[]` without NULL elements (what sqlx's `Vec<bool>` accepted).
     fn bools(&self, i: usize) -> Result<Vec<bool>, Bad> {
         let bytes = self.required(i)?;
@@ -264,50 +252,50 @@ impl<'r> Columns<'r> {
     /// A `jsonb` (or `json`) value's JSON text.
     fn json(&self, i: usize, jsonb: bool) -> Result<Box<str>, Bad> {
         let bytes = self.required(i)?;
-        let text = if jsonb {
+        let json = if jsonb {
             // jsonb's binary form: a version byte (1), then the text.
             match bytes.split_first() {
-                Some((1, text)) => text,
+                Some((1, json)) => json,
                 _ => return Err(bad(i, "unknown jsonb format version")),
             }
         } else {
             bytes
         };
-        Self::text(i, text).map(Box::from)
+        text(i, json).map(Box::from)
     }
 
     fn state(&self, layout: &Layout) -> Result<TrackerState, Bad> {
         Ok(TrackerState {
-            tracker_id: self.i64(0)?,
-            source_id: self.i64(1)?,
-            change_no: self.i64(2)?,
-            gps_updated: self.opt_time(3)?,
-            gps_signal_level: self.opt_i16(4)?,
-            lat: self.f64(5)?,
-            lng: self.f64(6)?,
-            heading: self.i16(7)?,
-            speed: self.i32(8)?,
-            alt: self.i32(9)?,
-            gps_precision: self.opt_i32(10)?,
-            gsm_lbs: self.opt_bool(11)?,
-            connection_status: self.string(12)?,
-            movement_status: self.string(13)?,
-            movement_status_update: self.opt_time(14)?,
-            ignition: self.bool(15)?,
-            ignition_update: self.opt_time(16)?,
-            gsm_updated: self.opt_time(17)?,
-            gsm_signal_level: self.opt_i16(18)?,
-            gsm_network_name: self.opt_string(19)?,
-            gsm_roaming: self.opt_bool(20)?,
-            last_update: self.time(21)?,
-            battery_level: self.opt_i16(22)?,
-            battery_update: self.opt_time(23)?,
+            tracker_id: self.req(0, int8)?,
+            source_id: self.req(1, int8)?,
+            change_no: self.req(2, int8)?,
+            gps_updated: self.opt(3, timestamp)?,
+            gps_signal_level: self.opt(4, int2)?,
+            lat: self.req(5, float8)?,
+            lng: self.req(6, float8)?,
+            heading: self.req(7, int2)?,
+            speed: self.req(8, int4)?,
+            alt: self.req(9, int4)?,
+            gps_precision: self.opt(10, int4)?,
+            gsm_lbs: self.opt(11, boolean)?,
+            connection_status: self.req(12, string)?,
+            movement_status: self.req(13, string)?,
+            movement_status_update: self.opt(14, timestamp)?,
+            ignition: self.req(15, boolean)?,
+            ignition_update: self.opt(16, timestamp)?,
+            gsm_updated: self.opt(17, timestamp)?,
+            gsm_signal_level: self.opt(18, int2)?,
+            gsm_network_name: self.opt(19, string)?,
+            gsm_roaming: self.opt(20, boolean)?,
+            last_update: self.req(21, timestamp)?,
+            battery_level: self.opt(22, int2)?,
+            battery_update: self.opt(23, timestamp)?,
             inputs: self.bools(24)?,
-            inputs_update: self.opt_time(25)?,
+            inputs_update: self.opt(25, timestamp)?,
             outputs: self.bools(26)?,
-            outputs_update: self.opt_time(27)?,
+            outputs_update: self.opt(27, timestamp)?,
             additional: self.json(28, layout.additional_is_jsonb)?,
-            actual_track_update: self.opt_time(29)?,
+            actual_track_update: self.opt(29, timestamp)?,
         })
     }
 }
