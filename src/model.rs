@@ -232,7 +232,7 @@ pub(crate) const STATE_FIELDS: [&str; 30] = [
 
 /// Appends `s` as a JSON string, escaped exactly as serde_json escapes it (`"`, `\` and the
 /// control characters; nothing else).
-pub fn push_json_str(out: &mut String, s: &str) {
+fn push_json_str(out: &mut String, s: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push('"');
     let mut start = 0;
@@ -572,7 +572,7 @@ mod additional {
     /// Appends a JSON value without the whitespace between its tokens (PostgreSQL writes
     /// `{"a": 1, "b": 2}`; events are compact). Strings, numbers and literals are copied as
     /// PostgreSQL wrote them: its escapes are serde_json's, and a number keeps its digits.
-    pub(super) fn push_compact(out: &mut String, raw: &str) {
+    fn push_compact(out: &mut String, raw: &str) {
         if !raw
             .bytes()
             .any(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
