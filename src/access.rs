@@ -41,6 +41,7 @@ pub async fn statuses(
             Some(r) if r.account_id == Some(session.account_id) && r.removed == Some(false) => {
                 let facts = TrackerFacts {
                     source_id: r.source_id.unwrap_or_default(),
+                    account_id: session.account_id,
                     blocked: r.blocked.unwrap_or(false),
                     change_no: r.change_no.unwrap_or(0),
                 };

@@ -209,10 +209,20 @@ impl BatchGroup {
         }
     }
 
-    /// A lifecycle event from the hub: forwarded to every member at once (never batched).
+    /// A lifecycle event from the hub: forwarded to every member at once (never batched), unless
+    /// the group already knew it (a block its target read saw, published later): the members
+    /// were told that in their statuses.
     pub fn lifecycle(&self, id: TrackerId, change: i64, kind: Lifecycle, frame: &ByteString) {
         let mut g = self.lock();
         if !g.trackers.contains(&id) {
+            return;
+        }
+        let news = match kind {
+            Lifecycle::Block => !g.blocked.contains(&id),
+            Lifecycle::Unblock => g.blocked.contains(&id),
+            Lifecycle::Corrupt => true,
+        };
+        if !news {
             return;
         }
         // A member joining later must not get a full batch that predates this event.
@@ -612,6 +622,15 @@ impl Batches {
         }
     }
 
+    /// The accounts of the groups whose target is `all`.
+    pub fn all_target_accounts(&self) -> HashSet<i64> {
+        self.groups
+            .iter()
+            .filter(|g| g.key.target == Target::All)
+            .map(|g| g.key.scope.account_id)
+            .collect()
+    }
+
     /// The sub-users that have batch groups.
     pub fn sub_users(&self) -> HashSet<i64> {
         self.groups
@@ -674,6 +693,7 @@ async fn target_trackers(
                 r.id,
                 TrackerFacts {
                     source_id: r.source_id,
+                    account_id: r.account_id,
                     blocked: r.blocked,
                     change_no: r.change_no,
                 },
@@ -686,8 +706,29 @@ async fn add_trackers(
     hub: &Arc<Hub>,
     pool: &PgPool,
     group: &Arc<BatchGroup>,
-    facts: Vec<(TrackerId, TrackerFacts)>,
+    candidates: Vec<(TrackerId, TrackerFacts)>,
 ) -> Result<(), sqlx::Error> {
+    // Registered first, then read again: a block, removal or move committed after the target
+    // was read, and notified before the group was registered, was dropped by the listener (no
+    // one watched the tracker then); only a read made after registering is sure to see it.
+    let ids: Vec<TrackerId> = candidates.iter().map(|(id, _)| *id).collect();
+    hub.subscribe_group(group, &ids);
+    let facts = match recheck(pool, candidates).await {
+        Ok(f) => f,
+        Err(e) => {
+            hub.unsubscribe_group(group, &ids);
+            return Err(e);
+        }
+    };
+    if facts.len() < ids.len() {
+        let kept: HashSet<TrackerId> = facts.iter().map(|(id, _)| *id).collect();
+        let gone: Vec<TrackerId> = ids
+            .iter()
+            .copied()
+            .filter(|id| !kept.contains(id))
+            .collect();
+        hub.unsubscribe_group(group, &gone);
+    }
     {
         let mut g = group.lock();
         g.full = None;
@@ -698,8 +739,6 @@ async fn add_trackers(
             }
         }
     }
-    let ids: Vec<TrackerId> = facts.iter().map(|(id, _)| *id).collect();
-    hub.subscribe_group(group, &ids);
     for (id, f) in &facts {
         hub.observe(*id, *f);
     }
@@ -724,6 +763,45 @@ async fn add_trackers(
         }
     }
     Ok(())
+}
+
+/// The candidates' lifecycle facts read again: those removed, deleted or moved to another
+/// account since are left out, the others take the newer facts.
+pub async fn recheck(
+    pool: &PgPool,
+    candidates: Vec<(TrackerId, TrackerFacts)>,
+) -> Result<Vec<(TrackerId, TrackerFacts)>, sqlx::Error> {
+    let mut rows: HashMap<TrackerId, queries::TrackerLifecycleRow> = HashMap::new();
+    let ids: Vec<TrackerId> = candidates.iter().map(|(id, _)| *id).collect();
+    for chunk in ids.chunks(10_000) {
+        rows.extend(
+            queries::trackers_by_ids(pool, chunk)
+                .await?
+                .into_iter()
+                .map(|r| (r.id, r)),
+        );
+    }
+    Ok(candidates
+        .into_iter()
+        .filter_map(|(id, f)| {
+            let r = rows.get(&id)?;
+            if r.removed || r.account_id != f.account_id {
+                return None;
+            }
+            if r.change_no <= f.change_no {
+                return Some((id, f));
+            }
+            Some((
+                id,
+                TrackerFacts {
+                    source_id: r.source_id,
+                    account_id: r.account_id,
+                    blocked: r.blocked,
+                    change_no: r.change_no,
+                },
+            ))
+        })
+        .collect())
 }
 
 /// The group's timer: one batch per period until the last member leaves.

@@ -471,8 +471,17 @@ struct TrackerEntry {
     /// The tracker's data source id, once a database read has said it (None before, and after
     /// an `i|` notification said it changed).
     source_id: Option<i64>,
+    /// The tracker's account, as the reads that admitted its subscribers said it (None before,
+    /// and after a `corrupt`): a resync that finds it moved sends `corrupt`.
+    account_id: Option<i64>,
+    /// The lifecycle as last published to the subscribers (`blocked` and its change number):
+    /// only the event processor and a resync move it, so that every change past it still
+    /// reaches every subscriber. A subscribe's read never does (see [`Hub::observe`]).
     blocked: bool,
     lifecycle_change: i64,
+    /// The newest lifecycle facts from any source, published or read: (change, blocked). Only
+    /// for deciding whether the processor reads the tracker's state at all.
+    newest_facts: (i64, bool),
     state_change: i64,
     /// The newest state, while some subscriber's outbox holds a mark for it.
     held: Option<Arc<HeldState>>,
@@ -493,8 +502,22 @@ struct SessionEntry {
 #[derive(Debug, Clone, Copy)]
 pub struct TrackerFacts {
     pub source_id: i64,
+    pub account_id: i64,
     pub blocked: bool,
     pub change_no: i64,
+}
+
+/// A watched tracker's lifecycle as the hub last published it (see [`Hub::lifecycle_marks`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LifecycleMark {
+    pub id: TrackerId,
+    /// The last change published, and whether it blocked the tracker.
+    pub change: i64,
+    pub blocked: bool,
+    /// Whether the newest facts known (published, or read by a subscribe) say blocked: some
+    /// subscribers may have been told that one instead.
+    pub newest_blocked: bool,
+    pub account_id: Option<i64>,
 }
 
 /// Counters the hub keeps for logs, `/ready` and metrics.
@@ -634,16 +657,23 @@ impl Hub {
         }
     }
 
-    /// Records what a database read said of a tracker, unless the hub already knows newer. A
-    /// source id is taken only when the hub has none: a subscribe's read may predate a change
-    /// that the processor has already applied (sources change only through the processor,
-    /// in notification order: [`Hub::set_source_ids`], and the reads that join `trackers`).
+    /// Records what a database read said of a tracker: its source id and account, each only
+    /// when the hub has none (a subscribe's read may predate a change that the processor has
+    /// already applied; sources change only through the processor, in notification order:
+    /// [`Hub::set_source_ids`], and the reads that join `trackers`).
+    ///
+    /// The read's lifecycle facts are not taken. The hub's lifecycle mark is what the tracker's
+    /// subscribers have been told, and the processor forwards only changes past it: a subscribe
+    /// that read a block the processor had not yet published used to raise the mark, so the
+    /// block (or a later unblock) never reached the sockets that were there before. The new
+    /// subscriber knows its facts from its own read, and drops the event when it comes. They
+    /// only spare the processor reading the state of a tracker that is blocked.
     pub fn observe(&self, id: TrackerId, facts: TrackerFacts) {
         if let Some(mut entry) = self.trackers.get_mut(&id) {
             entry.source_id.get_or_insert(facts.source_id);
-            if facts.change_no > entry.lifecycle_change {
-                entry.blocked = facts.blocked;
-                entry.lifecycle_change = facts.change_no;
+            entry.account_id.get_or_insert(facts.account_id);
+            if facts.change_no > entry.newest_facts.0 {
+                entry.newest_facts = (facts.change_no, facts.blocked);
             }
         }
     }
@@ -664,7 +694,7 @@ impl Hub {
     pub fn wanted_source(&self, id: TrackerId) -> Option<Option<i64>> {
         self.trackers
             .get(&id)
-            .filter(|e| !e.blocked && (!e.subs.is_empty() || !e.groups.is_empty()))
+            .filter(|e| !e.newest_facts.1 && (!e.subs.is_empty() || !e.groups.is_empty()))
             .map(|e| e.source_id)
     }
 
@@ -706,12 +736,23 @@ impl Hub {
         self.trackers.iter().map(|e| *e.key()).collect()
     }
 
-    /// Per watched tracker: (id, last lifecycle change, blocked).
-    pub fn lifecycle_marks(&self) -> Vec<(TrackerId, i64, bool)> {
+    /// Per watched tracker: its lifecycle as published, and its account if known.
+    pub fn lifecycle_marks(&self) -> Vec<LifecycleMark> {
         self.trackers
             .iter()
-            .map(|e| (*e.key(), e.lifecycle_change, e.blocked))
+            .map(|e| LifecycleMark {
+                id: *e.key(),
+                change: e.lifecycle_change,
+                blocked: e.blocked,
+                newest_blocked: e.newest_facts.1,
+                account_id: e.account_id,
+            })
             .collect()
+    }
+
+    /// The account a watched tracker's subscribers were admitted under, if known.
+    pub fn account_of(&self, id: TrackerId) -> Option<i64> {
+        self.trackers.get(&id).and_then(|e| e.account_id)
     }
 
     pub fn tracker_count(&self) -> usize {
@@ -813,20 +854,23 @@ impl Hub {
     /// Applies a lifecycle change and sends the event to every subscriber of the tracker.
     /// Returns false when the hub already knew this change (or nobody watches the tracker).
     pub fn publish_lifecycle(&self, id: TrackerId, change: i64, kind: Lifecycle) -> bool {
-        let Some(mut entry) = self.trackers.get_mut(&id) else {
+        let Some(mut guard) = self.trackers.get_mut(&id) else {
             return false;
         };
+        let entry = &mut *guard;
         if change <= entry.lifecycle_change {
             return false;
         }
         entry.lifecycle_change = change;
         entry.blocked = kind != Lifecycle::Unblock;
+        if change >= entry.newest_facts.0 {
+            entry.newest_facts = (change, entry.blocked);
+        }
         let frame = ByteString::from(model::lifecycle_event(
             id,
             entry.source_id.unwrap_or_default(),
             kind,
         ));
-        let entry = &mut *entry;
         for sub in &entry.subs {
             sub.outbox.push_lifecycle(
                 sub.slot,
@@ -845,6 +889,19 @@ impl Hub {
         }
         for g in entry.groups.iter().chain(&entry.readings_groups) {
             g.lifecycle(id, change, kind, &frame);
+        }
+        let idle = kind == Lifecycle::Corrupt && {
+            // Every group forgot the tracker: drop them here too, or the entry (and, through
+            // it, a retired group with all its states) would outlive them for good. The
+            // account goes too: a tracker moved back and watched again is admitted anew.
+            entry.groups.clear();
+            entry.readings_groups.clear();
+            entry.account_id = None;
+            entry.is_idle()
+        };
+        drop(guard);
+        if idle {
+            self.trackers.remove_if(&id, |_, e| e.is_idle());
         }
         self.stats.lifecycle_events.fetch_add(1, Ordering::Relaxed);
         true
@@ -1043,6 +1100,7 @@ mod tests {
         hub.subscribe(1, &outbox, &[5], variant());
         let facts = |source_id| TrackerFacts {
             source_id,
+            account_id: 1,
             blocked: false,
             change_no: 1,
         };

@@ -381,8 +381,10 @@ enum Step {
     Forced(TrackerState),
 }
 
-fn lifecycle_of(row: &queries::TrackerLifecycleRow) -> Lifecycle {
-    if row.removed {
+/// The lifecycle event a tracker row stands for, to subscribers admitted under `account` (the
+/// hub's record of it, if any): a tracker removed, or moved to another account, is `corrupt`.
+fn lifecycle_of(row: &queries::TrackerLifecycleRow, account: Option<i64>) -> Lifecycle {
+    if row.removed || account.is_some_and(|a| a != row.account_id) {
         Lifecycle::Corrupt
     } else if row.blocked {
         Lifecycle::Block
@@ -406,7 +408,8 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
     for (lo, hi) in p.lifecycle_ranges {
         for row in queries::trackers_by_range(pool, lo, hi).await? {
             if hub.is_watched(row.id) {
-                lifecycle.push((row.change_no, row.id, lifecycle_of(&row)));
+                let kind = lifecycle_of(&row, hub.account_of(row.id));
+                lifecycle.push((row.change_no, row.id, kind));
             }
         }
     }
@@ -591,41 +594,47 @@ async fn check_sessions(pool: &PgPool, hub: &Hub, hashes: Vec<String>) -> Result
 }
 
 /// Compares everything the hub holds with the tables and publishes the differences.
-pub async fn resync(pool: &PgPool, hub: &Hub) -> Result<(), sqlx::Error> {
+pub async fn resync(pool: &PgPool, hub: &Arc<Hub>) -> Result<(), sqlx::Error> {
     let started = Instant::now();
     let marks = hub.lifecycle_marks();
     let mut events = 0usize;
     let mut reopened: HashSet<TrackerId> = HashSet::new();
     for chunk in marks.chunks(RESYNC_CHUNK) {
-        let ids: Vec<TrackerId> = chunk.iter().map(|m| m.0).collect();
+        let ids: Vec<TrackerId> = chunk.iter().map(|m| m.id).collect();
         let rows = queries::trackers_by_ids(pool, &ids).await?;
         // A source id may have changed while the stream was down (its `i|` lost).
         let sources: Vec<(TrackerId, i64)> = rows.iter().map(|r| (r.id, r.source_id)).collect();
         hub.set_source_ids(&sources);
         let by_id: HashMap<TrackerId, &queries::TrackerLifecycleRow> =
             rows.iter().map(|r| (r.id, r)).collect();
-        for &(id, mark, blocked) in chunk {
-            match by_id.get(&id) {
+        for m in chunk {
+            match by_id.get(&m.id) {
                 None => {
                     // Deleted while we were away.
-                    if hub.publish_lifecycle(id, i64::MAX, Lifecycle::Corrupt) {
+                    if hub.publish_lifecycle(m.id, i64::MAX, Lifecycle::Corrupt) {
                         events += 1;
                     }
                 }
-                Some(row) if row.change_no > mark => {
-                    let kind = lifecycle_of(row);
-                    let changed = kind == Lifecycle::Corrupt || row.blocked != blocked;
+                Some(row) if row.change_no > m.change => {
+                    let kind = lifecycle_of(row, m.account_id);
+                    // Subscribers know the published facts or those of their own read (see
+                    // `Hub::observe`): the event goes out if either differs, and those that
+                    // know it already drop it by its change number.
+                    let changed = kind == Lifecycle::Corrupt
+                        || row.blocked != m.blocked
+                        || row.blocked != m.newest_blocked;
                     if changed {
-                        hub.publish_lifecycle(id, row.change_no, kind);
+                        hub.publish_lifecycle(m.id, row.change_no, kind);
                         events += 1;
                         if kind == Lifecycle::Unblock {
-                            reopened.insert(id);
+                            reopened.insert(m.id);
                         }
                     } else {
                         hub.observe(
-                            id,
+                            m.id,
                             TrackerFacts {
                                 source_id: row.source_id,
+                                account_id: row.account_id,
                                 blocked: row.blocked,
                                 change_no: row.change_no,
                             },
@@ -647,6 +656,13 @@ pub async fn resync(pool: &PgPool, hub: &Hub) -> Result<(), sqlx::Error> {
     }
     for chunk in hub.readings_trackers().chunks(RESYNC_CHUNK) {
         hub.offer_readings(crate::readings::readings_by_ids(pool, chunk).await?);
+    }
+    // Trackers added to (or granted within) an account meanwhile: their `n|` was lost with the
+    // stream (or with the failed round this resync replaces), so every `all` target is read
+    // again.
+    let accounts = hub.batches.all_target_accounts();
+    if !accounts.is_empty() {
+        hub.batches.accounts_changed(hub, pool, &accounts).await?;
     }
     let hashes: Vec<String> = hub.session_hashes().iter().map(|h| h.to_string()).collect();
     for chunk in hashes.chunks(RESYNC_CHUNK) {

@@ -131,11 +131,12 @@ pub async fn states_by_range(
     rows::fetch_states(pool, sqlx::query(&sql).bind(lo).bind(hi)).await
 }
 
-/// Lifecycle facts of trackers: (id, source_id, blocked, removed, change_no).
+/// Lifecycle facts of trackers: (id, source_id, account_id, blocked, removed, change_no).
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct TrackerLifecycleRow {
     pub id: i64,
     pub source_id: i64,
+    pub account_id: i64,
     pub blocked: bool,
     pub removed: bool,
     pub change_no: i64,
@@ -148,7 +149,7 @@ pub async fn visible_trackers(
     sub_user: Option<i64>,
 ) -> Result<Vec<TrackerLifecycleRow>, sqlx::Error> {
     sqlx::query_as::<_, TrackerLifecycleRow>(
-        "SELECT t.id, t.source_id, t.blocked, t.removed, t.change_no FROM trackers t \
+        "SELECT t.id, t.source_id, t.account_id, t.blocked, t.removed, t.change_no FROM trackers t \
           WHERE t.account_id = $1 AND NOT t.removed \
             AND ($2::bigint IS NULL \
                  OR EXISTS (SELECT 1 FROM tracker_grants g WHERE g.user_id = $2 AND g.tracker_id = t.id))",
@@ -167,7 +168,7 @@ pub async fn visible_trackers_among(
     ids: &[TrackerId],
 ) -> Result<Vec<TrackerLifecycleRow>, sqlx::Error> {
     sqlx::query_as::<_, TrackerLifecycleRow>(
-        "SELECT t.id, t.source_id, t.blocked, t.removed, t.change_no FROM trackers t \
+        "SELECT t.id, t.source_id, t.account_id, t.blocked, t.removed, t.change_no FROM trackers t \
           WHERE t.id = ANY($3) AND t.account_id = $1 AND NOT t.removed \
             AND ($2::bigint IS NULL \
                  OR EXISTS (SELECT 1 FROM tracker_grants g WHERE g.user_id = $2 AND g.tracker_id = t.id))",
@@ -184,7 +185,7 @@ pub async fn trackers_by_ids(
     ids: &[TrackerId],
 ) -> Result<Vec<TrackerLifecycleRow>, sqlx::Error> {
     sqlx::query_as::<_, TrackerLifecycleRow>(
-        "SELECT id, source_id, blocked, removed, change_no FROM trackers WHERE id = ANY($1)",
+        "SELECT id, source_id, account_id, blocked, removed, change_no FROM trackers WHERE id = ANY($1)",
     )
     .bind(ids)
     .fetch_all(pool)
@@ -197,7 +198,7 @@ pub async fn trackers_by_range(
     hi: i64,
 ) -> Result<Vec<TrackerLifecycleRow>, sqlx::Error> {
     sqlx::query_as::<_, TrackerLifecycleRow>(
-        "SELECT id, source_id, blocked, removed, change_no FROM trackers \
+        "SELECT id, source_id, account_id, blocked, removed, change_no FROM trackers \
           WHERE change_no BETWEEN $1 AND $2 ORDER BY change_no",
     )
     .bind(lo)

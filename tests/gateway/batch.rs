@@ -312,6 +312,11 @@ async fn lifecycle_during_batching() {
     assert!(code.is_some());
     app.until("the group retires", || app.hub.batches.group_count() == 0)
         .await;
+    // Removed 104 included: the hub keeps no entry for a tracker no group watches any more.
+    app.until("the hub forgets every tracker", || {
+        app.hub.tracker_count() == 0
+    })
+    .await;
 }
 
 #[tokio::test]

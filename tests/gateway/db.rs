@@ -7,8 +7,9 @@ use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, TimeZone, Utc};
+use fleetgate::batch::{GroupKey, GroupKind, Scope, Target};
 use fleetgate::db::queries;
-use fleetgate::hub::{Hub, TrackerFacts};
+use fleetgate::hub::{Hub, Outgoing, TrackerFacts};
 use fleetgate::listen::{Pending, CHANNEL};
 use fleetgate::model::{Format, Lifecycle, Variant};
 use sqlx::postgres::PgListener;
@@ -829,6 +830,171 @@ async fn the_list_form_is_used_up_to_7900_bytes(pool: PgPool) {
     );
 }
 
+/// A batch group registers its trackers before it reads their facts again: what changed since
+/// the target was read wins, and trackers removed, deleted or moved away drop out.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_batch_target_read_again_takes_what_changed_since(pool: PgPool) {
+    let stale = |id: i64| {
+        (
+            id,
+            TrackerFacts {
+                source_id: 10000 + id,
+                account_id: 1,
+                blocked: false,
+                change_no: 0,
+            },
+        )
+    };
+    sqlx::raw_sql(
+        "UPDATE trackers SET blocked = true WHERE id = 102; \
+         UPDATE trackers SET account_id = 3 WHERE id = 103; \
+         DELETE FROM trackers WHERE id = 104;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let mut facts = fleetgate::batch::recheck(
+        &pool,
+        [101, 102, 103, 104, 106].into_iter().map(stale).collect(),
+    )
+    .await
+    .unwrap();
+    facts.sort_by_key(|(id, _)| *id);
+    let seen: Vec<(i64, bool)> = facts.iter().map(|(id, f)| (*id, f.blocked)).collect();
+    assert_eq!(
+        seen,
+        [(101, false), (102, true)],
+        "103 moved, 104 deleted, 106 removed"
+    );
+    assert!(facts[1].1.change_no > 0);
+}
+
+/// A resync finds a watched tracker moved to another account while the stream was down: its
+/// subscribers get `corrupt`, as the live path sends it.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_resync_sends_corrupt_for_a_tracker_moved_away(pool: PgPool) {
+    let hub = Hub::new();
+    let outbox = hub.outbox(8);
+    hub.subscribe(1, &outbox, &[101, 102], variant());
+    let session = queries::session(&pool, ACME).await.unwrap().expect("acme");
+    for (id, _, facts) in fleetgate::access::statuses(&pool, &session, &[101, 102])
+        .await
+        .unwrap()
+    {
+        hub.observe(id, facts.expect("visible"));
+    }
+    sqlx::query("UPDATE trackers SET account_id = 3 WHERE id = 101")
+        .execute(&pool)
+        .await
+        .unwrap();
+    fleetgate::listen::resync(&pool, &hub).await.unwrap();
+    let mut items = Vec::new();
+    outbox.pop_batch(64, &mut items).await;
+    let lifecycle: Vec<(i64, Lifecycle)> = items
+        .iter()
+        .filter_map(|i| match i {
+            Outgoing::Lifecycle { tracker, kind, .. } => Some((*tracker, *kind)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(lifecycle, [(101, Lifecycle::Corrupt)]);
+}
+
+/// A resync tells the subscribers every lifecycle change they may not know: a tracker blocked
+/// when they subscribed and unblocked during the gap (with its state re-sent), and a block that
+/// a later subscribe read before the event processor could publish it.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_resync_sends_the_lifecycle_changes_subscribers_may_have_missed(pool: PgPool) {
+    let hub = Hub::new();
+    let outbox = hub.outbox(8);
+    hub.subscribe(1, &outbox, &[101, 105], variant());
+    let session = queries::session(&pool, ACME).await.unwrap().expect("acme");
+    let read = |ids: &'static [i64]| {
+        let (pool, session) = (pool.clone(), session.clone());
+        async move {
+            fleetgate::access::statuses(&pool, &session, ids)
+                .await
+                .unwrap()
+        }
+    };
+    for (id, _, facts) in read(&[101, 105]).await {
+        hub.observe(id, facts.expect("visible"));
+    }
+    sqlx::raw_sql(
+        "UPDATE trackers SET blocked = false WHERE id = 105; \
+         UPDATE trackers SET blocked = true WHERE id = 101;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // Another socket's subscribe reads 101 blocked before any event is published.
+    for (id, _, facts) in read(&[101]).await {
+        hub.observe(id, facts.expect("visible"));
+    }
+    fleetgate::listen::resync(&pool, &hub).await.unwrap();
+    let mut items = Vec::new();
+    outbox.pop_batch(64, &mut items).await;
+    let seen: Vec<(i64, &str)> = items
+        .iter()
+        .filter_map(|i| match i {
+            Outgoing::Lifecycle { tracker, kind, .. } => Some((*tracker, kind.as_str())),
+            Outgoing::State { tracker, .. } => Some((*tracker, "state")),
+            _ => None,
+        })
+        .collect();
+    // Lifecycle first (in the hub's order), then the states.
+    let (lifecycle, states) = seen.split_at(2);
+    let mut lifecycle = lifecycle.to_vec();
+    lifecycle.sort_unstable();
+    assert_eq!(lifecycle, [(101, "block"), (105, "unblock")], "{seen:?}");
+    assert_eq!(states, [(105, "state")], "{seen:?}");
+}
+
+/// Trackers added to an account while the stream was down (their `n|` lost) join the account's
+/// `all` batch targets on the resync.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_resync_reads_all_targets_again(pool: PgPool) {
+    let hub = Hub::new();
+    let outbox = hub.outbox(8);
+    let key = GroupKey {
+        scope: Scope {
+            account_id: 1,
+            sub_user: None,
+        },
+        target: Target::All,
+        rate: std::time::Duration::from_secs(1),
+        variant: variant(),
+        kind: GroupKind::State,
+    };
+    let joined = hub
+        .batches
+        .join(&hub, &pool, key, 1, &outbox, 8)
+        .await
+        .unwrap();
+    assert!(!joined.group.tracker_ids().contains(&107));
+    sqlx::raw_sql(
+        "INSERT INTO trackers (id, account_id, source_id, label) VALUES (107, 1, 10107, 'Truck 7'); \
+         INSERT INTO tracker_states (tracker_id, speed) VALUES (107, 70);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    fleetgate::listen::resync(&pool, &hub).await.unwrap();
+    assert!(joined.group.tracker_ids().contains(&107));
+}
+
 // --- the LISTEN side's parsing -------------------------------------------------------------------
 
 #[test]
@@ -840,6 +1006,7 @@ fn pending_keeps_only_what_the_hub_watches() {
         105,
         TrackerFacts {
             source_id: 10105,
+            account_id: 1,
             blocked: true,
             change_no: 10,
         },

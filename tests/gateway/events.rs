@@ -170,6 +170,56 @@ async fn lifecycle_reaches_every_socket_watching() {
     assert_eq!(b.recv().await["data"]["lifecycle_event"], "block");
 }
 
+/// Keeps the event processor's next round waiting: it reads the state of every tracker with a
+/// lifecycle change before it publishes, and this lock holds that read until it is dropped.
+async fn hold_state_reads(app: &TestApp) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&app.db_url)
+        .await
+        .expect("connect");
+    sqlx::raw_sql("BEGIN; LOCK TABLE tracker_states IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut conn)
+        .await
+        .expect("lock");
+    conn
+}
+
+/// A socket subscribing reads a block (and later an unblock) that the event processor has not
+/// published yet: the sockets already watching the tracker still get both events, and the state
+/// the unblock re-sends.
+#[tokio::test]
+async fn lifecycle_read_first_by_a_later_subscribe_still_reaches_earlier_sockets() {
+    use sqlx::Connection;
+    let app = spawn_app().await;
+    let mut a = app.connect().await;
+    a.subscribe_and_states(ACME, &[101], 1).await;
+
+    let hold = hold_state_reads(&app).await;
+    app.exec("UPDATE trackers SET blocked = true WHERE id = 101")
+        .await;
+    let mut b = app.connect().await;
+    let r = b.subscribe(ACME2, &[101]).await;
+    assert_eq!(r["data"]["state"]["101"], "blocked", "{r}");
+    hold.close().await.expect("release");
+    let (ev, _) = a
+        .recv_until(|v| v["tracker_id"] == 101 && v["event"] == "lifecycle")
+        .await;
+    assert_eq!(ev["data"]["lifecycle_event"], "block");
+
+    let hold = hold_state_reads(&app).await;
+    app.exec("UPDATE trackers SET blocked = false WHERE id = 101")
+        .await;
+    let mut c = app.connect().await;
+    let r = c.subscribe(SUB, &[101]).await;
+    assert_eq!(r["data"]["state"]["101"], "normal", "{r}");
+    hold.close().await.expect("release");
+    let (ev, _) = a
+        .recv_until(|v| v["tracker_id"] == 101 && v["event"] == "lifecycle")
+        .await;
+    assert_eq!(ev["data"]["lifecycle_event"], "unblock");
+    a.recv_until(|v| is_state_of(v, 101)).await;
+}
+
 /// A round larger than the processor's read chunk (2,000 trackers): every tracker gets its
 /// latest state, and a block committed after a state in the same transaction still comes
 /// after that state, whichever chunk the tracker falls in.

@@ -1,4 +1,9 @@
 //! The LISTEN connection lost mid-stream: reconnect, then resync what changed during the gap.
+//!
+//! These run the whole path, but a notification committed just before the new connection's
+//! `LISTEN` can still reach it (PostgreSQL starts a new listener from the oldest notification
+//! it keeps, or from where another listener of the database has read to), so they do not always
+//! need the resync to pass. The resync itself is tested directly, on a hub, in `db.rs`.
 
 use crate::common::*;
 
