@@ -152,6 +152,12 @@ impl ProtoError {
             format!("Too many trackers in one request (limit {limit})"),
         )
     }
+    pub fn too_many_batches(limit: usize) -> Self {
+        Self::new(
+            9,
+            format!("Too many batch subscriptions on this connection (limit {limit})"),
+        )
+    }
     pub fn frame_too_large(limit: usize) -> Self {
         Self::new(9, format!("Message too large (limit {limit} bytes)"))
     }

@@ -571,6 +571,7 @@ impl Connection {
         );
         // state_batch and readings_batch items: join (or create) the shared group of each.
         let capacity = self.app.settings.websocket.queue_capacity;
+        let max_batches = self.app.settings.websocket.max_batch_subscriptions;
         let mut batch_results: Vec<Result<serde_json::Value, ProtoError>> = Vec::new();
         let mut first_batches: Vec<ByteString> = Vec::new();
         for item in &msg.items {
@@ -601,6 +602,14 @@ impl Connection {
                 variant: variant(format),
                 kind,
             };
+            // Each group reads its target, runs a timer and holds a rendered batch: a socket
+            // may be in at most `max_batch_subscriptions` of them. A group it is already in
+            // (under any of its sessions) costs nothing more.
+            let held = self.memberships.iter().any(|(g, _)| g.key == key);
+            if !held && self.batch_group_count() >= max_batches {
+                batch_results.push(Err(ProtoError::too_many_batches(max_batches)));
+                continue;
+            }
             let joined = hub
                 .batches
                 .join(&hub, &self.app.pool, key, self.id, &self.outbox, capacity)
@@ -710,6 +719,17 @@ impl Connection {
             "subscribed"
         );
         Ok(())
+    }
+
+    /// How many distinct batch groups this socket is in.
+    fn batch_group_count(&self) -> usize {
+        let mut groups: Vec<&Arc<BatchGroup>> = Vec::with_capacity(self.memberships.len());
+        for (g, _) in &self.memberships {
+            if !groups.iter().any(|h| Arc::ptr_eq(h, g)) {
+                groups.push(g);
+            }
+        }
+        groups.len()
     }
 
     /// Each requested tracker's status for this session, in request order, in one query: the

@@ -31,6 +31,11 @@ fn items(v: &Value) -> HashMap<i64, i64> {
     out
 }
 
+/// The next response, skipping the batches before it.
+async fn next_response(c: &mut Client) -> Value {
+    c.recv_until(|v| v["type"] == "response").await.0
+}
+
 async fn next_batch(c: &mut Client) -> Value {
     c.recv_until(|v| v["event"] == "state_batch").await.0
 }
@@ -383,4 +388,64 @@ async fn a_revoked_grant_leaves_the_sub_users_batches() {
         HashMap::from([(101, 81)]),
         "102 no longer in the batches"
     );
+}
+
+#[tokio::test]
+async fn a_connection_joins_at_most_max_batch_subscriptions_groups() {
+    let app = spawn_app_with(|s| s.websocket.max_batch_subscriptions = 2).await;
+    let mut c = app.connect().await;
+    let all = || json!({"type": "all"});
+    // Two groups that differ only in `rate_limit`: both accepted.
+    for rate in ["100ms", "101ms"] {
+        c.send(json!({"action": "subscribe", "hash": ACME,
+                      "requests": [batch_request(all(), rate, "compact")]}))
+            .await;
+        let r = next_response(&mut c).await;
+        assert_eq!(r["data"]["state_batch"]["success"], true, "{r}");
+    }
+    assert_eq!(app.hub.batches.group_count(), 2);
+    // A third distinct one (another rate, a readings filter) fails in its slot with code 9 and
+    // creates nothing; the `state` item beside it still succeeds.
+    c.send(json!({"action": "subscribe", "hash": ACME, "requests": [
+        {"type": "state", "trackers": [101]},
+        batch_request(all(), "102ms", "compact"),
+        {"type": "readings_batch", "target": all(), "sensor_type": "fuel"}]}))
+        .await;
+    let r = next_response(&mut c).await;
+    assert_eq!(
+        r["data"]["state"],
+        json!({"success": true, "value": {"101": "normal"}})
+    );
+    for kind in ["state_batch", "readings_batch"] {
+        assert_eq!(r["data"][kind]["success"], false, "{r}");
+        assert_eq!(r["data"][kind]["status"]["code"], 9, "{r}");
+    }
+    // Many distinct items in one message: none of them creates a group.
+    let many: Vec<Value> = (200..260)
+        .map(|ms| batch_request(all(), &format!("{ms}ms"), "full"))
+        .collect();
+    c.send(json!({"action": "subscribe", "hash": ACME, "requests": many}))
+        .await;
+    let r = next_response(&mut c).await;
+    assert_eq!(r["data"]["state_batch"]["status"]["code"], 9, "{r}");
+    assert_eq!(app.hub.batches.group_count(), 2);
+    // A group the socket is already in is not counted again, whichever session asks.
+    for hash in [ACME, ACME2] {
+        c.send(json!({"action": "subscribe", "hash": hash,
+                      "requests": [batch_request(all(), "101ms", "compact")]}))
+            .await;
+        let r = next_response(&mut c).await;
+        assert_eq!(r["data"]["state_batch"]["success"], true, "{r}");
+    }
+    assert_eq!(app.hub.batches.group_count(), 2);
+    // Leaving groups frees places.
+    c.send(json!({"action": "unsubscribe", "hash": ACME, "requests": [
+        {"type": "state_batch", "target": all()}]}))
+        .await;
+    next_response(&mut c).await;
+    c.send(json!({"action": "subscribe", "hash": ACME,
+                  "requests": [batch_request(all(), "5s", "full")]}))
+        .await;
+    let r = next_response(&mut c).await;
+    assert_eq!(r["data"]["state_batch"]["success"], true, "{r}");
 }
