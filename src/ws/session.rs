@@ -449,6 +449,7 @@ impl Connection {
         let known = self.sessions.contains(&hash);
         let hub = self.app.hub.clone();
         // Register before checking, so that a logout committed while we check still reaches us.
+        // A session the hub already holds keeps its expiry; a new entry has none until read.
         hub.register_session(
             &hash,
             self.id,
@@ -458,6 +459,7 @@ impl Connection {
         let session = match queries::session(&self.app.pool, &hash).await {
             Ok(Some(s)) if s.live => s,
             other => {
+                let ended = other.is_ok();
                 if !known {
                     hub.unregister_session(&hash, self.id);
                 }
@@ -469,7 +471,16 @@ impl Connection {
                     }
                     Ok(_) => ProtoError::session_not_found(),
                 };
-                return self.send_error(action, &e, Some(&msg.echo)).await;
+                self.send_error(action, &e, Some(&msg.echo)).await?;
+                if ended && known {
+                    // The session is over but this socket still holds it: its logout may be
+                    // queued behind this message (and the registration above re-created the
+                    // hub entry that logout removed), or the expiry checker has not come round
+                    // yet. End it here as that logout would; a logout arriving later finds
+                    // nothing left to end.
+                    return self.end_session(&hash).await;
+                }
+                return Ok(());
             }
         };
         hub.set_session_expiry(&hash, session.expires_at);
@@ -791,6 +802,41 @@ impl Connection {
             .await
     }
 
+    /// Ends a session this socket holds (its logout): drops its trackers, batches and hub
+    /// registration, sends `logout`, and closes the socket if no other session is left.
+    async fn end_session(&mut self, hash: &Arc<str>) -> Result<(), Stop> {
+        if !self.sessions.remove(hash) {
+            return Ok(());
+        }
+        // The hub's entry is normally gone already (its logout removed it), but a subscribe
+        // with this hash handled before the logout was delivered may have re-created it.
+        self.app.hub.unregister_session(hash, self.id);
+        let gone = self.watches.ids_where(|w| w.session == *hash);
+        for id in &gone {
+            self.watches.remove(id);
+        }
+        self.app.hub.unsubscribe(self.id, &gone);
+        let batches = &self.app.hub.batches;
+        let conn = self.id;
+        self.memberships.retain(|(group, session)| {
+            let ended = session == hash;
+            if ended {
+                batches.leave(group, conn);
+            }
+            !ended
+        });
+        tracing::info!(session = Self::session_tag(hash), "logout");
+        self.send(ByteString::from_static(model::LOGOUT_EVENT))
+            .await?;
+        if self.sessions.is_empty() {
+            return Err(Stop::Close(CloseReason {
+                code: CloseCode::Normal,
+                description: Some("session closed".into()),
+            }));
+        }
+        Ok(())
+    }
+
     /// Sends a lifecycle frame unless this change was already sent for the tracker.
     async fn send_lifecycle(
         &mut self,
@@ -897,35 +943,7 @@ impl Connection {
                 }
                 self.send(frame).await
             }
-            Outgoing::Logout { hash } => {
-                if !self.sessions.remove(&hash) {
-                    return Ok(());
-                }
-                let gone = self.watches.ids_where(|w| w.session == hash);
-                for id in &gone {
-                    self.watches.remove(id);
-                }
-                self.app.hub.unsubscribe(self.id, &gone);
-                let batches = &self.app.hub.batches;
-                let conn = self.id;
-                self.memberships.retain(|(group, session)| {
-                    let ended = *session == hash;
-                    if ended {
-                        batches.leave(group, conn);
-                    }
-                    !ended
-                });
-                tracing::info!(session = Self::session_tag(&hash), "logout");
-                self.send(ByteString::from_static(model::LOGOUT_EVENT))
-                    .await?;
-                if self.sessions.is_empty() {
-                    return Err(Stop::Close(CloseReason {
-                        code: CloseCode::Normal,
-                        description: Some("session closed".into()),
-                    }));
-                }
-                Ok(())
-            }
+            Outgoing::Logout { hash } => self.end_session(&hash).await,
             Outgoing::Shutdown => Err(Stop::Close(CloseCode::Away.into())),
         }
     }
