@@ -654,7 +654,8 @@ impl Connection {
             }
         }
 
-        // One response entry per requested type, in request order.
+        // One response entry per requested type, in request order; several items of a type
+        // share it (a success wins, status maps are merged).
         let mut per_type: Vec<(String, Result<serde_json::Value, ProtoError>)> = Vec::new();
         let mut map = Some(map);
         let mut batch_results = batch_results.into_iter();
@@ -670,9 +671,7 @@ impl Connection {
                 },
                 Item::Failed { error, .. } => Err(error.clone()),
             };
-            if !per_type.iter().any(|(k, _)| k == item.kind()) {
-                per_type.push((item.kind().to_owned(), result));
-            }
+            protocol::add_result(&mut per_type, item.kind(), result);
         }
         let response = protocol::subscribe_response(msg.form, &msg.events, per_type);
         self.send(response.into()).await?;

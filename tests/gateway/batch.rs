@@ -449,3 +449,29 @@ async fn a_connection_joins_at_most_max_batch_subscriptions_groups() {
     let r = next_response(&mut c).await;
     assert_eq!(r["data"]["state_batch"]["success"], true, "{r}");
 }
+
+#[tokio::test]
+async fn batch_items_of_one_type_answer_together() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    // A malformed item first, then two valid ones: the accepted ones' maps, merged.
+    c.send(json!({"action": "subscribe", "hash": ACME, "requests": [
+        batch_request(json!({"type": "all"}), "fast", "full"),
+        batch_request(json!({"type": "selected", "tracker_ids": [101]}), "200ms", "full"),
+        batch_request(json!({"type": "selected", "tracker_ids": [102, 105]}), "300ms", "full")]}))
+        .await;
+    let resp = c.recv().await;
+    assert_eq!(
+        resp["data"]["state_batch"],
+        json!({"success": true, "value": {"101": "normal", "102": "normal", "105": "blocked"}}),
+        "{resp}"
+    );
+    let mut firsts: Vec<Vec<i64>> = Vec::new();
+    for _ in 0..2 {
+        let mut ids: Vec<i64> = items(&c.recv().await).into_keys().collect();
+        ids.sort_unstable();
+        firsts.push(ids);
+    }
+    firsts.sort_unstable();
+    assert_eq!(firsts, [vec![101], vec![102]]);
+}

@@ -233,3 +233,27 @@ async fn a_tracker_disallowed_to_a_second_session_is_not_sent_again() {
     let (_, skipped) = c.recv_until(|v| is_state_with_speed(v, 101, 31)).await;
     assert!(skipped.is_empty(), "{skipped:?}");
 }
+
+#[tokio::test]
+async fn a_malformed_state_item_does_not_hide_an_accepted_one() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.send(json!({"action": "subscribe", "hash": ACME, "requests": [
+        {"type": "state", "trackers": "x"},
+        {"type": "state", "trackers": [101]},
+        {"type": "state", "trackers": [102], "format": "tiny"},
+        {"type": "state", "trackers": [103], "format": "compact"}]}))
+        .await;
+    assert_eq!(
+        c.recv().await,
+        json!({"type": "response", "action": "subscription/subscribe", "events": ["state"],
+               "data": {"state": {"success": true,
+                                  "value": {"101": "normal", "103": "normal"}}}})
+    );
+    let mut ids = vec![
+        c.recv().await["tracker_id"].as_i64(),
+        c.recv().await["tracker_id"].as_i64(),
+    ];
+    ids.sort_unstable();
+    assert_eq!(ids, [Some(101), Some(103)]);
+}
