@@ -506,12 +506,15 @@ impl Connection {
             tz,
             iso: msg.iso_datetime,
         };
+        // Trackers new to this socket are registered before the reads, so that nothing
+        // committed meanwhile is missed. Those it already watches are registered already: they
+        // keep their format and time zone (and session) until the statuses accept them below.
         let mut slot_of: HashMap<TrackerId, u32> = HashMap::with_capacity(order.len());
         for f in [Format::Full, Format::Compact] {
             let ids: Vec<TrackerId> = order
                 .iter()
                 .copied()
-                .filter(|id| format_of[id] == f)
+                .filter(|id| format_of.get(id) == Some(&f) && !self.watches.contains(id))
                 .collect();
             if !ids.is_empty() {
                 let slots = hub.subscribe(self.id, &self.outbox, &ids, variant(f));
@@ -550,6 +553,23 @@ impl Connection {
             }
         };
 
+        // Watched trackers that this session may see take the new variant now.
+        for f in [Format::Full, Format::Compact] {
+            let ids: Vec<TrackerId> = statuses
+                .iter()
+                .filter(|(id, status, facts)| {
+                    matches!(*status, "normal" | "blocked")
+                        && facts.is_some()
+                        && format_of.get(id) == Some(&f)
+                        && self.watches.contains(id)
+                })
+                .map(|(id, _, _)| *id)
+                .collect();
+            if !ids.is_empty() {
+                let slots = hub.subscribe(self.id, &self.outbox, &ids, variant(f));
+                slot_of.extend(ids.into_iter().zip(slots));
+            }
+        }
         let mut drop_ids = Vec::new();
         for (id, status, facts) in &statuses {
             match (*status, facts) {

@@ -257,3 +257,34 @@ async fn a_malformed_state_item_does_not_hide_an_accepted_one() {
     ids.sort_unstable();
     assert_eq!(ids, [Some(101), Some(103)]);
 }
+
+#[tokio::test]
+async fn a_refused_resubscribe_leaves_the_watch_as_it_was() {
+    // 101 and 103 are watched under ACME: full format, Berlin time.
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101, 103], 2).await;
+    // Sessions that may not see them ask for them in compact form (RIVAL, in UTC: `unknown`;
+    // the sub-user without a grant for 103: `disallowed`).
+    for (hash, id, status) in [(RIVAL, 101, "unknown"), (SUB, 103, "disallowed")] {
+        c.send(json!({"action": "subscribe", "hash": hash,
+                      "requests": [{"type": "state", "trackers": [id], "format": "compact"}]}))
+            .await;
+        let resp = c.recv().await;
+        assert_eq!(
+            resp["data"]["state"]["value"][id.to_string()],
+            status,
+            "{resp}"
+        );
+    }
+    // Their events still come as ACME asked.
+    app.set_speed(&[101, 103], 44).await;
+    for id in [101, 103] {
+        let (ev, _) = c.recv_until(|v| is_state_with_speed(v, id, 44)).await;
+        assert!(ev["data"].get("gsm").is_some(), "still full: {ev}");
+        assert_eq!(
+            ev["data"]["gps"]["updated"], "2018-10-17 12:51:43",
+            "still Berlin time"
+        );
+    }
+}
