@@ -189,7 +189,8 @@ struct Connection {
     outbox: Arc<Outbox>,
     sessions: HashSet<Arc<str>>,
     watches: Watches,
-    /// `state_batch` groups this socket belongs to, with the session that joined each.
+    /// The batch groups this socket belongs to, once per session that joined each: the socket
+    /// leaves a group when no session of it holds the group any more.
     memberships: Vec<(Arc<BatchGroup>, Arc<str>)>,
     /// The last lifecycle change sent per tracker, so a tracker watched both ways sends it once.
     lifecycle_sent: HashMap<TrackerId, i64>,
@@ -650,7 +651,7 @@ impl Connection {
                     if !self
                         .memberships
                         .iter()
-                        .any(|(g, _)| Arc::ptr_eq(g, &j.group))
+                        .any(|(g, s)| Arc::ptr_eq(g, &j.group) && *s == hash)
                     {
                         self.memberships.push((j.group.clone(), hash.clone()));
                     }
@@ -751,6 +752,24 @@ impl Connection {
         Ok(())
     }
 
+    /// Drops the memberships `ended` picks, and leaves each of their groups that no other
+    /// session of this socket still holds.
+    fn drop_memberships(&mut self, ended: impl Fn(&BatchGroup, &Arc<str>) -> bool) {
+        let mut dropped: Vec<Arc<BatchGroup>> = Vec::new();
+        self.memberships.retain(|(group, session)| {
+            let gone = ended(group, session);
+            if gone {
+                dropped.push(group.clone());
+            }
+            !gone
+        });
+        for group in dropped {
+            if !self.memberships.iter().any(|(g, _)| Arc::ptr_eq(g, &group)) {
+                self.app.hub.batches.leave(&group, self.id);
+            }
+        }
+    }
+
     /// How many distinct batch groups this socket is in.
     fn batch_group_count(&self) -> usize {
         let mut groups: Vec<&Arc<BatchGroup>> = Vec::with_capacity(self.memberships.len());
@@ -795,16 +814,10 @@ impl Connection {
                 Item::ReadingsBatch(req) => (&req.target, true),
                 _ => continue,
             };
-            let batches = &self.app.hub.batches;
-            let conn = self.id;
-            self.memberships.retain(|(group, session)| {
-                let named = *session == hash
+            self.drop_memberships(|group, session| {
+                *session == hash
                     && group.key.is_readings() == readings
-                    && target.as_ref().is_none_or(|t| *t == group.key.target);
-                if named {
-                    batches.leave(group, conn);
-                }
-                !named
+                    && target.as_ref().is_none_or(|t| *t == group.key.target)
             });
         }
         let mine: Vec<TrackerId> = ids
@@ -835,15 +848,7 @@ impl Connection {
             self.watches.remove(id);
         }
         self.app.hub.unsubscribe(self.id, &gone);
-        let batches = &self.app.hub.batches;
-        let conn = self.id;
-        self.memberships.retain(|(group, session)| {
-            let ended = session == hash;
-            if ended {
-                batches.leave(group, conn);
-            }
-            !ended
-        });
+        self.drop_memberships(|_, session| session == hash);
         tracing::info!(session = Self::session_tag(hash), "logout");
         self.send(ByteString::from_static(model::LOGOUT_EVENT))
             .await?;

@@ -475,3 +475,45 @@ async fn batch_items_of_one_type_answer_together() {
     firsts.sort_unstable();
     assert_eq!(firsts, [vec![101], vec![102]]);
 }
+
+#[tokio::test]
+async fn each_session_of_a_socket_holds_a_shared_batch_of_its_own() {
+    // ACME and ACME2 (one user) ask one socket for the same batch: one group, held by both.
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    let subscribe = |hash: &str| {
+        json!({"action": "subscribe", "hash": hash,
+               "requests": [batch_request(json!({"type": "all"}), "200ms", "compact")]})
+    };
+    let unsubscribe = |hash: &str| json!({"action": "unsubscribe", "hash": hash, "requests": [{"type": "state_batch"}]});
+    for hash in [ACME, ACME2] {
+        c.send(subscribe(hash)).await;
+        assert_eq!(
+            next_response(&mut c).await["data"]["state_batch"]["success"],
+            true
+        );
+    }
+    assert_eq!(app.hub.batches.group_count(), 1);
+    // ACME2 leaves it: ACME still holds it.
+    c.send(unsubscribe(ACME2)).await;
+    next_response(&mut c).await;
+    app.set_speed(&[101], 7).await;
+    c.recv_until(|v| v["event"] == "state_batch" && items(v).get(&101) == Some(&7))
+        .await;
+    // ACME2 again, then ACME's logout: ACME2's batches keep flowing.
+    c.send(subscribe(ACME2)).await;
+    next_response(&mut c).await;
+    app.exec(&format!(
+        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
+    ))
+    .await;
+    c.recv_until(|v| v["event"] == "logout").await;
+    app.set_speed(&[102], 8).await;
+    c.recv_until(|v| v["event"] == "state_batch" && items(v).get(&102) == Some(&8))
+        .await;
+    // ACME2 leaves too: nobody holds the group any more.
+    c.send(unsubscribe(ACME2)).await;
+    next_response(&mut c).await;
+    app.until("the group retires", || app.hub.batches.group_count() == 0)
+        .await;
+}
