@@ -27,12 +27,37 @@ use crate::batch::{BatchGroup, GroupKey, GroupKind, Scope, Target};
 use crate::db::{self, queries};
 use crate::hub::{ConnId, Outbox, Outgoing, TrackerFacts};
 use crate::metrics::{FrameKind, SentTally};
-use crate::model::{self, Format, Lifecycle, TrackerId, Variant};
+use crate::model::{self, Format, Lifecycle, TrackerId, TrackerState, Variant};
 use crate::readings::ReadingsFilter;
 use crate::startup::AppState;
 
 /// Most outbox items written per wake-up before the task looks at client frames again.
 const WRITE_BATCH: usize = 64;
+
+/// The first wait before reading again the states a subscribe could not read, doubling after
+/// each failed read up to [`OWED_RETRY_MAX`].
+const OWED_RETRY_MIN: Duration = Duration::from_millis(100);
+const OWED_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What a read of owed states gives: the ids asked for and the states read.
+type OwedStates = (Vec<TrackerId>, Result<Vec<TrackerState>, sqlx::Error>);
+
+/// A read of owed states in flight. Aborted if the socket ends first.
+struct OwedRead(tokio::task::JoinHandle<OwedStates>);
+
+impl Drop for OwedRead {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Waits until `at`, or forever when there is no `at`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// `GET /event/subscription` and `/v2/event/subscription`: the WebSocket upgrade.
 pub async fn subscription(
@@ -194,6 +219,13 @@ struct Connection {
     memberships: Vec<(Arc<BatchGroup>, Arc<str>)>,
     /// The last lifecycle change sent per tracker, so a tracker watched both ways sends it once.
     lifecycle_sent: HashMap<TrackerId, i64>,
+    /// Trackers a subscribe answered `normal` whose current state it could not read, with the
+    /// variant to send it in. Read again ([`Connection::owed_read`]) until it comes: the event
+    /// processor cannot send it, since the hub does not fan out a state it already has.
+    owed: HashMap<TrackerId, Variant>,
+    /// When to read the owed states next, and the wait after that read if it fails.
+    owed_at: Option<tokio::time::Instant>,
+    owed_backoff: Duration,
     /// Frames written, added to the process's metrics after each step of the loop.
     sent: SentTally,
     /// When the notifications behind the state frames written in this step arrived.
@@ -217,6 +249,9 @@ impl Connection {
             watches: Watches::default(),
             memberships: Vec::new(),
             lifecycle_sent: HashMap::new(),
+            owed: HashMap::new(),
+            owed_at: None,
+            owed_backoff: OWED_RETRY_MIN,
             sent: SentTally::default(),
             notified: Vec::new(),
             tokens: burst,
@@ -267,6 +302,7 @@ impl Connection {
         // Grows to the largest batch this socket has seen: most sockets never need the 64
         // items (about 5 KiB) that reserving WRITE_BATCH up front cost each of them.
         let mut batch: Vec<Outgoing> = Vec::new();
+        let mut owed_read: Option<OwedRead> = None;
         loop {
             tokio::select! {
                 biased;
@@ -323,6 +359,28 @@ impl Connection {
                         if let Err(stop) = self.deliver(item).await {
                             return stop;
                         }
+                    }
+                }
+                _ = sleep_until(self.owed_at), if self.owed_at.is_some() && owed_read.is_none() => {
+                    self.owed_at = None;
+                    let ids: Vec<TrackerId> = self.owed.keys().copied().collect();
+                    if !ids.is_empty() {
+                        let pool = self.app.pool.clone();
+                        owed_read = Some(OwedRead(tokio::spawn(async move {
+                            let read = queries::states_by_ids(&pool, &ids).await;
+                            (ids, read)
+                        })));
+                    }
+                }
+                read = async {
+                    match owed_read.as_mut() {
+                        Some(r) => (&mut r.0).await,
+                        None => std::future::pending().await,
+                    }
+                }, if owed_read.is_some() => {
+                    owed_read = None;
+                    if let Err(stop) = self.owed_read(read).await {
+                        return stop;
                     }
                 }
                 _ = ticker.tick() => {
@@ -712,16 +770,30 @@ impl Connection {
                 Err(e) => Err(e.to_string()),
             },
         };
-        let states = read.unwrap_or_else(|error| {
-            // The response said `normal`: the states must still come. The processor reads
-            // them (and if the database is down, its resync re-sends every watched tracker
-            // once it is back).
-            tracing::warn!(%error, "subscribe: states not read; handed to the processor");
-            self.app
-                .inbox
-                .update(|p| p.state_ids.extend(normal.iter().copied()));
-            Vec::new()
-        });
+        let states = match read {
+            Ok(states) => {
+                // Whatever an earlier subscribe still owed for these is answered here.
+                if !self.owed.is_empty() {
+                    for id in &normal {
+                        self.owed.remove(id);
+                    }
+                }
+                states
+            }
+            Err(error) => {
+                // The response said `normal`: the states must still come. This socket reads
+                // them again until it can.
+                tracing::warn!(%error, "subscribe: states not read; retrying");
+                for id in &normal {
+                    let f = format_of.get(id).copied().unwrap_or(Format::Full);
+                    self.owed.insert(*id, variant(f));
+                }
+                if self.owed_at.is_none() {
+                    self.owed_at = Some(tokio::time::Instant::now() + self.owed_backoff);
+                }
+                Vec::new()
+            }
+        };
         let now = Utc::now();
         for s in states {
             // Only the trackers this request found `normal` (the read covered every id).
@@ -768,6 +840,59 @@ impl Connection {
                 self.app.hub.batches.leave(&group, self.id);
             }
         }
+    }
+
+    /// The outcome of a read of owed states ([`Connection::owed`]): each state read is sent in
+    /// the variant it is owed in, unless the watch is gone or blocked or already has a newer
+    /// state; a failed read is tried again after a longer wait.
+    async fn owed_read(
+        &mut self,
+        read: Result<OwedStates, tokio::task::JoinError>,
+    ) -> Result<(), Stop> {
+        let (ids, states) = match read {
+            Ok((ids, Ok(states))) => (ids, states),
+            Ok((_, Err(e))) => {
+                self.owed_failed(&e.to_string());
+                return Ok(());
+            }
+            Err(e) => {
+                self.owed_failed(&e.to_string());
+                return Ok(());
+            }
+        };
+        self.owed_backoff = OWED_RETRY_MIN;
+        let mut owed: HashMap<TrackerId, Variant> = HashMap::with_capacity(ids.len());
+        for id in ids {
+            // Not owed any more: a later subscribe read it, or a newer state was sent.
+            if let Some(v) = self.owed.remove(&id) {
+                owed.insert(id, v);
+            }
+        }
+        let now = Utc::now();
+        for s in states {
+            let Some(v) = owed.get(&s.tracker_id).copied() else {
+                continue;
+            };
+            let Some(w) = self.watches.get_mut(&s.tracker_id) else {
+                continue;
+            };
+            if w.blocked || s.change_no < w.state_change {
+                continue;
+            }
+            w.state_change = s.change_no;
+            self.send(model::state_event(&s, v, now).into()).await?;
+        }
+        // Owed since this read started: the next read comes at once.
+        if !self.owed.is_empty() && self.owed_at.is_none() {
+            self.owed_at = Some(tokio::time::Instant::now());
+        }
+        Ok(())
+    }
+
+    fn owed_failed(&mut self, error: &str) {
+        tracing::warn!(%error, owed = self.owed.len(), "owed states not read; retrying");
+        self.owed_backoff = (self.owed_backoff * 2).min(OWED_RETRY_MAX);
+        self.owed_at = Some(tokio::time::Instant::now() + self.owed_backoff);
     }
 
     /// How many distinct batch groups this socket is in.
@@ -895,6 +1020,10 @@ impl Connection {
                     return Ok(());
                 }
                 w.state_change = change;
+                if !self.owed.is_empty() {
+                    // A newer state than any read could owe.
+                    self.owed.remove(&tracker);
+                }
                 self.send_kind(FrameKind::State, frame).await?;
                 self.notified.push(notified);
                 Ok(())
