@@ -58,6 +58,9 @@ impl std::fmt::Debug for DatabaseSettings {
 pub struct WebSocketSettings {
     pub max_frame_bytes: usize,
     pub max_trackers_per_request: usize,
+    /// Most batch groups (`state_batch` and `readings_batch` together) one connection may be
+    /// in; a batch item that would join one more fails in its slot with code 9.
+    pub max_batch_subscriptions: usize,
     pub queue_capacity: usize,
     pub write_buffer_bytes: usize,
     pub heartbeat_ms: u64,
@@ -143,6 +146,7 @@ impl Default for WebSocketSettings {
         WebSocketSettings {
             max_frame_bytes: 262_144,
             max_trackers_per_request: 10_000,
+            max_batch_subscriptions: 16,
             queue_capacity: 1024,
             write_buffer_bytes: 65_536,
             heartbeat_ms: 30_000,

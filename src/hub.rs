@@ -909,6 +909,10 @@ impl Hub {
 
     // --- sessions ----------------------------------------------------------------------------------
 
+    /// Adds `conn` to the sockets holding `hash`. `expires_at` is the expiry of a new entry
+    /// only: an entry that exists keeps the expiry a database read gave it (a socket registers
+    /// before it reads the session, and a read that fails must not leave the session without
+    /// its expiry). [`Hub::set_session_expiry`] sets it once read.
     pub fn register_session(
         &self,
         hash: &Arc<str>,
@@ -923,7 +927,6 @@ impl Hub {
                 conns: Vec::new(),
                 expires_at,
             });
-        entry.expires_at = expires_at;
         if !entry.conns.iter().any(|(c, _)| *c == conn) {
             entry.conns.push((conn, outbox.clone()));
         }

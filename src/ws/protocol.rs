@@ -152,6 +152,12 @@ impl ProtoError {
             format!("Too many trackers in one request (limit {limit})"),
         )
     }
+    pub fn too_many_batches(limit: usize) -> Self {
+        Self::new(
+            9,
+            format!("Too many batch subscriptions on this connection (limit {limit})"),
+        )
+    }
     pub fn frame_too_large(limit: usize) -> Self {
         Self::new(9, format!("Message too large (limit {limit} bytes)"))
     }
@@ -458,6 +464,26 @@ pub fn status_map(statuses: &[(TrackerId, &'static str)]) -> Value {
     Value::Object(m)
 }
 
+/// Adds one item's result to the response's entry for its type (`per_type`, in request order).
+/// Several items of one type share the entry: a success wins over a failure, and the status
+/// maps of successful items are merged (an id in two items keeps the later status).
+pub fn add_result(
+    per_type: &mut Vec<(String, Result<Value, ProtoError>)>,
+    kind: &str,
+    result: Result<Value, ProtoError>,
+) {
+    let Some((_, entry)) = per_type.iter_mut().find(|(k, _)| k == kind) else {
+        per_type.push((kind.to_owned(), result));
+        return;
+    };
+    match (entry, result) {
+        (Ok(Value::Object(map)), Ok(Value::Object(more))) => map.extend(more),
+        (entry @ Err(_), Ok(v)) => *entry = Ok(v),
+        // A failure beside a success, or a second failure: the entry stands.
+        _ => {}
+    }
+}
+
 /// The subscribe response. `per_type` holds, for each event type of the request, either the
 /// status map or the error that item got.
 pub fn subscribe_response(
@@ -609,6 +635,46 @@ mod tests {
         .unwrap();
         assert_eq!(m.events, ["state", "state_batch"]);
         assert!(matches!(m.items[1], Item::Failed { .. }));
+    }
+
+    #[test]
+    fn items_of_one_type_share_an_entry_where_a_success_wins() {
+        let mut per_type = Vec::new();
+        add_result(&mut per_type, "state", Err(ProtoError::invalid("x")));
+        add_result(&mut per_type, "state_batch", Ok(json!({"1": "normal"})));
+        add_result(&mut per_type, "state", Ok(json!({"2": "normal"})));
+        add_result(&mut per_type, "state", Err(ProtoError::bad_format()));
+        add_result(
+            &mut per_type,
+            "state_batch",
+            Err(ProtoError::too_many_batches(2)),
+        );
+        add_result(
+            &mut per_type,
+            "state_batch",
+            Ok(json!({"1": "blocked", "3": "unknown"})),
+        );
+        add_result(
+            &mut per_type,
+            "readings_batch",
+            Err(ProtoError::invalid("y")),
+        );
+        add_result(
+            &mut per_type,
+            "readings_batch",
+            Err(ProtoError::unexpected()),
+        );
+        assert_eq!(
+            per_type,
+            [
+                ("state".to_owned(), Ok(json!({"2": "normal"}))),
+                (
+                    "state_batch".to_owned(),
+                    Ok(json!({"1": "blocked", "3": "unknown"}))
+                ),
+                ("readings_batch".to_owned(), Err(ProtoError::invalid("y"))),
+            ]
+        );
     }
 
     #[test]

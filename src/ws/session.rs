@@ -27,12 +27,37 @@ use crate::batch::{BatchGroup, GroupKey, GroupKind, Scope, Target};
 use crate::db::{self, queries};
 use crate::hub::{ConnId, Outbox, Outgoing, TrackerFacts};
 use crate::metrics::{FrameKind, SentTally};
-use crate::model::{self, Format, Lifecycle, TrackerId, Variant};
+use crate::model::{self, Format, Lifecycle, TrackerId, TrackerState, Variant};
 use crate::readings::ReadingsFilter;
 use crate::startup::AppState;
 
 /// Most outbox items written per wake-up before the task looks at client frames again.
 const WRITE_BATCH: usize = 64;
+
+/// The first wait before reading again the states a subscribe could not read, doubling after
+/// each failed read up to [`OWED_RETRY_MAX`].
+const OWED_RETRY_MIN: Duration = Duration::from_millis(100);
+const OWED_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// What a read of owed states gives: the ids asked for and the states read.
+type OwedStates = (Vec<TrackerId>, Result<Vec<TrackerState>, sqlx::Error>);
+
+/// A read of owed states in flight. Aborted if the socket ends first.
+struct OwedRead(tokio::task::JoinHandle<OwedStates>);
+
+impl Drop for OwedRead {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Waits until `at`, or forever when there is no `at`.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// `GET /event/subscription` and `/v2/event/subscription`: the WebSocket upgrade.
 pub async fn subscription(
@@ -189,10 +214,18 @@ struct Connection {
     outbox: Arc<Outbox>,
     sessions: HashSet<Arc<str>>,
     watches: Watches,
-    /// `state_batch` groups this socket belongs to, with the session that joined each.
+    /// The batch groups this socket belongs to, once per session that joined each: the socket
+    /// leaves a group when no session of it holds the group any more.
     memberships: Vec<(Arc<BatchGroup>, Arc<str>)>,
     /// The last lifecycle change sent per tracker, so a tracker watched both ways sends it once.
     lifecycle_sent: HashMap<TrackerId, i64>,
+    /// Trackers a subscribe answered `normal` whose current state it could not read, with the
+    /// variant to send it in. Read again ([`Connection::owed_read`]) until it comes: the event
+    /// processor cannot send it, since the hub does not fan out a state it already has.
+    owed: HashMap<TrackerId, Variant>,
+    /// When to read the owed states next, and the wait after that read if it fails.
+    owed_at: Option<tokio::time::Instant>,
+    owed_backoff: Duration,
     /// Frames written, added to the process's metrics after each step of the loop.
     sent: SentTally,
     /// When the notifications behind the state frames written in this step arrived.
@@ -216,6 +249,9 @@ impl Connection {
             watches: Watches::default(),
             memberships: Vec::new(),
             lifecycle_sent: HashMap::new(),
+            owed: HashMap::new(),
+            owed_at: None,
+            owed_backoff: OWED_RETRY_MIN,
             sent: SentTally::default(),
             notified: Vec::new(),
             tokens: burst,
@@ -266,6 +302,7 @@ impl Connection {
         // Grows to the largest batch this socket has seen: most sockets never need the 64
         // items (about 5 KiB) that reserving WRITE_BATCH up front cost each of them.
         let mut batch: Vec<Outgoing> = Vec::new();
+        let mut owed_read: Option<OwedRead> = None;
         loop {
             tokio::select! {
                 biased;
@@ -322,6 +359,28 @@ impl Connection {
                         if let Err(stop) = self.deliver(item).await {
                             return stop;
                         }
+                    }
+                }
+                _ = sleep_until(self.owed_at), if self.owed_at.is_some() && owed_read.is_none() => {
+                    self.owed_at = None;
+                    let ids: Vec<TrackerId> = self.owed.keys().copied().collect();
+                    if !ids.is_empty() {
+                        let pool = self.app.pool.clone();
+                        owed_read = Some(OwedRead(tokio::spawn(async move {
+                            let read = queries::states_by_ids(&pool, &ids).await;
+                            (ids, read)
+                        })));
+                    }
+                }
+                read = async {
+                    match owed_read.as_mut() {
+                        Some(r) => (&mut r.0).await,
+                        None => std::future::pending().await,
+                    }
+                }, if owed_read.is_some() => {
+                    owed_read = None;
+                    if let Err(stop) = self.owed_read(read).await {
+                        return stop;
                     }
                 }
                 _ = ticker.tick() => {
@@ -449,6 +508,7 @@ impl Connection {
         let known = self.sessions.contains(&hash);
         let hub = self.app.hub.clone();
         // Register before checking, so that a logout committed while we check still reaches us.
+        // A session the hub already holds keeps its expiry; a new entry has none until read.
         hub.register_session(
             &hash,
             self.id,
@@ -458,6 +518,7 @@ impl Connection {
         let session = match queries::session(&self.app.pool, &hash).await {
             Ok(Some(s)) if s.live => s,
             other => {
+                let ended = other.is_ok();
                 if !known {
                     hub.unregister_session(&hash, self.id);
                 }
@@ -469,7 +530,16 @@ impl Connection {
                     }
                     Ok(_) => ProtoError::session_not_found(),
                 };
-                return self.send_error(action, &e, Some(&msg.echo)).await;
+                self.send_error(action, &e, Some(&msg.echo)).await?;
+                if ended && known {
+                    // The session is over but this socket still holds it: its logout may be
+                    // queued behind this message (and the registration above re-created the
+                    // hub entry that logout removed), or the expiry checker has not come round
+                    // yet. End it here as that logout would; a logout arriving later finds
+                    // nothing left to end.
+                    return self.end_session(&hash).await;
+                }
+                return Ok(());
             }
         };
         hub.set_session_expiry(&hash, session.expires_at);
@@ -495,12 +565,15 @@ impl Connection {
             tz,
             iso: msg.iso_datetime,
         };
+        // Trackers new to this socket are registered before the reads, so that nothing
+        // committed meanwhile is missed. Those it already watches are registered already: they
+        // keep their format and time zone (and session) until the statuses accept them below.
         let mut slot_of: HashMap<TrackerId, u32> = HashMap::with_capacity(order.len());
         for f in [Format::Full, Format::Compact] {
             let ids: Vec<TrackerId> = order
                 .iter()
                 .copied()
-                .filter(|id| format_of[id] == f)
+                .filter(|id| format_of.get(id) == Some(&f) && !self.watches.contains(id))
                 .collect();
             if !ids.is_empty() {
                 let slots = hub.subscribe(self.id, &self.outbox, &ids, variant(f));
@@ -539,6 +612,23 @@ impl Connection {
             }
         };
 
+        // Watched trackers that this session may see take the new variant now.
+        for f in [Format::Full, Format::Compact] {
+            let ids: Vec<TrackerId> = statuses
+                .iter()
+                .filter(|(id, status, facts)| {
+                    matches!(*status, "normal" | "blocked")
+                        && facts.is_some()
+                        && format_of.get(id) == Some(&f)
+                        && self.watches.contains(id)
+                })
+                .map(|(id, _, _)| *id)
+                .collect();
+            if !ids.is_empty() {
+                let slots = hub.subscribe(self.id, &self.outbox, &ids, variant(f));
+                slot_of.extend(ids.into_iter().zip(slots));
+            }
+        }
         let mut drop_ids = Vec::new();
         for (id, status, facts) in &statuses {
             match (*status, facts) {
@@ -571,6 +661,7 @@ impl Connection {
         );
         // state_batch and readings_batch items: join (or create) the shared group of each.
         let capacity = self.app.settings.websocket.queue_capacity;
+        let max_batches = self.app.settings.websocket.max_batch_subscriptions;
         let mut batch_results: Vec<Result<serde_json::Value, ProtoError>> = Vec::new();
         let mut first_batches: Vec<ByteString> = Vec::new();
         for item in &msg.items {
@@ -601,6 +692,14 @@ impl Connection {
                 variant: variant(format),
                 kind,
             };
+            // Each group reads its target, runs a timer and holds a rendered batch: a socket
+            // may be in at most `max_batch_subscriptions` of them. A group it is already in
+            // (under any of its sessions) costs nothing more.
+            let held = self.memberships.iter().any(|(g, _)| g.key == key);
+            if !held && self.batch_group_count() >= max_batches {
+                batch_results.push(Err(ProtoError::too_many_batches(max_batches)));
+                continue;
+            }
             let joined = hub
                 .batches
                 .join(&hub, &self.app.pool, key, self.id, &self.outbox, capacity)
@@ -610,7 +709,7 @@ impl Connection {
                     if !self
                         .memberships
                         .iter()
-                        .any(|(g, _)| Arc::ptr_eq(g, &j.group))
+                        .any(|(g, s)| Arc::ptr_eq(g, &j.group) && *s == hash)
                     {
                         self.memberships.push((j.group.clone(), hash.clone()));
                     }
@@ -634,7 +733,8 @@ impl Connection {
             }
         }
 
-        // One response entry per requested type, in request order.
+        // One response entry per requested type, in request order; several items of a type
+        // share it (a success wins, status maps are merged).
         let mut per_type: Vec<(String, Result<serde_json::Value, ProtoError>)> = Vec::new();
         let mut map = Some(map);
         let mut batch_results = batch_results.into_iter();
@@ -650,9 +750,7 @@ impl Connection {
                 },
                 Item::Failed { error, .. } => Err(error.clone()),
             };
-            if !per_type.iter().any(|(k, _)| k == item.kind()) {
-                per_type.push((item.kind().to_owned(), result));
-            }
+            protocol::add_result(&mut per_type, item.kind(), result);
         }
         let response = protocol::subscribe_response(msg.form, &msg.events, per_type);
         self.send(response.into()).await?;
@@ -672,16 +770,30 @@ impl Connection {
                 Err(e) => Err(e.to_string()),
             },
         };
-        let states = read.unwrap_or_else(|error| {
-            // The response said `normal`: the states must still come. The processor reads
-            // them (and if the database is down, its resync re-sends every watched tracker
-            // once it is back).
-            tracing::warn!(%error, "subscribe: states not read; handed to the processor");
-            self.app
-                .inbox
-                .update(|p| p.state_ids.extend(normal.iter().copied()));
-            Vec::new()
-        });
+        let states = match read {
+            Ok(states) => {
+                // Whatever an earlier subscribe still owed for these is answered here.
+                if !self.owed.is_empty() {
+                    for id in &normal {
+                        self.owed.remove(id);
+                    }
+                }
+                states
+            }
+            Err(error) => {
+                // The response said `normal`: the states must still come. This socket reads
+                // them again until it can.
+                tracing::warn!(%error, "subscribe: states not read; retrying");
+                for id in &normal {
+                    let f = format_of.get(id).copied().unwrap_or(Format::Full);
+                    self.owed.insert(*id, variant(f));
+                }
+                if self.owed_at.is_none() {
+                    self.owed_at = Some(tokio::time::Instant::now() + self.owed_backoff);
+                }
+                Vec::new()
+            }
+        };
         let now = Utc::now();
         for s in states {
             // Only the trackers this request found `normal` (the read covered every id).
@@ -710,6 +822,88 @@ impl Connection {
             "subscribed"
         );
         Ok(())
+    }
+
+    /// Drops the memberships `ended` picks, and leaves each of their groups that no other
+    /// session of this socket still holds.
+    fn drop_memberships(&mut self, ended: impl Fn(&BatchGroup, &Arc<str>) -> bool) {
+        let mut dropped: Vec<Arc<BatchGroup>> = Vec::new();
+        self.memberships.retain(|(group, session)| {
+            let gone = ended(group, session);
+            if gone {
+                dropped.push(group.clone());
+            }
+            !gone
+        });
+        for group in dropped {
+            if !self.memberships.iter().any(|(g, _)| Arc::ptr_eq(g, &group)) {
+                self.app.hub.batches.leave(&group, self.id);
+            }
+        }
+    }
+
+    /// The outcome of a read of owed states ([`Connection::owed`]): each state read is sent in
+    /// the variant it is owed in, unless the watch is gone or blocked or already has a newer
+    /// state; a failed read is tried again after a longer wait.
+    async fn owed_read(
+        &mut self,
+        read: Result<OwedStates, tokio::task::JoinError>,
+    ) -> Result<(), Stop> {
+        let (ids, states) = match read {
+            Ok((ids, Ok(states))) => (ids, states),
+            Ok((_, Err(e))) => {
+                self.owed_failed(&e.to_string());
+                return Ok(());
+            }
+            Err(e) => {
+                self.owed_failed(&e.to_string());
+                return Ok(());
+            }
+        };
+        self.owed_backoff = OWED_RETRY_MIN;
+        let mut owed: HashMap<TrackerId, Variant> = HashMap::with_capacity(ids.len());
+        for id in ids {
+            // Not owed any more: a later subscribe read it, or a newer state was sent.
+            if let Some(v) = self.owed.remove(&id) {
+                owed.insert(id, v);
+            }
+        }
+        let now = Utc::now();
+        for s in states {
+            let Some(v) = owed.get(&s.tracker_id).copied() else {
+                continue;
+            };
+            let Some(w) = self.watches.get_mut(&s.tracker_id) else {
+                continue;
+            };
+            if w.blocked || s.change_no < w.state_change {
+                continue;
+            }
+            w.state_change = s.change_no;
+            self.send(model::state_event(&s, v, now).into()).await?;
+        }
+        // Owed since this read started: the next read comes at once.
+        if !self.owed.is_empty() && self.owed_at.is_none() {
+            self.owed_at = Some(tokio::time::Instant::now());
+        }
+        Ok(())
+    }
+
+    fn owed_failed(&mut self, error: &str) {
+        tracing::warn!(%error, owed = self.owed.len(), "owed states not read; retrying");
+        self.owed_backoff = (self.owed_backoff * 2).min(OWED_RETRY_MAX);
+        self.owed_at = Some(tokio::time::Instant::now() + self.owed_backoff);
+    }
+
+    /// How many distinct batch groups this socket is in.
+    fn batch_group_count(&self) -> usize {
+        let mut groups: Vec<&Arc<BatchGroup>> = Vec::with_capacity(self.memberships.len());
+        for (g, _) in &self.memberships {
+            if !groups.iter().any(|h| Arc::ptr_eq(h, g)) {
+                groups.push(g);
+            }
+        }
+        groups.len()
     }
 
     /// Each requested tracker's status for this session, in request order, in one query: the
@@ -745,16 +939,10 @@ impl Connection {
                 Item::ReadingsBatch(req) => (&req.target, true),
                 _ => continue,
             };
-            let batches = &self.app.hub.batches;
-            let conn = self.id;
-            self.memberships.retain(|(group, session)| {
-                let named = *session == hash
+            self.drop_memberships(|group, session| {
+                *session == hash
                     && group.key.is_readings() == readings
-                    && target.as_ref().is_none_or(|t| *t == group.key.target);
-                if named {
-                    batches.leave(group, conn);
-                }
-                !named
+                    && target.as_ref().is_none_or(|t| *t == group.key.target)
             });
         }
         let mine: Vec<TrackerId> = ids
@@ -769,6 +957,33 @@ impl Connection {
         let events = msg.events.clone();
         self.send(protocol::unsubscribe_response(msg.form, &events, &ids).into())
             .await
+    }
+
+    /// Ends a session this socket holds (its logout): drops its trackers, batches and hub
+    /// registration, sends `logout`, and closes the socket if no other session is left.
+    async fn end_session(&mut self, hash: &Arc<str>) -> Result<(), Stop> {
+        if !self.sessions.remove(hash) {
+            return Ok(());
+        }
+        // The hub's entry is normally gone already (its logout removed it), but a subscribe
+        // with this hash handled before the logout was delivered may have re-created it.
+        self.app.hub.unregister_session(hash, self.id);
+        let gone = self.watches.ids_where(|w| w.session == *hash);
+        for id in &gone {
+            self.watches.remove(id);
+        }
+        self.app.hub.unsubscribe(self.id, &gone);
+        self.drop_memberships(|_, session| session == hash);
+        tracing::info!(session = Self::session_tag(hash), "logout");
+        self.send(ByteString::from_static(model::LOGOUT_EVENT))
+            .await?;
+        if self.sessions.is_empty() {
+            return Err(Stop::Close(CloseReason {
+                code: CloseCode::Normal,
+                description: Some("session closed".into()),
+            }));
+        }
+        Ok(())
     }
 
     /// Sends a lifecycle frame unless this change was already sent for the tracker.
@@ -805,6 +1020,10 @@ impl Connection {
                     return Ok(());
                 }
                 w.state_change = change;
+                if !self.owed.is_empty() {
+                    // A newer state than any read could owe.
+                    self.owed.remove(&tracker);
+                }
                 self.send_kind(FrameKind::State, frame).await?;
                 self.notified.push(notified);
                 Ok(())
@@ -877,35 +1096,7 @@ impl Connection {
                 }
                 self.send(frame).await
             }
-            Outgoing::Logout { hash } => {
-                if !self.sessions.remove(&hash) {
-                    return Ok(());
-                }
-                let gone = self.watches.ids_where(|w| w.session == hash);
-                for id in &gone {
-                    self.watches.remove(id);
-                }
-                self.app.hub.unsubscribe(self.id, &gone);
-                let batches = &self.app.hub.batches;
-                let conn = self.id;
-                self.memberships.retain(|(group, session)| {
-                    let ended = *session == hash;
-                    if ended {
-                        batches.leave(group, conn);
-                    }
-                    !ended
-                });
-                tracing::info!(session = Self::session_tag(&hash), "logout");
-                self.send(ByteString::from_static(model::LOGOUT_EVENT))
-                    .await?;
-                if self.sessions.is_empty() {
-                    return Err(Stop::Close(CloseReason {
-                        code: CloseCode::Normal,
-                        description: Some("session closed".into()),
-                    }));
-                }
-                Ok(())
-            }
+            Outgoing::Logout { hash } => self.end_session(&hash).await,
             Outgoing::Shutdown => Err(Stop::Close(CloseCode::Away.into())),
         }
     }

@@ -31,6 +31,11 @@ fn items(v: &Value) -> HashMap<i64, i64> {
     out
 }
 
+/// The next response, skipping the batches before it.
+async fn next_response(c: &mut Client) -> Value {
+    c.recv_until(|v| v["type"] == "response").await.0
+}
+
 async fn next_batch(c: &mut Client) -> Value {
     c.recv_until(|v| v["event"] == "state_batch").await.0
 }
@@ -388,4 +393,132 @@ async fn a_revoked_grant_leaves_the_sub_users_batches() {
         HashMap::from([(101, 81)]),
         "102 no longer in the batches"
     );
+}
+
+#[tokio::test]
+async fn a_connection_joins_at_most_max_batch_subscriptions_groups() {
+    let app = spawn_app_with(|s| s.websocket.max_batch_subscriptions = 2).await;
+    let mut c = app.connect().await;
+    let all = || json!({"type": "all"});
+    // Two groups that differ only in `rate_limit`: both accepted.
+    for rate in ["100ms", "101ms"] {
+        c.send(json!({"action": "subscribe", "hash": ACME,
+                      "requests": [batch_request(all(), rate, "compact")]}))
+            .await;
+        let r = next_response(&mut c).await;
+        assert_eq!(r["data"]["state_batch"]["success"], true, "{r}");
+    }
+    assert_eq!(app.hub.batches.group_count(), 2);
+    // A third distinct one (another rate, a readings filter) fails in its slot with code 9 and
+    // creates nothing; the `state` item beside it still succeeds.
+    c.send(json!({"action": "subscribe", "hash": ACME, "requests": [
+        {"type": "state", "trackers": [101]},
+        batch_request(all(), "102ms", "compact"),
+        {"type": "readings_batch", "target": all(), "sensor_type": "fuel"}]}))
+        .await;
+    let r = next_response(&mut c).await;
+    assert_eq!(
+        r["data"]["state"],
+        json!({"success": true, "value": {"101": "normal"}})
+    );
+    for kind in ["state_batch", "readings_batch"] {
+        assert_eq!(r["data"][kind]["success"], false, "{r}");
+        assert_eq!(r["data"][kind]["status"]["code"], 9, "{r}");
+    }
+    // Many distinct items in one message: none of them creates a group.
+    let many: Vec<Value> = (200..260)
+        .map(|ms| batch_request(all(), &format!("{ms}ms"), "full"))
+        .collect();
+    c.send(json!({"action": "subscribe", "hash": ACME, "requests": many}))
+        .await;
+    let r = next_response(&mut c).await;
+    assert_eq!(r["data"]["state_batch"]["status"]["code"], 9, "{r}");
+    assert_eq!(app.hub.batches.group_count(), 2);
+    // A group the socket is already in is not counted again, whichever session asks.
+    for hash in [ACME, ACME2] {
+        c.send(json!({"action": "subscribe", "hash": hash,
+                      "requests": [batch_request(all(), "101ms", "compact")]}))
+            .await;
+        let r = next_response(&mut c).await;
+        assert_eq!(r["data"]["state_batch"]["success"], true, "{r}");
+    }
+    assert_eq!(app.hub.batches.group_count(), 2);
+    // Leaving groups frees places.
+    c.send(json!({"action": "unsubscribe", "hash": ACME, "requests": [
+        {"type": "state_batch", "target": all()}]}))
+        .await;
+    next_response(&mut c).await;
+    c.send(json!({"action": "subscribe", "hash": ACME,
+                  "requests": [batch_request(all(), "5s", "full")]}))
+        .await;
+    let r = next_response(&mut c).await;
+    assert_eq!(r["data"]["state_batch"]["success"], true, "{r}");
+}
+
+#[tokio::test]
+async fn batch_items_of_one_type_answer_together() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    // A malformed item first, then two valid ones: the accepted ones' maps, merged.
+    c.send(json!({"action": "subscribe", "hash": ACME, "requests": [
+        batch_request(json!({"type": "all"}), "fast", "full"),
+        batch_request(json!({"type": "selected", "tracker_ids": [101]}), "200ms", "full"),
+        batch_request(json!({"type": "selected", "tracker_ids": [102, 105]}), "300ms", "full")]}))
+        .await;
+    let resp = c.recv().await;
+    assert_eq!(
+        resp["data"]["state_batch"],
+        json!({"success": true, "value": {"101": "normal", "102": "normal", "105": "blocked"}}),
+        "{resp}"
+    );
+    let mut firsts: Vec<Vec<i64>> = Vec::new();
+    for _ in 0..2 {
+        let mut ids: Vec<i64> = items(&c.recv().await).into_keys().collect();
+        ids.sort_unstable();
+        firsts.push(ids);
+    }
+    firsts.sort_unstable();
+    assert_eq!(firsts, [vec![101], vec![102]]);
+}
+
+#[tokio::test]
+async fn each_session_of_a_socket_holds_a_shared_batch_of_its_own() {
+    // ACME and ACME2 (one user) ask one socket for the same batch: one group, held by both.
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    let subscribe = |hash: &str| {
+        json!({"action": "subscribe", "hash": hash,
+               "requests": [batch_request(json!({"type": "all"}), "200ms", "compact")]})
+    };
+    let unsubscribe = |hash: &str| json!({"action": "unsubscribe", "hash": hash, "requests": [{"type": "state_batch"}]});
+    for hash in [ACME, ACME2] {
+        c.send(subscribe(hash)).await;
+        assert_eq!(
+            next_response(&mut c).await["data"]["state_batch"]["success"],
+            true
+        );
+    }
+    assert_eq!(app.hub.batches.group_count(), 1);
+    // ACME2 leaves it: ACME still holds it.
+    c.send(unsubscribe(ACME2)).await;
+    next_response(&mut c).await;
+    app.set_speed(&[101], 7).await;
+    c.recv_until(|v| v["event"] == "state_batch" && items(v).get(&101) == Some(&7))
+        .await;
+    // ACME2 again, then ACME's logout: ACME2's batches keep flowing.
+    c.send(subscribe(ACME2)).await;
+    next_response(&mut c).await;
+    app.exec(&format!(
+        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
+    ))
+    .await;
+    c.recv_until(|v| v["event"] == "logout").await;
+    app.set_speed(&[102], 8).await;
+    c.recv_until(|v| v["event"] == "state_batch" && items(v).get(&102) == Some(&8))
+        .await;
+    // ACME2 leaves too: nobody holds the group any more.
+    c.send(unsubscribe(ACME2)).await;
+    next_response(&mut c).await;
+    app.until("the group retires", || app.hub.batches.group_count() == 0)
+        .await;
 }

@@ -1,7 +1,9 @@
 //! Logout: every way a session ends reaches its sockets as `logout`, then a normal close.
 
+use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
 
@@ -123,4 +125,94 @@ async fn the_operator_command_revokes_like_sql() {
             .is_err(),
         "twice is an error"
     );
+}
+
+#[tokio::test]
+async fn a_failed_resubscribe_keeps_the_session_expiry() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101], 1).await;
+    // Subscribing again while the session cannot be read (its table renamed away for a
+    // moment) fails with code 6 ...
+    app.exec("ALTER TABLE sessions RENAME TO sessions_away")
+        .await;
+    let resp = c.subscribe(ACME, &[102]).await;
+    app.exec("ALTER TABLE sessions_away RENAME TO sessions")
+        .await;
+    assert_eq!(resp["type"], "error", "{resp}");
+    assert_eq!(resp["status"]["code"], 6, "{resp}");
+    // ... and must not have made the session immortal: an expiry check as of the day after its
+    // expiry (one day from now) still ends it.
+    let later = chrono::Utc::now() + chrono::Duration::days(2);
+    assert_eq!(app.hub.expire_sessions(later), 1);
+    assert_logout_then_close(&mut c).await;
+}
+
+/// Waits until some query of the test database waits for a lock.
+async fn until_a_query_waits_for_a_lock(app: &TestApp) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .expect("pg_stat_activity");
+        if waiting > 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no query ever waited for the lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await; // poll interval
+    }
+}
+
+#[tokio::test]
+async fn a_subscribe_handled_before_its_sessions_queued_logout_leaves_nothing_behind() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101], 1).await;
+    // Keep the socket busy: a subscribe with a second session waits in its status query (which
+    // reads `tracker_grants`, locked here). A subscribe with ACME follows it in the same write,
+    // so the server has read it before it is done with the first.
+    let mut tx = app.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE tracker_grants IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .expect("lock");
+    for (hash, tracker) in [(ACME2, 102), (ACME, 103)] {
+        let msg = json!({"action": "subscribe", "hash": hash, "events": ["state"],
+                         "trackers": [tracker]});
+        c.ws.feed(Message::Text(msg.to_string()))
+            .await
+            .expect("queue");
+    }
+    c.ws.flush().await.expect("send");
+    until_a_query_waits_for_a_lock(&app).await;
+    // Meanwhile ACME is revoked: its logout is queued for the socket, behind that subscribe.
+    app.exec(&format!(
+        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
+    ))
+    .await;
+    app.until("the hub logs ACME out", || !app.hub.has_session(ACME))
+        .await;
+    tx.rollback().await.expect("rollback");
+
+    let (_, before) = c.recv_until(|v| v["event"] == "logout").await;
+    assert!(
+        before
+            .iter()
+            .any(|v| v["type"] == "error" && v["status"]["code"] == 4),
+        "the subscribe with the revoked session is refused: {before:?}"
+    );
+    // The socket holds ACME2 still; nothing of ACME is left in the hub for it.
+    app.until("ACME's hub entry is gone", || !app.hub.has_session(ACME))
+        .await;
+    assert!(app.hub.has_session(ACME2));
+    app.set_speed(&[101, 102], 5).await;
+    let (_, skipped) = c.recv_until(|v| is_state_with_speed(v, 102, 5)).await;
+    assert!(skipped.iter().all(|v| !is_state_of(v, 101)), "{skipped:?}");
 }

@@ -194,7 +194,8 @@ async fn subscribe_of_many_trackers_uses_one_status_query() {
 #[tokio::test]
 async fn states_that_cannot_be_read_after_the_response_still_arrive() {
     // The response goes out once the statuses are read; the states are read beside it. When
-    // that read fails (here: the table is renamed away for a moment), the processor sends them.
+    // that read fails (here: the table is renamed away for a moment), the socket reads them
+    // again until it can.
     let app = spawn_app().await;
     app.wait_ready().await;
     app.exec("ALTER TABLE tracker_states RENAME TO tracker_states_away")
@@ -232,4 +233,104 @@ async fn a_tracker_disallowed_to_a_second_session_is_not_sent_again() {
     app.set_speed(&[101], 31).await;
     let (_, skipped) = c.recv_until(|v| is_state_with_speed(v, 101, 31)).await;
     assert!(skipped.is_empty(), "{skipped:?}");
+}
+
+#[tokio::test]
+async fn a_malformed_state_item_does_not_hide_an_accepted_one() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.send(json!({"action": "subscribe", "hash": ACME, "requests": [
+        {"type": "state", "trackers": "x"},
+        {"type": "state", "trackers": [101]},
+        {"type": "state", "trackers": [102], "format": "tiny"},
+        {"type": "state", "trackers": [103], "format": "compact"}]}))
+        .await;
+    assert_eq!(
+        c.recv().await,
+        json!({"type": "response", "action": "subscription/subscribe", "events": ["state"],
+               "data": {"state": {"success": true,
+                                  "value": {"101": "normal", "103": "normal"}}}})
+    );
+    let mut ids = vec![
+        c.recv().await["tracker_id"].as_i64(),
+        c.recv().await["tracker_id"].as_i64(),
+    ];
+    ids.sort_unstable();
+    assert_eq!(ids, [Some(101), Some(103)]);
+}
+
+#[tokio::test]
+async fn a_refused_resubscribe_leaves_the_watch_as_it_was() {
+    // 101 and 103 are watched under ACME: full format, Berlin time.
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101, 103], 2).await;
+    // Sessions that may not see them ask for them in compact form (RIVAL, in UTC: `unknown`;
+    // the sub-user without a grant for 103: `disallowed`).
+    for (hash, id, status) in [(RIVAL, 101, "unknown"), (SUB, 103, "disallowed")] {
+        c.send(json!({"action": "subscribe", "hash": hash,
+                      "requests": [{"type": "state", "trackers": [id], "format": "compact"}]}))
+            .await;
+        let resp = c.recv().await;
+        assert_eq!(
+            resp["data"]["state"]["value"][id.to_string()],
+            status,
+            "{resp}"
+        );
+    }
+    // Their events still come as ACME asked.
+    app.set_speed(&[101, 103], 44).await;
+    for id in [101, 103] {
+        let (ev, _) = c.recv_until(|v| is_state_with_speed(v, id, 44)).await;
+        assert!(ev["data"].get("gsm").is_some(), "still full: {ev}");
+        assert_eq!(
+            ev["data"]["gps"]["updated"], "2018-10-17 12:51:43",
+            "still Berlin time"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_state_another_socket_already_has_still_arrives_after_a_failed_read() {
+    // Socket A watches 101 and has seen a change of it, so the hub has fanned that state out.
+    let app = spawn_app().await;
+    let mut a = app.connect().await;
+    a.subscribe_and_states(ACME, &[101], 1).await;
+    app.set_speed(&[101], 17).await;
+    a.recv_until(|v| is_state_with_speed(v, 101, 17)).await;
+    // B subscribes while the states cannot be read (the table is renamed away for a moment):
+    // its response says `normal`, so 101's current state must still reach it, although the hub
+    // would not fan the same state out again.
+    app.exec("ALTER TABLE tracker_states RENAME TO tracker_states_away")
+        .await;
+    let mut b = app.connect().await;
+    let resp = b.subscribe(ACME, &[101]).await;
+    app.exec("ALTER TABLE tracker_states_away RENAME TO tracker_states")
+        .await;
+    assert_eq!(resp["data"]["state"], json!({"101": "normal"}));
+    let s = b.recv().await;
+    assert!(is_state_with_speed(&s, 101, 17), "{s}");
+    // Sent once: the next frame is the next change.
+    app.set_speed(&[101], 18).await;
+    let s = b.recv().await;
+    assert!(is_state_with_speed(&s, 101, 18), "{s}");
+}
+
+#[tokio::test]
+async fn a_resubscribe_whose_read_fails_still_resends_the_state_in_the_new_format() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101], 1).await;
+    app.exec("ALTER TABLE tracker_states RENAME TO tracker_states_away")
+        .await;
+    c.send(json!({"action": "subscribe", "hash": ACME,
+                  "requests": [{"type": "state", "trackers": [101], "format": "compact"}]}))
+        .await;
+    let resp = c.recv().await;
+    app.exec("ALTER TABLE tracker_states_away RENAME TO tracker_states")
+        .await;
+    assert_eq!(resp["data"]["state"]["value"]["101"], "normal", "{resp}");
+    let again = c.recv().await;
+    assert!(is_state_of(&again, 101), "{again}");
+    assert!(again["data"].get("gsm").is_none(), "now compact: {again}");
 }
