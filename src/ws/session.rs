@@ -42,22 +42,10 @@ const OWED_RETRY_MAX: Duration = Duration::from_secs(5);
 /// What a read of owed states gives: the ids asked for and the states read.
 type OwedStates = (Vec<TrackerId>, Result<Vec<TrackerState>, sqlx::Error>);
 
-/// A read of owed states in flight. Aborted if the socket ends first.
-struct OwedRead(tokio::task::JoinHandle<OwedStates>);
-
-impl Drop for OwedRead {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Waits until `at`, or forever when there is no `at`.
-async fn sleep_until(at: Option<tokio::time::Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
-}
+/// A read of owed states: waits for its time, then reads. Boxed, and only while states are
+/// owed, so that the many sockets that owe none carry a pointer for it; dropped (and the read
+/// with it) if the socket ends first.
+type OwedRead = std::pin::Pin<Box<dyn std::future::Future<Output = OwedStates> + Send>>;
 
 /// `GET /event/subscription` and `/v2/event/subscription`: the WebSocket upgrade.
 pub async fn subscription(
@@ -304,6 +292,9 @@ impl Connection {
         let mut batch: Vec<Outgoing> = Vec::new();
         let mut owed_read: Option<OwedRead> = None;
         loop {
+            if owed_read.is_none() {
+                owed_read = self.owed_read_due();
+            }
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => return Stop::Close(CloseCode::Away.into()),
@@ -361,25 +352,15 @@ impl Connection {
                         }
                     }
                 }
-                _ = sleep_until(self.owed_at), if self.owed_at.is_some() && owed_read.is_none() => {
-                    self.owed_at = None;
-                    let ids: Vec<TrackerId> = self.owed.keys().copied().collect();
-                    if !ids.is_empty() {
-                        let pool = self.app.pool.clone();
-                        owed_read = Some(OwedRead(tokio::spawn(async move {
-                            let read = queries::states_by_ids(&pool, &ids).await;
-                            (ids, read)
-                        })));
-                    }
-                }
                 read = async {
                     match owed_read.as_mut() {
-                        Some(r) => (&mut r.0).await,
+                        Some(r) => r.await,
                         None => std::future::pending().await,
                     }
                 }, if owed_read.is_some() => {
                     owed_read = None;
-                    if let Err(stop) = self.owed_read(read).await {
+                    // Boxed, as subscribe is: rare, and it holds a state across its writes.
+                    if let Err(stop) = Box::pin(self.owed_read(read)).await {
                         return stop;
                     }
                 }
@@ -845,16 +826,9 @@ impl Connection {
     /// The outcome of a read of owed states ([`Connection::owed`]): each state read is sent in
     /// the variant it is owed in, unless the watch is gone or blocked or already has a newer
     /// state; a failed read is tried again after a longer wait.
-    async fn owed_read(
-        &mut self,
-        read: Result<OwedStates, tokio::task::JoinError>,
-    ) -> Result<(), Stop> {
-        let (ids, states) = match read {
-            Ok((ids, Ok(states))) => (ids, states),
-            Ok((_, Err(e))) => {
-                self.owed_failed(&e.to_string());
-                return Ok(());
-            }
+    async fn owed_read(&mut self, (ids, read): OwedStates) -> Result<(), Stop> {
+        let states = match read {
+            Ok(states) => states,
             Err(e) => {
                 self.owed_failed(&e.to_string());
                 return Ok(());
@@ -887,6 +861,21 @@ impl Connection {
             self.owed_at = Some(tokio::time::Instant::now());
         }
         Ok(())
+    }
+
+    /// The read of the states owed now, to start at the time set for it, if one is set.
+    fn owed_read_due(&mut self) -> Option<OwedRead> {
+        let at = self.owed_at.take()?;
+        let ids: Vec<TrackerId> = self.owed.keys().copied().collect();
+        if ids.is_empty() {
+            return None;
+        }
+        let pool = self.app.pool.clone();
+        Some(Box::pin(async move {
+            tokio::time::sleep_until(at).await;
+            let read = queries::states_by_ids(&pool, &ids).await;
+            (ids, read)
+        }))
     }
 
     fn owed_failed(&mut self, error: &str) {
