@@ -510,6 +510,17 @@ pub struct TrackerFacts {
     pub change_no: i64,
 }
 
+impl From<&crate::db::queries::TrackerLifecycleRow> for TrackerFacts {
+    fn from(r: &crate::db::queries::TrackerLifecycleRow) -> Self {
+        TrackerFacts {
+            source_id: r.source_id,
+            account_id: r.account_id,
+            blocked: r.blocked,
+            change_no: r.change_no,
+        }
+    }
+}
+
 /// A watched tracker's lifecycle as the hub last published it (see [`Hub::lifecycle_marks`]).
 #[derive(Debug, Clone, Copy)]
 pub struct LifecycleMark {

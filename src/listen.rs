@@ -630,15 +630,7 @@ pub async fn resync(pool: &PgPool, hub: &Arc<Hub>) -> Result<(), sqlx::Error> {
                             reopened.insert(m.id);
                         }
                     } else {
-                        hub.observe(
-                            m.id,
-                            TrackerFacts {
-                                source_id: row.source_id,
-                                account_id: row.account_id,
-                                blocked: row.blocked,
-                                change_no: row.change_no,
-                            },
-                        );
+                        hub.observe(m.id, TrackerFacts::from(*row));
                     }
                 }
                 Some(_) => {}

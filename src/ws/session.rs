@@ -781,13 +781,9 @@ impl Connection {
             if !normal.contains(&s.tracker_id) {
                 continue;
             }
-            let Some(w) = self.watches.get_mut(&s.tracker_id) else {
-                continue;
-            };
-            if w.blocked || s.change_no < w.state_change {
+            if !self.takes_snapshot(&s) {
                 continue;
             }
-            w.state_change = s.change_no;
             let f = format_of
                 .get(&s.tracker_id)
                 .copied()
@@ -847,20 +843,27 @@ impl Connection {
             let Some(v) = owed.get(&s.tracker_id).copied() else {
                 continue;
             };
-            let Some(w) = self.watches.get_mut(&s.tracker_id) else {
-                continue;
-            };
-            if w.blocked || s.change_no < w.state_change {
-                continue;
+            if self.takes_snapshot(&s) {
+                self.send(model::state_event(&s, v, now).into()).await?;
             }
-            w.state_change = s.change_no;
-            self.send(model::state_event(&s, v, now).into()).await?;
         }
         // Owed since this read started: the next read comes at once.
         if !self.owed.is_empty() && self.owed_at.is_none() {
             self.owed_at = Some(tokio::time::Instant::now());
         }
         Ok(())
+    }
+
+    /// Whether a state read for a subscribe goes out: the tracker is still watched, not
+    /// blocked, and holds nothing newer (an event may have overtaken the read). Marks it sent.
+    fn takes_snapshot(&mut self, s: &TrackerState) -> bool {
+        match self.watches.get_mut(&s.tracker_id) {
+            Some(w) if !w.blocked && s.change_no >= w.state_change => {
+                w.state_change = s.change_no;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// The read of the states owed now, to start at the time set for it, if one is set.
