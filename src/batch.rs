@@ -122,6 +122,10 @@ struct GroupState {
     /// The full batch rendered in the current period, shared by every member that joins or
     /// catches up before the next tick (see [`BatchGroup::shared_full`]).
     full: Option<Option<ByteString>>,
+    /// Lifecycle changes of trackers the group is registered for in the hub but has not yet
+    /// admitted (between [`add_trackers`]'s registration and the end of its read): applied,
+    /// if newer than what the read said, when they are admitted.
+    early: HashMap<TrackerId, (i64, Lifecycle)>,
     retired: bool,
 }
 
@@ -138,8 +142,35 @@ impl GroupState {
         }
     }
 
+    /// Admits trackers with the facts a read gave, or a newer lifecycle change that came while
+    /// the read was on its way. Returns those not admitted: removed or moved meanwhile.
+    fn admit(&mut self, facts: &[(TrackerId, TrackerFacts)]) -> Vec<TrackerId> {
+        self.full = None;
+        let mut gone = Vec::new();
+        for (id, f) in facts {
+            let blocked = match self.early.remove(id) {
+                Some((change, kind)) if change > f.change_no => match kind {
+                    Lifecycle::Corrupt => {
+                        gone.push(*id);
+                        continue;
+                    }
+                    kind => kind == Lifecycle::Block,
+                },
+                _ => f.blocked,
+            };
+            self.trackers.insert(*id);
+            if blocked {
+                self.blocked.insert(*id);
+            } else {
+                self.blocked.remove(id);
+            }
+        }
+        gone
+    }
+
     fn forget(&mut self, id: &TrackerId) {
         self.full = None;
+        self.early.remove(id);
         self.trackers.remove(id);
         self.blocked.remove(id);
         self.latest.remove(id);
@@ -215,6 +246,11 @@ impl BatchGroup {
     pub fn lifecycle(&self, id: TrackerId, change: i64, kind: Lifecycle, frame: &ByteString) {
         let mut g = self.lock();
         if !g.trackers.contains(&id) {
+            // Registered in the hub, not yet admitted: keep the newest for the admission.
+            let e = g.early.entry(id).or_insert((change, kind));
+            if change > e.0 {
+                *e = (change, kind);
+            }
             return;
         }
         let news = match kind {
@@ -686,20 +722,7 @@ async fn target_trackers(
                 .await?
         }
     };
-    Ok(rows
-        .into_iter()
-        .map(|r| {
-            (
-                r.id,
-                TrackerFacts {
-                    source_id: r.source_id,
-                    account_id: r.account_id,
-                    blocked: r.blocked,
-                    change_no: r.change_no,
-                },
-            )
-        })
-        .collect())
+    Ok(rows.iter().map(|r| (r.id, TrackerFacts::from(r))).collect())
 }
 
 async fn add_trackers(
@@ -720,24 +743,19 @@ async fn add_trackers(
             return Err(e);
         }
     };
+    let mut gone = group.lock().admit(&facts);
+    let facts: Vec<(TrackerId, TrackerFacts)> = if gone.is_empty() {
+        facts
+    } else {
+        facts
+            .into_iter()
+            .filter(|(id, _)| !gone.contains(id))
+            .collect()
+    };
     if facts.len() < ids.len() {
         let kept: HashSet<TrackerId> = facts.iter().map(|(id, _)| *id).collect();
-        let gone: Vec<TrackerId> = ids
-            .iter()
-            .copied()
-            .filter(|id| !kept.contains(id))
-            .collect();
+        gone.extend(ids.iter().copied().filter(|id| !kept.contains(id)));
         hub.unsubscribe_group(group, &gone);
-    }
-    {
-        let mut g = group.lock();
-        g.full = None;
-        for (id, f) in &facts {
-            g.trackers.insert(*id);
-            if f.blocked {
-                g.blocked.insert(*id);
-            }
-        }
     }
     for (id, f) in &facts {
         hub.observe(*id, *f);
@@ -791,15 +809,7 @@ pub async fn recheck(
             if r.change_no <= f.change_no {
                 return Some((id, f));
             }
-            Some((
-                id,
-                TrackerFacts {
-                    source_id: r.source_id,
-                    account_id: r.account_id,
-                    blocked: r.blocked,
-                    change_no: r.change_no,
-                },
-            ))
+            Some((id, TrackerFacts::from(r)))
         })
         .collect())
 }
@@ -852,6 +862,36 @@ mod tests {
             }),
             filled: OnceCell::new(),
         }
+    }
+
+    /// Lifecycle changes that reach a group between its registration in the hub and the end of
+    /// the read that admits the trackers are applied at admission when newer than the read.
+    #[test]
+    fn a_lifecycle_change_during_the_admission_read_is_not_lost() {
+        let g = group(GroupKind::State, []);
+        let frame = ByteString::from_static("lifecycle");
+        g.lifecycle(5, 20, Lifecycle::Block, &frame);
+        g.lifecycle(6, 21, Lifecycle::Corrupt, &frame);
+        g.lifecycle(7, 5, Lifecycle::Block, &frame); // older than the read: the read wins
+        let facts = |id, change_no| {
+            (
+                id,
+                TrackerFacts {
+                    source_id: 0,
+                    account_id: 1,
+                    blocked: false,
+                    change_no,
+                },
+            )
+        };
+        let gone = g.lock().admit(&[facts(5, 10), facts(6, 10), facts(7, 10)]);
+        assert_eq!(gone, [6]);
+        let st = g.lock();
+        let mut trackers: Vec<TrackerId> = st.trackers.iter().copied().collect();
+        trackers.sort_unstable();
+        assert_eq!(trackers, [5, 7]);
+        assert!(st.blocked.contains(&5) && !st.blocked.contains(&7));
+        assert!(st.early.is_empty());
     }
 
     /// A state group of trackers 1..=n, each at change 1, filled.
