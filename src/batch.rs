@@ -654,7 +654,7 @@ impl Batches {
                     }
                 }
             }
-            hub.unsubscribe_group(&group, &dropped);
+            unregister(hub, &group, &dropped);
         }
     }
 
@@ -739,7 +739,7 @@ async fn add_trackers(
     let facts = match recheck(pool, candidates).await {
         Ok(f) => f,
         Err(e) => {
-            hub.unsubscribe_group(group, &ids);
+            unregister(hub, group, &ids);
             return Err(e);
         }
     };
@@ -755,7 +755,7 @@ async fn add_trackers(
     if facts.len() < ids.len() {
         let kept: HashSet<TrackerId> = facts.iter().map(|(id, _)| *id).collect();
         gone.extend(ids.iter().copied().filter(|id| !kept.contains(id)));
-        hub.unsubscribe_group(group, &gone);
+        unregister(hub, group, &gone);
     }
     for (id, f) in &facts {
         hub.observe(*id, *f);
@@ -781,6 +781,23 @@ async fn add_trackers(
         }
     }
     Ok(())
+}
+
+/// Takes the group out of the hub's index for those of `ids` it does not hold (forgotten, or
+/// never admitted), and drops the lifecycle changes it kept for them meanwhile.
+fn unregister(hub: &Hub, group: &Arc<BatchGroup>, ids: &[TrackerId]) {
+    let ids: Vec<TrackerId> = {
+        let g = group.lock();
+        ids.iter()
+            .copied()
+            .filter(|id| !g.trackers.contains(id))
+            .collect()
+    };
+    hub.unsubscribe_group(group, &ids);
+    let mut g = group.lock();
+    for id in &ids {
+        g.early.remove(id);
+    }
 }
 
 /// The candidates' lifecycle facts read again: those removed, deleted or moved to another
@@ -892,6 +909,23 @@ mod tests {
         assert_eq!(trackers, [5, 7]);
         assert!(st.blocked.contains(&5) && !st.blocked.contains(&7));
         assert!(st.early.is_empty());
+    }
+
+    /// A tracker the group lets go of (a grant revoked, a read that failed or found it gone)
+    /// leaves neither a hub registration nor a kept lifecycle change behind.
+    #[test]
+    fn a_tracker_let_go_leaves_nothing_behind() {
+        let hub = Hub::new();
+        let g = Arc::new(group(GroupKind::State, [5, 7]));
+        hub.subscribe_group(&g, &[5, 6, 7]);
+        g.lock().forget(&5);
+        let frame = ByteString::from_static("lifecycle");
+        g.lifecycle(5, 9, Lifecycle::Block, &frame); // in the instant before it is unregistered
+        g.lifecycle(6, 9, Lifecycle::Block, &frame); // never admitted
+        unregister(&hub, &g, &[5, 6, 7]);
+        assert!(g.lock().early.is_empty());
+        assert!(!hub.is_watched(5) && !hub.is_watched(6));
+        assert!(hub.is_watched(7), "a tracker it holds stays registered");
     }
 
     /// A state group of trackers 1..=n, each at change 1, filled.
