@@ -29,6 +29,7 @@ use crate::db::queries;
 use crate::hub::{ConnId, Hub, Outbox, Outgoing, TrackerFacts};
 use crate::model::{self, Format, Lifecycle, TrackerId, TrackerState, Variant};
 use crate::readings::{self, ReadingKey, ReadingRow, ReadingsFilter};
+use crate::ws::deflate::SharedFrame;
 
 /// Smallest accepted `rate_limit`.
 pub const MIN_RATE: Duration = Duration::from_millis(100);
@@ -121,7 +122,7 @@ struct GroupState {
     readings_changed_at: HashMap<TrackerId, HashMap<ReadingKey, u64>>,
     /// The full batch rendered in the current period, shared by every member that joins or
     /// catches up before the next tick (see [`BatchGroup::shared_full`]).
-    full: Option<Option<ByteString>>,
+    full: Option<Option<SharedFrame>>,
     /// Lifecycle changes of trackers the group is registered for in the hub but has not yet
     /// admitted (between [`add_trackers`]'s registration and the end of its read): applied,
     /// if newer than what the read said, when they are admitted.
@@ -392,11 +393,11 @@ impl BatchGroup {
     /// lifecycle change or a change of target drops it. Rendering it once per join cost a
     /// hundred renders of 100,000 trackers (and gigabytes of frames) when a hundred dashboards
     /// joined at once in the benchmark.
-    fn shared_full(&self, g: &mut GroupState) -> Option<ByteString> {
+    fn shared_full(&self, g: &mut GroupState) -> Option<SharedFrame> {
         if let Some(f) = &g.full {
             return f.clone();
         }
-        let f = self.full_frame(g);
+        let f = self.full_frame(g).map(SharedFrame::new);
         g.full = Some(f.clone());
         f
     }
@@ -404,7 +405,7 @@ impl BatchGroup {
     /// A catch-up batch for a member that holds every change up to tick `since`: every tracker
     /// changed after it (every reading key, for readings groups), each at its latest. When that
     /// is the whole target, the period's shared full batch.
-    fn catch_up(&self, g: &mut GroupState, since: u64) -> Option<ByteString> {
+    fn catch_up(&self, g: &mut GroupState, since: u64) -> Option<SharedFrame> {
         if self.key.is_readings() {
             let keys: HashMap<TrackerId, HashSet<ReadingKey>> = g
                 .readings_changed_at
@@ -418,7 +419,9 @@ impl BatchGroup {
                     (!keys.is_empty()).then_some((*id, keys))
                 })
                 .collect();
-            return self.render_readings(g, keys.keys().copied().collect(), Some(&keys));
+            return self
+                .render_readings(g, keys.keys().copied().collect(), Some(&keys))
+                .map(SharedFrame::new);
         }
         let mut ids: Vec<TrackerId> = g
             .changed_at
@@ -430,7 +433,7 @@ impl BatchGroup {
             return self.shared_full(g);
         }
         ids.sort_unstable();
-        self.render(g, &mut ids.into_iter())
+        self.render(g, &mut ids.into_iter()).map(SharedFrame::new)
     }
 
     /// One period: the changed trackers to every member that keeps up; to a member that missed
@@ -468,7 +471,8 @@ impl BatchGroup {
         g.full = None;
         // Catch-ups rendered this tick, by the tick their members were at: a hundred dashboards
         // that fell behind together cost one render.
-        let mut catch_ups: HashMap<u64, Option<ByteString>> = HashMap::new();
+        let delta = delta.map(SharedFrame::new);
+        let mut catch_ups: HashMap<u64, Option<SharedFrame>> = HashMap::new();
         let mut members = std::mem::take(&mut g.members);
         for m in &mut members {
             if m.outbox.len() >= m.capacity || m.outbox.frames() > 0 {
@@ -538,7 +542,7 @@ impl Default for Batches {
 pub struct Joined {
     pub group: Arc<BatchGroup>,
     pub statuses: Vec<(TrackerId, &'static str)>,
-    pub first_batch: Option<ByteString>,
+    pub first_batch: Option<SharedFrame>,
 }
 
 impl Batches {
@@ -637,10 +641,11 @@ impl Batches {
             }
             // Source ids are read before taking the group lock: the hub locks a tracker entry
             // and then a group, never the other way round.
-            let frames: Vec<ByteString> = dropped
+            let frames: Vec<SharedFrame> = dropped
                 .iter()
                 .map(|id| {
-                    model::disallowed_event(*id, hub.source_id(*id).unwrap_or_default()).into()
+                    let text = model::disallowed_event(*id, hub.source_id(*id).unwrap_or_default());
+                    SharedFrame::new(text.into())
                 })
                 .collect();
             {
@@ -946,7 +951,7 @@ mod tests {
     }
 
     /// A member with an outbox of `capacity`; returns its outbox and its first (full) batch.
-    fn join(g: &BatchGroup, conn: ConnId, capacity: usize) -> (Arc<Outbox>, Option<ByteString>) {
+    fn join(g: &BatchGroup, conn: ConnId, capacity: usize) -> (Arc<Outbox>, Option<SharedFrame>) {
         let outbox = Outbox::new(capacity);
         let mut st = g.lock();
         st.add_member(conn, &outbox, capacity);
@@ -969,7 +974,7 @@ mod tests {
         items
             .iter()
             .filter_map(|i| match i {
-                Outgoing::Frame(f) => Some(items_of(f)),
+                Outgoing::Frame(f) => Some(items_of(f.text())),
                 _ => None,
             })
             .filter(|batch| !batch.is_empty()) // the stand-in frames of `stall`
@@ -1001,7 +1006,7 @@ mod tests {
 
     /// Holds a member's queue up, as a dashboard that stopped reading does.
     fn stall(outbox: &Outbox) {
-        outbox.push(Outgoing::Frame(ByteString::from("{}")));
+        outbox.push(Outgoing::Frame(ByteString::from("{}").into()));
     }
 
     async fn unstall(outbox: &Outbox) {
@@ -1016,7 +1021,7 @@ mod tests {
         let g = state_group(6);
         let (steady, first) = join(&g, 1, 8);
         assert_eq!(
-            ids(&items_of(&first.unwrap_or_default())),
+            ids(&items_of(first.as_ref().map_or("", |f| f.text()))),
             [1, 2, 3, 4, 5, 6]
         );
         let (slow, _) = join(&g, 2, 8);
@@ -1065,7 +1070,7 @@ mod tests {
             let mut out = Vec::new();
             futures_util::FutureExt::now_or_never(o.pop_batch(8, &mut out));
             match out.pop() {
-                Some(Outgoing::Frame(f)) => Some(f),
+                Some(Outgoing::Frame(f)) => Some(f.text().clone()),
                 _ => None,
             }
         };
@@ -1119,7 +1124,7 @@ mod tests {
         filled(&g);
         let (steady, first) = join(&g, 1, 8);
         assert_eq!(
-            items_of(&first.unwrap_or_default()),
+            items_of(first.as_ref().map_or("", |f| f.text())),
             [
                 (1, "s10,s11,s12".to_string()),
                 (2, "s10,s11,s12".to_string())

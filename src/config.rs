@@ -67,6 +67,10 @@ pub struct WebSocketSettings {
     pub idle_timeout_ms: u64,
     pub messages_per_second: u32,
     pub messages_burst: u32,
+    /// Accept `permessage-deflate` when a client offers it.
+    pub compression: bool,
+    /// With compression negotiated, the smallest frame sent compressed.
+    pub compression_min_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -153,6 +157,8 @@ impl Default for WebSocketSettings {
             idle_timeout_ms: 90_000,
             messages_per_second: 20,
             messages_burst: 100,
+            compression: true,
+            compression_min_bytes: 1024,
         }
     }
 }

@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use crate::batch::{BatchGroup, Batches};
 use crate::metrics::{Metrics, Sample};
 use crate::model::{self, Lifecycle, TrackerId, TrackerState, Variant};
+use crate::ws::deflate::SharedFrame;
 
 pub type ConnId = u64;
 
@@ -56,7 +57,7 @@ pub enum Outgoing {
         frame: ByteString,
     },
     /// A ready frame (a batch); never coalesced (a group skips members whose queue is full).
-    Frame(ByteString),
+    Frame(SharedFrame),
     /// The session with this hash may no longer see these trackers (a sub-user's grants were
     /// revoked): the socket stops them and sends a `disallowed` lifecycle event for each.
     Disallow {
@@ -1303,11 +1304,11 @@ mod tests {
     #[tokio::test]
     async fn queued_frames_are_counted_until_taken() {
         let outbox = Outbox::new(8);
-        outbox.push(Outgoing::Frame(ByteString::from("batch 1")));
+        outbox.push(Outgoing::Frame(ByteString::from("batch 1").into()));
         outbox.push(Outgoing::Logout {
             hash: Arc::from("h"),
         });
-        outbox.push(Outgoing::Frame(ByteString::from("batch 2")));
+        outbox.push(Outgoing::Frame(ByteString::from("batch 2").into()));
         assert_eq!(outbox.frames(), 2);
         let mut out = Vec::new();
         outbox.pop_batch(2, &mut out).await;

@@ -247,6 +247,8 @@ pub struct Metrics {
     round_notified_ns: AtomicU64,
     /// Open WebSocket connections.
     pub open_sockets: Gauge,
+    /// Open WebSocket connections that negotiated `permessage-deflate`.
+    pub compressed_sockets: Gauge,
     frames: Vec<Counter>,
     /// Bytes of text frames written to sockets (after Atmosphere framing).
     pub bytes_sent: Counter,
@@ -278,6 +280,12 @@ impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("fleetgate");
         let open_sockets = Gauge::default();
+        let compressed_sockets = Gauge::default();
+        registry.register(
+            "compressed_sockets",
+            "Open WebSocket connections with permessage-deflate negotiated",
+            compressed_sockets.clone(),
+        );
         registry.register(
             "open_sockets",
             "Open WebSocket connections",
@@ -374,6 +382,7 @@ impl Metrics {
             epoch: Instant::now(),
             round_notified_ns: AtomicU64::new(0),
             open_sockets,
+            compressed_sockets,
             frames,
             bytes_sent,
             notifications,
@@ -534,6 +543,7 @@ mod tests {
         });
         for needle in [
             "fleetgate_open_sockets 0",
+            "fleetgate_compressed_sockets 0",
             "fleetgate_subscribed_trackers 3",
             "fleetgate_coalesced_states_total 7",
             r#"fleetgate_events_sent_total{kind="logout"} 1"#,

@@ -12,15 +12,18 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use actix_http::body::{BodyStream, MessageBody};
+use actix_web::http::header;
 use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
+use actix_ws::{CloseCode, CloseReason};
 use bytestring::ByteString;
 use chrono::Utc;
 use chrono_tz::Tz;
 use tracing::Instrument;
 
 use super::atmosphere::Transport;
+use super::deflate::{self, SharedFrame};
 use super::protocol::{self, Action, ClientMessage, Item, ProtoError};
+use super::reader::{Message, ReadError, Reader};
 use super::writer::{self, Writer};
 use crate::access;
 use crate::batch::{BatchGroup, GroupKey, GroupKind, Scope, Target};
@@ -54,18 +57,23 @@ pub async fn subscription(
     state: web::Data<AppState>,
 ) -> actix_web::Result<HttpResponse> {
     let transport = Transport::from_query(req.query_string());
-    // actix-ws parses the handshake and the client's frames; what the gateway writes goes
-    // through its own byte-bounded queue (`writer`), whose body replaces actix-ws's.
-    let (_, _, stream) = actix_ws::handle(&req, body)?;
-    let (session, out) = writer::channel(state.settings.websocket.write_buffer_bytes);
-    let response = actix_http::ws::handshake(req.head())?
-        .message_body(BodyStream::new(out).boxed())?
-        .into();
-    let max = state.settings.websocket.max_frame_bytes.max(256);
-    let stream = stream
-        .max_frame_size(max)
-        .aggregate_continuations()
-        .max_continuation_size(max);
+    let settings = &state.settings.websocket;
+    // actix-http checks the handshake; the client's frames are read by `reader` and what the
+    // gateway writes goes through its own byte-bounded queue (`writer`).
+    let mut response = actix_http::ws::handshake(req.head())?;
+    let deflate = settings.compression
+        && deflate::accepts(
+            req.headers()
+                .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                .filter_map(|v| v.to_str().ok()),
+        );
+    if deflate {
+        response.insert_header((header::SEC_WEBSOCKET_EXTENSIONS, deflate::RESPONSE));
+    }
+    let deflate_min = deflate.then_some(settings.compression_min_bytes);
+    let (session, out) = writer::channel(settings.write_buffer_bytes, deflate_min);
+    let response = response.message_body(BodyStream::new(out).boxed())?.into();
+    let stream = Reader::new(body, settings.max_frame_bytes.max(256), deflate);
     let conn_id = state.hub.next_conn_id();
     let peer = req
         .peer_addr()
@@ -84,10 +92,10 @@ pub async fn subscription(
 
 /// Queues one frame within `limit` (the idle timeout): a frame waits while the socket's write
 /// queue is full, and a peer that takes nothing for that long is given up on.
-async fn within(
+async fn within<T>(
     limit: Duration,
-    write: impl std::future::Future<Output = Result<(), writer::Closed>>,
-) -> Result<(), Stop> {
+    write: impl std::future::Future<Output = Result<T, writer::Closed>>,
+) -> Result<T, Stop> {
     // Most writes are accepted at once: only arm a timer (a clock read and a timer entry) for
     // one that has to wait.
     let mut write = std::pin::pin!(write);
@@ -97,7 +105,7 @@ async fn within(
         Poll::Pending => tokio::time::timeout(limit, write).await,
     };
     match result {
-        Ok(Ok(())) => Ok(()),
+        Ok(Ok(v)) => Ok(v),
         Ok(Err(_)) => Err(Stop::Gone),
         Err(_) => {
             tracing::info!("peer stopped reading: closing");
@@ -247,12 +255,20 @@ impl Connection {
         }
     }
 
-    async fn run(mut self, mut stream: actix_ws::AggregatedMessageStream) {
+    async fn run(mut self, mut stream: Reader<web::Payload>) {
         tracing::debug!("connected");
-        self.app.hub.metrics.open_sockets.inc();
+        let metrics = &self.app.hub.metrics;
+        metrics.open_sockets.inc();
+        if self.ws.deflates() {
+            metrics.compressed_sockets.inc();
+        }
         let stop = self.serve(&mut stream).await;
         self.count_sent();
-        self.app.hub.metrics.open_sockets.dec();
+        let metrics = &self.app.hub.metrics;
+        metrics.open_sockets.dec();
+        if self.ws.deflates() {
+            metrics.compressed_sockets.dec();
+        }
         // Cleanup first, so the hub stops queueing for this socket.
         self.outbox.close();
         self.app.hub.unsubscribe(self.id, &self.watches.ids());
@@ -269,7 +285,7 @@ impl Connection {
         tracing::debug!("disconnected");
     }
 
-    async fn serve(&mut self, stream: &mut actix_ws::AggregatedMessageStream) -> Stop {
+    async fn serve(&mut self, stream: &mut Reader<web::Payload>) -> Stop {
         let heartbeat = self.app.settings.websocket.heartbeat();
         let idle = self.app.settings.websocket.idle_timeout();
         let max_frame = self.app.settings.websocket.max_frame_bytes;
@@ -302,8 +318,8 @@ impl Connection {
                     last_seen = Instant::now();
                     let step = match msg {
                         None => Err(Stop::Gone),
-                        Some(Ok(AggregatedMessage::Text(text))) => self.on_text(text).await,
-                        Some(Ok(AggregatedMessage::Binary(_))) => {
+                        Some(Ok(Message::Text(text))) => self.on_text(text).await,
+                        Some(Ok(Message::Binary)) => {
                             let e = if self.take_token() {
                                 ProtoError::bad_format()
                             } else {
@@ -311,16 +327,11 @@ impl Connection {
                             };
                             self.send_error(None, &e, None).await
                         }
-                        Some(Ok(AggregatedMessage::Ping(p))) => {
-                            within(idle, self.ws.pong(&p)).await
-                        }
-                        Some(Ok(AggregatedMessage::Pong(_))) => Ok(()),
-                        Some(Ok(AggregatedMessage::Close(_))) => {
-                            Err(Stop::Close(CloseCode::Normal.into()))
-                        }
-                        // A single frame over the limit is `Overflow`; a fragmented message
-                        // over it is reported by actix-ws as an I/O error with this text.
-                        Some(Err(ProtocolError::Overflow)) => {
+                        Some(Ok(Message::Ping(p))) => within(idle, self.ws.pong(&p)).await,
+                        Some(Ok(Message::Pong)) => Ok(()),
+                        Some(Ok(Message::Close)) => Err(Stop::Close(CloseCode::Normal.into())),
+                        // A frame or message over the limit, compressed or once inflated.
+                        Some(Err(ReadError::TooLarge)) => {
                             let e = ProtoError::frame_too_large(max_frame);
                             let _ = self.send_error(None, &e, None).await;
                             Err(Stop::Close(CloseReason {
@@ -328,15 +339,11 @@ impl Connection {
                                 description: Some("message too large".into()),
                             }))
                         }
-                        Some(Err(ProtocolError::Io(e))) if e.to_string().contains("maximum continuation size") => {
-                            let e = ProtoError::frame_too_large(max_frame);
-                            let _ = self.send_error(None, &e, None).await;
-                            Err(Stop::Close(CloseReason {
-                                code: CloseCode::Size,
-                                description: Some("message too large".into()),
-                            }))
+                        Some(Err(ReadError::InvalidText)) => {
+                            tracing::debug!("text message not UTF-8");
+                            Err(Stop::Close(CloseCode::Invalid.into()))
                         }
-                        Some(Err(e)) => {
+                        Some(Err(ReadError::Protocol(e))) => {
                             tracing::debug!(error = %e, "protocol error from peer");
                             Err(Stop::Close(CloseCode::Protocol.into()))
                         }
@@ -394,9 +401,21 @@ impl Connection {
 
     async fn send_kind(&mut self, kind: FrameKind, msg: ByteString) -> Result<(), Stop> {
         let frame = self.transport.frame(msg);
-        let len = frame.len();
         let idle = self.app.settings.websocket.idle_timeout();
-        within(idle, self.ws.text(frame)).await?;
+        let len = within(idle, self.ws.text(frame)).await?;
+        self.sent.frame(kind, len);
+        Ok(())
+    }
+
+    /// Sends a frame rendered once for many sockets (a batch): compressed once for all of them
+    /// unless this socket's transport wraps each frame.
+    async fn send_shared(&mut self, frame: SharedFrame) -> Result<(), Stop> {
+        if self.transport.track_size {
+            return self.send(frame.text().clone()).await;
+        }
+        let kind = FrameKind::of(frame.text());
+        let idle = self.app.settings.websocket.idle_timeout();
+        let len = within(idle, self.ws.shared(&frame)).await?;
         self.sent.frame(kind, len);
         Ok(())
     }
@@ -644,7 +663,7 @@ impl Connection {
         let capacity = self.app.settings.websocket.queue_capacity;
         let max_batches = self.app.settings.websocket.max_batch_subscriptions;
         let mut batch_results: Vec<Result<serde_json::Value, ProtoError>> = Vec::new();
-        let mut first_batches: Vec<ByteString> = Vec::new();
+        let mut first_batches: Vec<SharedFrame> = Vec::new();
         for item in &msg.items {
             let (target, rate, format, kind) = match item {
                 Item::StateBatch(req) => (&req.target, req.rate, req.format, GroupKind::State),
@@ -736,7 +755,7 @@ impl Connection {
         let response = protocol::subscribe_response(msg.form, &msg.events, per_type);
         self.send(response.into()).await?;
         for frame in first_batches {
-            self.send(frame).await?;
+            self.send_shared(frame).await?;
         }
 
         let normal: HashSet<TrackerId> = statuses
@@ -1086,7 +1105,7 @@ impl Connection {
                 if self.memberships.is_empty() {
                     return Ok(());
                 }
-                self.send(frame).await
+                self.send_shared(frame).await
             }
             Outgoing::Logout { hash } => self.end_session(&hash).await,
             Outgoing::Shutdown => Err(Stop::Close(CloseCode::Away.into())),

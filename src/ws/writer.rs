@@ -12,7 +12,9 @@
 //! most [`CHUNK`] bytes, which keeps actix-http's write buffer within 32 KiB (see
 //! `h1_write_buffer_size` in `startup.rs`).
 //!
-//! Reading stays with actix-ws's `MessageStream`, which parses and aggregates client frames.
+//! When the connection negotiated `permessage-deflate`, text of at least the configured size is
+//! compressed here ([`deflate`](super::deflate)); a [`SharedFrame`] is compressed once for every
+//! socket it goes to. Reading is [`reader`](super::reader)'s.
 
 use std::collections::VecDeque;
 use std::future::poll_fn;
@@ -25,11 +27,15 @@ use actix_ws::CloseReason;
 use bytestring::ByteString;
 use futures_util::Stream;
 
+use super::deflate::{self, SharedFrame};
+
 /// The largest chunk handed to actix-http at once. Payloads above it are passed as slices of
 /// their own allocation; smaller frames are copied together into one chunk.
 pub const CHUNK: usize = 4096;
 
 const OP_TEXT: u8 = 0x1;
+/// RSV1 on a data frame: its payload is compressed (RFC 7692 §6).
+const RSV1: u8 = 0x40;
 const OP_CLOSE: u8 = 0x8;
 const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
@@ -39,7 +45,8 @@ const OP_PONG: u8 = 0xA;
 pub struct Closed;
 
 struct Frame {
-    opcode: u8,
+    /// The header's first byte but FIN: the opcode and RSV1.
+    first: u8,
     payload: Bytes,
 }
 
@@ -73,6 +80,8 @@ struct Inner {
 struct Shared {
     inner: Mutex<Inner>,
     limit: usize,
+    /// With `permessage-deflate` negotiated: the smallest text compressed.
+    deflate_min: Option<usize>,
 }
 
 impl Shared {
@@ -95,11 +104,13 @@ pub struct Body {
 
 /// A writer and the body it feeds. `limit` is the most payload bytes queued before
 /// [`Writer::text`] waits (one frame is always accepted when the queue is under it, however
-/// large).
-pub fn channel(limit: usize) -> (Writer, Body) {
+/// large). `deflate_min`: the connection negotiated `permessage-deflate`, and text of at least
+/// this many bytes is sent compressed.
+pub fn channel(limit: usize, deflate_min: Option<usize>) -> (Writer, Body) {
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner::default()),
         limit: limit.max(1),
+        deflate_min,
     });
     (
         Writer {
@@ -110,17 +121,48 @@ pub fn channel(limit: usize) -> (Writer, Body) {
 }
 
 impl Writer {
-    /// Queues a text frame, first waiting until the queue is under its byte limit.
-    pub async fn text(&mut self, text: ByteString) -> Result<(), Closed> {
+    /// Queues a text frame, first waiting until the queue is under its byte limit; compressed
+    /// when the connection negotiated it and the text is large enough. Gives the payload bytes
+    /// queued.
+    pub async fn text(&mut self, text: ByteString) -> Result<usize, Closed> {
+        if self.compresses(text.len()) {
+            if let Some(z) = deflate::deflate(text.as_bytes()) {
+                return self.push(OP_TEXT | RSV1, z).await;
+            }
+        }
         self.push(OP_TEXT, text.into_bytes()).await
     }
 
+    /// Queues a frame shared with other sockets: as [`Writer::text`], but its compressed form
+    /// is made once for all of them.
+    pub async fn shared(&mut self, frame: &SharedFrame) -> Result<usize, Closed> {
+        if self.compresses(frame.text().len()) {
+            if let Some(z) = frame.deflated() {
+                return self.push(OP_TEXT | RSV1, z.clone()).await;
+            }
+        }
+        self.push(OP_TEXT, frame.text().clone().into_bytes()).await
+    }
+
+    /// The connection negotiated `permessage-deflate`.
+    pub fn deflates(&self) -> bool {
+        self.shared.deflate_min.is_some()
+    }
+
+    fn compresses(&self, len: usize) -> bool {
+        self.shared.deflate_min.is_some_and(|min| len >= min)
+    }
+
     pub async fn ping(&mut self, payload: &[u8]) -> Result<(), Closed> {
-        self.push(OP_PING, Bytes::copy_from_slice(payload)).await
+        self.push(OP_PING, Bytes::copy_from_slice(payload))
+            .await
+            .map(drop)
     }
 
     pub async fn pong(&mut self, payload: &[u8]) -> Result<(), Closed> {
-        self.push(OP_PONG, Bytes::copy_from_slice(payload)).await
+        self.push(OP_PONG, Bytes::copy_from_slice(payload))
+            .await
+            .map(drop)
     }
 
     /// Queues a close frame and ends the body after it.
@@ -132,7 +174,7 @@ impl Writer {
                 payload.extend_from_slice(text.as_bytes());
             }
         }
-        let result = self.push(OP_CLOSE, payload.freeze()).await;
+        let result = self.push(OP_CLOSE, payload.freeze()).await.map(drop);
         let mut inner = self.shared.lock();
         inner.closing = true;
         if let Some(w) = inner.body.take() {
@@ -146,7 +188,7 @@ impl Writer {
         self.shared.lock().queued
     }
 
-    async fn push(&mut self, opcode: u8, payload: Bytes) -> Result<(), Closed> {
+    async fn push(&mut self, first: u8, payload: Bytes) -> Result<usize, Closed> {
         let shared = &self.shared;
         poll_fn(|cx| {
             let mut inner = shared.lock();
@@ -159,13 +201,13 @@ impl Writer {
             }
             inner.queued += payload.len();
             inner.frames.push_back(Frame {
-                opcode,
+                first,
                 payload: payload.clone(),
             });
             if let Some(w) = inner.body.take() {
                 w.wake();
             }
-            Poll::Ready(Ok(()))
+            Poll::Ready(Ok(payload.len()))
         })
         .await
     }
@@ -181,9 +223,10 @@ impl Drop for Writer {
     }
 }
 
-/// Writes a server frame's header (final fragment, unmasked) for a payload of `len` bytes.
-fn put_header(buf: &mut BytesMut, opcode: u8, len: usize) {
-    buf.extend_from_slice(&[0x80 | opcode]);
+/// Writes a server frame's header (final fragment, unmasked) for a payload of `len` bytes;
+/// `first`: the opcode and RSV1.
+fn put_header(buf: &mut BytesMut, first: u8, len: usize) {
+    buf.extend_from_slice(&[0x80 | first]);
     if len < 126 {
         buf.extend_from_slice(&[len as u8]);
     } else if let Ok(short) = u16::try_from(len) {
@@ -228,7 +271,7 @@ impl Inner {
             let Some(f) = self.frames.pop_front() else {
                 break;
             };
-            put_header(&mut buf, f.opcode, f.payload.len());
+            put_header(&mut buf, f.first, f.payload.len());
             if large {
                 // The payload follows in slices of its own (possibly shared) allocation.
                 self.rest = f.payload;
@@ -321,6 +364,10 @@ mod tests {
         buf.to_vec()
     }
 
+    fn accepted<T>(p: Poll<Result<T, Closed>>) -> bool {
+        matches!(p, Poll::Ready(Ok(_)))
+    }
+
     fn now<F: std::future::Future>(f: F) -> Poll<F::Output> {
         let waker = Waker::from(Arc::new(Flag(false.into())));
         let mut cx = Context::from_waker(&waker);
@@ -330,17 +377,14 @@ mod tests {
 
     #[test]
     fn frames_match_actix_codec_for_every_length_class() {
-        let (mut w, mut body) = channel(usize::MAX);
+        let (mut w, mut body) = channel(usize::MAX, None);
         let texts: Vec<String> = [0usize, 1, 125, 126, 4000, 4096, 4097, 65535, 65536, 200_000]
             .iter()
             .map(|&n| "x".repeat(n))
             .collect();
         let mut expected = Vec::new();
         for t in &texts {
-            assert_eq!(
-                now(w.text(ByteString::from(t.clone()))),
-                Poll::Ready(Ok(()))
-            );
+            assert!(accepted(now(w.text(ByteString::from(t.clone())))));
             expected.push(Message::Text(t.clone().into()));
         }
         assert_eq!(now(w.ping(b"p")), Poll::Ready(Ok(())));
@@ -362,10 +406,10 @@ mod tests {
 
     #[test]
     fn writer_waits_while_the_queue_is_over_its_byte_limit() {
-        let (mut w, mut body) = channel(10_000);
+        let (mut w, mut body) = channel(10_000, None);
         let big = ByteString::from("a".repeat(50_000));
         // One frame is accepted however large, as the queue is under the limit.
-        assert_eq!(now(w.text(big.clone())), Poll::Ready(Ok(())));
+        assert!(accepted(now(w.text(big.clone()))));
         assert_eq!(w.queued(), 50_000);
         // The next waits.
         assert!(now(w.text(ByteString::from_static("x"))).is_pending());
@@ -384,18 +428,15 @@ mod tests {
         assert!(!ended);
         assert!(!out.is_empty());
         assert_eq!(w.queued(), 0);
-        assert_eq!(
-            now(w.text(ByteString::from_static("x"))),
-            Poll::Ready(Ok(()))
-        );
+        assert!(accepted(now(w.text(ByteString::from_static("x")))));
     }
 
     #[test]
     fn large_payloads_are_passed_on_without_copying() {
-        let (mut w, mut body) = channel(usize::MAX);
+        let (mut w, mut body) = channel(usize::MAX, None);
         let big = ByteString::from("z".repeat(3 * CHUNK + 5));
         let base = big.as_ptr();
-        assert_eq!(now(w.text(big)), Poll::Ready(Ok(())));
+        assert!(accepted(now(w.text(big))));
         let waker = Waker::from(Arc::new(Flag(false.into())));
         let mut cx = Context::from_waker(&waker);
         let Poll::Ready(Some(Ok(header))) = Pin::new(&mut body).poll_next(&mut cx) else {
@@ -415,18 +456,83 @@ mod tests {
 
     #[test]
     fn a_dropped_body_fails_the_writer_and_a_dropped_writer_ends_the_body() {
-        let (mut w, body) = channel(10);
-        assert_eq!(
-            now(w.text(ByteString::from_static("0123456789ab"))),
-            Poll::Ready(Ok(()))
-        );
+        let (mut w, body) = channel(10, None);
+        assert!(accepted(now(
+            w.text(ByteString::from_static("0123456789ab"))
+        )));
         let pending = w.text(ByteString::from_static("x"));
         drop(body);
         assert_eq!(now(pending), Poll::Ready(Err(Closed)));
 
-        let (w, mut body) = channel(10);
+        let (w, mut body) = channel(10, None);
         drop(w);
         let (_, _, ended) = drain(&mut body);
         assert!(ended);
+    }
+
+    /// The frames in `wire` as (first header byte, payload).
+    fn frames_of(mut wire: &[u8]) -> Vec<(u8, Vec<u8>)> {
+        let mut out = Vec::new();
+        while wire.len() >= 2 {
+            let (first, len7) = (wire[0], (wire[1] & 0x7F) as usize);
+            let (len, at) = match len7 {
+                126 => (u16::from_be_bytes([wire[2], wire[3]]) as usize, 4),
+                127 => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(&wire[2..10]);
+                    (u64::from_be_bytes(b) as usize, 10)
+                }
+                n => (n, 2),
+            };
+            out.push((first, wire[at..at + len].to_vec()));
+            wire = &wire[at + len..];
+        }
+        out
+    }
+
+    #[test]
+    fn text_from_the_configured_size_goes_compressed_with_rsv1() {
+        let (mut w, mut body) = channel(usize::MAX, Some(1024));
+        let big: String = (0..200)
+            .map(|i| format!("{{\"id\":{i},\"x\":1}},"))
+            .collect();
+        let small = "y".repeat(1023);
+        let queued = now(w.text(ByteString::from(big.clone())));
+        assert!(
+            matches!(queued, Poll::Ready(Ok(n)) if n < big.len() / 2),
+            "{queued:?}"
+        );
+        assert!(accepted(now(w.text(ByteString::from(small.clone())))));
+        let frames = frames_of(&drain(&mut body).0);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(frames[0].0, 0xC1, "FIN, RSV1, text");
+        assert_eq!(
+            deflate::inflate(&frames[0].1, usize::MAX).as_deref(),
+            Ok(big.as_bytes())
+        );
+        assert_eq!(frames[1], (0x81, small.into_bytes()));
+    }
+
+    #[test]
+    fn a_shared_frame_goes_compressed_once_and_plain_where_not_negotiated() {
+        let text: String = (0..500).map(|i| format!("{{\"id\":{i}}},")).collect();
+        let frame = SharedFrame::new(ByteString::from(text.clone()));
+        let (mut a, mut body_a) = channel(usize::MAX, Some(1024));
+        let (mut b, mut body_b) = channel(usize::MAX, Some(1024));
+        let (mut c, mut body_c) = channel(usize::MAX, None);
+        for w in [&mut a, &mut b, &mut c] {
+            assert!(accepted(now(w.shared(&frame))));
+        }
+        let (fa, fb, fc) = (
+            frames_of(&drain(&mut body_a).0),
+            frames_of(&drain(&mut body_b).0),
+            frames_of(&drain(&mut body_c).0),
+        );
+        assert_eq!(fa, fb);
+        assert_eq!(fa[0].0, 0xC1);
+        assert_eq!(fc, vec![(0x81, text.into_bytes())]);
+        assert!(frame
+            .deflated()
+            .is_some_and(|z| z.as_ref() == fa[0].1.as_slice()));
     }
 }

@@ -380,6 +380,9 @@ async fn live_page_follows_the_fleet_blocks_removals_and_logout() {
         &rows_are(FIXTURE_ROWS),
     )
     .await;
+    // Chromium offers WebSocket compression, and the gateway accepts it: what follows runs
+    // over compressed frames (Chromium compresses its subscribe too).
+    assert_eq!(app.hub.metrics.compressed_sockets.get(), 1);
     let label = b
         .js(
             "return document.querySelector('#list-body .row[data-id=\"101\"] .label-cell')\

@@ -5,6 +5,7 @@ mod api;
 mod batch;
 mod browser;
 mod common;
+mod compression;
 mod db;
 mod errors;
 mod events;
@@ -15,3 +16,7 @@ mod resync;
 mod slow;
 mod subscribe;
 mod transport;
+// The benchmark's WebSocket client with compression, shared rather than copied.
+#[allow(dead_code)]
+#[path = "../../bench/src/wsraw.rs"]
+mod wsraw;
