@@ -20,9 +20,11 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
 use crate::stats::{now_ns, Histogram};
 use crate::writer::Tape;
+use crate::wsraw::{self, Incoming, RawWs};
 
 /// Most tracker ids in one subscribe message: the gateway's default limit (10,000 ids; its
 /// 256 KiB frame limit holds them).
@@ -66,6 +68,57 @@ pub struct Spec {
     pub record: bool,
     /// Reads every item of a batch (true) or only counts and times batch frames (false).
     pub parse_batches: bool,
+    /// Offers `permessage-deflate` (through [`RawWs`], as tungstenite has no compression).
+    pub deflate: bool,
+}
+
+/// A client's socket: tungstenite, or the small client that speaks compression.
+enum Conn {
+    Plain(Box<WebSocketStream<TcpStream>>),
+    Deflate(Box<RawWs>),
+}
+
+/// What a read gave.
+enum Got {
+    /// A text message as it came: compressed or not.
+    Text(Vec<u8>, bool),
+    Other,
+    Closed,
+    Failed(String),
+}
+
+impl Conn {
+    async fn send(&mut self, text: String) -> bool {
+        match self {
+            Conn::Plain(ws) => ws.send(Message::Text(text)).await.is_ok(),
+            Conn::Deflate(ws) => ws.send_text(text.as_bytes(), false).await.is_ok(),
+        }
+    }
+
+    async fn next(&mut self) -> Got {
+        match self {
+            Conn::Plain(ws) => match ws.next().await {
+                Some(Ok(Message::Text(t))) => Got::Text(t.into_bytes(), false),
+                Some(Ok(Message::Close(_))) | None => Got::Closed,
+                Some(Ok(_)) => Got::Other, // ping (answered by tungstenite), pong, binary
+                Some(Err(e)) => Got::Failed(e.to_string()),
+            },
+            Conn::Deflate(ws) => match ws.next(false).await {
+                Ok(Incoming::Text { data, compressed }) => Got::Text(data, compressed),
+                Ok(Incoming::Binary) => Got::Other,
+                Ok(Incoming::Close(_)) => Got::Closed,
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Got::Closed,
+                Err(e) => Got::Failed(e.to_string()),
+            },
+        }
+    }
+
+    async fn close(&mut self) {
+        let _ = match self {
+            Conn::Plain(ws) => SinkExt::close(ws.as_mut()).await.map_err(drop),
+            Conn::Deflate(ws) => ws.close().await.map_err(drop),
+        };
+    }
 }
 
 /// Signals from the orchestrator.
@@ -405,21 +458,36 @@ pub async fn run(
             return;
         }
     };
-    let config = WebSocketConfig {
-        max_message_size: Some(1 << 30),
-        max_frame_size: Some(1 << 30),
-        ..WebSocketConfig::default()
+    let connected = if spec.deflate {
+        let host = addr.to_string();
+        let handshake = RawWs::connect(stream, &host, "/v2/event/subscription", true);
+        match tokio::time::timeout(Duration::from_secs(30), handshake).await {
+            Ok(Ok(ws)) if ws.deflate => Ok(Conn::Deflate(Box::new(ws))),
+            Ok(Ok(ws)) => Err(format!(
+                "compression was not accepted (extensions: {:?})",
+                ws.extensions
+            )),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
+    } else {
+        let config = WebSocketConfig {
+            max_message_size: Some(1 << 30),
+            max_frame_size: Some(1 << 30),
+            ..WebSocketConfig::default()
+        };
+        let url = format!("ws://{addr}/v2/event/subscription");
+        let handshake = tokio_tungstenite::client_async_with_config(url, stream, Some(config));
+        match tokio::time::timeout(Duration::from_secs(30), handshake).await {
+            Ok(Ok((ws, _))) => Ok(Conn::Plain(Box::new(ws))),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("timed out".into()),
+        }
     };
-    let url = format!("ws://{addr}/v2/event/subscription");
-    let handshake = tokio_tungstenite::client_async_with_config(url, stream, Some(config));
-    let mut ws = match tokio::time::timeout(Duration::from_secs(30), handshake).await {
-        Ok(Ok((ws, _))) => ws,
-        other => {
+    let mut ws = match connected {
+        Ok(ws) => ws,
+        Err(why) => {
             board.errors.handshake.fetch_add(1, Ordering::Relaxed);
-            let why = match other {
-                Ok(Err(e)) => e.to_string(),
-                _ => "timed out".into(),
-            };
             board.note_error(&format!("handshake: {why}"));
             board.settled.fetch_add(1, Ordering::Relaxed);
             board.done.fetch_add(1, Ordering::Relaxed);
@@ -469,7 +537,7 @@ pub async fn run(
     let t0 = now_ns();
     let mut send_failed = false;
     for m in messages {
-        if ws.send(Message::Text(m)).await.is_err() {
+        if !ws.send(m).await {
             send_failed = true;
             break;
         }
@@ -501,22 +569,37 @@ pub async fn run(
             m = ws.next(), if reading => m,
         };
         let at = now_ns();
-        let text = match msg {
-            Some(Ok(Message::Text(t))) => t,
-            Some(Ok(Message::Close(_))) | None => {
+        let (wire, compressed) = match msg {
+            Got::Text(t, compressed) => (t, compressed),
+            Got::Closed => {
                 board.errors.closed.fetch_add(1, Ordering::Relaxed);
                 board.note_error("the gateway closed the socket");
                 break;
             }
-            Some(Ok(_)) => continue, // ping (answered by tungstenite), pong, binary
-            Some(Err(e)) => {
+            Got::Other => continue,
+            Got::Failed(e) => {
                 board.errors.closed.fetch_add(1, Ordering::Relaxed);
                 board.note_error(&format!("read: {e}"));
                 break;
             }
         };
-        let b = text.as_bytes();
-        board.bytes.fetch_add(b.len() as u64, Ordering::Relaxed);
+        board.bytes.fetch_add(wire.len() as u64, Ordering::Relaxed);
+        // A compressed message is inflated whole where it is read whole (a probe, or until the
+        // subscription settled); otherwise only its first bytes, to tell what it is.
+        let text = if !compressed {
+            wire
+        } else {
+            let whole = spec.parse_batches || !initial_done;
+            match wsraw::inflate_prefix(&wire, if whole { usize::MAX } else { 64 }) {
+                Ok(t) => t,
+                Err(e) => {
+                    board.errors.parse.fetch_add(1, Ordering::Relaxed);
+                    board.note_error(&format!("inflate: {e}"));
+                    continue;
+                }
+            }
+        };
+        let b = text.as_slice();
         if b.starts_with(STATE_PREFIX) {
             board.state_frames.fetch_add(1, Ordering::Relaxed);
             match next_state(b, 0) {
@@ -588,7 +671,7 @@ pub async fn run(
             pending = pending.saturating_sub(1);
             subscribe_failed = true;
             board.errors.subscribe.fetch_add(1, Ordering::Relaxed);
-            board.note_error(&format!("error frame: {text}"));
+            board.note_error(&format!("error frame: {}", String::from_utf8_lossy(b)));
         } else {
             board.other_frames.fetch_add(1, Ordering::Relaxed);
         }
@@ -635,7 +718,7 @@ pub async fn run(
             .push((inside.len(), gap));
     }
     if reading {
-        let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(None)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), ws.close()).await;
     }
     board.done.fetch_add(1, Ordering::Relaxed);
 }

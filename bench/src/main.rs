@@ -30,6 +30,7 @@ mod scenarios;
 mod stats;
 mod worker;
 mod writer;
+mod wsraw;
 
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
@@ -78,6 +79,9 @@ struct Cli {
     /// scenario, to see what batch building costs the other sockets (default 0).
     #[arg(long, default_value_t = 0)]
     batch_dashboards: usize,
+    /// Batch dashboards do not offer `permessage-deflate` (by default they do, as browsers).
+    #[arg(long)]
+    no_compression: bool,
     /// Output folder for JSON results and gateway logs (default: target/bench).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -194,6 +198,7 @@ async fn run(cli: Cli, names: Vec<&'static str>) -> anyhow::Result<bool> {
         sockets: cli.sockets,
         gateways: cli.gateways,
         batch_dashboards: cli.batch_dashboards,
+        deflate: !cli.no_compression,
         done: Vec::new(),
     };
 

@@ -45,6 +45,8 @@ pub struct Ctx {
     pub gateways: Option<usize>,
     /// `state_batch` dashboards of the whole fleet added to the latency scenario.
     pub batch_dashboards: usize,
+    /// Batch dashboards offer `permessage-deflate` (as browsers do).
+    pub deflate: bool,
     /// Results of earlier scenarios of this run (slow compares with latency).
     pub done: Vec<Outcome>,
 }
@@ -636,6 +638,7 @@ fn state_clients(sockets: usize, per: usize, n: i64, sources: usize) -> Vec<Spec
             slow: false,
             record: true,
             parse_batches: false,
+            deflate: false,
         })
         .collect()
 }
@@ -837,6 +840,7 @@ async fn fanout(ctx: &Ctx) -> anyhow::Result<Outcome> {
             slow: false,
             record: true,
             parse_batches: false,
+            deflate: false,
         })
         .collect();
     let m = stream(
@@ -925,7 +929,7 @@ async fn latency(ctx: &Ctx) -> anyhow::Result<Outcome> {
     let rate = write.rate.unwrap_or(0.0);
     let mut clients = state_clients(sockets, per, n, 0);
     // Dashboards batching the whole fleet beside the measured sockets (not measured themselves).
-    clients.extend((0..ctx.batch_dashboards).map(|_| batch_dashboard(n, false)));
+    clients.extend((0..ctx.batch_dashboards).map(|_| batch_dashboard(n, false, ctx.deflate)));
     let dashboards = match ctx.batch_dashboards {
         0 => String::new(),
         d => format!(", beside {d} state_batch dashboards of the whole fleet"),
@@ -1148,6 +1152,7 @@ async fn subscribe(ctx: &Ctx) -> anyhow::Result<Outcome> {
             slow: false,
             record: false,
             parse_batches: false,
+            deflate: false,
         };
         let h = tokio::spawn(client::run(
             spec,
@@ -1208,6 +1213,7 @@ async fn subscribe(ctx: &Ctx) -> anyhow::Result<Outcome> {
             slow: false,
             record: false,
             parse_batches: false,
+            deflate: false,
         };
         handles.push(tokio::spawn(client::run(
             spec,
@@ -1332,8 +1338,9 @@ async fn subscribe(ctx: &Ctx) -> anyhow::Result<Outcome> {
 }
 
 /// A dashboard with a `state_batch` of the whole fleet of `n` trackers (rate 1 s, compact); a
-/// probe reads and times every entry, the others count and time batch frames.
-fn batch_dashboard(n: i64, probe: bool) -> Spec {
+/// probe reads and times every entry, the others count and time batch frames. `deflate`: it
+/// offers `permessage-deflate`, as browsers do.
+fn batch_dashboard(n: i64, probe: bool, deflate: bool) -> Spec {
     Spec {
         sub: Sub::Batch {
             rate: "1s",
@@ -1344,6 +1351,7 @@ fn batch_dashboard(n: i64, probe: bool) -> Spec {
         slow: false,
         record: probe,
         parse_batches: probe,
+        deflate,
     }
 }
 
@@ -1358,7 +1366,7 @@ async fn batch(ctx: &Ctx) -> anyhow::Result<Outcome> {
     let dashboards = ctx.sockets.unwrap_or(dashboards).max(1);
     let probes = probes.min(dashboards);
     let clients = (0..dashboards)
-        .map(|i| batch_dashboard(n, i < probes))
+        .map(|i| batch_dashboard(n, i < probes, ctx.deflate))
         .collect();
     let win = ctx
         .window
@@ -1434,6 +1442,12 @@ async fn batch(ctx: &Ctx) -> anyhow::Result<Outcome> {
     o.notes.push(format!(
         "entries are read on {probes} probe dashboards (a group sends the same bytes to all members); every dashboard's batches are counted and timed; latency includes the up-to-1 s batching"
     ));
+    o.extra.insert("compression".into(), json!(ctx.deflate));
+    o.notes.push(if ctx.deflate {
+        "dashboards offer permessage-deflate as browsers do: probes inflate every batch, the others only the first 64 bytes of each frame (to tell what it is); received MiB/s counts wire bytes".to_string()
+    } else {
+        "dashboards do not offer compression (--no-compression)".to_string()
+    });
     let written = o.written_per_s.unwrap_or(0.0);
     o.targets = vec![
         check(
@@ -1486,6 +1500,7 @@ async fn slow(ctx: &Ctx) -> anyhow::Result<Outcome> {
         slow: true,
         record: false,
         parse_batches: false,
+        deflate: false,
     }];
     clients.extend(
         state_clients(sockets - 1, per, n, 0)

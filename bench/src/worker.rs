@@ -194,6 +194,7 @@ pub async fn run() -> anyhow::Result<()> {
                 slow: false,
                 record: true,
                 parse_batches: false,
+                deflate: false,
             };
             tokio::spawn(client::run(
                 spec,
@@ -404,6 +405,7 @@ mod tests {
             slow: false,
             record: true,
             parse_batches: false,
+            deflate: false,
         };
         let job = Job::of(std::slice::from_ref(&state), addr, "h", 20, 4).map(|j| j.clients);
         assert_eq!(
