@@ -16,6 +16,8 @@ use futures_util::{Stream, StreamExt};
 use super::deflate::{self, InflateError};
 
 const RSV1: u8 = 0x40;
+/// The most buffer capacity kept while waiting for the client's next bytes.
+const IDLE_BUF: usize = 1024;
 const RSV_ALL: u8 = 0x70;
 
 /// A whole message from the client.
@@ -98,7 +100,14 @@ where
                     self.ended = true;
                     return Poll::Ready(None);
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // An idle socket keeps no buffer: a large message read earlier would
+                    // otherwise pin its allocation for the life of the connection.
+                    if self.buf.is_empty() && self.buf.capacity() > IDLE_BUF {
+                        self.buf = BytesMut::new();
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }
@@ -359,5 +368,17 @@ mod tests {
         );
         let got = read(vec![frame(0x82, &bad), frame(0x88, b"")], 1024, true);
         assert_eq!(got, vec![Ok(Message::Binary), Ok(Message::Close)]);
+    }
+
+    #[test]
+    fn an_idle_reader_lets_go_of_its_buffer() {
+        let big = "b".repeat(100_000);
+        let chunks = vec![Ok::<_, ()>(Bytes::from(frame(0x81, big.as_bytes())))];
+        let stream = futures_util::stream::iter(chunks).chain(futures_util::stream::pending());
+        let mut r = Reader::new(stream, 200_000, false);
+        let first = r.recv().now_or_never();
+        assert!(matches!(first, Some(Some(Ok(Message::Text(ref t)))) if t.len() == 100_000));
+        assert!(r.recv().now_or_never().is_none(), "nothing more to read");
+        assert_eq!(r.buf.capacity(), 0);
     }
 }
