@@ -48,7 +48,8 @@ use report::{Machine, Outcome, Run};
     about = "Benchmark of the fleetgate gateway against a raw LISTEN baseline, on real sockets"
 )]
 struct Cli {
-    /// ingest, fanout, latency, connections, subscribe, batch, slow, or all.
+    /// ingest, fanout, latency, connections, subscribe, batch, slow, several separated by commas
+    /// (run in that order), or all.
     scenario: String,
     /// A small fleet for a few seconds per scenario (what CI runs; proves the tool works).
     #[arg(long)]
@@ -106,15 +107,19 @@ fn main() -> ExitCode {
     }
     let names: Vec<&'static str> = if cli.scenario == "all" {
         scenarios::ALL.to_vec()
-    } else if let Some(n) = scenarios::ALL.iter().find(|n| **n == cli.scenario) {
-        vec![*n]
     } else {
-        eprintln!(
-            "unknown scenario {:?}; choose one of {} or all",
-            cli.scenario,
-            scenarios::ALL.join(", ")
-        );
-        return ExitCode::from(2);
+        let mut names = Vec::new();
+        for name in cli.scenario.split(',').map(str::trim) {
+            let Some(n) = scenarios::ALL.iter().find(|n| **n == name) else {
+                eprintln!(
+                    "unknown scenario {name:?}; choose one of {}, several separated by commas, or all",
+                    scenarios::ALL.join(", ")
+                );
+                return ExitCode::from(2);
+            };
+            names.push(*n);
+        }
+        names
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
