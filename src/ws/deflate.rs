@@ -17,11 +17,12 @@
 //! small compressed frame cannot expand past it.
 
 use std::cell::RefCell;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use actix_web::web::Bytes;
 use bytestring::ByteString;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+use tokio::sync::OnceCell;
 
 /// What the server answers to an accepted offer: no context takeover either way.
 pub const RESPONSE: &str =
@@ -118,6 +119,23 @@ pub fn deflate(data: &[u8]) -> Option<Bytes> {
     })
 }
 
+/// Text from this size on is compressed on a blocking thread, not on the worker thread that
+/// runs the socket: a 40 MB batch takes tens of milliseconds, for which every other socket of
+/// that worker would wait.
+pub const OFF_THREAD: usize = 64 * 1024;
+
+/// [`deflate`], on a blocking thread when `text` is large (see [`OFF_THREAD`]).
+pub async fn deflate_text(text: &ByteString) -> Option<Bytes> {
+    if text.len() < OFF_THREAD {
+        return deflate(text.as_bytes());
+    }
+    let text = text.clone();
+    actix_web::rt::task::spawn_blocking(move || deflate(text.as_bytes()))
+        .await
+        .ok()
+        .flatten()
+}
+
 /// Why a compressed message was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InflateError {
@@ -173,14 +191,14 @@ pub struct SharedFrame(Arc<Shared>);
 
 struct Shared {
     text: ByteString,
-    deflated: OnceLock<Option<Bytes>>,
+    deflated: OnceCell<Option<Bytes>>,
 }
 
 impl SharedFrame {
     pub fn new(text: ByteString) -> SharedFrame {
         SharedFrame(Arc::new(Shared {
             text,
-            deflated: OnceLock::new(),
+            deflated: OnceCell::new(),
         }))
     }
 
@@ -188,11 +206,13 @@ impl SharedFrame {
         &self.0.text
     }
 
-    /// The text compressed (see [`deflate`]), made once.
-    pub fn deflated(&self) -> Option<&Bytes> {
+    /// The text compressed (see [`deflate_text`]), made once: the sockets that ask while it is
+    /// being made wait for it.
+    pub async fn deflated(&self) -> Option<&Bytes> {
         self.0
             .deflated
-            .get_or_init(|| deflate(self.0.text.as_bytes()))
+            .get_or_init(|| deflate_text(&self.0.text))
+            .await
             .as_ref()
     }
 }
@@ -293,13 +313,15 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_shared_frame_is_compressed_once() {
-        let f = SharedFrame::new(ByteString::from("abc".repeat(1000)));
-        let g = f.clone();
-        let a = f.deflated().map(|b| b.as_ptr());
-        let b = g.deflated().map(|b| b.as_ptr());
-        assert!(a.is_some());
-        assert_eq!(a, b);
+    #[actix_web::test]
+    async fn a_shared_frame_is_compressed_once_on_or_off_the_worker_thread() {
+        for n in [1000, OFF_THREAD] {
+            let f = SharedFrame::new(ByteString::from("abc".repeat(n)));
+            let g = f.clone();
+            let a = f.deflated().await.map(|b| b.as_ptr());
+            let b = g.deflated().await.map(|b| b.as_ptr());
+            assert!(a.is_some());
+            assert_eq!(a, b);
+        }
     }
 }

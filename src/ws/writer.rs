@@ -126,7 +126,7 @@ impl Writer {
     /// queued.
     pub async fn text(&mut self, text: ByteString) -> Result<usize, Closed> {
         if self.compresses(text.len()) {
-            if let Some(z) = deflate::deflate(text.as_bytes()) {
+            if let Some(z) = deflate::deflate_text(&text).await {
                 return self.push(OP_TEXT | RSV1, z).await;
             }
         }
@@ -137,7 +137,7 @@ impl Writer {
     /// is made once for all of them.
     pub async fn shared(&mut self, frame: &SharedFrame) -> Result<usize, Closed> {
         if self.compresses(frame.text().len()) {
-            if let Some(z) = frame.deflated() {
+            if let Some(z) = frame.deflated().await {
                 return self.push(OP_TEXT | RSV1, z.clone()).await;
             }
         }
@@ -531,8 +531,7 @@ mod tests {
         assert_eq!(fa, fb);
         assert_eq!(fa[0].0, 0xC1);
         assert_eq!(fc, vec![(0x81, text.into_bytes())]);
-        assert!(frame
-            .deflated()
-            .is_some_and(|z| z.as_ref() == fa[0].1.as_slice()));
+        let z = now(frame.deflated());
+        assert!(matches!(z, Poll::Ready(Some(z)) if z.as_ref() == fa[0].1.as_slice()));
     }
 }
