@@ -250,7 +250,8 @@ pub struct Metrics {
     /// Open WebSocket connections that negotiated `permessage-deflate`.
     pub compressed_sockets: Gauge,
     frames: Vec<Counter>,
-    /// Bytes of text frames written to sockets (after Atmosphere framing).
+    /// Payload bytes of text frames written to sockets (after Atmosphere framing, and compressed
+    /// where the socket negotiated it).
     pub bytes_sent: Counter,
     /// NOTIFY messages received on the LISTEN connection.
     pub notifications: Counter,
@@ -304,7 +305,7 @@ impl Metrics {
         let bytes_sent = Counter::default();
         registry.register_with_unit(
             "socket_sent",
-            "Bytes of text frames written to sockets",
+            "Payload bytes of text frames written to sockets (compressed where the socket negotiated it)",
             Unit::Bytes,
             bytes_sent.clone(),
         );
