@@ -44,15 +44,26 @@ impl RawWs {
     /// The opening handshake over `stream` for `path` on `host`, offering compression when
     /// `offer_deflate`.
     pub async fn connect(
-        mut stream: TcpStream,
+        stream: TcpStream,
         host: &str,
         path: &str,
         offer_deflate: bool,
     ) -> io::Result<RawWs> {
-        let offer = if offer_deflate {
-            format!("Sec-WebSocket-Extensions: {OFFER}\r\n")
-        } else {
+        let offer = if offer_deflate { OFFER } else { "" };
+        RawWs::connect_offering(stream, host, path, offer).await
+    }
+
+    /// [`RawWs::connect`] with this `Sec-WebSocket-Extensions` offer (none if empty).
+    pub async fn connect_offering(
+        mut stream: TcpStream,
+        host: &str,
+        path: &str,
+        offer: &str,
+    ) -> io::Result<RawWs> {
+        let offer = if offer.is_empty() {
             String::new()
+        } else {
+            format!("Sec-WebSocket-Extensions: {offer}\r\n")
         };
         let request = format!(
             "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -120,6 +131,12 @@ impl RawWs {
         out.extend_from_slice(&mask);
         out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
         self.stream.write_all(&out).await
+    }
+
+    /// Writes bytes as they are (a frame's header alone, say): for the gateway's tests.
+    #[allow(dead_code)]
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes).await
     }
 
     /// Sends a close frame.

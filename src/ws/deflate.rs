@@ -28,29 +28,34 @@ use tokio::sync::OnceCell;
 pub const RESPONSE: &str =
     "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
+/// The answer to an offer that named `server_max_window_bits=15`: a server accepts that
+/// parameter by sending it back (RFC 7692 §7.1.2.1).
+pub const RESPONSE_WINDOW_15: &str = "permessage-deflate; server_no_context_takeover; \
+    client_no_context_takeover; server_max_window_bits=15";
+
 /// The tail every compressed message ends with before it is sent (RFC 7692 §7.2.1): removed by
 /// the sender, appended again by the receiver.
 const TAIL: [u8; 4] = [0x00, 0x00, 0xff, 0xff];
 
-/// Whether one of the client's `Sec-WebSocket-Extensions` offers is a `permessage-deflate` the
-/// server can accept: the first such offer whose parameters it understands and can honour.
-/// The only one it cannot is `server_max_window_bits` below 15 (the compressor always uses the
-/// full 32 KiB window); an offer with unknown, repeated or malformed parameters is declined
-/// (RFC 7692 §5), and the client then gets uncompressed messages.
-pub fn accepts<'a>(headers: impl IntoIterator<Item = &'a str>) -> bool {
+/// The answer to the client's `Sec-WebSocket-Extensions` offers, if one of them is a
+/// `permessage-deflate` the server can accept: the first such offer whose parameters it
+/// understands and can honour. The only one it cannot is `server_max_window_bits` below 15 (the
+/// compressor always uses the full 32 KiB window); an offer with unknown, repeated or malformed
+/// parameters is declined (RFC 7692 §5), and the client then gets uncompressed messages.
+pub fn accept<'a>(headers: impl IntoIterator<Item = &'a str>) -> Option<&'static str> {
     headers
         .into_iter()
         .flat_map(|h| h.split(','))
-        .any(acceptable_offer)
+        .find_map(acceptable_offer)
 }
 
-fn acceptable_offer(offer: &str) -> bool {
+fn acceptable_offer(offer: &str) -> Option<&'static str> {
     let mut parts = offer.split(';').map(str::trim);
     if !parts
         .next()
         .is_some_and(|name| name.eq_ignore_ascii_case("permessage-deflate"))
     {
-        return false;
+        return None;
     }
     let mut seen = [false; 4];
     for param in parts {
@@ -70,14 +75,18 @@ fn acceptable_offer(offer: &str) -> bool {
             "server_max_window_bits" => (2, bits() == Some(15)),
             // The client can take a limit on its own window; without a value it only says so.
             "client_max_window_bits" => (3, value.is_none() || bits().is_some()),
-            _ => return false,
+            _ => return None,
         };
         if !ok || seen[index] {
-            return false;
+            return None;
         }
         seen[index] = true;
     }
-    true
+    Some(if seen[2] {
+        RESPONSE_WINDOW_15
+    } else {
+        RESPONSE
+    })
 }
 
 thread_local! {
@@ -178,8 +187,8 @@ pub fn inflate(data: &[u8], max: usize) -> Result<Vec<u8>, InflateError> {
                     .min(max.saturating_add(1) - out.len()),
             );
         } else if d.total_in() as usize == used && d.total_out() == produced {
-            // No progress with room to spare: the input ends in the middle of a block.
-            return Ok(out);
+            // No progress with input left and room to spare: not a stream that can end.
+            return Err(InflateError::Invalid);
         }
     }
 }
@@ -244,7 +253,7 @@ mod tests {
             "permessage-deflate; server_max_window_bits=10, permessage-deflate",
             "Permessage-Deflate; Client_Max_Window_Bits=\"12\"",
         ] {
-            assert!(accepts([ok]), "{ok}");
+            assert!(accept([ok]).is_some(), "{ok}");
         }
         for no in [
             "",
@@ -258,9 +267,18 @@ mod tests {
             "permessage-deflate; unknown_param",
             "permessage-deflatex",
         ] {
-            assert!(!accepts([no]), "{no:?}");
+            assert_eq!(accept([no]), None, "{no:?}");
         }
-        assert!(accepts(["foo", "permessage-deflate"]));
+        assert_eq!(accept(["foo", "permessage-deflate"]), Some(RESPONSE));
+        // A window the server was asked to keep to is named in the answer.
+        assert_eq!(
+            accept(["permessage-deflate; server_max_window_bits=15"]),
+            Some(RESPONSE_WINDOW_15)
+        );
+        assert_eq!(
+            accept(["permessage-deflate; server_max_window_bits=9, permessage-deflate"]),
+            Some(RESPONSE)
+        );
     }
 
     #[test]

@@ -24,6 +24,9 @@ const RSV_ALL: u8 = 0x70;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Message {
     Text(ByteString),
+    /// A compressed text message, not yet inflated: the caller decides whether it is worth
+    /// inflating (a client over its message rate is not) and calls [`inflate_text`].
+    Compressed(Bytes),
     Binary,
     Ping(Bytes),
     Pong,
@@ -31,7 +34,7 @@ pub enum Message {
 }
 
 /// Why reading stopped.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum ReadError {
     /// A frame, a message or an inflated message over the size limit (close 1009).
     TooLarge,
@@ -75,6 +78,11 @@ where
             partial: None,
             ended: false,
         }
+    }
+
+    /// The largest message accepted, compressed or inflated.
+    pub fn max(&self) -> usize {
+        self.max
     }
 
     /// The next message; `None` once the peer is gone.
@@ -135,6 +143,17 @@ where
             self.buf[0] = first & !RSV1;
             self.front_compressed = true;
         }
+        // Refuse a frame by its declared length, before buffering it: the parser only checks
+        // the length once the whole frame is in.
+        if let Some(len) = declared_len(&self.buf) {
+            let so_far = match (first & 0x0F, &self.partial) {
+                (0x0, Some(p)) => p.data.len(),
+                _ => 0,
+            };
+            if len > self.max.saturating_sub(so_far) {
+                return Err(ReadError::TooLarge);
+            }
+        }
         let parsed = Parser::parse(&mut self.buf, true, self.max).map_err(|e| match e {
             ProtocolError::Overflow => ReadError::TooLarge,
             e => ReadError::Protocol(e.to_string()),
@@ -161,7 +180,11 @@ where
         match opcode {
             OpCode::Ping => control(Message::Ping(data.freeze())),
             OpCode::Pong => control(Message::Pong),
-            OpCode::Close => control(Message::Close),
+            OpCode::Close => {
+                Parser::try_parse_close_payload(&data)
+                    .map_err(|e| ReadError::Protocol(format!("close frame: {e}")))?;
+                control(Message::Close)
+            }
             OpCode::Text | OpCode::Binary => {
                 if self.partial.is_some() {
                     return Err(ReadError::Protocol(
@@ -201,24 +224,39 @@ where
     }
 
     fn complete(&self, p: Partial) -> Result<Message, ReadError> {
-        let data = if p.compressed {
-            match deflate::inflate(&p.data, self.max) {
-                Ok(d) => Bytes::from(d),
-                Err(InflateError::TooLarge) => return Err(ReadError::TooLarge),
-                Err(InflateError::Invalid) => {
-                    return Err(ReadError::Protocol("invalid compressed data".into()))
-                }
-            }
-        } else {
-            p.data.freeze()
-        };
         if !p.text {
             return Ok(Message::Binary);
         }
-        ByteString::try_from(data)
+        if p.compressed {
+            return Ok(Message::Compressed(p.data.freeze()));
+        }
+        ByteString::try_from(p.data.freeze())
             .map(Message::Text)
             .map_err(|_| ReadError::InvalidText)
     }
+}
+
+/// A compressed text message inflated (to at most `max` bytes) and checked to be UTF-8.
+pub fn inflate_text(data: &[u8], max: usize) -> Result<ByteString, ReadError> {
+    let text = match deflate::inflate(data, max) {
+        Ok(d) => Bytes::from(d),
+        Err(InflateError::TooLarge) => return Err(ReadError::TooLarge),
+        Err(InflateError::Invalid) => {
+            return Err(ReadError::Protocol("invalid compressed data".into()))
+        }
+    };
+    ByteString::try_from(text).map_err(|_| ReadError::InvalidText)
+}
+
+/// The payload length a frame's header declares, once the header's length bytes are in.
+fn declared_len(b: &[u8]) -> Option<usize> {
+    let len7 = *b.get(1)? & 0x7F;
+    let len = match len7 {
+        126 => u64::from(u16::from_be_bytes([*b.get(2)?, *b.get(3)?])),
+        127 => u64::from_be_bytes(b.get(2..10)?.try_into().ok()?),
+        n => u64::from(n),
+    };
+    Some(usize::try_from(len).unwrap_or(usize::MAX))
 }
 
 #[cfg(test)]
@@ -253,6 +291,10 @@ mod tests {
         let mut r = Reader::new(stream, max, deflate);
         let mut out = Vec::new();
         while let Some(Some(m)) = r.recv().now_or_never() {
+            let m = match m {
+                Ok(Message::Compressed(z)) => inflate_text(&z, max).map(Message::Text),
+                other => other,
+            };
             let failed = m.is_err();
             out.push(m.map_err(|e| format!("{e:?}")));
             if failed {
@@ -380,5 +422,59 @@ mod tests {
         assert!(matches!(first, Some(Some(Ok(Message::Text(ref t)))) if t.len() == 100_000));
         assert!(r.recv().now_or_never().is_none(), "nothing more to read");
         assert_eq!(r.buf.capacity(), 0);
+    }
+
+    #[test]
+    fn a_frame_is_refused_by_its_declared_length_before_it_is_buffered() {
+        // A terabyte declared, a few bytes sent: refused at once.
+        let mut head = vec![0x81, 0x80 | 127];
+        head.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        head.extend_from_slice(&[1, 2, 3, 4, b'x']);
+        let got = read(vec![head], 1024, false);
+        assert!(
+            matches!(got.as_slice(), [Err(e)] if e == "TooLarge"),
+            "{got:?}"
+        );
+        // A continuation that would take the message past the limit, before it arrives.
+        let first = frame(0x01, &[b'a'; 600]);
+        let mut next = frame(0x80, &[b'b'; 600]);
+        next.truncate(10);
+        let got = read(vec![first, next], 1024, false);
+        assert!(
+            matches!(got.as_slice(), [Err(e)] if e == "TooLarge"),
+            "{got:?}"
+        );
+    }
+
+    #[test]
+    fn close_frames_are_checked() {
+        let ok = [&1000u16.to_be_bytes()[..], b"bye"].concat();
+        assert_eq!(
+            read(vec![frame(0x88, &ok)], 1024, false),
+            vec![Ok(Message::Close)]
+        );
+        assert_eq!(
+            read(vec![frame(0x88, b"")], 1024, false),
+            vec![Ok(Message::Close)]
+        );
+        let bad_reason = [&1000u16.to_be_bytes()[..], &[0xff, 0xfe]].concat();
+        for bad in [vec![0x03], 999u16.to_be_bytes().to_vec(), bad_reason] {
+            let got = read(vec![frame(0x88, &bad)], 1024, false);
+            assert!(
+                matches!(got.as_slice(), [Err(e)] if e.contains("Protocol")),
+                "{got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_compressed_message_is_handed_over_as_it_came() {
+        let z = deflate::deflate(MSG.as_bytes()).unwrap_or_default();
+        let stream = futures_util::stream::iter([Ok::<_, ()>(Bytes::from(frame(0xC1, &z)))]);
+        let mut r = Reader::new(stream, 1024, true);
+        let got = r.recv().now_or_never();
+        assert!(matches!(got, Some(Some(Ok(Message::Compressed(ref b)))) if b[..] == z[..]));
+        assert_eq!(inflate_text(&z, 1024), Ok(ByteString::from(MSG)));
+        assert!(matches!(inflate_text(&z, 10), Err(ReadError::TooLarge)));
     }
 }

@@ -23,7 +23,7 @@ use tracing::Instrument;
 use super::atmosphere::Transport;
 use super::deflate::{self, SharedFrame};
 use super::protocol::{self, Action, ClientMessage, Item, ProtoError};
-use super::reader::{Message, ReadError, Reader};
+use super::reader::{self, Message, ReadError, Reader};
 use super::writer::{self, Writer};
 use crate::access;
 use crate::batch::{BatchGroup, GroupKey, GroupKind, Scope, Target};
@@ -61,15 +61,20 @@ pub async fn subscription(
     // actix-http checks the handshake; the client's frames are read by `reader` and what the
     // gateway writes goes through its own byte-bounded queue (`writer`).
     let mut response = actix_http::ws::handshake(req.head())?;
-    let deflate = settings.compression
-        && deflate::accepts(
-            req.headers()
-                .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
-                .filter_map(|v| v.to_str().ok()),
-        );
-    if deflate {
-        response.insert_header((header::SEC_WEBSOCKET_EXTENSIONS, deflate::RESPONSE));
+    let accepted = settings
+        .compression
+        .then(|| {
+            deflate::accept(
+                req.headers()
+                    .get_all(header::SEC_WEBSOCKET_EXTENSIONS)
+                    .filter_map(|v| v.to_str().ok()),
+            )
+        })
+        .flatten();
+    if let Some(answer) = accepted {
+        response.insert_header((header::SEC_WEBSOCKET_EXTENSIONS, answer));
     }
+    let deflate = accepted.is_some();
     let deflate_min = deflate.then_some(settings.compression_min_bytes);
     let (session, out) = writer::channel(settings.write_buffer_bytes, deflate_min);
     let response = response.message_body(BodyStream::new(out).boxed())?.into();
@@ -318,7 +323,19 @@ impl Connection {
                     last_seen = Instant::now();
                     let step = match msg {
                         None => Err(Stop::Gone),
-                        Some(Ok(Message::Text(text))) => self.on_text(text).await,
+                        Some(Ok(Message::Text(text))) => self.on_text(text, false).await,
+                        // Charged before it is inflated: a few hundred bytes can stand for a
+                        // message of the full size limit.
+                        Some(Ok(Message::Compressed(z))) => {
+                            if self.take_token() {
+                                match reader::inflate_text(&z, stream.max()) {
+                                    Ok(text) => self.on_text(text, true).await,
+                                    Err(e) => Err(self.read_failed(e, max_frame).await),
+                                }
+                            } else {
+                                self.send_error(None, &ProtoError::rate_limited(), None).await
+                            }
+                        }
                         Some(Ok(Message::Binary)) => {
                             let e = if self.take_token() {
                                 ProtoError::bad_format()
@@ -330,23 +347,7 @@ impl Connection {
                         Some(Ok(Message::Ping(p))) => within(idle, self.ws.pong(&p)).await,
                         Some(Ok(Message::Pong)) => Ok(()),
                         Some(Ok(Message::Close)) => Err(Stop::Close(CloseCode::Normal.into())),
-                        // A frame or message over the limit, compressed or once inflated.
-                        Some(Err(ReadError::TooLarge)) => {
-                            let e = ProtoError::frame_too_large(max_frame);
-                            let _ = self.send_error(None, &e, None).await;
-                            Err(Stop::Close(CloseReason {
-                                code: CloseCode::Size,
-                                description: Some("message too large".into()),
-                            }))
-                        }
-                        Some(Err(ReadError::InvalidText)) => {
-                            tracing::debug!("text message not UTF-8");
-                            Err(Stop::Close(CloseCode::Invalid.into()))
-                        }
-                        Some(Err(ReadError::Protocol(e))) => {
-                            tracing::debug!(error = %e, "protocol error from peer");
-                            Err(Stop::Close(CloseCode::Protocol.into()))
-                        }
+                        Some(Err(e)) => Err(self.read_failed(e, max_frame).await),
                     };
                     if let Err(stop) = step {
                         return stop;
@@ -460,12 +461,36 @@ impl Connection {
         }
     }
 
-    async fn on_text(&mut self, text: ByteString) -> Result<(), Stop> {
+    /// How a socket ends when its input breaks the protocol: a frame or message over the size
+    /// limit (compressed or once inflated) gets error 9 and close 1009.
+    async fn read_failed(&mut self, e: ReadError, max_frame: usize) -> Stop {
+        match e {
+            ReadError::TooLarge => {
+                let e = ProtoError::frame_too_large(max_frame);
+                let _ = self.send_error(None, &e, None).await;
+                Stop::Close(CloseReason {
+                    code: CloseCode::Size,
+                    description: Some("message too large".into()),
+                })
+            }
+            ReadError::InvalidText => {
+                tracing::debug!("text message not UTF-8");
+                Stop::Close(CloseCode::Invalid.into())
+            }
+            ReadError::Protocol(e) => {
+                tracing::debug!(error = %e, "protocol error from peer");
+                Stop::Close(CloseCode::Protocol.into())
+            }
+        }
+    }
+
+    /// A text message; `charged`: its rate-limit token was already taken (a compressed one).
+    async fn on_text(&mut self, text: ByteString, charged: bool) -> Result<(), Stop> {
         let text = text.trim();
         if text == "X" || text.is_empty() {
             return Ok(()); // Atmosphere heartbeat (or an empty keep-alive)
         }
-        if !self.take_token() {
+        if !charged && !self.take_token() {
             return self
                 .send_error(None, &ProtoError::rate_limited(), None)
                 .await;

@@ -1,6 +1,7 @@
 //! WebSocket compression (`permessage-deflate`, RFC 7692) on the wire: what is negotiated, what
-//! goes compressed, compressed client messages, and the limits on them. The client is the
-//! benchmark's own small client (`bench/src/wsraw.rs`), since tungstenite has no compression.
+//! goes compressed, compressed client messages, and the limits on them; and the frame checks of
+//! the reader that handles them. The client is the benchmark's own small client
+//! (`bench/src/wsraw.rs`), since tungstenite has no compression.
 
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
@@ -11,11 +12,15 @@ use crate::wsraw::{self, Incoming, RawWs};
 const RESPONSE: &str = "permessage-deflate; server_no_context_takeover; client_no_context_takeover";
 
 async fn connect(app: &TestApp, offer: bool) -> RawWs {
+    connect_offering(app, if offer { wsraw::OFFER } else { "" }).await
+}
+
+async fn connect_offering(app: &TestApp, offer: &str) -> RawWs {
     let stream = TcpStream::connect(("127.0.0.1", app.port))
         .await
         .expect("connect");
     let host = format!("127.0.0.1:{}", app.port);
-    RawWs::connect(stream, &host, "/v2/event/subscription", offer)
+    RawWs::connect_offering(stream, &host, "/v2/event/subscription", offer)
         .await
         .expect("handshake")
 }
@@ -207,4 +212,72 @@ async fn compressed_frames_where_the_extension_does_not_allow_them_close_1002() 
     ws.send_frame(0xC1, &[0xff; 16]).await.expect("send");
     let (_, code) = recv_close(&mut ws).await;
     assert_eq!(code, Some(1002));
+}
+
+#[tokio::test]
+async fn offers_get_the_answer_their_parameters_call_for() {
+    let app = spawn_app().await;
+    // A window the server must keep to is accepted by naming it back (RFC 7692 §7.1.2.1).
+    let ws = connect_offering(&app, "permessage-deflate; server_max_window_bits=15").await;
+    assert_eq!(
+        ws.extensions.as_deref(),
+        Some(format!("{RESPONSE}; server_max_window_bits=15").as_str())
+    );
+    // A smaller one cannot be kept to: that offer is declined, the next one taken.
+    let ws = connect_offering(
+        &app,
+        "permessage-deflate; server_max_window_bits=10, permessage-deflate; client_max_window_bits",
+    )
+    .await;
+    assert_eq!(ws.extensions.as_deref(), Some(RESPONSE));
+    let ws = connect_offering(&app, "permessage-deflate; server_max_window_bits=10").await;
+    assert_eq!(ws.extensions, None);
+}
+
+#[tokio::test]
+async fn compressed_messages_count_against_the_message_rate_before_they_are_inflated() {
+    let app = spawn_app_with(|s| {
+        s.websocket.messages_burst = 3;
+        s.websocket.messages_per_second = 1;
+    })
+    .await;
+    let mut ws = connect(&app, true).await;
+    // Blank messages are free uncompressed; compressed, each one is inflated, so each counts.
+    let blank = " ".repeat(100_000);
+    for _ in 0..4 {
+        ws.send_text(blank.as_bytes(), true).await.expect("send");
+    }
+    let (err, _) = recv(&mut ws).await;
+    assert_eq!(err["type"], "error", "{err}");
+    assert_eq!(err["status"]["code"], 15, "{err}");
+}
+
+#[tokio::test]
+async fn a_frame_declaring_more_than_the_limit_is_refused_before_it_arrives() {
+    let app = spawn_app().await;
+    let mut ws = connect(&app, false).await;
+    // The header of a 1 TB text frame and its mask; the payload never comes.
+    let mut head = vec![0x81, 0x80 | 127];
+    head.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    head.extend_from_slice(&[1, 2, 3, 4]);
+    ws.send_raw(&head).await.expect("send");
+    let (before, code) = recv_close(&mut ws).await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0]["status"]["code"], 9, "{before:?}");
+    assert_eq!(code, Some(1009));
+}
+
+#[tokio::test]
+async fn a_malformed_close_frame_is_answered_with_1002() {
+    let app = spawn_app().await;
+    for payload in [vec![0x03], 999u16.to_be_bytes().to_vec()] {
+        let mut ws = connect(&app, false).await;
+        ws.send_frame(0x88, &payload).await.expect("send");
+        let (_, code) = recv_close(&mut ws).await;
+        assert_eq!(code, Some(1002), "{payload:?}");
+    }
+    let mut ws = connect(&app, false).await;
+    ws.close().await.expect("send");
+    let (_, code) = recv_close(&mut ws).await;
+    assert_eq!(code, Some(1000));
 }
