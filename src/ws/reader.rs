@@ -207,9 +207,8 @@ where
                 let Some(partial) = self.partial.as_mut() else {
                     return Err(ReadError::Protocol("continuation without a message".into()));
                 };
-                if partial.data.len() + data.len() > self.max {
-                    return Err(ReadError::TooLarge);
-                }
+                // Within the limit: `next_frame` checked the frame's declared length against
+                // what the message already holds.
                 partial.data.extend_from_slice(&data);
                 if !fin {
                     return Ok(None);
