@@ -41,7 +41,7 @@ pub struct TestApp {
     shutdown: watch::Sender<bool>,
 }
 
-fn server_url() -> String {
+pub fn server_url() -> String {
     std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
@@ -153,6 +153,11 @@ impl TestApp {
             );
             tokio::time::sleep(Duration::from_millis(20)).await; // poll interval, not a sync
         }
+    }
+
+    /// Asks the gateway to stop, as SIGTERM would.
+    pub fn stop(&self) {
+        let _ = self.shutdown.send(true);
     }
 
     /// Runs SQL on the test database, as any writer would.

@@ -5,6 +5,8 @@
 //! it keeps, or from where another listener of the database has read to), so they do not always
 //! need the resync to pass. The resync itself is tested directly, on a hub, in `db.rs`.
 
+use std::time::Duration;
+
 use crate::common::*;
 
 /// Terminates the gateway's LISTEN backend inside `during_gap`'s transaction, before it commits,
@@ -99,4 +101,59 @@ async fn ready_reports_the_stream_down_during_the_gap() {
         );
     }
     app.wait_ready().await;
+}
+
+/// The LISTEN connection and the event processor run on a thread of their own
+/// (`startup::spawn_event_thread`): stopping the gateway ends them, and their connections with
+/// them, rather than leaving a thread that keeps reconnecting to the database.
+#[tokio::test]
+async fn stopping_the_gateway_ends_the_listen_and_event_connections() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101], 1).await;
+    // A change read by the processor: its pool has a connection open now.
+    app.set_speed(&[101], 77).await;
+    c.recv_until(|v| is_state_with_speed(v, 101, 77)).await;
+
+    // Watched from the server's own database, since the gateway's pool closes as it stops.
+    let admin = sqlx::PgPool::connect(&server_url())
+        .await
+        .expect("connect to the server");
+    let names = [
+        fleetgate::listen::LISTEN_APPLICATION_NAME,
+        fleetgate::db::EVENTS_APPLICATION_NAME,
+    ];
+    let count = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_stat_activity \
+              WHERE datname = $1 AND application_name = ANY($2)",
+        )
+        .bind(&app.db_name)
+        .bind(&names[..])
+        .fetch_one(&admin)
+        .await
+        .expect("pg_stat_activity")
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while count().await < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the LISTEN and event connections never showed up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval, not a sync
+    }
+
+    app.stop();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let left = count().await;
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} LISTEN/event connections still open after the gateway stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval, not a sync
+    }
 }
