@@ -198,17 +198,27 @@ impl BatchGroup {
     /// A state from the hub: kept if newer (or re-sent after an unblock), marked changed.
     pub fn offer(&self, state: &Arc<TrackerState>, resend: bool) {
         let mut g = self.lock();
-        if !g.trackers.contains(&state.tracker_id) || g.blocked.contains(&state.tracker_id) {
+        let g = &mut *g;
+        let id = state.tracker_id;
+        // A tracker with a state held is one of the target's (`forget` drops both), so the
+        // common case costs one lookup in `latest` rather than one in `trackers` as well: with
+        // the whole fleet in a group, each lookup is a cache miss.
+        let old = match g.latest.get_mut(&id) {
+            Some(old) => Some(old),
+            None if g.trackers.contains(&id) => None,
+            None => return,
+        };
+        if g.blocked.contains(&id) {
             return;
         }
-        let newer = match g.latest.get(&state.tracker_id) {
-            Some(old) => state.change_no > old.change_no || resend,
-            None => true,
-        };
-        if newer {
-            g.latest.insert(state.tracker_id, state.clone());
-            g.dirty.insert(state.tracker_id);
+        match old {
+            Some(old) if state.change_no > old.change_no || resend => *old = state.clone(),
+            Some(_) => return,
+            None => {
+                g.latest.insert(id, state.clone());
+            }
         }
+        g.dirty.insert(id);
     }
 
     /// A reading from the hub (readings groups): kept if it passes the filter and is newer than
@@ -1014,6 +1024,45 @@ mod tests {
         while !outbox.is_empty() {
             outbox.pop_batch(64, &mut out).await;
         }
+    }
+
+    #[test]
+    fn an_offer_is_kept_only_for_a_target_tracker_not_blocked_and_newer() {
+        let g = group(GroupKind::State, [1, 2, 3]);
+        g.lock().blocked.insert(3);
+        let change_of = |id| g.lock().latest.get(&id).map(|s| s.change_no);
+        let dirty = |g: &BatchGroup| {
+            let mut d: Vec<TrackerId> = g.lock().dirty.iter().copied().collect();
+            d.sort_unstable();
+            d
+        };
+        offer(&g, 1, 5); // first state of a target tracker
+        offer(&g, 3, 5); // blocked
+        offer(&g, 9, 5); // not in the target
+        assert_eq!(
+            (change_of(1), change_of(3), change_of(9)),
+            (Some(5), None, None)
+        );
+        assert_eq!(dirty(&g), [1]);
+
+        filled(&g);
+        offer(&g, 1, 4); // older than the one held
+        offer(&g, 1, 5); // the same again
+        assert_eq!((change_of(1), dirty(&g)), (Some(5), vec![]));
+        offer(&g, 1, 6);
+        assert_eq!((change_of(1), dirty(&g)), (Some(6), vec![1]));
+
+        // After an unblock the current state is re-sent with the same change number.
+        filled(&g);
+        let mut s = model::test_state(1, 6);
+        s.change_no = 6;
+        g.offer(&Arc::new(s), true);
+        assert_eq!((change_of(1), dirty(&g)), (Some(6), vec![1]));
+
+        // A tracker let go keeps nothing, and a later offer for it is ignored.
+        g.lock().forget(&1);
+        offer(&g, 1, 7);
+        assert_eq!((change_of(1), dirty(&g)), (None, vec![]));
     }
 
     #[tokio::test]

@@ -783,7 +783,7 @@ impl Hub {
 
     /// Sends a state to every subscriber of its tracker, serialized once per variant. A state not
     /// newer than the last one fanned out is skipped unless `resend` is set.
-    pub fn publish_state(&self, state: &TrackerState, resend: bool, now: DateTime<Utc>) -> usize {
+    pub fn publish_state(&self, state: TrackerState, resend: bool, now: DateTime<Utc>) -> usize {
         let Some(mut entry) = self.trackers.get_mut(&state.tracker_id) else {
             return 0;
         };
@@ -801,7 +801,7 @@ impl Hub {
         let mut frames: Vec<(Variant, ByteString)> = Vec::with_capacity(1);
         for sub in &entry.subs {
             if !frames.iter().any(|(v, _)| *v == sub.variant) {
-                let f = ByteString::from(model::state_event(state, sub.variant, now));
+                let f = ByteString::from(model::state_event(&state, sub.variant, now));
                 frames.push((sub.variant, f));
             }
         }
@@ -855,13 +855,14 @@ impl Hub {
         if coalesced > 0 {
             self.stats.coalesced.fetch_add(coalesced, Ordering::Relaxed);
         }
+        let n = entry.subs.len() + entry.groups.len();
         if !entry.groups.is_empty() {
-            let shared = Arc::new(state.clone());
+            // The groups keep the state itself, not a copy.
+            let shared = Arc::new(state);
             for g in &entry.groups {
                 g.offer(&shared, resend);
             }
         }
-        let n = entry.subs.len() + entry.groups.len();
         self.stats
             .states_fanned_out
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
@@ -1091,7 +1092,7 @@ mod tests {
     }
 
     fn publish(hub: &Hub, tracker: TrackerId, change: i64) {
-        hub.publish_state(&model::test_state(tracker, change), false, Utc::now());
+        hub.publish_state(model::test_state(tracker, change), false, Utc::now());
     }
 
     async fn drain(outbox: &Outbox) -> Vec<Outgoing> {

@@ -501,11 +501,12 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
                     }
                 }
                 Step::State(s) => {
-                    hub.publish_state(&s, reopened.contains(&s.tracker_id), now);
+                    let resend = reopened.contains(&s.tracker_id);
+                    hub.publish_state(s, resend, now);
                 }
                 Step::Forced(s) => {
                     if reopened.contains(&s.tracker_id) {
-                        hub.publish_state(&s, true, now);
+                        hub.publish_state(s, true, now);
                     }
                 }
             }
@@ -641,7 +642,8 @@ pub async fn resync(pool: &PgPool, hub: &Arc<Hub>) -> Result<(), sqlx::Error> {
     let watched = hub.watched_trackers();
     for chunk in watched.chunks(RESYNC_CHUNK) {
         for s in queries::states_by_ids(pool, chunk).await? {
-            if hub.publish_state(&s, reopened.contains(&s.tracker_id), now) > 0 {
+            let resend = reopened.contains(&s.tracker_id);
+            if hub.publish_state(s, resend, now) > 0 {
                 events += 1;
             }
         }
