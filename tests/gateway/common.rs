@@ -105,6 +105,22 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     test
 }
 
+/// Polls `check` until it holds; panics after [`WAIT`], naming `what` was awaited.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval, not a sync
+    }
+}
+
 impl TestApp {
     pub fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}/v2/event/subscription", self.port)

@@ -150,8 +150,7 @@ async fn a_failed_resubscribe_keeps_the_session_expiry() {
 
 /// Waits until some query of the test database waits for a lock.
 async fn until_a_query_waits_for_a_lock(app: &TestApp) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
+    eventually("a query to wait for the lock", || async {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \
               WHERE datname = current_database() AND wait_event_type = 'Lock'",
@@ -159,15 +158,9 @@ async fn until_a_query_waits_for_a_lock(app: &TestApp) {
         .fetch_one(&app.pool)
         .await
         .expect("pg_stat_activity");
-        if waiting > 0 {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no query ever waited for the lock"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await; // poll interval
-    }
+        waiting > 0
+    })
+    .await;
 }
 
 #[tokio::test]

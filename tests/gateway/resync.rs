@@ -5,8 +5,6 @@
 //! it keeps, or from where another listener of the database has read to), so they do not always
 //! need the resync to pass. The resync itself is tested directly, on a hub, in `db.rs`.
 
-use std::time::Duration;
-
 use crate::common::*;
 
 /// Terminates the gateway's LISTEN backend inside `during_gap`'s transaction, before it commits,
@@ -134,26 +132,13 @@ async fn stopping_the_gateway_ends_the_listen_and_event_connections() {
         .await
         .expect("pg_stat_activity")
     };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while count().await < 2 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the LISTEN and event connections never showed up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval, not a sync
-    }
-
+    eventually("the LISTEN and event connections", || async {
+        count().await >= 2
+    })
+    .await;
     app.stop();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let left = count().await;
-        if left == 0 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{left} LISTEN/event connections still open after the gateway stopped"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval, not a sync
-    }
+    eventually("the LISTEN and event connections to close", || async {
+        count().await == 0
+    })
+    .await;
 }
