@@ -552,6 +552,9 @@ pub struct Hub {
     sessions: DashMap<Arc<str>, SessionEntry>,
     next_conn: AtomicU64,
     stream_up: AtomicBool,
+    /// An event task ended before shutdown (see `startup::spawn_event_thread`): the stream stays
+    /// down whatever the LISTEN connection reports.
+    events_stopped: AtomicBool,
     pub stats: HubStats,
     pub batches: Batches,
     /// Prometheus metrics; the hot paths only touch its atomics.
@@ -574,7 +577,12 @@ impl Hub {
 
     /// Whether the LISTEN stream is up (reported by `/ready`).
     pub fn stream_up(&self) -> bool {
-        self.stream_up.load(Ordering::Acquire)
+        self.stream_up.load(Ordering::Acquire) && !self.events_stopped.load(Ordering::Acquire)
+    }
+
+    /// Marks the event stream down for good: events are no longer read.
+    pub fn set_events_stopped(&self) {
+        self.events_stopped.store(true, Ordering::Release);
     }
 
     pub fn set_stream_up(&self, up: bool) {

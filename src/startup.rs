@@ -6,6 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{dev::Server, web, App, HttpServer};
+use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -119,13 +121,35 @@ impl Application {
         let hub = Hub::new();
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let inbox = Arc::new(listen::Inbox::default());
-        let events = spawn_event_thread(
-            db::events_pool(&pool, &settings.database),
-            hub.clone(),
-            inbox.clone(),
-            settings.clone(),
-            shutdown_rx.clone(),
-        )?;
+        let events = {
+            let (pool, hub, inbox, settings, shutdown) = (
+                db::events_pool(&pool, &settings.database),
+                hub.clone(),
+                inbox.clone(),
+                settings.clone(),
+                shutdown_rx.clone(),
+            );
+            spawn_event_thread(hub.clone(), shutdown.clone(), move || {
+                vec![
+                    (
+                        "LISTEN connection",
+                        listen::run_listener(
+                            settings.database.url.clone(),
+                            hub.clone(),
+                            inbox.clone(),
+                            settings.listen.clone(),
+                            shutdown.clone(),
+                        )
+                        .boxed(),
+                    ),
+                    (
+                        "event processor",
+                        listen::run_processor(pool, hub, inbox, settings.listen.clone(), shutdown)
+                            .boxed(),
+                    ),
+                ]
+            })?
+        };
         let tasks = vec![
             events,
             tokio::spawn(listen::run_expiry(
@@ -205,19 +229,24 @@ impl Application {
     }
 }
 
+/// The event tasks: the LISTEN connection and the event processor, each named for the log.
+type EventTasks = Vec<(&'static str, BoxFuture<'static, ()>)>;
+
 /// Runs the LISTEN connection and the event processor on a thread of their own, with a
 /// single-threaded runtime. The processor is one task that alternates between waiting for its
 /// reads and publishing what they return; on the shared multi-threaded runtime each of its
 /// wake-ups could also wake an idle worker to look for work to steal, which cost about a tenth
 /// of the gateway's CPU time in `ingest` (README, "What changed"). Its own thread also keeps it
-/// off the cores' queue behind batch groups' renderings. The returned task ends when the
-/// thread does (after `shutdown`).
+/// off the cores' queue behind batch groups' renderings.
+///
+/// The tasks return only once `shutdown` is sent. One that ends before (a panic: a bug) leaves
+/// a gateway that no longer delivers events, so it is logged as an error and the LISTEN stream
+/// is marked down for good: `/ready` fails and an orchestrator can replace the process. The
+/// returned task ends when every event task has.
 fn spawn_event_thread(
-    pool: PgPool,
     hub: Arc<Hub>,
-    inbox: Arc<listen::Inbox>,
-    settings: Arc<Settings>,
     shutdown: watch::Receiver<bool>,
+    tasks: impl FnOnce() -> EventTasks + Send + 'static,
 ) -> std::io::Result<JoinHandle<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -227,15 +256,25 @@ fn spawn_event_thread(
         .name("fleetgate-event".into())
         .spawn(move || {
             runtime.block_on(async move {
-                let listener = tokio::spawn(listen::run_listener(
-                    settings.database.url.clone(),
-                    hub.clone(),
-                    inbox.clone(),
-                    settings.listen.clone(),
-                    shutdown.clone(),
-                ));
-                listen::run_processor(pool, hub, inbox, settings.listen.clone(), shutdown).await;
-                let _ = listener.await;
+                let mut running: FuturesUnordered<_> = tasks()
+                    .into_iter()
+                    .map(|(name, task)| tokio::spawn(task).map(move |r| (name, r)))
+                    .collect();
+                while let Some((name, result)) = running.next().await {
+                    if *shutdown.borrow() {
+                        continue;
+                    }
+                    hub.set_events_stopped();
+                    let cause = match &result {
+                        Err(e) if e.is_panic() => "panicked",
+                        _ => "ended",
+                    };
+                    tracing::error!(
+                        task = name,
+                        "event task {cause}: this gateway delivers no more events and reports \
+                         itself not ready; restart it"
+                    );
+                }
             });
             let _ = done_tx.send(());
         })?;
@@ -261,6 +300,69 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Polls `f` until it holds or ten seconds pass.
+    async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            if tokio::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await; // poll interval, not a sync
+        }
+        true
+    }
+
+    /// A task that runs until shutdown, as the LISTEN connection and the processor do.
+    fn until_shutdown(mut shutdown: watch::Receiver<bool>) -> BoxFuture<'static, ()> {
+        async move {
+            while !*shutdown.borrow() {
+                if shutdown.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+        .boxed()
+    }
+
+    #[tokio::test]
+    async fn an_event_task_that_panics_marks_the_gateway_not_ready_for_good() {
+        let hub = Hub::new();
+        hub.set_stream_up(true);
+        let (stop, shutdown) = watch::channel(false);
+        let rx = shutdown.clone();
+        let done = spawn_event_thread(hub.clone(), shutdown, move || {
+            vec![
+                ("steady", until_shutdown(rx)),
+                ("faulty", async { panic!("a bug in an event task") }.boxed()),
+            ]
+        })
+        .expect("spawn the event thread");
+        assert!(eventually(|| !hub.stream_up()).await, "still reported up");
+        // A LISTEN connection that comes back does not make it ready again.
+        hub.set_stream_up(true);
+        assert!(!hub.stream_up());
+        // The other task still stops on shutdown, and with it the thread.
+        let _ = stop.send(true);
+        let ended = tokio::time::timeout(Duration::from_secs(10), done).await;
+        assert!(matches!(ended, Ok(Ok(()))), "the event thread did not end");
+    }
+
+    #[tokio::test]
+    async fn event_tasks_ending_on_shutdown_are_no_failure() {
+        let hub = Hub::new();
+        hub.set_stream_up(true);
+        let (stop, shutdown) = watch::channel(false);
+        let (a, b) = (shutdown.clone(), shutdown.clone());
+        let done = spawn_event_thread(hub.clone(), shutdown, move || {
+            vec![("one", until_shutdown(a)), ("two", until_shutdown(b))]
+        })
+        .expect("spawn the event thread");
+        let _ = stop.send(true);
+        let ended = tokio::time::timeout(Duration::from_secs(10), done).await;
+        assert!(matches!(ended, Ok(Ok(()))), "the event thread did not end");
+        assert!(hub.stream_up(), "a clean shutdown is not a failure");
+    }
 
     #[test]
     fn the_soft_open_file_limit_is_raised_to_the_hard_one() -> std::io::Result<()> {
