@@ -2,6 +2,7 @@
 //! running it, so that tests start it on port 0 and learn the real port.
 
 use std::net::TcpListener;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -256,19 +257,21 @@ fn spawn_event_thread(
         .name("fleetgate-event".into())
         .spawn(move || {
             runtime.block_on(async move {
+                // Polled here rather than spawned: the runtime has nothing else to run.
                 let mut running: FuturesUnordered<_> = tasks()
                     .into_iter()
-                    .map(|(name, task)| tokio::spawn(task).map(move |r| (name, r)))
+                    .map(|(name, task)| {
+                        AssertUnwindSafe(task)
+                            .catch_unwind()
+                            .map(move |r| (name, r))
+                    })
                     .collect();
                 while let Some((name, result)) = running.next().await {
                     if *shutdown.borrow() {
                         continue;
                     }
                     hub.set_events_stopped();
-                    let cause = match &result {
-                        Err(e) if e.is_panic() => "panicked",
-                        _ => "ended",
-                    };
+                    let cause = if result.is_err() { "panicked" } else { "ended" };
                     tracing::error!(
                         task = name,
                         "event task {cause}: this gateway delivers no more events and reports \
