@@ -158,17 +158,10 @@ impl TestApp {
     }
 
     pub async fn wait_ready(&self) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if self.get("/ready").await.0 == 200 {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "server never became ready"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await; // poll interval, not a sync
-        }
+        eventually("the server to become ready", || async {
+            self.get("/ready").await.0 == 200
+        })
+        .await;
     }
 
     /// Asks the gateway to stop, as SIGTERM would.

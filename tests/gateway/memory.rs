@@ -4,7 +4,6 @@
 //! (vendor/README.md): with them a socket costs over 20 KiB, without them about 8.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -65,11 +64,10 @@ async fn an_idle_subscribed_socket_holds_no_connection_buffers() {
     let pid = server.0.id();
     let url = format!("ws://127.0.0.1:{port}/v2/event/subscription");
 
-    let deadline = Instant::now() + WAIT;
-    while tokio_tungstenite::connect_async(&url).await.is_err() {
-        assert!(Instant::now() < deadline, "the gateway did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
-    }
+    eventually("the gateway to start", || async {
+        tokio_tungstenite::connect_async(&url).await.is_ok()
+    })
+    .await;
 
     let mut clients = Vec::with_capacity(WARM_UP + SOCKETS);
     for _ in 0..WARM_UP {
