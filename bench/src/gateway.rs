@@ -126,8 +126,11 @@ impl Gateway {
                 }
             }
         }
+        // The gateway logs warnings only, unless FLEETGATE_BENCH_GATEWAY_LOG names another
+        // level (`info` shows each subscribe's time, for instance).
+        let level = std::env::var("FLEETGATE_BENCH_GATEWAY_LOG").unwrap_or_else(|_| "warn".into());
         cmd.env("DATABASE_URL", db_url)
-            .env("FLEETGATE_LOG__LEVEL", "warn")
+            .env("FLEETGATE_LOG__LEVEL", level)
             .env("FLEETGATE_DATABASE__MIGRATE_ON_START", "false");
         for (k, v) in env {
             cmd.env(k, v);
