@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytestring::ByteString;
 use chrono::Utc;
@@ -25,11 +25,13 @@ use dashmap::DashMap;
 use sqlx::PgPool;
 use tokio::sync::OnceCell;
 
+use crate::access;
 use crate::db::queries;
 use crate::hub::{ConnId, Hub, Outbox, Outgoing, TrackerFacts};
 use crate::model::{self, Format, Lifecycle, TrackerId, TrackerState, Variant};
 use crate::readings::{self, ReadingKey, ReadingRow, ReadingsFilter};
 use crate::ws::deflate::SharedFrame;
+use crate::ws::protocol::StatusMap;
 
 /// Smallest accepted `rate_limit`.
 pub const MIN_RATE: Duration = Duration::from_millis(100);
@@ -127,6 +129,11 @@ struct GroupState {
     /// admitted (between [`add_trackers`]'s registration and the end of its read): applied,
     /// if newer than what the read said, when they are admitted.
     early: HashMap<TrackerId, (i64, Lifecycle)>,
+    /// The target's statuses as the subscribe response's map, rendered once while they stay
+    /// the same (see [`BatchGroup::status_map`]), and the last large subscribe response that
+    /// held it (see [`BatchGroup::shared_response`]). Both go when a status changes.
+    status_map: Option<StatusMap>,
+    response: Option<SharedFrame>,
     retired: bool,
 }
 
@@ -147,6 +154,7 @@ impl GroupState {
     /// the read was on its way. Returns those not admitted: removed or moved meanwhile.
     fn admit(&mut self, facts: &[(TrackerId, TrackerFacts)]) -> Vec<TrackerId> {
         self.full = None;
+        self.statuses_changed();
         let mut gone = Vec::new();
         for (id, f) in facts {
             let blocked = match self.early.remove(id) {
@@ -169,8 +177,14 @@ impl GroupState {
         gone
     }
 
+    fn statuses_changed(&mut self) {
+        self.status_map = None;
+        self.response = None;
+    }
+
     fn forget(&mut self, id: &TrackerId) {
         self.full = None;
+        self.statuses_changed();
         self.early.remove(id);
         self.trackers.remove(id);
         self.blocked.remove(id);
@@ -272,8 +286,10 @@ impl BatchGroup {
         if !news {
             return;
         }
-        // A member joining later must not get a full batch that predates this event.
+        // A member joining later must not get a full batch, or statuses, that predate this
+        // event.
         g.full = None;
+        g.statuses_changed();
         match kind {
             Lifecycle::Block => {
                 g.blocked.insert(id);
@@ -505,23 +521,41 @@ impl BatchGroup {
         true
     }
 
-    /// Statuses of the target's trackers, for the subscribe response.
-    pub fn statuses(&self) -> Vec<(TrackerId, &'static str)> {
-        let g = self.lock();
+    /// The target's statuses (`normal` or `blocked`, by id) as the subscribe response's map:
+    /// rendered once and shared by every member that joins while they stay the same.
+    pub fn status_map(&self) -> StatusMap {
+        let mut g = self.lock();
+        if let Some(m) = &g.status_map {
+            return m.clone();
+        }
         let mut ids: Vec<TrackerId> = g.trackers.iter().copied().collect();
         ids.sort_unstable();
-        ids.into_iter()
-            .map(|id| {
-                (
-                    id,
-                    if g.blocked.contains(&id) {
-                        "blocked"
-                    } else {
-                        "normal"
-                    },
-                )
-            })
-            .collect()
+        let m = StatusMap::new(ids.into_iter().map(|id| {
+            let status = if g.blocked.contains(&id) {
+                access::BLOCKED
+            } else {
+                access::NORMAL
+            };
+            (id, status)
+        }));
+        g.status_map = Some(m.clone());
+        m
+    }
+
+    /// A large subscribe response that holds this group's statuses, as a frame shared with the
+    /// members that got the same bytes before it: compressed once for all of them. A hundred
+    /// dashboards joining a group of 100,000 trackers each compressed their own copy of the
+    /// same 2 MB response. Kept until a status changes (or a different response comes).
+    pub fn shared_response(&self, text: String) -> SharedFrame {
+        let last = self.lock().response.clone();
+        if let Some(f) = last {
+            if f.text().as_bytes() == text.as_bytes() {
+                return f;
+            }
+        }
+        let f = SharedFrame::new(text.into());
+        self.lock().response = Some(f.clone());
+        f
     }
 
     pub fn tracker_ids(&self) -> Vec<TrackerId> {
@@ -551,7 +585,9 @@ impl Default for Batches {
 /// What a socket gets when it joins a group.
 pub struct Joined {
     pub group: Arc<BatchGroup>,
-    pub statuses: Vec<(TrackerId, &'static str)>,
+    /// The statuses of a group whose target is `all` (a selected target's response names
+    /// every id asked for, and is read by the socket).
+    pub statuses: StatusMap,
     pub first_batch: Option<SharedFrame>,
 }
 
@@ -596,7 +632,7 @@ impl Batches {
             g.add_member(conn, outbox, capacity);
             let first_batch = group.shared_full(&mut g);
             drop(g);
-            let statuses = group.statuses();
+            let statuses = group.status_map();
             return Ok(Joined {
                 group,
                 statuses,
@@ -613,8 +649,17 @@ impl Batches {
         pool: &PgPool,
         group: &Arc<BatchGroup>,
     ) -> Result<(), sqlx::Error> {
+        let started = Instant::now();
         let facts = target_trackers(pool, &group.key).await?;
+        let target_read = started.elapsed();
+        let trackers = facts.len();
         add_trackers(hub, pool, group, facts).await?;
+        tracing::debug!(
+            trackers,
+            target_ms = target_read.as_millis() as u64,
+            took_ms = started.elapsed().as_millis() as u64,
+            "batch group filled"
+        );
         // Nobody has joined yet: the first member's full batch carries these states.
         {
             let mut g = group.lock();
@@ -941,6 +986,51 @@ mod tests {
         assert!(g.lock().early.is_empty());
         assert!(!hub.is_watched(5) && !hub.is_watched(6));
         assert!(hub.is_watched(7), "a tracker it holds stays registered");
+    }
+
+    /// The statuses' map is rendered once and shared until a status changes; a large response
+    /// holding it is shared while its bytes are the same, and dropped with the map.
+    #[test]
+    fn the_status_map_and_the_shared_response_last_until_a_status_changes() {
+        let g = group(GroupKind::State, [3, 1, 2]);
+        let first = g.status_map();
+        assert_eq!(
+            first.as_str(),
+            r#"{"1":"normal","2":"normal","3":"normal"}"#
+        );
+        let frame = ByteString::from_static("lifecycle");
+        g.lifecycle(2, 7, Lifecycle::Unblock, &frame); // not news: nothing changes
+        assert!(g.lock().status_map.is_some());
+
+        let a = g.shared_response(format!("response {}", first.as_str()));
+        let b = g.shared_response(format!("response {}", first.as_str()));
+        assert_eq!(a.text(), b.text());
+        assert!(
+            std::ptr::eq(a.text(), b.text()),
+            "the same bytes share one frame"
+        );
+        let other = g.shared_response("another response".to_owned());
+        assert_eq!(other.text(), "another response");
+
+        g.lifecycle(2, 8, Lifecycle::Block, &frame);
+        assert!(g.lock().response.is_none(), "dropped with the map");
+        assert_eq!(
+            g.status_map().as_str(),
+            r#"{"1":"normal","2":"blocked","3":"normal"}"#
+        );
+        g.lifecycle(3, 9, Lifecycle::Corrupt, &frame);
+        assert_eq!(g.status_map().as_str(), r#"{"1":"normal","2":"blocked"}"#);
+        let facts = TrackerFacts {
+            source_id: 0,
+            account_id: 1,
+            blocked: false,
+            change_no: 10,
+        };
+        g.lock().admit(&[(4, facts)]);
+        assert_eq!(
+            g.status_map().as_str(),
+            r#"{"1":"normal","2":"blocked","4":"normal"}"#
+        );
     }
 
     /// A state group of trackers 1..=n, each at change 1, filled.

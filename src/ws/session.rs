@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use super::atmosphere::Transport;
 use super::deflate::{self, SharedFrame};
-use super::protocol::{self, Action, ClientMessage, Item, ProtoError};
+use super::protocol::{self, Action, ClientMessage, Item, ProtoError, StatusMap};
 use super::reader::{self, Message, ReadError, Reader};
 use super::writer::{self, Writer};
 use crate::access;
@@ -39,6 +39,9 @@ const WRITE_BATCH: usize = 64;
 
 /// The first wait before reading again the states a subscribe could not read, doubling after
 /// each failed read up to [`OWED_RETRY_MAX`].
+/// A subscribe response at least this long that names a batch group's statuses goes through
+/// the group's shared slot ([`BatchGroup::shared_response`]), to be compressed once.
+const SHARED_RESPONSE_BYTES: usize = 64 * 1024;
 const OWED_RETRY_MIN: Duration = Duration::from_millis(100);
 const OWED_RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -678,17 +681,14 @@ impl Connection {
         }
         hub.unsubscribe(self.id, &drop_ids);
 
-        let map = protocol::status_map(
-            &statuses
-                .iter()
-                .map(|(id, s, _)| (*id, *s))
-                .collect::<Vec<_>>(),
-        );
+        let map = StatusMap::new(statuses.iter().map(|(id, s, _)| (*id, *s)));
         // state_batch and readings_batch items: join (or create) the shared group of each.
         let capacity = self.app.settings.websocket.queue_capacity;
         let max_batches = self.app.settings.websocket.max_batch_subscriptions;
-        let mut batch_results: Vec<Result<serde_json::Value, ProtoError>> = Vec::new();
+        let mut batch_results: Vec<Result<StatusMap, ProtoError>> = Vec::new();
         let mut first_batches: Vec<SharedFrame> = Vec::new();
+        // The first group joined, whose slot may share this response (see below).
+        let mut shared_slot: Option<Arc<BatchGroup>> = None;
         for item in &msg.items {
             let (target, rate, format, kind) = match item {
                 Item::StateBatch(req) => (&req.target, req.rate, req.format, GroupKind::State),
@@ -741,12 +741,13 @@ impl Connection {
                     // A selected target answers for every id it names, as `state` does.
                     let statuses = match &j.group.key.target {
                         Target::Selected(ids) => match self.statuses(&session, ids).await {
-                            Ok(st) => st.into_iter().map(|(id, s, _)| (id, s)).collect(),
+                            Ok(st) => StatusMap::new(st.into_iter().map(|(id, s, _)| (id, s))),
                             Err(_) => j.statuses,
                         },
                         Target::All => j.statuses,
                     };
-                    batch_results.push(Ok(protocol::status_map(&statuses)));
+                    batch_results.push(Ok(statuses));
+                    shared_slot.get_or_insert_with(|| j.group.clone());
                     first_batches.extend(j.first_batch);
                 }
                 Err(e) => batch_results.push(Err(if db::is_unavailable(&e) {
@@ -760,7 +761,7 @@ impl Connection {
 
         // One response entry per requested type, in request order; several items of a type
         // share it (a success wins, status maps are merged).
-        let mut per_type: Vec<(String, Result<serde_json::Value, ProtoError>)> = Vec::new();
+        let mut per_type: Vec<(String, Result<StatusMap, ProtoError>)> = Vec::new();
         let mut map = Some(map);
         let mut batch_results = batch_results.into_iter();
         for item in &msg.items {
@@ -778,7 +779,14 @@ impl Connection {
             protocol::add_result(&mut per_type, item.kind(), result);
         }
         let response = protocol::subscribe_response(msg.form, &msg.events, per_type);
-        self.send(response.into()).await?;
+        match shared_slot {
+            // A batch group's dashboards usually send the same request: a large response is
+            // compressed once for all of them.
+            Some(group) if response.len() >= SHARED_RESPONSE_BYTES => {
+                self.send_shared(group.shared_response(response)).await?
+            }
+            _ => self.send(response.into()).await?,
+        }
         for frame in first_batches {
             self.send_shared(frame).await?;
         }

@@ -366,6 +366,62 @@ async fn dashboards_asking_the_same_share_one_group() {
     assert_eq!(app.hub.batches.group_count(), 2);
 }
 
+/// Adds trackers `ids` (each with a state) to ACME's account: enough of them make a subscribe
+/// response large enough to be shared between the group's members.
+async fn add_fleet(app: &TestApp, ids: std::ops::RangeInclusive<i64>) {
+    app.exec(&format!(
+        "INSERT INTO trackers (id, account_id, source_id, label) \
+           SELECT i, 1, 100000 + i, 'Van ' || i FROM generate_series({lo}, {hi}) i; \
+         INSERT INTO tracker_states (tracker_id, speed) \
+           SELECT i, 10 FROM generate_series({lo}, {hi}) i;",
+        lo = ids.start(),
+        hi = ids.end()
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn a_large_response_is_the_same_for_every_member_until_a_status_changes() {
+    let app = spawn_app().await;
+    add_fleet(&app, 10_000..=14_999).await;
+    let req = || batch_request(json!({"type": "all"}), "200ms", "compact");
+    let mut responses = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let mut c = app.connect().await;
+        responses.push(subscribe_batch(&mut c, ACME, req()).await);
+        clients.push(c);
+    }
+    assert_eq!(responses[0], responses[1]);
+    let map = responses[0]["data"]["state_batch"]["value"]
+        .as_object()
+        .expect("a status map")
+        .clone();
+    assert!(map.len() > 5_000, "{} statuses", map.len());
+    assert_eq!(map["10000"], "normal");
+    assert_eq!(map["14999"], "normal");
+
+    app.exec("UPDATE trackers SET blocked = true WHERE id = 10000")
+        .await;
+    for c in &mut clients {
+        let (ev, _) = c.recv_until(|v| v["event"] == "lifecycle").await;
+        assert_eq!(ev["tracker_id"], 10000);
+    }
+    let mut late = app.connect().await;
+    let after = subscribe_batch(&mut late, ACME, req()).await;
+    let after = after["data"]["state_batch"]["value"]
+        .as_object()
+        .expect("a status map");
+    assert_eq!(
+        after["10000"], "blocked",
+        "not the map from before the block"
+    );
+    assert_eq!(after.len(), map.len());
+    assert!(map
+        .iter()
+        .all(|(id, status)| id == "10000" || after[id] == *status));
+}
+
 #[tokio::test]
 async fn a_revoked_grant_leaves_the_sub_users_batches() {
     let app = spawn_app().await;

@@ -154,6 +154,32 @@ async fn a_batch_shared_by_dashboards_reads_the_same_compressed_or_not() {
 }
 
 #[tokio::test]
+async fn a_large_subscribe_response_shared_by_dashboards_reads_the_same_compressed_or_not() {
+    let app = spawn_app().await;
+    app.exec(
+        "INSERT INTO trackers (id, account_id, source_id, label) \
+           SELECT i, 1, 100000 + i, 'Van ' || i FROM generate_series(10000, 14999) i",
+    )
+    .await;
+    let mut responses = Vec::new();
+    for offer in [true, true, false] {
+        let mut ws = connect(&app, offer).await;
+        ws.send_text(batch_subscribe().as_bytes(), false)
+            .await
+            .expect("send");
+        let (resp, compressed) = recv(&mut ws).await;
+        assert_eq!(resp["type"], "response");
+        assert_eq!(compressed, offer);
+        responses.push(resp);
+    }
+    assert!(responses.windows(2).all(|w| w[0] == w[1]));
+    let statuses = responses[0]["data"]["state_batch"]["value"]
+        .as_object()
+        .map_or(0, |m| m.len());
+    assert!(statuses > 5_000, "{statuses} statuses");
+}
+
+#[tokio::test]
 async fn a_compressed_message_that_inflates_past_the_limit_gets_code_9_then_close_1009() {
     let app = spawn_app_with(|s| s.websocket.max_frame_bytes = 1024).await;
     let mut other = app.connect().await;
