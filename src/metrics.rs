@@ -269,6 +269,9 @@ pub struct Metrics {
     queue_depth: Gauge,
     queue_depth_max: Gauge,
     coalesced: Counter,
+    /// Batches not sent to a member whose previous batch was still waiting in its queue (it
+    /// catches up at a later period).
+    pub batches_skipped: Counter,
 }
 
 impl Default for Metrics {
@@ -345,6 +348,12 @@ impl Metrics {
             "States dropped from full outbound queues because a newer state of the same tracker replaced them",
             coalesced.clone(),
         );
+        let batches_skipped = Counter::default();
+        registry.register(
+            "batches_skipped",
+            "Periods a batch member missed because its previous batch was still queued (it gets a catch-up at a later period)",
+            batches_skipped.clone(),
+        );
         let notifications = Counter::default();
         registry.register(
             "notifications",
@@ -397,6 +406,7 @@ impl Metrics {
             queue_depth,
             queue_depth_max,
             coalesced,
+            batches_skipped,
         }
     }
 
@@ -547,6 +557,7 @@ mod tests {
             "fleetgate_compressed_sockets 0",
             "fleetgate_subscribed_trackers 3",
             "fleetgate_coalesced_states_total 7",
+            "fleetgate_batches_skipped_total 0",
             r#"fleetgate_events_sent_total{kind="logout"} 1"#,
             "fleetgate_socket_sent_bytes_total 60",
             "fleetgate_subscribe_latency_seconds_count 2",

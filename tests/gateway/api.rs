@@ -1002,6 +1002,7 @@ async fn metrics_move_when_events_flow() {
         "fleetgate_subscribed_trackers",
         "fleetgate_outbound_queue_depth",
         "fleetgate_coalesced_states_total",
+        "fleetgate_batches_skipped_total",
         "fleetgate_notifications_total",
         "fleetgate_listen_reconnects_total",
         "fleetgate_listen_gap_seconds_count",
