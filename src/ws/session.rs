@@ -37,11 +37,12 @@ use crate::startup::AppState;
 /// Most outbox items written per wake-up before the task looks at client frames again.
 const WRITE_BATCH: usize = 64;
 
-/// The first wait before reading again the states a subscribe could not read, doubling after
-/// each failed read up to [`OWED_RETRY_MAX`].
 /// A subscribe response at least this long that names a batch group's statuses goes through
 /// the group's shared slot ([`BatchGroup::shared_response`]), to be compressed once.
 const SHARED_RESPONSE_BYTES: usize = 64 * 1024;
+
+/// The first wait before reading again the states a subscribe could not read, doubling after
+/// each failed read up to [`OWED_RETRY_MAX`].
 const OWED_RETRY_MIN: Duration = Duration::from_millis(100);
 const OWED_RETRY_MAX: Duration = Duration::from_secs(5);
 
