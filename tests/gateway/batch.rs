@@ -366,24 +366,10 @@ async fn dashboards_asking_the_same_share_one_group() {
     assert_eq!(app.hub.batches.group_count(), 2);
 }
 
-/// Adds trackers `ids` (each with a state) to ACME's account: enough of them make a subscribe
-/// response large enough to be shared between the group's members.
-async fn add_fleet(app: &TestApp, ids: std::ops::RangeInclusive<i64>) {
-    app.exec(&format!(
-        "INSERT INTO trackers (id, account_id, source_id, label) \
-           SELECT i, 1, 100000 + i, 'Van ' || i FROM generate_series({lo}, {hi}) i; \
-         INSERT INTO tracker_states (tracker_id, speed) \
-           SELECT i, 10 FROM generate_series({lo}, {hi}) i;",
-        lo = ids.start(),
-        hi = ids.end()
-    ))
-    .await;
-}
-
 #[tokio::test]
 async fn a_large_response_is_the_same_for_every_member_until_a_status_changes() {
     let app = spawn_app().await;
-    add_fleet(&app, 10_000..=14_999).await;
+    app.add_vans(10_000..=14_999).await;
     let req = || batch_request(json!({"type": "all"}), "200ms", "compact");
     let mut responses = Vec::new();
     let mut clients = Vec::new();

@@ -177,6 +177,20 @@ impl TestApp {
             .unwrap_or_else(|e| panic!("{sql}: {e}"));
     }
 
+    /// Adds trackers `ids` (each with a state) to ACME's account: a few thousand make a
+    /// subscribe response of `all` large enough to be shared between a group's members.
+    pub async fn add_vans(&self, ids: std::ops::RangeInclusive<i64>) {
+        self.exec(&format!(
+            "INSERT INTO trackers (id, account_id, source_id, label) \
+               SELECT i, 1, 100000 + i, 'Van ' || i FROM generate_series({lo}, {hi}) i; \
+             INSERT INTO tracker_states (tracker_id, speed) \
+               SELECT i, 10 FROM generate_series({lo}, {hi}) i;",
+            lo = ids.start(),
+            hi = ids.end()
+        ))
+        .await;
+    }
+
     /// Writes a new speed for trackers through the ingest contract (one statement).
     pub async fn set_speed(&self, ids: &[i64], speed: i32) {
         sqlx::query(

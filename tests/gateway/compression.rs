@@ -156,11 +156,7 @@ async fn a_batch_shared_by_dashboards_reads_the_same_compressed_or_not() {
 #[tokio::test]
 async fn a_large_subscribe_response_shared_by_dashboards_reads_the_same_compressed_or_not() {
     let app = spawn_app().await;
-    app.exec(
-        "INSERT INTO trackers (id, account_id, source_id, label) \
-           SELECT i, 1, 100000 + i, 'Van ' || i FROM generate_series(10000, 14999) i",
-    )
-    .await;
+    app.add_vans(10_000..=14_999).await;
     let mut responses = Vec::new();
     for offer in [true, true, false] {
         let mut ws = connect(&app, offer).await;
