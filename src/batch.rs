@@ -644,8 +644,8 @@ impl Default for Batches {
 /// What a socket gets when it joins a group.
 pub struct Joined {
     pub group: Arc<BatchGroup>,
-    /// The statuses of a group whose target is `all` (a selected target's response names
-    /// every id asked for, and is read by the socket).
+    /// The target's statuses. A selected target's response names every id asked for, so the
+    /// socket reads those itself and falls back on these only if that read fails.
     pub statuses: StatusMap,
     pub first_batch: Option<SharedFrame>,
 }
