@@ -16,14 +16,13 @@
 //! through [`Hub::offer_readings`], and each batch carries only the keys changed in the period.
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytestring::ByteString;
 use chrono::Utc;
 use dashmap::DashMap;
-use futures_util::stream::{self, Stream, StreamExt};
+use futures_util::stream::{self, StreamExt};
 use sqlx::PgPool;
 use tokio::sync::OnceCell;
 
@@ -620,10 +619,10 @@ impl BatchGroup {
     }
 }
 
-/// Trackers per read when a group reads its target's facts and states.
+/// Trackers per chunk when a group reads its target's facts and states (see `fill_chunk`).
 const FILL_CHUNK: usize = 10_000;
-/// Those reads in flight at once (pool connections): a group of 100,000 trackers read its
-/// states one chunk after another in 450 ms, while PostgreSQL used one core of two.
+/// Those chunks in flight at once (a pool connection each): a group of 100,000 trackers read
+/// its states one chunk after another in 450 ms, while PostgreSQL used one core of two.
 const FILL_READS_IN_FLIGHT: usize = 3;
 
 /// The registry of batch groups.
@@ -855,13 +854,37 @@ async fn add_trackers(
     // one watched the tracker then); only a read made after registering is sure to see it.
     let ids: Vec<TrackerId> = candidates.iter().map(|(id, _)| *id).collect();
     hub.subscribe_group(group, &ids);
-    let facts = match recheck(pool, candidates).await {
-        Ok(f) => f,
-        Err(e) => {
+    // Then chunk by chunk, several at once (see `fill_chunk`): one chunk's states are read
+    // while the next one's facts are.
+    let chunks: Vec<Vec<(TrackerId, TrackerFacts)>> =
+        candidates.chunks(FILL_CHUNK).map(<[_]>::to_vec).collect();
+    // (Owned clones: the event processor's future, which reaches here through
+    // `accounts_changed`, must be `Send` for any lifetime.)
+    let (h, p, g) = (hub.clone(), pool.clone(), group.clone());
+    let mut fills = stream::iter(chunks)
+        .map(move |chunk| fill_chunk(h.clone(), p.clone(), g.clone(), chunk))
+        .buffered(FILL_READS_IN_FLIGHT);
+    while let Some(filled) = fills.next().await {
+        if let Err(e) = filled {
+            // Those not admitted leave the hub's index.
             unregister(hub, group, &ids);
             return Err(e);
         }
-    };
+    }
+    Ok(())
+}
+
+/// Admits a chunk of a group's candidates with the facts read now, then reads their states (or
+/// readings). A tracker's state must be read after it is admitted: until then the group drops
+/// what the hub offers it for that tracker.
+async fn fill_chunk(
+    hub: Arc<Hub>,
+    pool: PgPool,
+    group: Arc<BatchGroup>,
+    candidates: Vec<(TrackerId, TrackerFacts)>,
+) -> Result<(), sqlx::Error> {
+    let ids: Vec<TrackerId> = candidates.iter().map(|(id, _)| *id).collect();
+    let facts = recheck(&pool, candidates).await?;
     let mut gone = group.lock().admit(&facts);
     let facts: Vec<(TrackerId, TrackerFacts)> = if gone.is_empty() {
         facts
@@ -874,7 +897,7 @@ async fn add_trackers(
     if facts.len() < ids.len() {
         let kept: HashSet<TrackerId> = facts.iter().map(|(id, _)| *id).collect();
         gone.extend(ids.iter().copied().filter(|id| !kept.contains(id)));
-        unregister(hub, group, &gone);
+        unregister(&hub, &group, &gone);
     }
     for (id, f) in &facts {
         hub.observe(*id, *f);
@@ -882,49 +905,31 @@ async fn add_trackers(
     if group.key.is_readings() {
         // Blocked trackers' readings too: they are held back until an unblock.
         let ids: Vec<TrackerId> = facts.iter().map(|(id, _)| *id).collect();
-        let mut reads = in_chunks(pool, &ids, |pool, chunk| async move {
-            readings::readings_by_ids(&pool, &chunk).await
-        });
-        while let Some(readings) = reads.next().await {
-            for r in readings? {
-                group.offer_reading(&Arc::new(r));
-            }
+        for r in readings::readings_by_ids(&pool, &ids).await? {
+            group.offer_reading(&Arc::new(r));
         }
         return Ok(());
     }
-    let open: Vec<TrackerId> = facts
+    // The states alone, with the source ids just read with the facts (looking each up in
+    // `trackers` again was a quarter of the read); a compact group reads only the columns it
+    // renders (its states are never rendered in another format).
+    let sources: HashMap<TrackerId, i64> = facts
         .iter()
         .filter(|(_, f)| !f.blocked)
-        .map(|(id, _)| *id)
+        .map(|(id, f)| (*id, f.source_id))
         .collect();
-    let mut reads = in_chunks(pool, &open, |pool, chunk| async move {
-        queries::states_by_ids(&pool, &chunk).await
-    });
-    while let Some(states) = reads.next().await {
-        for s in states? {
-            group.offer(&Arc::new(s), false);
+    if sources.is_empty() {
+        return Ok(());
+    }
+    let open: Vec<TrackerId> = sources.keys().copied().collect();
+    let compact = group.key.variant.format == Format::Compact;
+    for mut s in queries::states_by_ids_for(&pool, &open, compact).await? {
+        if let Some(source) = sources.get(&s.tracker_id) {
+            s.source_id = *source;
         }
+        group.offer(&Arc::new(s), false);
     }
     Ok(())
-}
-
-/// `read` of `ids` in chunks of [`FILL_CHUNK`], [`FILL_READS_IN_FLIGHT`] at once, the results
-/// in the chunks' order. (Owned chunks and pool: the event processor's future, which reaches
-/// here through `accounts_changed`, must be `Send` for any lifetime.)
-fn in_chunks<T, F, Fut>(
-    pool: &PgPool,
-    ids: &[TrackerId],
-    read: F,
-) -> impl Stream<Item = Result<T, sqlx::Error>>
-where
-    F: Fn(PgPool, Vec<TrackerId>) -> Fut,
-    Fut: Future<Output = Result<T, sqlx::Error>>,
-{
-    let pool = pool.clone();
-    let chunks: Vec<Vec<TrackerId>> = ids.chunks(FILL_CHUNK).map(<[_]>::to_vec).collect();
-    stream::iter(chunks)
-        .map(move |chunk| read(pool.clone(), chunk))
-        .buffered(FILL_READS_IN_FLIGHT)
 }
 
 /// Takes the group out of the hub's index for those of `ids` it does not hold (forgotten, or
@@ -944,20 +949,19 @@ fn unregister(hub: &Hub, group: &Arc<BatchGroup>, ids: &[TrackerId]) {
     }
 }
 
-/// The candidates' lifecycle facts read again: those removed, deleted or moved to another
-/// account since are left out, the others take the newer facts.
+/// The candidates' lifecycle facts read again (one query: a chunk's worth): those removed,
+/// deleted or moved to another account since are left out, the others take the newer facts.
 pub async fn recheck(
     pool: &PgPool,
     candidates: Vec<(TrackerId, TrackerFacts)>,
 ) -> Result<Vec<(TrackerId, TrackerFacts)>, sqlx::Error> {
-    let mut rows: HashMap<TrackerId, queries::TrackerLifecycleRow> = HashMap::new();
     let ids: Vec<TrackerId> = candidates.iter().map(|(id, _)| *id).collect();
-    let mut reads = in_chunks(pool, &ids, |pool, chunk| async move {
-        queries::trackers_by_ids(&pool, &chunk).await
-    });
-    while let Some(read) = reads.next().await {
-        rows.extend(read?.into_iter().map(|r| (r.id, r)));
-    }
+    let rows: HashMap<TrackerId, queries::TrackerLifecycleRow> =
+        queries::trackers_by_ids(pool, &ids)
+            .await?
+            .into_iter()
+            .map(|r| (r.id, r))
+            .collect();
     Ok(candidates
         .into_iter()
         .filter_map(|(id, f)| {

@@ -6,7 +6,8 @@ use sqlx::{PgExecutor, PgPool};
 
 use super::rows;
 use crate::model::{
-    TrackerId, TrackerState, STATE_COLUMNS, STATE_COLUMNS_SOURCE_UNREAD, STATE_FROM,
+    TrackerId, TrackerState, STATE_COLUMNS, STATE_COLUMNS_COMPACT, STATE_COLUMNS_SOURCE_UNREAD,
+    STATE_FROM,
 };
 
 /// A session as seen by a subscribe: its user, the account it belongs to, and whether it is live.
@@ -93,6 +94,22 @@ pub async fn states_by_ids_source_unread(
 ) -> Result<Vec<TrackerState>, sqlx::Error> {
     let sql = format!(
         "SELECT {STATE_COLUMNS_SOURCE_UNREAD} FROM tracker_states s WHERE s.tracker_id = ANY($1)"
+    );
+    rows::fetch_states(pool, sqlx::query(&sql).bind(ids)).await
+}
+
+/// As [`states_by_ids_source_unread`], with only the columns the compact format renders when
+/// `compact` (see [`STATE_COLUMNS_COMPACT`]).
+pub async fn states_by_ids_for(
+    pool: &PgPool,
+    ids: &[TrackerId],
+    compact: bool,
+) -> Result<Vec<TrackerState>, sqlx::Error> {
+    if !compact {
+        return states_by_ids_source_unread(pool, ids).await;
+    }
+    let sql = format!(
+        "SELECT {STATE_COLUMNS_COMPACT} FROM tracker_states s WHERE s.tracker_id = ANY($1)"
     );
     rows::fetch_states(pool, sqlx::query(&sql).bind(ids)).await
 }

@@ -81,6 +81,48 @@ async fn first_batch_then_only_changed_trackers() {
     assert_eq!(items(&b), HashMap::from([(101, 41), (104, 41)]));
 }
 
+/// A compact group reads only the columns the compact format renders, and its trackers' source
+/// ids from the tracker read: its first batch holds, for each tracker, what a compact `state`
+/// event of that tracker holds (the optional `precision` and `gsm_lbs` included).
+#[tokio::test]
+async fn a_compact_first_batch_holds_what_compact_state_events_hold() {
+    let app = spawn_app().await;
+    app.exec("UPDATE tracker_states SET gps_precision = 7, gsm_lbs = true WHERE tracker_id = 102")
+        .await;
+    let mut watcher = app.connect().await;
+    watcher
+        .send(json!({"action": "subscribe", "hash": ACME, "requests": [
+            {"type": "state", "trackers": [101, 102, 103, 104], "format": "compact"}]}))
+        .await;
+    assert_eq!(watcher.recv().await["type"], "response");
+    let mut states: HashMap<i64, Value> = HashMap::new();
+    while states.len() < 4 {
+        let v = watcher.recv().await;
+        assert_eq!(v["event"], "state", "{v}");
+        states.insert(
+            v["tracker_id"].as_i64().expect("tracker_id"),
+            v["data"].clone(),
+        );
+    }
+    assert_eq!(states[&102]["gps"]["precision"], 7);
+    assert_eq!(states[&102]["gps"]["gsm_lbs"], true);
+
+    let mut c = app.connect().await;
+    let resp = subscribe_batch(
+        &mut c,
+        ACME,
+        batch_request(json!({"type": "all"}), "1s", "compact"),
+    )
+    .await;
+    assert_eq!(resp["type"], "response", "{resp}");
+    let first = c.recv().await;
+    assert_eq!(items(&first).len(), 4, "{first}");
+    for item in first["data"].as_array().expect("data array") {
+        let id = item["tracker_id"].as_i64().expect("tracker_id");
+        assert_eq!(item["state"], states[&id], "tracker {id}");
+    }
+}
+
 #[tokio::test]
 async fn newest_state_wins_within_a_period_and_empty_periods_send_nothing() {
     let app = spawn_app().await;
