@@ -585,21 +585,31 @@ pub async fn run(
         };
         board.bytes.fetch_add(wire.len() as u64, Ordering::Relaxed);
         // A compressed message is inflated whole where it is read whole (every frame of a probe;
-        // a subscribe response, whose statuses are counted); otherwise only its first bytes, to
-        // tell what it is. A hundred dashboards each inflating their first batch of 100,000
-        // entries (25 MB) took the bench more CPU than the gateway spent sending it.
+        // a `state` subscribe response, whose statuses tell how many initial states follow);
+        // otherwise only its first bytes, to tell what it is. A hundred dashboards each
+        // inflating their first batch of 100,000 entries (25 MB) took the bench more CPU than
+        // the gateway spent sending it, and their subscribe responses (1.7 MB each) half as
+        // much again: a batch dashboard's statuses are counted on the probes only.
         let text = if !compressed {
             wire
         } else {
             let whole = spec.parse_batches;
-            let inflated = wsraw::inflate_prefix(&wire, if whole { usize::MAX } else { 64 })
-                .and_then(|t| {
-                    if !whole && pending > 0 && t.starts_with(RESPONSE_PREFIX) {
+            let inflated = if whole && wire.len() >= 64 * 1024 {
+                // A probe's large frame (a first batch inflates to 40 MB) is inflated off the
+                // runtime's threads: on them it held up the other dashboards' reads, and so
+                // their receipt times, by tens of milliseconds a probe.
+                tokio::task::spawn_blocking(move || wsraw::inflate(&wire))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            } else {
+                wsraw::inflate_prefix(&wire, if whole { usize::MAX } else { 64 }).and_then(|t| {
+                    if !whole && !is_batch && pending > 0 && t.starts_with(RESPONSE_PREFIX) {
                         wsraw::inflate(&wire)
                     } else {
                         Ok(t)
                     }
-                });
+                })
+            };
             match inflated {
                 Ok(t) => t,
                 Err(e) => {
@@ -626,11 +636,22 @@ pub async fn run(
             board.batch_frames.fetch_add(1, Ordering::Relaxed);
             let mut entries = 0u64;
             if spec.parse_batches {
-                let mut pos = 0;
-                while let Some((id, alt, end)) = next_state(b, pos) {
-                    track.see(&board, id, alt, at, spec.record);
-                    entries += 1;
-                    pos = end;
+                let mut parse = || {
+                    let mut pos = 0;
+                    while let Some((id, alt, end)) = next_state(b, pos) {
+                        track.see(&board, id, alt, at, spec.record);
+                        entries += 1;
+                        pos = end;
+                    }
+                };
+                // A first batch (40 MB) is parsed with this worker thread handed over to the
+                // other dashboards, as it is inflated (above): they are not kept waiting.
+                let multi = tokio::runtime::Handle::current().runtime_flavor()
+                    == tokio::runtime::RuntimeFlavor::MultiThread;
+                if multi && b.len() >= 1 << 20 {
+                    tokio::task::block_in_place(parse);
+                } else {
+                    parse();
                 }
                 board.batch_entries.fetch_add(entries, Ordering::Relaxed);
             }
@@ -651,6 +672,8 @@ pub async fn run(
             }
         } else if b.starts_with(RESPONSE_PREFIX) && pending > 0 {
             pending -= 1;
+            // What a batch dashboard that is not a probe read of its response is the prefix.
+            let counted = !is_batch || spec.parse_batches || !compressed;
             let n = NORMAL.find_iter(b).count();
             normals += n;
             if !is_batch {
@@ -669,7 +692,7 @@ pub async fn run(
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .push(at);
-                if normals != fleet_len {
+                if counted && normals != fleet_len {
                     subscribe_failed = true;
                     board.errors.subscribe.fetch_add(1, Ordering::Relaxed);
                     board.note_error(&format!(
