@@ -492,6 +492,25 @@ struct TrackerEntry {
 }
 
 impl TrackerEntry {
+    /// Whether the processor reads the tracker's state: someone watches it, and it is not
+    /// blocked as far as the hub knows.
+    fn wants_state(&self) -> bool {
+        !self.newest_blocked && (!self.subs.is_empty() || !self.groups.is_empty())
+    }
+
+    /// Whether every subscriber and group of the tracker takes the compact format.
+    fn compact_only(&self) -> bool {
+        self.subs
+            .iter()
+            .all(|s| s.variant.format == model::Format::Compact)
+            && self
+                .groups
+                .iter()
+                .all(|g| g.key.variant.format == model::Format::Compact)
+    }
+}
+
+impl TrackerEntry {
     fn is_idle(&self) -> bool {
         self.subs.is_empty() && self.groups.is_empty() && self.readings_groups.is_empty()
     }
@@ -720,8 +739,18 @@ impl Hub {
     pub fn wanted_source(&self, id: TrackerId) -> Option<Option<i64>> {
         self.trackers
             .get(&id)
-            .filter(|e| !e.newest_blocked && (!e.subs.is_empty() || !e.groups.is_empty()))
+            .filter(|e| e.wants_state())
             .map(|e| e.source_id)
+    }
+
+    /// [`Hub::wanted_source`], and whether every subscriber and group of the tracker takes the
+    /// compact format: its state may then be read with the compact columns alone (see
+    /// [`Hub::publish_compact_state`]).
+    pub fn wanted_read(&self, id: TrackerId) -> Option<(Option<i64>, bool)> {
+        self.trackers
+            .get(&id)
+            .filter(|e| e.wants_state())
+            .map(|e| (e.source_id, e.compact_only()))
     }
 
     /// Whether some `readings_batch` group watches this tracker (blocked or not: a blocked
@@ -792,14 +821,36 @@ impl Hub {
     /// Sends a state to every subscriber of its tracker, serialized once per variant. A state not
     /// newer than the last one fanned out is skipped unless `resend` is set.
     pub fn publish_state(&self, state: TrackerState, resend: bool, now: DateTime<Utc>) -> usize {
+        self.publish(state, resend, now, false).unwrap_or(0)
+    }
+
+    /// [`Hub::publish_state`] for a state read with the compact columns alone
+    /// ([`model::STATE_COLUMNS_COMPACT`]), which only compact subscribers and groups may be
+    /// given. `None`, and nothing changed, when the tracker has gained a full-format subscriber
+    /// or group since [`Hub::wanted_read`] said it had none: the state must be read in full and
+    /// published again. (Checked under the entry's lock, which a subscribe takes too.)
+    pub fn publish_compact_state(&self, state: TrackerState, now: DateTime<Utc>) -> Option<usize> {
+        self.publish(state, false, now, true)
+    }
+
+    fn publish(
+        &self,
+        state: TrackerState,
+        resend: bool,
+        now: DateTime<Utc>,
+        compact_read: bool,
+    ) -> Option<usize> {
         let Some(mut entry) = self.trackers.get_mut(&state.tracker_id) else {
-            return 0;
+            return Some(0);
         };
+        if compact_read && !entry.compact_only() {
+            return None;
+        }
         if entry.blocked
             || state.change_no < entry.state_change
             || (state.change_no == entry.state_change && !resend)
         {
-            return 0;
+            return Some(0);
         }
         entry.state_change = state.change_no;
         entry.source_id = Some(state.source_id);
@@ -877,7 +928,7 @@ impl Hub {
         self.stats
             .frames_queued
             .fetch_add(n as u64, Ordering::Relaxed);
-        n
+        Some(n)
     }
 
     /// Applies a lifecycle change and sends the event to every subscriber of the tracker.
@@ -1124,6 +1175,39 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A state read with the compact columns goes only where every subscriber takes the compact
+    /// format; a full-format subscriber that came meanwhile makes the hub refuse it without
+    /// moving anything, so the same change read in full still reaches both.
+    #[tokio::test]
+    async fn a_compact_read_is_refused_once_a_full_subscriber_watches() {
+        let hub = Hub::new();
+        let compact = Variant {
+            format: Format::Compact,
+            ..variant()
+        };
+        let a = hub.outbox(8);
+        let b = hub.outbox(8);
+        hub.subscribe(1, &a, &[7], compact);
+        hub.set_source_ids(&[(7, 70)]);
+        assert_eq!(hub.wanted_read(7), Some((Some(70), true)));
+        assert_eq!(
+            hub.publish_compact_state(model::test_state(7, 10), Utc::now()),
+            Some(1)
+        );
+        assert_eq!(states(&drain(&a).await), [(7, 10)]);
+
+        hub.subscribe(2, &b, &[7], variant());
+        assert_eq!(hub.wanted_read(7).map(|(_, compact)| compact), Some(false));
+        assert_eq!(
+            hub.publish_compact_state(model::test_state(7, 11), Utc::now()),
+            None
+        );
+        assert!(a.is_empty() && b.is_empty());
+        publish(&hub, 7, 11);
+        assert_eq!(states(&drain(&a).await), [(7, 11)]);
+        assert_eq!(states(&drain(&b).await), [(7, 11)]);
     }
 
     /// Every watched tracker has an entry: 100,000 trackers cost 100,000 of them.

@@ -377,6 +377,8 @@ pub async fn run_processor(
 enum Step {
     Lifecycle(TrackerId, i64, Lifecycle),
     State(TrackerState),
+    /// A state read with the compact columns alone (see `read_states`).
+    Compact(TrackerState),
     /// The current state re-sent after an unblock with this change number.
     Forced(TrackerState),
 }
@@ -395,6 +397,18 @@ fn lifecycle_of(row: &queries::TrackerLifecycleRow, account: Option<i64>) -> Lif
 
 /// One round: everything the listener gathered since the last round.
 pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sqlx::Error> {
+    process_with(pool, hub, p, &|| {}).await
+}
+
+/// [`process`], calling `before_publish` after each chunk of states is read and before it is
+/// published (tests use it to change the hub in between, as a subscribe may).
+#[doc(hidden)]
+pub async fn process_with(
+    pool: &PgPool,
+    hub: &Arc<Hub>,
+    p: Pending,
+    before_publish: &(dyn Fn() + Sync),
+) -> Result<(), sqlx::Error> {
     // Source ids first: the states read below take theirs from the hub.
     if !p.sources.is_empty() {
         let ids: Vec<TrackerId> = p.sources.iter().copied().collect();
@@ -416,16 +430,26 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
 
     // Which trackers need their state read: those notified and still wanted, plus every tracker
     // with a lifecycle change in this round (an unblock pushes the current state); each with
-    // its data source id if the hub knows it (see `read_states`).
+    // its data source id if the hub knows it (see `read_states`). Those whose subscribers and
+    // groups all take the compact format are read with its columns alone (`compact`), unless
+    // the round has a lifecycle change or a range of them.
+    let mut compact: HashSet<TrackerId> = HashSet::new();
     let mut ids: HashMap<TrackerId, Option<i64>> = p
         .state_ids
         .into_iter()
-        .filter_map(|id| hub.wanted_source(id).map(|source| (id, source)))
+        .filter_map(|id| {
+            let (source, compact_only) = hub.wanted_read(id)?;
+            if compact_only && source.is_some() {
+                compact.insert(id);
+            }
+            Some((id, source))
+        })
         .collect();
     let mut unblocked_at: HashMap<TrackerId, i64> = HashMap::new();
     let mut lifecycle_of_id: HashMap<TrackerId, Vec<(i64, Lifecycle)>> = HashMap::new();
     for (c, id, kind) in lifecycle {
         ids.entry(id).or_insert_with(|| hub.source_id(id));
+        compact.remove(&id);
         if kind == Lifecycle::Unblock {
             let e = unblocked_at.entry(id).or_insert(c);
             *e = (*e).max(c);
@@ -441,6 +465,9 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
             }
         }
     }
+    for id in ranged.keys() {
+        compact.remove(id);
+    }
     let mut all: Vec<TrackerId> = ids.keys().copied().collect();
     all.extend(ranged.keys().filter(|id| !ids.contains_key(id)).copied());
 
@@ -452,6 +479,7 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
     // before a block is delivered before the block; a state re-sent after an unblock sorts
     // right after it).
     let ids = &ids;
+    let compact = &compact;
     let reads: Vec<_> = all
         .chunks(STATE_FETCH_CHUNK)
         .map(|chunk| {
@@ -462,9 +490,9 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
                 .collect();
             async move {
                 let states = if fetch.is_empty() {
-                    Vec::new()
+                    (Vec::new(), Vec::new())
                 } else {
-                    read_states(pool, ids, &fetch).await?
+                    read_states(pool, ids, compact, &fetch).await?
                 };
                 Ok::<_, sqlx::Error>((chunk, states))
             }
@@ -474,8 +502,10 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
         (pool.options().get_max_connections() as usize).clamp(1, STATE_FETCHES_IN_FLIGHT);
     let mut fetches = futures_util::stream::iter(reads).buffered(in_flight);
     while let Some(fetched) = fetches.next().await {
-        let (chunk, mut states) = fetched?;
-        let mut steps: Vec<((i64, u8), Step)> = Vec::with_capacity(states.len());
+        let (chunk, (mut states, compact_states)) = fetched?;
+        before_publish();
+        let mut steps: Vec<((i64, u8), Step)> =
+            Vec::with_capacity(states.len() + compact_states.len());
         for id in chunk {
             if let Some(rows) = ranged.remove(id) {
                 states.extend(rows);
@@ -490,9 +520,16 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
                 _ => steps.push(((s.change_no, 0), Step::State(s))),
             }
         }
+        // (No lifecycle change for these in this round: see `compact`.)
+        steps.extend(
+            compact_states
+                .into_iter()
+                .map(|s| ((s.change_no, 0), Step::Compact(s))),
+        );
         steps.sort_by_key(|(k, _)| *k);
         let now = Utc::now();
         let mut reopened: HashSet<TrackerId> = HashSet::new();
+        let mut read_again: Vec<TrackerId> = Vec::new();
         for (_, step) in steps {
             match step {
                 Step::Lifecycle(id, change, kind) => {
@@ -504,11 +541,25 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
                     let resend = reopened.contains(&s.tracker_id);
                     hub.publish_state(s, resend, now);
                 }
+                Step::Compact(s) => {
+                    let id = s.tracker_id;
+                    if hub.publish_compact_state(s, now).is_none() {
+                        read_again.push(id);
+                    }
+                }
                 Step::Forced(s) => {
                     if reopened.contains(&s.tracker_id) {
                         hub.publish_state(s, true, now);
                     }
                 }
+            }
+        }
+        // Trackers that gained a full-format subscriber or group since the round began: their
+        // state read in full (the current one, so at least as new) and published after all.
+        if !read_again.is_empty() {
+            let (states, _) = read_states(pool, ids, &HashSet::new(), &read_again).await?;
+            for s in states {
+                hub.publish_state(s, false, now);
             }
         }
     }
@@ -548,27 +599,48 @@ pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sq
 /// (`i|`, applied at the start of the round): looking the id up in `trackers` for every state
 /// was a third of this read's cost in PostgreSQL. Trackers whose source id the hub did not know
 /// are read with it.
+///
+/// Those in `compact` (every subscriber and group of theirs takes the compact format, and the
+/// source id is known) are read with the compact columns alone and returned apart, to be
+/// published with [`Hub::publish_compact_state`]: the full row cost PostgreSQL about half as
+/// much again to send, most of it rendering `additional`, which no compact event holds.
 async fn read_states(
     pool: &PgPool,
     sources: &HashMap<TrackerId, Option<i64>>,
+    compact: &HashSet<TrackerId>,
     fetch: &[TrackerId],
-) -> Result<Vec<TrackerState>, sqlx::Error> {
-    let (known, unknown): (Vec<TrackerId>, Vec<TrackerId>) = fetch
-        .iter()
-        .partition(|id| sources.get(id).is_some_and(Option::is_some));
-    let mut states = Vec::new();
-    if !known.is_empty() {
-        states = queries::states_by_ids_source_unread(pool, &known).await?;
+) -> Result<(Vec<TrackerState>, Vec<TrackerState>), sqlx::Error> {
+    let mut known: Vec<TrackerId> = Vec::new();
+    let mut known_compact: Vec<TrackerId> = Vec::new();
+    let mut unknown: Vec<TrackerId> = Vec::new();
+    for id in fetch {
+        match sources.get(id) {
+            Some(Some(_)) if compact.contains(id) => known_compact.push(*id),
+            Some(Some(_)) => known.push(*id),
+            _ => unknown.push(*id),
+        }
+    }
+    let with_sources = |mut states: Vec<TrackerState>| {
         for s in &mut states {
             if let Some(Some(source)) = sources.get(&s.tracker_id) {
                 s.source_id = *source;
             }
         }
+        states
+    };
+    let mut states = Vec::new();
+    if !known.is_empty() {
+        states = with_sources(queries::states_by_ids_source_unread(pool, &known).await?);
     }
     if !unknown.is_empty() {
         states.extend(queries::states_by_ids(pool, &unknown).await?);
     }
-    Ok(states)
+    let compact_states = if known_compact.is_empty() {
+        Vec::new()
+    } else {
+        with_sources(queries::states_by_ids_for(pool, &known_compact, true).await?)
+    };
+    Ok((states, compact_states))
 }
 
 /// Logs out the sessions among `hashes` that ended, and refreshes the expiry of the others.

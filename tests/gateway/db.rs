@@ -872,6 +872,71 @@ async fn a_batch_target_read_again_takes_what_changed_since(pool: PgPool) {
     assert!(facts[1].1.change_no > 0);
 }
 
+/// A tracker whose subscribers all take the compact format has its state read with the compact
+/// columns alone. One that gains a full-format subscriber between that read and the publish (as
+/// a subscribe may) has it read again in full: the full subscriber gets the whole state, the
+/// compact one its compact event, each once.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_compact_read_is_read_again_in_full_for_a_full_subscriber_come_meanwhile(pool: PgPool) {
+    let hub = Hub::new();
+    let compact = Variant {
+        format: Format::Compact,
+        ..variant()
+    };
+    let compact_box = hub.outbox(8);
+    let full_box = hub.outbox(8);
+    hub.subscribe(1, &compact_box, &[101], compact);
+    hub.set_source_ids(&[(101, 10101)]);
+    assert_eq!(hub.wanted_read(101), Some((Some(10101), true)));
+    sqlx::query("UPDATE tracker_states SET speed = 55 WHERE tracker_id = 101")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut p = Pending::default();
+    p.state_ids.insert(101);
+    let joined = std::sync::atomic::AtomicBool::new(false);
+    fleetgate::listen::process_with(&pool, &hub, p, &|| {
+        if !joined.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            hub.subscribe(2, &full_box, &[101], variant());
+        }
+    })
+    .await
+    .unwrap();
+    assert!(joined.into_inner());
+
+    async fn frames(outbox: &fleetgate::hub::Outbox) -> Vec<serde_json::Value> {
+        let mut items = Vec::new();
+        if !outbox.is_empty() {
+            outbox.pop_batch(64, &mut items).await;
+        }
+        items
+            .iter()
+            .filter_map(|i| match i {
+                Outgoing::State { frame, .. } => Some(serde_json::from_str(frame).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+    let full = frames(&full_box).await;
+    assert_eq!(full.len(), 1, "{full:?}");
+    let data = &full[0]["data"];
+    assert_eq!(data["gps"]["speed"], 55);
+    assert_eq!(data["source_id"], 10101);
+    assert_eq!(data["gsm"]["network_name"], "T-Mobile");
+    assert_eq!(
+        data["additional"]["hardware_key"]["value"],
+        "20910998202956382057"
+    );
+    assert_eq!(data["inputs"], serde_json::json!([false, false, true]));
+    let compact = frames(&compact_box).await;
+    assert_eq!(compact.len(), 1, "{compact:?}");
+    assert_eq!(compact[0]["data"]["gps"]["speed"], 55);
+    assert!(compact[0]["data"].get("gsm").is_none());
+}
+
 /// A resync finds a watched tracker moved to another account while the stream was down: its
 /// subscribers get `corrupt`, as the live path sends it.
 #[sqlx::test(

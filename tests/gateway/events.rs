@@ -28,6 +28,30 @@ async fn a_change_becomes_a_state_event() {
     );
 }
 
+/// A compact subscriber's changes are read with the compact columns alone: each event holds what
+/// its first one (from the subscribe's full read) held, but for what changed; `precision` and
+/// `gsm_lbs` included.
+#[tokio::test]
+async fn a_compact_subscribers_change_holds_every_compact_field() {
+    let app = spawn_app().await;
+    app.exec("UPDATE tracker_states SET gps_precision = 7, gsm_lbs = true WHERE tracker_id = 102")
+        .await;
+    let mut c = app.connect().await;
+    c.send(json!({"action": "subscribe", "hash": ACME, "requests": [
+        {"type": "state", "trackers": [102], "format": "compact"}]}))
+        .await;
+    assert_eq!(c.recv().await["type"], "response");
+    let first = c.recv().await;
+    assert!(is_state_of(&first, 102), "{first}");
+    assert_eq!(first["data"]["gps"]["precision"], 7);
+    app.exec("UPDATE tracker_states SET speed = 64 WHERE tracker_id = 102")
+        .await;
+    let (ev, _) = c.recv_until(|v| is_state_with_speed(v, 102, 64)).await;
+    let mut want = first["data"].clone();
+    want["gps"]["speed"] = json!(64);
+    assert_eq!(ev["data"], want);
+}
+
 #[tokio::test]
 async fn a_batched_write_reaches_every_tracker_in_order() {
     let app = spawn_app().await;
