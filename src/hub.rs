@@ -508,9 +508,7 @@ impl TrackerEntry {
                 .iter()
                 .all(|g| g.key.variant.format == model::Format::Compact)
     }
-}
 
-impl TrackerEntry {
     fn is_idle(&self) -> bool {
         self.subs.is_empty() && self.groups.is_empty() && self.readings_groups.is_empty()
     }

@@ -602,8 +602,9 @@ pub async fn process_with(
 ///
 /// Those in `compact` (every subscriber and group of theirs takes the compact format, and the
 /// source id is known) are read with the compact columns alone and returned apart, to be
-/// published with [`Hub::publish_compact_state`]: the full row cost PostgreSQL about half as
-/// much again to send, most of it rendering `additional`, which no compact event holds.
+/// published with [`Hub::publish_compact_state`]: no compact event holds the other columns, and
+/// sending them (`additional` above all, a `jsonb` rendered as text) was about a sixth of what
+/// PostgreSQL spent on these reads in the bench's `batch`.
 async fn read_states(
     pool: &PgPool,
     sources: &HashMap<TrackerId, Option<i64>>,

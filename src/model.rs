@@ -190,9 +190,10 @@ pub const STATE_COLUMNS_SOURCE_UNREAD: &str = concat!(
 /// The columns of [`TrackerState`] that the compact format renders, from `tracker_states s`
 /// alone (`source_id` left 0, as in [`STATE_COLUMNS_SOURCE_UNREAD`]); the others are constants
 /// (NULL, `{}`), so the rows decode as any other. For readers that render the compact format
-/// only, such as a compact batch group's fill: the full row costs PostgreSQL about half as much
-/// again to send, most of it rendering `additional` (`jsonb`) and the timestamps it does not
-/// need. A state read this way must never be rendered in the full format.
+/// only (a compact batch group's fill; the event processor, for trackers whose watchers all
+/// take it): the other columns, `additional` (`jsonb`, rendered as text) above all, are a good
+/// part of what sending a row costs PostgreSQL. A state read this way must never be rendered
+/// in the full format.
 pub const STATE_COLUMNS_COMPACT: &str = "s.tracker_id, 0::int8 AS source_id, s.change_no, \
     s.gps_updated, s.gps_signal_level, s.lat, s.lng, s.heading, s.speed, s.alt, \
     s.gps_precision, s.gsm_lbs, s.connection_status, s.movement_status, \
