@@ -2,9 +2,10 @@
 //! from `tracker_states`, and its rendering into the protocol's `state` event (full or compact,
 //! dates in the session user's time zone). Owns no I/O.
 
+use std::borrow::Cow;
 use std::fmt::Write as _;
 
-use chrono::{DateTime, Datelike, Offset, Timelike, Utc};
+use chrono::{DateTime, Datelike, Offset, TimeZone, Timelike, Utc};
 use chrono_tz::Tz;
 
 pub type TrackerId = i64;
@@ -44,7 +45,10 @@ impl Variant {
 
     /// Appends `t` in this variant's zone and form (see [`Variant::format_date`]).
     pub fn write_date(&self, out: &mut String, t: DateTime<Utc>) {
-        out.push_str(self.format_date(t).as_str());
+        match LocalDay::of(self.tz, t.timestamp()) {
+            Some(day) => day.write(out, t.timestamp(), self.iso),
+            None => out.push_str(self.format_date(t).as_str()),
+        }
     }
 
     /// `t` in this variant's zone and form: `YYYY-MM-DD HH:MM:SS`, or ISO 8601 with the offset
@@ -127,6 +131,26 @@ impl DateText {
     }
 }
 
+/// A connection or movement status as read: the schema's words borrowed from here (two
+/// allocations fewer per state read), anything else owned.
+pub fn status_word(s: &str) -> Cow<'static, str> {
+    const WORDS: [&str; 9] = [
+        "active",
+        "idle",
+        "offline",
+        "signal_lost",
+        "just_registered",
+        "just_replaced",
+        "moving",
+        "stopped",
+        "parked",
+    ];
+    match WORDS.iter().find(|w| **w == s) {
+        Some(w) => Cow::Borrowed(w),
+        None => Cow::Owned(s.to_owned()),
+    }
+}
+
 /// The latest state of one tracker: one row of `tracker_states` plus the tracker's `source_id`.
 /// Read from rows selecting [`STATE_COLUMNS`] (decoded in `db::rows`).
 #[derive(Debug, Clone, PartialEq)]
@@ -143,8 +167,9 @@ pub struct TrackerState {
     pub alt: i32,
     pub gps_precision: Option<i32>,
     pub gsm_lbs: Option<bool>,
-    pub connection_status: String,
-    pub movement_status: String,
+    /// One of a few known words (see [`status_word`]), kept without an allocation.
+    pub connection_status: Cow<'static, str>,
+    pub movement_status: Cow<'static, str>,
     pub movement_status_update: Option<DateTime<Utc>>,
     pub ignition: bool,
     pub ignition_update: Option<DateTime<Utc>>,
@@ -323,12 +348,14 @@ fn push_bools(out: &mut String, bs: &[bool]) {
     out.push(']');
 }
 
-/// The date-times of one state, rendered through a one-entry cache: several of a state's
-/// date-times are usually the same second (one message from a tracker updates its position,
-/// signal and `last_update` at once), and each rendering costs a search of the zone's
-/// transitions. Only the second is rendered, so the second is the key.
+/// The date-times of one state. Most of them fall on the same local day (one message from a
+/// tracker updates its position, signal and `last_update` at once, and the others are older
+/// updates of the same day), so the day found for one is kept for the next: a date-time of that
+/// day is then written without looking at the zone at all.
 struct Dates {
     variant: Variant,
+    day: Option<LocalDay>,
+    /// The last second rendered, and its text (several date-times are often the same second).
     last: Option<(i64, DateText)>,
 }
 
@@ -336,6 +363,7 @@ impl Dates {
     fn new(variant: Variant) -> Dates {
         Dates {
             variant,
+            day: None,
             last: None,
         }
     }
@@ -346,7 +374,17 @@ impl Dates {
         let text = match self.last {
             Some((s, text)) if s == second => text,
             _ => {
-                let text = self.variant.format_date(t);
+                let day = match self.day {
+                    Some(day) if day.holds(second) => Some(day),
+                    _ => {
+                        self.day = LocalDay::of(self.variant.tz, second);
+                        self.day
+                    }
+                };
+                let text = match day {
+                    Some(day) => day.text(second, self.variant.iso),
+                    None => self.variant.format_date(t),
+                };
                 self.last = Some((second, text));
                 text
             }
@@ -361,6 +399,145 @@ impl Dates {
             Some(t) => self.push(out, t),
             None => out.push_str("null"),
         }
+    }
+}
+
+/// One local day of a zone on which the zone's offset does not change: the UTC seconds
+/// `[start, start + 86,400)` are local midnight to midnight, so a date-time in it is the day's
+/// date and the seconds since `start`. Rendering a date through chrono and chrono-tz (a search
+/// of the zone's transitions, calendar arithmetic) was a fifth of rendering a whole state event;
+/// through a known day it is a few divisions. Each thread keeps the last few days it used
+/// ([`DAYS`]); days on which the offset changes are not kept, and their date-times go through
+/// [`Variant::format_date`] as before.
+#[derive(Clone, Copy)]
+struct LocalDay {
+    tz: Tz,
+    start: i64,
+    /// The day's date-times in ISO form at midnight, `YYYY-MM-DDT00:00:00+HH:MM`: a date-time
+    /// is this with its time of day written in.
+    template: [u8; 25],
+}
+
+/// Days kept per thread: one per zone in use, a handful of zones at a time.
+const DAYS_KEPT: usize = 8;
+
+thread_local! {
+    static DAYS: std::cell::RefCell<([Option<LocalDay>; DAYS_KEPT], usize)> =
+        const { std::cell::RefCell::new(([None; DAYS_KEPT], 0)) };
+}
+
+impl LocalDay {
+    const SECONDS: i64 = 86_400;
+
+    fn holds(&self, second: i64) -> bool {
+        (self.start..self.start + Self::SECONDS).contains(&second)
+    }
+
+    /// The day of `tz` that holds `second` (UTC), from this thread's cache or found and kept;
+    /// `None` if the zone's offset changes that day, is not a whole number of minutes, or the
+    /// year is outside 0–9999.
+    fn of(tz: Tz, second: i64) -> Option<LocalDay> {
+        let kept = DAYS.with(|days| {
+            days.borrow()
+                .0
+                .iter()
+                .flatten()
+                .find(|d| d.tz == tz && d.holds(second))
+                .copied()
+        });
+        if kept.is_some() {
+            return kept;
+        }
+        let day = Self::find(tz, second)?;
+        DAYS.with(|days| {
+            let (days, next) = &mut *days.borrow_mut();
+            // The zone's previous day gives way first, then the oldest entry.
+            let at = days
+                .iter()
+                .position(|d| d.is_none_or(|d| d.tz == tz))
+                .unwrap_or(*next % DAYS_KEPT);
+            days[at] = Some(day);
+            *next = (at + 1) % DAYS_KEPT;
+        });
+        Some(day)
+    }
+
+    fn find(tz: Tz, second: i64) -> Option<LocalDay> {
+        let offset_at = |s: i64| {
+            DateTime::from_timestamp(s, 0).map(|t| {
+                tz.offset_from_utc_datetime(&t.naive_utc())
+                    .fix()
+                    .local_minus_utc()
+            })
+        };
+        let offset = offset_at(second)?;
+        if offset % 60 != 0 {
+            return None;
+        }
+        let start = (second + i64::from(offset)).div_euclid(Self::SECONDS) * Self::SECONDS
+            - i64::from(offset);
+        // The offset must hold all day. Zones change it at most a few times a year and never
+        // twice within half an hour, so looking every half hour (and at the last second) finds
+        // any change.
+        let steady = (0..Self::SECONDS / 1800)
+            .map(|k| start + k * 1800)
+            .chain([start + Self::SECONDS - 1])
+            .all(|s| offset_at(s) == Some(offset));
+        if !steady {
+            return None;
+        }
+        let date = DateTime::from_timestamp(start + i64::from(offset), 0)?.date_naive();
+        let year = u32::try_from(date.year()).ok().filter(|y| *y <= 9999)?;
+        let minutes = offset.unsigned_abs() / 60;
+        let mut template = *b"0000-00-00T00:00:00+00:00";
+        put_two(&mut template, 0, year / 100);
+        put_two(&mut template, 2, year % 100);
+        put_two(&mut template, 5, date.month());
+        put_two(&mut template, 8, date.day());
+        if offset < 0 {
+            template[19] = b'-';
+        }
+        put_two(&mut template, 20, minutes / 60);
+        put_two(&mut template, 23, minutes % 60);
+        Some(LocalDay {
+            tz,
+            start,
+            template,
+        })
+    }
+
+    /// Appends `second` (which this day holds) as `YYYY-MM-DD HH:MM:SS`, or in ISO 8601 with
+    /// the offset.
+    fn write(&self, out: &mut String, second: i64, iso: bool) {
+        out.push_str(self.text(second, iso).as_str());
+    }
+
+    /// `second` (which this day holds) as [`Self::write`] writes it.
+    fn text(&self, second: i64, iso: bool) -> DateText {
+        let of_day = (second - self.start).clamp(0, Self::SECONDS - 1) as u32;
+        let mut bytes = [0u8; DateText::CAPACITY];
+        bytes[..25].copy_from_slice(&self.template);
+        put_two(&mut bytes, 11, of_day / 3600);
+        put_two(&mut bytes, 14, of_day / 60 % 60);
+        put_two(&mut bytes, 17, of_day % 60);
+        if !iso {
+            bytes[10] = b' ';
+        }
+        DateText {
+            bytes,
+            len: if iso { 25 } else { 19 },
+        }
+    }
+}
+
+/// Writes `v` (below 100) as two decimal digits at `at`.
+fn put_two<const N: usize>(bytes: &mut [u8; N], at: usize, v: u32) {
+    const DIGITS: &[u8; 200] = b"0001020304050607080910111213141516171819\
+        2021222324252627282930313233343536373839404142434445464748495051525354555657585960616263\
+        646566676869707172737475767778798081828384858687888990919293949596979899";
+    let i = (v % 100) as usize * 2;
+    if let (Some(slot), Some(digits)) = (bytes.get_mut(at..at + 2), DIGITS.get(i..i + 2)) {
+        slot.copy_from_slice(digits);
     }
 }
 
@@ -480,9 +657,181 @@ mod additional {
     /// Appends the map; `{}` if `raw` is not a JSON object.
     pub(super) fn write(out: &mut String, raw: &str, v: Variant) {
         let len = out.len();
+        if Scan::write(out, raw, v) {
+            return;
+        }
+        out.truncate(len);
         if !write_object(out, raw, v, true) {
             out.truncate(len);
             out.push_str("{}");
+        }
+    }
+
+    /// The usual shape of `additional`, read in one pass: an object whose values are objects
+    /// of plain values (strings, numbers, `true`, `false`, `null`) or plain values themselves,
+    /// keys without escapes. What it does not know (arrays, deeper nesting, escaped keys,
+    /// anything that is not JSON) it leaves to the general walk below by returning false, so
+    /// what it writes is always what that walk writes (the tests compare both). The general
+    /// walk, through serde_json's deserializer, was half of rendering a full state event.
+    struct Scan<'a> {
+        raw: &'a str,
+        at: usize,
+        v: Variant,
+    }
+
+    impl<'a> Scan<'a> {
+        fn write(out: &mut String, raw: &'a str, v: Variant) -> bool {
+            let mut scan = Scan { raw, at: 0, v };
+            scan.object(out, true).is_some() && {
+                scan.space();
+                scan.at == raw.len()
+            }
+        }
+
+        fn peek(&self) -> Option<u8> {
+            self.raw.as_bytes().get(self.at).copied()
+        }
+
+        fn space(&mut self) {
+            while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+                self.at += 1;
+            }
+        }
+
+        /// Skips whitespace, then takes `c`.
+        fn eat(&mut self, c: u8) -> Option<()> {
+            self.space();
+            (self.peek() == Some(c)).then(|| self.at += 1)
+        }
+
+        /// An object; its values may be objects (of plain values) if `outer`. In an inner
+        /// object, an `updated` that is a date-time is rendered in the variant's zone.
+        fn object(&mut self, out: &mut String, outer: bool) -> Option<()> {
+            self.eat(b'{')?;
+            out.push('{');
+            self.space();
+            if self.peek() == Some(b'}') {
+                self.at += 1;
+                out.push('}');
+                return Some(());
+            }
+            loop {
+                self.space();
+                let key = self.string()?;
+                if key.contains('\\') {
+                    return None;
+                }
+                self.eat(b':')?;
+                self.space();
+                out.push_str(key);
+                out.push(':');
+                if outer && self.peek() == Some(b'{') {
+                    self.object(out, false)?;
+                } else {
+                    let value = self.plain()?;
+                    let updated = !outer && key == "\"updated\"";
+                    match if updated { rfc3339(value) } else { None } {
+                        Some(t) => {
+                            out.push('"');
+                            self.v.write_date(out, t);
+                            out.push('"');
+                        }
+                        None => out.push_str(value),
+                    }
+                }
+                self.space();
+                let next = self.peek().filter(|c| matches!(c, b',' | b'}'))?;
+                self.at += 1;
+                out.push(char::from(next));
+                if next == b'}' {
+                    return Some(());
+                }
+            }
+        }
+
+        /// A string, number, `true`, `false` or `null`, as written.
+        fn plain(&mut self) -> Option<&'a str> {
+            match self.peek()? {
+                b'"' => self.string(),
+                b'-' | b'0'..=b'9' => self.number(),
+                _ => ["true", "false", "null"].into_iter().find_map(|word| {
+                    let end = self.at + word.len();
+                    (self.raw.get(self.at..end) == Some(word)).then(|| {
+                        self.at = end;
+                        word
+                    })
+                }),
+            }
+        }
+
+        /// A string with its quotes, its escapes checked as JSON's.
+        fn string(&mut self) -> Option<&'a str> {
+            let start = self.at;
+            let b = self.raw.as_bytes();
+            if b.get(self.at) != Some(&b'"') {
+                return None;
+            }
+            self.at += 1;
+            loop {
+                match *b.get(self.at)? {
+                    b'"' => {
+                        self.at += 1;
+                        return self.raw.get(start..self.at);
+                    }
+                    b'\\' => match *b.get(self.at + 1)? {
+                        b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => self.at += 2,
+                        b'u' => {
+                            let hex = b.get(self.at + 2..self.at + 6)?;
+                            if !hex.iter().all(u8::is_ascii_hexdigit) {
+                                return None;
+                            }
+                            self.at += 6;
+                        }
+                        _ => return None,
+                    },
+                    0x00..=0x1f => return None,
+                    _ => self.at += 1,
+                }
+            }
+        }
+
+        /// A number in JSON's grammar: `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`.
+        fn number(&mut self) -> Option<&'a str> {
+            let start = self.at;
+            let b = self.raw.as_bytes();
+            let digits = |at: &mut usize| {
+                let from = *at;
+                while b.get(*at).is_some_and(u8::is_ascii_digit) {
+                    *at += 1;
+                }
+                *at > from
+            };
+            let mut at = self.at;
+            if b.get(at) == Some(&b'-') {
+                at += 1;
+            }
+            if b.get(at) == Some(&b'0') {
+                at += 1;
+            } else if !digits(&mut at) {
+                return None;
+            }
+            if b.get(at) == Some(&b'.') {
+                at += 1;
+                if !digits(&mut at) {
+                    return None;
+                }
+            }
+            if matches!(b.get(at), Some(b'e' | b'E')) {
+                at += 1;
+                if matches!(b.get(at), Some(b'+' | b'-')) {
+                    at += 1;
+                }
+                if !digits(&mut at) {
+                    return None;
+                }
+            }
+            self.at = at;
+            self.raw.get(start..at)
         }
     }
 
@@ -549,6 +898,9 @@ mod additional {
 
     /// A JSON string that is an RFC 3339 date-time.
     fn rfc3339(raw: &str) -> Option<DateTime<Utc>> {
+        if let Some(t) = postgres_rfc3339(raw) {
+            return Some(t);
+        }
         if !raw.starts_with('"') {
             return None;
         }
@@ -559,6 +911,69 @@ mod additional {
         DateTime::parse_from_rfc3339(&text)
             .ok()
             .map(|t| t.with_timezone(&Utc))
+    }
+
+    /// The common shape of [`rfc3339`]'s input, read directly: `"YYYY-MM-DDTHH:MM:SS`, an
+    /// optional fraction of 1–9 digits, then `Z` or `±HH:MM`, and the closing quote (what
+    /// PostgreSQL writes for a `timestamptz` in JSON). Anything else (other separators, a leap
+    /// second, `-00:00`, an invalid date) is `None` and left to chrono, so the result is
+    /// always chrono's. chrono's general parser was a fifth of rendering `additional`.
+    pub(super) fn postgres_rfc3339(raw: &str) -> Option<DateTime<Utc>> {
+        let b = raw.as_bytes();
+        let num = |at: usize, len: usize| -> Option<u32> {
+            b.get(at..at + len)?.iter().try_fold(0u32, |n, &c| {
+                c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+            })
+        };
+        let at = |i: usize, c: u8| b.get(i) == Some(&c);
+        if !(at(0, b'"')
+            && at(5, b'-')
+            && at(8, b'-')
+            && at(11, b'T')
+            && at(14, b':')
+            && at(17, b':'))
+        {
+            return None;
+        }
+        let (year, month, day) = (num(1, 4)?, num(6, 2)?, num(9, 2)?);
+        let (hour, minute, second) = (num(12, 2)?, num(15, 2)?, num(18, 2)?);
+        let mut i = 20;
+        if at(i, b'.') {
+            let digits = b[i + 1..].iter().take_while(|c| c.is_ascii_digit()).count();
+            if !(1..=9).contains(&digits) {
+                return None;
+            }
+            i += 1 + digits;
+        }
+        let offset = match b.get(i)? {
+            b'Z' => {
+                i += 1;
+                0
+            }
+            sign @ (b'+' | b'-') if at(i + 3, b':') => {
+                let (h, m) = (num(i + 1, 2)?, num(i + 4, 2)?);
+                if h > 23 || m > 59 || (*sign == b'-' && h == 0 && m == 0) {
+                    return None;
+                }
+                i += 6;
+                let minutes = (h * 60 + m) as i64;
+                if *sign == b'-' {
+                    -minutes
+                } else {
+                    minutes
+                }
+            }
+            _ => return None,
+        };
+        if i + 1 != b.len() || !at(i, b'"') || hour > 23 || minute > 59 || second > 59 {
+            return None;
+        }
+        let local = chrono::NaiveDate::from_ymd_opt(year as i32, month, day)?
+            .and_hms_opt(hour, minute, second)?
+            .and_utc()
+            .timestamp();
+        // The fraction is dropped: dates are rendered to the second, which it cannot change.
+        DateTime::from_timestamp(local - offset * 60, 0)
     }
 
     /// A map key, borrowed from the text unless it holds escapes.
@@ -612,6 +1027,134 @@ mod additional {
                 out.push(c);
                 in_string = c == '"';
             }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use rand::{Rng, SeedableRng};
+
+        use super::*;
+        use crate::model::Format;
+
+        /// What the general walk writes for `raw` (as `write` without the scan).
+        fn general(raw: &str, v: Variant) -> String {
+            let mut out = String::new();
+            if !write_object(&mut out, raw, v, true) {
+                out.clear();
+                out.push_str("{}");
+            }
+            out
+        }
+
+        /// The scan's output, if it took `raw`.
+        fn scanned(raw: &str, v: Variant) -> Option<String> {
+            let mut out = String::new();
+            Scan::write(&mut out, raw, v).then_some(out)
+        }
+
+        const TAKEN: &[&str] = &[
+            r#"{}"#,
+            r#" { } "#,
+            r#"{"hardware_key": {"value": "123", "updated": "2026-12-06T13:00:00.123456+00:00"}}"#,
+            r#"{"a": {"updated": "2026-12-06T13:00:00+01:00", "value": -1.5e+3}, "b": 0, "c": "x"}"#,
+            r#"{"fw": {"updated": "not a date", "value": null}, "t": true, "f": false}"#,
+            r#"{"k": {"updated": 17, "value": "\"q\" \\ \/ \b\f\n\r\t \u00e9 ü ✓"}}"#,
+            "{\n  \"a\" :\t{ \"updated\" : \"2024-02-29T23:59:59Z\" } ,\r\"b\":{}\n}",
+            r#"{"updated": "2026-12-06T13:00:00+00:00"}"#,
+            r#"{"a": {"x": 0.25, "y": -0, "z": 1E5, "w": 10e-2}}"#,
+            r#"{"dup": 1, "dup": {"updated": "1999-12-31T23:59:59-03:30"}}"#,
+        ];
+
+        const LEFT: &[&str] = &[
+            r#"{"a": [1, 2]}"#,
+            r#"{"a": {"b": {"c": 1}}}"#,
+            r#"{"a": {"b": [1]}}"#,
+            r#"{"k\u0065y": 1}"#,
+            r#"{"a": {"upd\u0061ted": "2026-12-06T13:00:00Z"}}"#,
+            r#"[]"#,
+            r#""text""#,
+            r#"{"a": 01}"#,
+            r#"{"a": 1.}"#,
+            r#"{"a": .5}"#,
+            r#"{"a": 1e}"#,
+            r#"{"a": +1}"#,
+            r#"{"a": tru}"#,
+            r#"{"a": "\x"}"#,
+            r#"{"a": "\u12"}"#,
+            "{\"a\": \"tab\there\"}",
+            r#"{"a": 1,}"#,
+            r#"{"a" 1}"#,
+            r#"{"a": 1} x"#,
+            r#"{"a": 1"#,
+            r#"{a: 1}"#,
+            "",
+        ];
+
+        fn variants() -> [Variant; 2] {
+            [
+                Variant {
+                    format: Format::Full,
+                    tz: chrono_tz::Europe::Berlin,
+                    iso: false,
+                },
+                Variant {
+                    format: Format::Full,
+                    tz: chrono_tz::Asia::Kathmandu,
+                    iso: true,
+                },
+            ]
+        }
+
+        #[test]
+        fn the_scan_takes_the_usual_shapes_and_writes_what_the_general_walk_writes() {
+            for v in variants() {
+                for raw in TAKEN {
+                    assert_eq!(scanned(raw, v), Some(general(raw, v)), "{raw}");
+                }
+                for raw in LEFT {
+                    assert_eq!(scanned(raw, v), None, "{raw}");
+                    let mut out = String::new();
+                    write(&mut out, raw, v);
+                    assert_eq!(out, general(raw, v), "{raw}");
+                }
+            }
+        }
+
+        /// Texts a few edits away from the usual shapes: whatever the scan takes, it writes as
+        /// the general walk does (which decides whatever the scan leaves).
+        #[test]
+        fn the_scan_never_takes_what_the_general_walk_would_write_otherwise() {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(6);
+            let alphabet: Vec<char> = "{}[]:,\"\\ 0123456789.-+eEtrufalsn\n\tu".chars().collect();
+            let (mut taken, mut total) = (0, 0);
+            for v in variants() {
+                for base in TAKEN.iter().chain(LEFT) {
+                    for _ in 0..400 {
+                        let mut chars: Vec<char> = base.chars().collect();
+                        for _ in 0..rng.gen_range(1..=3) {
+                            let at = rng.gen_range(0..=chars.len());
+                            match rng.gen_range(0..3) {
+                                0 if at < chars.len() => {
+                                    chars.remove(at);
+                                }
+                                1 if at < chars.len() => {
+                                    chars[at] = alphabet[rng.gen_range(0..alphabet.len())];
+                                }
+                                _ => chars.insert(at, alphabet[rng.gen_range(0..alphabet.len())]),
+                            }
+                        }
+                        let raw: String = chars.into_iter().collect();
+                        total += 1;
+                        if let Some(out) = scanned(&raw, v) {
+                            taken += 1;
+                            assert_eq!(out, general(&raw, v), "{raw}");
+                        }
+                    }
+                }
+            }
+            // Both kinds were tried: edits the scan takes and edits it leaves.
+            assert!(taken > total / 20 && taken < total, "{taken} of {total}");
         }
     }
 }
@@ -1041,11 +1584,170 @@ mod tests {
         }
     }
 
+    /// Date-times through a day kept by the thread (consecutive ones share it) read as chrono
+    /// formats them, on days the zone's offset changes too: every 7 minutes 13 seconds through
+    /// the weeks around both of a year's changes, in zones with unusual offsets and changes.
+    #[test]
+    fn kept_days_render_as_chrono_around_offset_changes() {
+        let zones = [
+            chrono_tz::Europe::Berlin,
+            chrono_tz::America::Sao_Paulo,
+            chrono_tz::Australia::Lord_Howe,
+            chrono_tz::Pacific::Chatham,
+            chrono_tz::America::St_Johns,
+            chrono_tz::Asia::Kathmandu,
+        ];
+        for tz in zones {
+            for iso in [false, true] {
+                let v = Variant {
+                    format: Format::Full,
+                    tz,
+                    iso,
+                };
+                let f = if iso {
+                    "%Y-%m-%dT%H:%M:%S%:z"
+                } else {
+                    "%Y-%m-%d %H:%M:%S"
+                };
+                for (month, day) in [(3, 20), (9, 20), (10, 20)] {
+                    let start = Utc.with_ymd_and_hms(2024, month, day, 0, 0, 0).unwrap();
+                    let mut dates = Dates::new(v);
+                    for step in 0..(21 * 24 * 60 / 7) {
+                        let t = start + chrono::Duration::seconds(step * 433);
+                        let want = t.with_timezone(&tz).format(f).to_string();
+                        assert_eq!(v.date(t), want, "{tz} iso={iso}");
+                        let mut out = String::new();
+                        dates.push(&mut out, t);
+                        assert_eq!(out, format!("\"{want}\""), "{tz} iso={iso}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The direct reading of PostgreSQL's date-times in `additional` gives chrono's instant (to
+    /// the second, all a date is rendered to), and leaves what it does not know to chrono.
+    #[test]
+    fn postgres_dates_in_additional_read_as_chrono_reads_them() {
+        let chrono_reads = |raw: &str| {
+            let text: String = serde_json::from_str(raw).ok()?;
+            DateTime::parse_from_rfc3339(&text)
+                .ok()
+                .and_then(|t| DateTime::from_timestamp(t.timestamp(), 0))
+        };
+        let direct = [
+            r#""2026-12-06T13:00:00.123456+00:00""#,
+            r#""2026-12-06T13:00:00+01:00""#,
+            r#""2024-02-29T23:59:59.9-03:30""#,
+            r#""1999-12-31T00:00:00Z""#,
+            r#""2026-12-06T13:00:00.1+23:59""#,
+            r#""0001-01-01T00:00:00+05:45""#,
+            r#""2026-06-30T12:34:56.123456789-09:00""#,
+        ];
+        for raw in direct {
+            let t = additional::postgres_rfc3339(raw);
+            assert!(t.is_some(), "{raw} should be read directly");
+            assert_eq!(t, chrono_reads(raw), "{raw}");
+        }
+        let left_to_chrono = [
+            r#""2026-12-06 13:00:00+00:00""#,
+            r#""2026-12-06t13:00:00Z""#,
+            r#""2026-12-06T13:00:60Z""#,
+            r#""2026-12-06T13:00:00-00:00""#,
+            r#""2026-12-06T13:00:00.+00:00""#,
+            r#""2026-12-06T13:00:00.1234567890Z""#,
+            r#""2023-02-29T13:00:00Z""#,
+            r#""2026-13-06T13:00:00Z""#,
+            r#""2026-12-06T24:00:00Z""#,
+            r#""2026-12-06T13:00:00+24:00""#,
+            r#""2026-12-06T13:00:00+01""#,
+            r#""2026-12-06T13:00:00Z "#,
+            r#""2026-12-06T13:00:00Zx""#,
+            r#""2026-12-06T13:00:00""#,
+            r#""2026-12-0\u0036T13:00:00Z""#,
+            r#"2026-12-06T13:00:00Z"#,
+            r#""+2026-12-06T13:00:00Z""#,
+            "",
+            "\"",
+        ];
+        for raw in left_to_chrono {
+            assert_eq!(additional::postgres_rfc3339(raw), None, "{raw}");
+        }
+    }
+
     #[test]
     fn lifecycle_frame_is_valid_json() {
         let ev: serde_json::Value =
             serde_json::from_str(&lifecycle_event(3, 1003, Lifecycle::Block)).unwrap();
         assert_eq!(ev["data"]["source_id"], 1003);
         assert_eq!(ev["data"]["lifecycle_event"], "block");
+    }
+}
+
+/// What rendering costs, for profiling (not a check: it asserts nothing and is ignored by
+/// default). `cargo test --release --lib render_cost -- --ignored --nocapture` prints the time
+/// per event; under `valgrind --tool=callgrind` (with `N=1`) it gives instructions, which do
+/// not drift with the machine. The states are the benchmark's (`bench/src/db.rs`, `writer.rs`).
+#[cfg(test)]
+mod render_cost {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    #[ignore]
+    fn render_cost_per_state_event() {
+        let base = Utc.with_ymd_and_hms(2026, 12, 6, 14, 0, 0).unwrap();
+        let seed = base - chrono::Duration::seconds(3600);
+        let state = |i: i64| {
+            let t = base + chrono::Duration::milliseconds(i * 7);
+            TrackerState {
+                tracker_id: i % 100_000,
+                change_no: i,
+                gps_updated: Some(t),
+                movement_status_update: Some(t),
+                ignition_update: Some(t),
+                gsm_updated: Some(seed),
+                last_update: t,
+                battery_update: Some(t),
+                inputs_update: Some(seed),
+                outputs_update: Some(seed),
+                additional: format!(
+                    r#"{{"hardware_key": {{"value": "{i}", "updated": "2026-12-06T13:00:00.123456+00:00"}}}}"#
+                )
+                .into(),
+                actual_track_update: None,
+                ..tests::sample()
+            }
+        };
+        let states: Vec<TrackerState> = (0..20_000).map(state).collect();
+        let rounds: usize = std::env::var("N")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(10);
+        let berlin = chrono_tz::Europe::Berlin;
+        for (name, format, tz) in [
+            ("full, Europe/Berlin", Format::Full, berlin),
+            ("compact, Europe/Berlin", Format::Compact, berlin),
+            ("full, UTC", Format::Full, chrono_tz::UTC),
+        ] {
+            let variant = Variant {
+                format,
+                tz,
+                iso: false,
+            };
+            let start = std::time::Instant::now();
+            let mut bytes = 0;
+            for _ in 0..rounds {
+                for s in &states {
+                    bytes += state_event(s, variant, base).len();
+                }
+            }
+            let events = rounds * states.len();
+            println!(
+                "{name}: {:.0} ns per event, {} bytes",
+                start.elapsed().as_nanos() as f64 / events as f64,
+                bytes / events
+            );
+        }
     }
 }

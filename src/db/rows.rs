@@ -10,13 +10,15 @@
 //! bytes are read as what that type says they are, and `additional` stays the JSON text
 //! PostgreSQL sent (rendered in [`crate::model`]).
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use futures_util::TryStreamExt;
 use sqlx::postgres::{PgArguments, PgRow, PgValueFormat};
 use sqlx::query::Query;
 use sqlx::{Column, PgPool, Postgres, Row, TypeInfo, ValueRef};
 
-use crate::model::{TrackerState, STATE_FIELDS};
+use crate::model::{self, TrackerState, STATE_FIELDS};
 
 // Type OIDs (pg_type.dat): stable across PostgreSQL versions.
 const BOOL: u32 = 16;
@@ -165,6 +167,10 @@ fn string(i: usize, bytes: &[u8]) -> Result<String, Bad> {
     text(i, bytes).map(str::to_owned)
 }
 
+fn status(i: usize, bytes: &[u8]) -> Result<Cow<'static, str>, Bad> {
+    text(i, bytes).map(model::status_word)
+}
+
 fn timestamp(i: usize, bytes: &[u8]) -> Result<DateTime<Utc>, Bad> {
     let micros = i64::from_be_bytes(fixed(i, bytes)?);
     micros
@@ -278,8 +284,8 @@ impl<'r> Columns<'r> {
             alt: self.req(9, int4)?,
             gps_precision: self.opt(10, int4)?,
             gsm_lbs: self.opt(11, boolean)?,
-            connection_status: self.req(12, string)?,
-            movement_status: self.req(13, string)?,
+            connection_status: self.req(12, status)?,
+            movement_status: self.req(13, status)?,
             movement_status_update: self.opt(14, timestamp)?,
             ignition: self.req(15, boolean)?,
             ignition_update: self.opt(16, timestamp)?,
