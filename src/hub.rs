@@ -565,7 +565,9 @@ pub struct HubStats {
 
 #[derive(Default)]
 pub struct Hub {
-    trackers: DashMap<TrackerId, TrackerEntry>,
+    /// Looked up for every state read, so with a faster hasher than std's SipHash (the keys are
+    /// tracker ids from the database; foldhash is randomly seeded too).
+    trackers: DashMap<TrackerId, TrackerEntry, foldhash::fast::RandomState>,
     sessions: DashMap<Arc<str>, SessionEntry>,
     next_conn: AtomicU64,
     stream_up: AtomicBool,
