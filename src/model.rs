@@ -1551,6 +1551,21 @@ mod tests {
         assert_eq!(names, STATE_FIELDS);
     }
 
+    /// A full-format variant and the chrono format string its dates must match.
+    fn full_and_chrono_format(tz: Tz, iso: bool) -> (Variant, &'static str) {
+        let v = Variant {
+            format: Format::Full,
+            tz,
+            iso,
+        };
+        let f = if iso {
+            "%Y-%m-%dT%H:%M:%S%:z"
+        } else {
+            "%Y-%m-%d %H:%M:%S"
+        };
+        (v, f)
+    }
+
     #[test]
     fn fast_dates_match_chrono_formatting() {
         let zones = [
@@ -1564,16 +1579,7 @@ mod tests {
         let start = Utc.with_ymd_and_hms(1999, 12, 31, 23, 59, 59).unwrap();
         for tz in zones {
             for iso in [false, true] {
-                let v = Variant {
-                    format: Format::Full,
-                    tz,
-                    iso,
-                };
-                let f = if iso {
-                    "%Y-%m-%dT%H:%M:%S%:z"
-                } else {
-                    "%Y-%m-%d %H:%M:%S"
-                };
+                let (v, f) = full_and_chrono_format(tz, iso);
                 for step in 0..2000i64 {
                     // Every ~4.4 days over 24 years, at varying times of day (DST changes too).
                     let t = start + chrono::Duration::seconds(step * 379_417);
@@ -1599,16 +1605,7 @@ mod tests {
         ];
         for tz in zones {
             for iso in [false, true] {
-                let v = Variant {
-                    format: Format::Full,
-                    tz,
-                    iso,
-                };
-                let f = if iso {
-                    "%Y-%m-%dT%H:%M:%S%:z"
-                } else {
-                    "%Y-%m-%d %H:%M:%S"
-                };
+                let (v, f) = full_and_chrono_format(tz, iso);
                 for (month, day) in [(3, 20), (9, 20), (10, 20)] {
                     let start = Utc.with_ymd_and_hms(2024, month, day, 0, 0, 0).unwrap();
                     let mut dates = Dates::new(v);
