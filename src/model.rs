@@ -46,8 +46,8 @@ impl Variant {
     /// Appends `t` in this variant's zone and form (see [`Variant::format_date`]).
     pub fn write_date(&self, out: &mut String, t: DateTime<Utc>) {
         match LocalDay::of(self.tz, t.timestamp()) {
-            Some(day) => day.write(out, t.timestamp(), self.iso),
-            None => out.push_str(self.format_date(t).as_str()),
+            Some(day) if day.steady => day.write(out, t.timestamp(), self.iso),
+            _ => out.push_str(self.format_date(t).as_str()),
         }
     }
 
@@ -382,8 +382,8 @@ impl Dates {
                     }
                 };
                 let text = match day {
-                    Some(day) => day.text(second, self.variant.iso),
-                    None => self.variant.format_date(t),
+                    Some(day) if day.steady => day.text(second, self.variant.iso),
+                    _ => self.variant.format_date(t),
                 };
                 self.last = Some((second, text));
                 text
@@ -407,18 +407,23 @@ impl Dates {
 /// date and the seconds since `start`. Rendering a date through chrono and chrono-tz (a search
 /// of the zone's transitions, calendar arithmetic) was a fifth of rendering a whole state event;
 /// through a known day it is a few divisions. Each thread keeps the last few days it used
-/// ([`DAYS`]); days on which the offset changes are not kept, and their date-times go through
-/// [`Variant::format_date`] as before.
+/// ([`DAYS`]). A day on which the offset changes is kept too, as not `steady`: its date-times go
+/// through [`Variant::format_date`] as before (finding a day looks at the zone 49 times, so such
+/// a day must not be looked for again at every date-time).
 #[derive(Clone, Copy)]
 struct LocalDay {
     tz: Tz,
+    /// The UTC seconds `[start, start + 86,400)`: local midnight to midnight when `steady`.
     start: i64,
+    /// The offset holds all day, the year is 0–9999 and the offset whole minutes: the
+    /// template below is right for every second of the day.
+    steady: bool,
     /// The day's date-times in ISO form at midnight, `YYYY-MM-DDT00:00:00+HH:MM`: a date-time
     /// is this with its time of day written in.
     template: [u8; 25],
 }
 
-/// Days kept per thread: one per zone in use, a handful of zones at a time.
+/// Days kept per thread: a few days each of the few zones in use at a time.
 const DAYS_KEPT: usize = 8;
 
 thread_local! {
@@ -434,8 +439,7 @@ impl LocalDay {
     }
 
     /// The day of `tz` that holds `second` (UTC), from this thread's cache or found and kept;
-    /// `None` if the zone's offset changes that day, is not a whole number of minutes, or the
-    /// year is outside 0–9999.
+    /// `None` only where chrono has no date-time for `second`.
     fn of(tz: Tz, second: i64) -> Option<LocalDay> {
         let kept = DAYS.with(|days| {
             days.borrow()
@@ -451,13 +455,11 @@ impl LocalDay {
         let day = Self::find(tz, second)?;
         DAYS.with(|days| {
             let (days, next) = &mut *days.borrow_mut();
-            // The zone's previous day gives way first, then the oldest entry.
-            let at = days
-                .iter()
-                .position(|d| d.is_none_or(|d| d.tz == tz))
-                .unwrap_or(*next % DAYS_KEPT);
-            days[at] = Some(day);
-            *next = (at + 1) % DAYS_KEPT;
+            // The oldest entry gives way. Not the zone's previous day first: date-times on
+            // both sides of a local midnight (or of an offset change) are common in one state,
+            // and each day would push the other out.
+            days[*next % DAYS_KEPT] = Some(day);
+            *next = (*next + 1) % DAYS_KEPT;
         });
         Some(day)
     }
@@ -471,23 +473,27 @@ impl LocalDay {
             })
         };
         let offset = offset_at(second)?;
-        if offset % 60 != 0 {
-            return None;
-        }
         let start = (second + i64::from(offset)).div_euclid(Self::SECONDS) * Self::SECONDS
             - i64::from(offset);
+        let unsteady = LocalDay {
+            tz,
+            start,
+            steady: false,
+            template: [0; 25],
+        };
         // The offset must hold all day. Zones change it at most a few times a year and never
         // twice within half an hour, so looking every half hour (and at the last second) finds
         // any change.
-        let steady = (0..Self::SECONDS / 1800)
-            .map(|k| start + k * 1800)
-            .chain([start + Self::SECONDS - 1])
-            .all(|s| offset_at(s) == Some(offset));
-        if !steady {
-            return None;
-        }
+        let steady = offset % 60 == 0
+            && (0..Self::SECONDS / 1800)
+                .map(|k| start + k * 1800)
+                .chain([start + Self::SECONDS - 1])
+                .all(|s| offset_at(s) == Some(offset));
         let date = DateTime::from_timestamp(start + i64::from(offset), 0)?.date_naive();
-        let year = u32::try_from(date.year()).ok().filter(|y| *y <= 9999)?;
+        let year = match u32::try_from(date.year()) {
+            Ok(year) if steady && year <= 9999 => year,
+            _ => return Some(unsteady),
+        };
         let minutes = offset.unsigned_abs() / 60;
         let mut template = *b"0000-00-00T00:00:00+00:00";
         put_two(&mut template, 0, year / 100);
@@ -500,9 +506,9 @@ impl LocalDay {
         put_two(&mut template, 20, minutes / 60);
         put_two(&mut template, 23, minutes % 60);
         Some(LocalDay {
-            tz,
-            start,
+            steady: true,
             template,
+            ..unsteady
         })
     }
 
@@ -1620,6 +1626,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A day on which the zone's offset changes is kept too (as not steady), so its
+    /// date-times do not look for it again (49 looks at the zone each), and days on both sides
+    /// of a midnight stay kept together.
+    #[test]
+    fn days_with_offset_changes_and_both_sides_of_midnight_stay_kept() {
+        let kept = |tz: Tz, second: i64| {
+            DAYS.with(|days| {
+                days.borrow()
+                    .0
+                    .iter()
+                    .flatten()
+                    .find(|d| d.tz == tz && d.holds(second))
+                    .map(|d| d.steady)
+            })
+        };
+        let berlin = chrono_tz::Europe::Berlin;
+        // Berlin's clocks went forward at 01:00 UTC on 2020-03-29.
+        let change = Utc
+            .with_ymd_and_hms(2020, 3, 29, 0, 30, 0)
+            .unwrap()
+            .timestamp();
+        let before = Utc
+            .with_ymd_and_hms(2020, 3, 28, 22, 59, 59)
+            .unwrap()
+            .timestamp();
+        let after = Utc
+            .with_ymd_and_hms(2020, 3, 28, 23, 0, 0)
+            .unwrap()
+            .timestamp();
+        for second in [change, before, after] {
+            assert!(LocalDay::of(berlin, second).is_some());
+        }
+        assert_eq!(kept(berlin, change), Some(false));
+        assert_eq!(kept(berlin, before), Some(true));
+        assert_eq!(kept(berlin, change + 3600), Some(false));
+        let v = Variant {
+            format: Format::Full,
+            tz: berlin,
+            iso: true,
+        };
+        assert_eq!(
+            v.date(DateTime::from_timestamp(change + 3600, 0).unwrap()),
+            "2020-03-29T03:30:00+02:00"
+        );
     }
 
     /// The direct reading of PostgreSQL's date-times in `additional` gives chrono's instant (to
