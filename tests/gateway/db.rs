@@ -1234,3 +1234,94 @@ async fn restoring_a_removed_tracker_announces_its_account(pool: PgPool) {
         .expect("restore");
     assert_eq!(payloads_until_marker(&pool, &mut l).await, ["n|1"]);
 }
+
+// --- cost of the processor's read --------------------------------------------------------------
+
+/// PostgreSQL's CPU per row of the event processor's read (`states_by_ids_source_unread`, and
+/// the compact columns), against reading the tracker id alone: what writing the columns out
+/// costs beside finding the rows. A harness, not a check (ignored); PostgreSQL must run on this
+/// machine (its backend's CPU is read from `/proc`):
+/// `cargo test --release --test gateway read_cost -- --ignored --nocapture`
+/// (`SECS` sets the seconds per figure, default 3).
+#[sqlx::test(migrations = "./migrations")]
+#[ignore]
+async fn read_cost_per_row(pool: PgPool) {
+    use rand::seq::SliceRandom;
+    const TRACKERS: i64 = 100_000;
+    // One connection, so that every read runs on the backend whose CPU is counted; not tested
+    // before use, as the processor's (`db::events_pool`).
+    let one = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    // The benchmark's fleet (bench/src/db.rs), states included.
+    for sql in [
+        "INSERT INTO users (id, login, time_zone) VALUES (1, 'bench', 'Europe/Berlin')",
+        "INSERT INTO trackers (id, account_id, source_id, label) \
+         SELECT g, 1, 1000000 + g, 'bench ' || g FROM generate_series(1, 100000) g",
+        "INSERT INTO tracker_states (tracker_id, gps_updated, gps_signal_level, lat, lng, \
+           heading, speed, alt, connection_status, movement_status, movement_status_update, \
+           ignition, ignition_update, gsm_updated, gsm_signal_level, gsm_network_name, \
+           gsm_roaming, last_update, battery_level, battery_update, inputs, inputs_update, \
+           outputs, outputs_update, additional) \
+         SELECT g, now(), 100, 52.4 + (g % 1000) * 0.0002, 13.3 + (g / 1000) * 0.0002, \
+           (g % 360)::int2, 0, 0, 'active', 'parked', now(), false, now(), now(), 80, \
+           'Bench GSM', false, now(), 97, now(), '{false,false,true}', now(), \
+           '{true,false}', now(), \
+           jsonb_build_object('hardware_key', jsonb_build_object('value', g::text, 'updated', now())) \
+         FROM generate_series(1, 100000) g",
+        "VACUUM ANALYZE tracker_states",
+    ] {
+        sqlx::query(sql).execute(&one).await.unwrap();
+    }
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&one)
+        .await
+        .unwrap();
+    let backend_cpu = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        ticks / 100.0
+    };
+    let secs: f64 = std::env::var("SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
+    let mut ids: Vec<i64> = (1..=TRACKERS).collect();
+    let mut rng = rand::thread_rng();
+    for n in [1, 10, 125, 2000] {
+        for what in ["full columns", "compact columns", "tracker id only"] {
+            let (start, cpu) = (std::time::Instant::now(), backend_cpu());
+            let mut rows = 0;
+            while start.elapsed().as_secs_f64() < secs {
+                ids.shuffle(&mut rng);
+                let chunk = &ids[..n];
+                rows += match what {
+                    "full columns" => queries::states_by_ids_source_unread(&one, chunk)
+                        .await
+                        .unwrap()
+                        .len(),
+                    "compact columns" => queries::states_by_ids_for(&one, chunk, true)
+                        .await
+                        .unwrap()
+                        .len(),
+                    _ => sqlx::query(
+                        "SELECT s.tracker_id FROM tracker_states s WHERE s.tracker_id = ANY($1)",
+                    )
+                    .bind(chunk)
+                    .fetch_all(&one)
+                    .await
+                    .unwrap()
+                    .len(),
+                };
+            }
+            println!(
+                "{n:>5} ids per read, {what:<16}: PostgreSQL {:.2} µs of CPU per row",
+                (backend_cpu() - cpu) * 1e6 / rows as f64
+            );
+        }
+    }
+}
