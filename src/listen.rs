@@ -40,8 +40,8 @@ const STATE_FETCH_CHUNK: usize = 2000;
 /// Most chunk reads in flight at once (and at most the processor pool's connections,
 /// `database.event_connections`): the next chunks are read while one is decoded and published.
 /// On the 2-core benchmark machine, where PostgreSQL's writers compete for the same cores, 1, 2,
-/// 3 and 4 reads in flight delivered 25%, 37%, 46–59% and 61% of the raw LISTEN rate (README,
-/// Performance).
+/// 3 and 4 reads in flight delivered 25%, 37%, 46–59% and 61% of the raw LISTEN rate
+/// (docs/performance.md, "What changed").
 const STATE_FETCHES_IN_FLIGHT: usize = 4;
 
 /// Work the listener has collected for the processor.

@@ -183,7 +183,7 @@ impl Application {
                 // `writer::CHUNK` bytes, so a busy socket holds at most 32 KiB here; our patched
                 // actix-http (vendor/README.md) releases the buffer as soon as everything is
                 // written, so an idle one holds none. 8 KiB cost about a fifth of `fanout`'s
-                // throughput in write calls (README, "What changed").
+                // throughput in write calls (docs/performance.md, "What changed").
                 .h1_write_buffer_size(32 * 1024 - crate::ws::writer::CHUNK)
                 .shutdown_timeout(settings.server.shutdown_timeout_secs);
         if settings.server.workers > 0 {
@@ -237,7 +237,7 @@ type EventTasks = Vec<(&'static str, BoxFuture<'static, ()>)>;
 /// single-threaded runtime. The processor is one task that alternates between waiting for its
 /// reads and publishing what they return; on the shared multi-threaded runtime each of its
 /// wake-ups could also wake an idle worker to look for work to steal, which cost about a tenth
-/// of the gateway's CPU time in `ingest` (README, "What changed"). Its own thread also keeps it
+/// of the gateway's CPU time in `ingest` (docs/performance.md, "What changed"). Its own thread also keeps it
 /// off the cores' queue behind batch groups' renderings.
 ///
 /// The tasks return only once `shutdown` is sent. One that ends before (a panic: a bug) leaves
