@@ -107,8 +107,12 @@ struct Member {
 #[derive(Default)]
 struct GroupState {
     members: Vec<Member>,
-    /// Trackers of the target (blocked ones included: they still get lifecycle events).
-    trackers: HashSet<TrackerId>,
+    /// Trackers of the target (blocked ones included: they still get lifecycle events), each
+    /// with the change number of the newest lifecycle facts the group holds for it (from the
+    /// read that admitted it, or a later event): an event no newer is old news to the group.
+    /// (A tracker moved into the group's account is admitted with the move's change number,
+    /// while the move's `corrupt` is on its way to the old account's viewers.)
+    trackers: HashMap<TrackerId, i64>,
     blocked: HashSet<TrackerId>,
     latest: HashMap<TrackerId, Arc<TrackerState>>,
     dirty: HashSet<TrackerId>,
@@ -170,7 +174,11 @@ impl GroupState {
                 },
                 _ => f.blocked,
             };
-            self.trackers.insert(*id);
+            let change = match self.early.get(id) {
+                Some(&(change, _)) => change.max(f.change_no),
+                None => f.change_no,
+            };
+            self.trackers.insert(*id, change);
             if blocked {
                 self.blocked.insert(*id);
             } else {
@@ -223,7 +231,7 @@ impl BatchGroup {
         // the whole fleet in a group, each lookup is a cache miss.
         let old = match g.latest.get_mut(&id) {
             Some(old) => Some(old),
-            None if g.trackers.contains(&id) => None,
+            None if g.trackers.contains_key(&id) => None,
             None => return,
         };
         if g.blocked.contains(&id) {
@@ -249,7 +257,7 @@ impl BatchGroup {
             return;
         }
         let mut g = self.lock();
-        if !g.trackers.contains(&r.tracker_id) {
+        if !g.trackers.contains_key(&r.tracker_id) {
             return;
         }
         let key = r.key();
@@ -270,25 +278,36 @@ impl BatchGroup {
     }
 
     /// A lifecycle event from the hub: forwarded to every member at once (never batched), unless
-    /// the group already knew it (a block its target read saw, published later): the members
-    /// were told that in their statuses.
-    pub fn lifecycle(&self, id: TrackerId, change: i64, kind: Lifecycle, frame: &ByteString) {
+    /// the group already knew it (a block its target read saw, published later; a `corrupt`
+    /// older than the move that brought the tracker in): the members were told that in their
+    /// statuses. Returns whether the group still holds the tracker (or is about to admit it).
+    pub fn lifecycle(
+        &self,
+        id: TrackerId,
+        change: i64,
+        kind: Lifecycle,
+        frame: &ByteString,
+    ) -> bool {
         let mut g = self.lock();
-        if !g.trackers.contains(&id) {
+        let Some(known) = g.trackers.get_mut(&id) else {
             // Registered in the hub, not yet admitted: keep the newest for the admission.
             let e = g.early.entry(id).or_insert((change, kind));
             if change > e.0 {
                 *e = (change, kind);
             }
-            return;
+            return true;
+        };
+        if change <= *known {
+            return true;
         }
+        *known = change;
         let news = match kind {
             Lifecycle::Block => !g.blocked.contains(&id),
             Lifecycle::Unblock => g.blocked.contains(&id),
             Lifecycle::Corrupt => true,
         };
         if !news {
-            return;
+            return true;
         }
         // A member joining later must not get a full batch, or statuses, that predate this
         // event.
@@ -321,6 +340,7 @@ impl BatchGroup {
                 frame: frame.clone(),
             });
         }
+        kind != Lifecycle::Corrupt
     }
 
     /// A readings batch: per tracker (sorted, blocked ones left out), the readings named by
@@ -580,7 +600,7 @@ impl BatchGroup {
         if let Some(m) = &g.status_map {
             return m.clone();
         }
-        let mut ids: Vec<TrackerId> = g.trackers.iter().copied().collect();
+        let mut ids: Vec<TrackerId> = g.trackers.keys().copied().collect();
         ids.sort_unstable();
         let m = StatusMap::new(ids.into_iter().map(|id| {
             let status = if g.blocked.contains(&id) {
@@ -611,7 +631,7 @@ impl BatchGroup {
     }
 
     pub fn tracker_ids(&self) -> Vec<TrackerId> {
-        self.lock().trackers.iter().copied().collect()
+        self.lock().trackers.keys().copied().collect()
     }
 
     pub fn member_count(&self) -> usize {
@@ -745,7 +765,7 @@ impl Batches {
             let dropped: Vec<TrackerId> = group
                 .lock()
                 .trackers
-                .iter()
+                .keys()
                 .copied()
                 .filter(|id| !keep.contains(id))
                 .collect();
@@ -811,7 +831,7 @@ impl Batches {
             .map(|g| g.value().clone())
             .collect();
         for group in groups {
-            let known: HashSet<TrackerId> = group.lock().trackers.clone();
+            let known: HashSet<TrackerId> = group.lock().trackers.keys().copied().collect();
             let facts: Vec<(TrackerId, TrackerFacts)> = target_trackers(pool, &group.key)
                 .await?
                 .into_iter()
@@ -939,7 +959,7 @@ fn unregister(hub: &Hub, group: &Arc<BatchGroup>, ids: &[TrackerId]) {
         let g = group.lock();
         ids.iter()
             .copied()
-            .filter(|id| !g.trackers.contains(id))
+            .filter(|id| !g.trackers.contains_key(id))
             .collect()
     };
     hub.unsubscribe_group(group, &ids);
@@ -1025,7 +1045,7 @@ mod tests {
                 kind,
             },
             state: Mutex::new(GroupState {
-                trackers: trackers.into_iter().collect(),
+                trackers: trackers.into_iter().map(|id| (id, 0)).collect(),
                 ..GroupState::default()
             }),
             filled: OnceCell::new(),
@@ -1055,11 +1075,36 @@ mod tests {
         let gone = g.lock().admit(&[facts(5, 10), facts(6, 10), facts(7, 10)]);
         assert_eq!(gone, [6]);
         let st = g.lock();
-        let mut trackers: Vec<TrackerId> = st.trackers.iter().copied().collect();
+        let mut trackers: Vec<TrackerId> = st.trackers.keys().copied().collect();
         trackers.sort_unstable();
         assert_eq!(trackers, [5, 7]);
         assert!(st.blocked.contains(&5) && !st.blocked.contains(&7));
         assert!(st.early.is_empty());
+    }
+
+    /// A lifecycle event no newer than the facts a tracker was admitted with is old news: a
+    /// tracker moved into the group's account is admitted with the move's change number, and
+    /// the move's `corrupt` (for the old account's viewers) must not make the group forget it.
+    #[test]
+    fn a_lifecycle_event_older_than_the_admission_is_ignored() {
+        let g = group(GroupKind::State, []);
+        let facts = TrackerFacts {
+            source_id: 0,
+            account_id: 3,
+            blocked: false,
+            change_no: 10,
+        };
+        assert!(g.lock().admit(&[(5, facts)]).is_empty());
+        let frame = ByteString::from_static("lifecycle");
+        assert!(g.lifecycle(5, 10, Lifecycle::Corrupt, &frame), "kept");
+        assert!(g.lifecycle(5, 9, Lifecycle::Block, &frame));
+        assert_eq!(g.tracker_ids(), [5]);
+        assert!(!g.lock().blocked.contains(&5));
+        // Newer ones apply.
+        assert!(g.lifecycle(5, 11, Lifecycle::Block, &frame));
+        assert!(g.lock().blocked.contains(&5));
+        assert!(!g.lifecycle(5, 12, Lifecycle::Corrupt, &frame), "forgotten");
+        assert!(g.tracker_ids().is_empty());
     }
 
     /// A tracker the group lets go of (a grant revoked, a read that failed or found it gone)

@@ -943,6 +943,8 @@ impl Hub {
         }
         entry.lifecycle_change = change;
         entry.blocked = kind != Lifecycle::Unblock;
+        // (A `corrupt` that a group outgrew is settled below.)
+        let newest = (entry.newest_change, entry.newest_blocked);
         if change >= entry.newest_change {
             entry.newest_change = change;
             entry.newest_blocked = entry.blocked;
@@ -968,17 +970,30 @@ impl Hub {
         if entry.held.as_ref().is_some_and(|h| h.outstanding() == 0) {
             entry.held = None;
         }
-        for g in entry.groups.iter().chain(&entry.readings_groups) {
-            g.lifecycle(id, change, kind, &frame);
-        }
-        let idle = kind == Lifecycle::Corrupt && {
-            // Every group forgot the tracker: drop them here too, or the entry (and, through
-            // it, a retired group with all its states) would outlive them for good. The
-            // account goes too: a tracker moved back and watched again is admitted anew.
-            entry.groups.clear();
-            entry.readings_groups.clear();
+        let idle = if kind == Lifecycle::Corrupt {
+            // The groups that forgot the tracker leave its entry too, or the entry (and, through
+            // it, a retired group with all its states) would outlive them for good. A group
+            // that admitted the tracker with facts at least as new (moved into its account: the
+            // move's `corrupt` is for the old account's viewers) keeps it, and the entry's
+            // lifecycle then follows that group's read. The account goes either way: a tracker
+            // moved back and watched again is admitted anew.
+            entry
+                .groups
+                .retain(|g| g.lifecycle(id, change, kind, &frame));
+            entry
+                .readings_groups
+                .retain(|g| g.lifecycle(id, change, kind, &frame));
+            if !entry.groups.is_empty() || !entry.readings_groups.is_empty() {
+                (entry.newest_change, entry.newest_blocked) = newest;
+                entry.blocked = entry.newest_blocked;
+            }
             entry.account_id = None;
             entry.is_idle()
+        } else {
+            for g in entry.groups.iter().chain(&entry.readings_groups) {
+                g.lifecycle(id, change, kind, &frame);
+            }
+            false
         };
         drop(guard);
         if idle {

@@ -186,6 +186,52 @@ async fn all_picks_up_trackers_added_later() {
     assert_eq!(items(&b), HashMap::from([(107, 72)]));
 }
 
+/// A tracker moved into an account joins that account's `all` batches with its state; the
+/// `corrupt` announcing the move is for its old account's viewers alone. (The move notifies
+/// `t|…:corrupt` and `n|<new account>` together: with both in one round, the new account's
+/// group used to admit the tracker and then take the `corrupt` as its own, forget it, and
+/// leave the hub's entry blocked, so that it never saw the tracker again.)
+#[tokio::test]
+async fn a_tracker_moved_in_joins_all_and_only_its_old_viewers_get_corrupt() {
+    let app = spawn_app().await;
+    let mut old = app.connect().await;
+    old.subscribe(ACME, &[101]).await;
+    old.recv_until(|v| v["event"] == "state").await;
+    let mut new = app.connect().await;
+    subscribe_batch(
+        &mut new,
+        RIVAL,
+        batch_request(json!({"type": "all"}), "200ms", "compact"),
+    )
+    .await;
+    assert_eq!(
+        items(&new.recv().await).into_keys().collect::<Vec<_>>(),
+        [201]
+    );
+
+    app.exec("UPDATE trackers SET account_id = 3 WHERE id = 101")
+        .await;
+    let (corrupt, _) = old.recv_until(|v| v["event"] == "lifecycle").await;
+    assert_eq!(corrupt["data"]["lifecycle_event"], "corrupt", "{corrupt}");
+    app.set_speed(&[101], 55).await;
+    let (b, before) = new
+        .recv_until(|v| v["event"] == "state_batch" && items(v).get(&101) == Some(&55))
+        .await;
+    assert!(
+        before.iter().all(|v| v["event"] != "lifecycle"),
+        "no lifecycle event for the new account: {before:?} then {b}"
+    );
+    // And it stays: later changes come in later batches.
+    app.set_speed(&[101], 56).await;
+    let (b, before) = new
+        .recv_until(|v| v["event"] == "state_batch" && items(v).get(&101) == Some(&56))
+        .await;
+    assert!(
+        before.iter().all(|v| v["event"] != "lifecycle"),
+        "{before:?} then {b}"
+    );
+}
+
 #[tokio::test]
 async fn a_sub_user_batch_covers_its_grants_and_new_grants() {
     let app = spawn_app().await;
