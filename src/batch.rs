@@ -24,7 +24,7 @@ use chrono::Utc;
 use dashmap::DashMap;
 use futures_util::stream::{self, StreamExt};
 use sqlx::PgPool;
-use tokio::sync::OnceCell;
+use tokio::sync::{Notify, OnceCell};
 
 use crate::access;
 use crate::db::queries;
@@ -213,6 +213,10 @@ pub struct BatchGroup {
     pub key: GroupKey,
     state: Mutex<GroupState>,
     filled: OnceCell<()>,
+    /// Told when the last member leaves: the group's task retires it then, not at its next
+    /// period (which, at a `rate_limit` of an hour, kept a group nobody held registered in
+    /// the hub, reading and keeping its trackers' states, for up to an hour).
+    emptied: Notify,
 }
 
 impl BatchGroup {
@@ -693,6 +697,7 @@ impl Batches {
                         key: key.clone(),
                         state: Mutex::new(GroupState::default()),
                         filled: OnceCell::new(),
+                        emptied: Notify::new(),
                     })
                 })
                 .clone();
@@ -814,7 +819,11 @@ impl Batches {
     }
 
     pub fn leave(&self, group: &Arc<BatchGroup>, conn: ConnId) {
-        group.lock().members.retain(|m| m.conn != conn);
+        let mut g = group.lock();
+        g.members.retain(|m| m.conn != conn);
+        if g.members.is_empty() {
+            group.emptied.notify_one();
+        }
     }
 
     /// Trackers were added to (or granted within) these accounts: `all` groups pick them up.
@@ -1003,7 +1012,18 @@ async fn run_group(hub: Arc<Hub>, group: Arc<BatchGroup>) {
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     interval.tick().await; // the first tick is immediate; the first batch was sent on join
     loop {
-        interval.tick().await;
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = group.emptied.notified() => {
+                // (A member may have joined since: then the group goes on.)
+                let mut g = group.lock();
+                if g.members.is_empty() {
+                    g.retired = true;
+                    break;
+                }
+                continue;
+            }
+        }
         match group.tick() {
             None => break,
             Some(0) => {}
@@ -1049,6 +1069,7 @@ mod tests {
                 ..GroupState::default()
             }),
             filled: OnceCell::new(),
+            emptied: Notify::new(),
         }
     }
 

@@ -355,6 +355,46 @@ async fn unsubscribing_the_batch_leaves_state_flowing() {
     assert!(quiet.is_err(), "no batches after unsubscribe: {quiet:?}");
 }
 
+/// A group nobody holds any more retires at once, not at its next period: with a rate of an
+/// hour it stayed registered in the hub (its trackers watched, their states read and kept) for
+/// up to an hour after its last dashboard left, and a client reconnecting could pile them up.
+#[tokio::test]
+async fn a_group_retires_when_its_last_member_leaves_not_at_its_next_period() {
+    let app = spawn_app().await;
+    let mut a = app.connect().await;
+    let mut b = app.connect().await;
+    for c in [&mut a, &mut b] {
+        subscribe_batch(
+            c,
+            ACME,
+            batch_request(json!({"type": "all"}), "1h", "compact"),
+        )
+        .await;
+        next_batch(c).await;
+    }
+    assert_eq!(app.hub.batches.group_count(), 1);
+    // One member leaves by unsubscribing: the other still holds the group.
+    a.send(json!({"action": "unsubscribe", "hash": ACME, "requests": [{"type": "state_batch"}]}))
+        .await;
+    next_response(&mut a).await;
+    assert_eq!(app.hub.batches.group_count(), 1);
+    assert!(app.hub.is_watched(101));
+    // The last one closes its socket.
+    drop(b);
+    app.until("the group to retire", || {
+        app.hub.batches.group_count() == 0 && !app.hub.is_watched(101)
+    })
+    .await;
+    // A new dashboard gets a new group, filled afresh.
+    subscribe_batch(
+        &mut a,
+        ACME,
+        batch_request(json!({"type": "all"}), "1h", "compact"),
+    )
+    .await;
+    assert_eq!(items(&next_batch(&mut a).await).len(), 4);
+}
+
 #[tokio::test]
 async fn lifecycle_during_batching() {
     let app = spawn_app().await;
