@@ -8,7 +8,9 @@ use std::collections::HashSet;
 use actix_web::{web, HttpResponse};
 use chrono::Utc;
 use chrono_tz::Tz;
-use serde::{Deserialize, Serialize};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
@@ -28,9 +30,30 @@ fn variant(session: &SessionRow) -> Variant {
     }
 }
 
-fn render(state: &TrackerState, variant: Variant) -> Value {
-    // The renderer writes valid JSON (its tests parse every form of it).
-    serde_json::from_str(&model::state_data(state, variant)).unwrap_or(Value::Null)
+/// The state as the socket's `state` event carries it, byte for byte: passed through as raw
+/// JSON, not parsed into a `Value` (whose numbers are 64-bit floats: coordinates came out one
+/// unit in the last place off, `additional`'s `1.50` as `1.5`, big integers in exponent form,
+/// and a state holding a number beyond a float's range as `null`).
+fn render(state: &TrackerState, variant: Variant) -> Box<RawValue> {
+    RawValue::from_string(model::state_data(state, variant)).unwrap_or_else(|e| {
+        // The renderer writes valid JSON (its tests parse every form of it).
+        tracing::error!(error = %e, tracker = state.tracker_id, "rendered state is not JSON");
+        RawValue::NULL.to_owned()
+    })
+}
+
+/// Rendered states by tracker id, in the order read: a JSON object.
+#[derive(Debug, Default)]
+pub struct RawStates(Vec<(TrackerId, Box<RawValue>)>);
+
+impl Serialize for RawStates {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (id, state) in &self.0 {
+            map.serialize_entry(&id.to_string(), state)?;
+        }
+        map.end()
+    }
 }
 
 /// A tracker's data source.
@@ -123,7 +146,7 @@ pub struct GetStateResponse {
     /// The full source state, exactly as in a `state` event's `data`; `null` while the tracker has
     /// never reported.
     #[schema(value_type = Object)]
-    pub state: Value,
+    pub state: Option<Box<RawValue>>,
 }
 
 /// One tracker's current state.
@@ -160,7 +183,7 @@ pub async fn get_state(
     Ok(HttpResponse::Ok().json(GetStateResponse {
         success: true,
         user_time: v.date(Utc::now()),
-        state: states.first().map_or(Value::Null, |s| render(s, v)),
+        state: states.first().map(|s| render(s, v)),
     }))
 }
 
@@ -187,7 +210,7 @@ pub struct GetStatesResponse {
     pub user_time: String,
     /// Full source states of the `normal` trackers that have reported, keyed by tracker id.
     #[schema(value_type = Object)]
-    pub states: Map<String, Value>,
+    pub states: RawStates,
     /// Blocked trackers among those asked for (with `list_blocked`).
     pub blocked: Vec<i64>,
     /// Trackers asked for that do not exist, were removed, are another account's, or are not
@@ -249,10 +272,12 @@ pub async fn get_states(
         return Err(ApiError::DeviceBlocked);
     }
     let v = variant(&session);
-    let mut rendered = Map::new();
-    for s in &states {
-        rendered.insert(s.tracker_id.to_string(), render(s, v));
-    }
+    let rendered = RawStates(
+        states
+            .iter()
+            .map(|s| (s.tracker_id, render(s, v)))
+            .collect(),
+    );
     Ok(HttpResponse::Ok().json(GetStatesResponse {
         success: true,
         user_time: v.date(Utc::now()),

@@ -457,6 +457,79 @@ async fn tracker_list_shows_what_the_session_may_see() {
     assert_eq!(ids, [101, 102], "a sub-user sees its grants only");
 }
 
+/// HTTP states are the socket's bytes: numbers are not parsed into 64-bit floats on the way
+/// (which moved coordinates by one unit in the last place, wrote `1.50` as `1.5` and a big
+/// integer in exponent form, and answered `null` for a state holding a number beyond a
+/// float's range).
+#[tokio::test]
+async fn http_states_are_the_sockets_bytes() {
+    let app = spawn_app().await;
+    app.exec(
+        r#"UPDATE tracker_states SET lat = -18.183216676054286, lng = 13.431338020322405,
+             additional = '{"fuel": {"value": 1.50, "updated": null},
+                            "odometer": {"value": 123456789012345678901234567890, "updated": null},
+                            "huge": {"value": 1e400, "updated": null}}'
+            WHERE tracker_id = 101"#,
+    )
+    .await;
+    let mut c = app.connect().await;
+    c.send(json!({"action": "subscribe", "hash": ACME, "events": ["state"], "trackers": [101]}))
+        .await;
+    let event = loop {
+        match c.next().await {
+            Received::Text(t) if t.contains(r#""event":"state""#) => break t,
+            Received::Text(_) => {}
+            Received::Closed(c) => panic!("closed: {c:?}"),
+        }
+    };
+    let data = event
+        .split_once(r#","data":"#)
+        .and_then(|(_, d)| d.strip_suffix('}'))
+        .expect("a state event ends with its data");
+    for digits in [
+        "-18.183216676054286",
+        "13.431338020322405",
+        "1.50",
+        "123456789012345678901234567890",
+        // (jsonb writes 1e400 out in full.)
+        r#""huge":{"value":10000000000000000000000"#,
+    ] {
+        assert!(
+            data.contains(digits),
+            "{digits} in the socket's state: {data}"
+        );
+    }
+    let one = post(
+        &app,
+        "/v2/tracker/get_state",
+        json!({"hash": ACME, "tracker_id": 101}),
+    )
+    .await;
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert!(
+        one.body.contains(&format!(r#""state":{data}"#)),
+        "get_state holds the socket's bytes:\n{data}\n{}",
+        one.body
+    );
+    let many = post(
+        &app,
+        "/v2/tracker/get_states",
+        json!({"hash": ACME, "trackers": [101, 102]}),
+    )
+    .await;
+    assert_eq!(many.status, 200, "{}", many.body);
+    assert!(
+        many.body.contains(&format!(r#""101":{data}"#)),
+        "get_states holds the socket's bytes:\n{data}\n{}",
+        many.body
+    );
+    assert!(
+        many.body.contains(r#""102":{"source_id":10102,"#),
+        "{}",
+        many.body
+    );
+}
+
 #[tokio::test]
 async fn get_state_matches_the_websocket_state_and_has_the_error_codes() {
     let app = spawn_app().await;
