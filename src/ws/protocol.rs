@@ -384,6 +384,20 @@ pub fn parse(text: &str) -> Result<ClientMessage, Box<Rejection>> {
                     _ => return Err(invalid(e)),
                 },
             };
+            // A batch's target may be left out to unsubscribe (every batch of its type), never
+            // to subscribe.
+            let item = match item {
+                Item::StateBatch(BatchRequest { target: None, .. })
+                | Item::ReadingsBatch(ReadingsRequest { target: None, .. })
+                    if action == Action::Subscribe =>
+                {
+                    Item::Failed {
+                        kind: item.kind().to_owned(),
+                        error: ProtoError::invalid("`target` is required"),
+                    }
+                }
+                item => item,
+            };
             let kind = item.kind();
             if !events.iter().any(|e| e == kind) {
                 events.push(kind.to_owned());
@@ -687,6 +701,37 @@ mod tests {
         .unwrap();
         assert_eq!(m.events, ["state", "state_batch"]);
         assert!(matches!(m.items[1], Item::Failed { .. }));
+    }
+
+    /// A batch without a target is a malformed item when subscribing (a plain error frame when
+    /// it is the only item, as for any other malformed item), and means "every batch of this
+    /// type" when unsubscribing.
+    #[test]
+    fn a_batch_without_target_fails_to_subscribe_and_unsubscribes_all() {
+        for kind in ["state_batch", "readings_batch"] {
+            for target in ["", r#","target":null"#] {
+                let alone = format!(
+                    r#"{{"action":"subscribe","hash":"{HASH}","requests":[{{"type":"{kind}"{target}}}]}}"#
+                );
+                let r = parse(&alone).expect_err("a plain error");
+                assert_eq!(r.error.code, 7, "{r:?}");
+                assert!(r.error.description.contains("target"), "{r:?}");
+
+                let with_state = format!(
+                    r#"{{"action":"subscribe","hash":"{HASH}","requests":[{{"type":"state","trackers":[1]}},{{"type":"{kind}"{target}}}]}}"#
+                );
+                let m = parse(&with_state).unwrap();
+                assert!(
+                    matches!(&m.items[1], Item::Failed { kind: k, error } if k == kind && error.code == 7),
+                    "{:?}",
+                    m.items
+                );
+
+                let unsubscribe = alone.replace(r#""subscribe""#, r#""unsubscribe""#);
+                let m = parse(&unsubscribe).unwrap();
+                assert!(!matches!(&m.items[0], Item::Failed { .. }), "{:?}", m.items);
+            }
+        }
     }
 
     #[test]
