@@ -16,12 +16,14 @@ use crate::service::{self, NewUser, TrackerOp, UserRef};
 use crate::startup::AppState;
 
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct TrackerRequest {
     #[serde(deserialize_with = "de::int")]
     pub tracker_id: i64,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct SessionRevokeRequest {
     /// The hash of the session to end.
     #[serde(deserialize_with = "de::string")]
@@ -30,6 +32,7 @@ pub struct SessionRevokeRequest {
 
 /// A user, by `user_id` or by `login` (one of them).
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct UserRequest {
     #[serde(default, deserialize_with = "de::opt_int")]
     pub user_id: Option<i64>,
@@ -50,6 +53,7 @@ impl UserRequest {
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct UserCreateRequest {
     #[serde(deserialize_with = "de::string")]
     pub login: String,
@@ -74,6 +78,7 @@ pub struct UserCreateResponse {
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct GrantRequest {
     /// The sub-user, by id…
     #[serde(default, deserialize_with = "de::opt_int")]

@@ -849,6 +849,14 @@ async fn operators_manage_users_sessions_and_grants() {
     )
     .await
     .assert_error(7, 400);
+    // A misspelt field is refused, not ignored (`master` here would have made a master account).
+    let r = call(
+        "/v2/admin/user/create",
+        json!({"login": "x", "password": "x", "master": "fleet2"}),
+    )
+    .await;
+    r.assert_error(7, 400);
+    assert!(r.body.contains("unknown field `master`"), "{}", r.body);
     let sub_id = call(
         "/v2/admin/user/create",
         json!({"login": "acme-driver", "password": "pw-driver", "master_login": "acme"}),
