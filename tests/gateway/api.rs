@@ -563,6 +563,17 @@ async fn get_state_matches_the_websocket_state_and_has_the_error_codes() {
     )
     .await;
     assert_eq!(form.ok()["state"], v["state"]);
+    // A JSON body sent as a form (`curl -d '{…}'` without a content type) is read as JSON.
+    let curl = post_form(
+        &app,
+        "/v2/tracker/get_state",
+        &json!({"hash": ACME, "tracker_id": 101}).to_string(),
+    )
+    .await;
+    assert_eq!(curl.ok()["state"], v["state"]);
+    post_form(&app, "/v2/tracker/get_state", "{not json")
+        .await
+        .assert_error(5, 400);
 
     let call = |id: Value, hash: &'static str| {
         let app = &app;
