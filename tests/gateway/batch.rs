@@ -221,6 +221,11 @@ async fn a_tracker_moved_in_joins_all_and_only_its_old_viewers_get_corrupt() {
         before.iter().all(|v| v["event"] != "lifecycle"),
         "no lifecycle event for the new account: {before:?} then {b}"
     );
+    // A `state` subscriber of the new account gets it too; the old viewer nothing more.
+    let mut state = app.connect().await;
+    let resp = state.subscribe(RIVAL, &[101]).await;
+    assert_eq!(resp["data"]["state"]["101"], "normal", "{resp}");
+    state.recv_until(|v| v["event"] == "state").await;
     // And it stays: later changes come in later batches.
     app.set_speed(&[101], 56).await;
     let (b, before) = new
@@ -230,6 +235,9 @@ async fn a_tracker_moved_in_joins_all_and_only_its_old_viewers_get_corrupt() {
         before.iter().all(|v| v["event"] != "lifecycle"),
         "{before:?} then {b}"
     );
+    state.recv_until(|v| is_state_with_speed(v, 101, 56)).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(300), old.next()).await;
+    assert!(quiet.is_err(), "nothing for the old viewer: {quiet:?}");
 }
 
 #[tokio::test]
