@@ -237,8 +237,8 @@ type EventTasks = Vec<(&'static str, BoxFuture<'static, ()>)>;
 /// single-threaded runtime. The processor is one task that alternates between waiting for its
 /// reads and publishing what they return; on the shared multi-threaded runtime each of its
 /// wake-ups could also wake an idle worker to look for work to steal, which cost about a tenth
-/// of the gateway's CPU time in `ingest` (docs/performance.md, "What changed"). Its own thread also keeps it
-/// off the cores' queue behind batch groups' renderings.
+/// of the gateway's CPU time in `ingest` (docs/performance.md, "What changed"). Its own thread
+/// also keeps it off the cores' queue behind batch groups' renderings.
 ///
 /// The tasks return only once `shutdown` is sent. One that ends before (a panic: a bug) leaves
 /// a gateway that no longer delivers events, so it is logged as an error and the LISTEN stream
