@@ -158,25 +158,27 @@ impl GroupState {
     }
 
     /// Admits trackers with the facts a read gave, or a newer lifecycle change that came while
-    /// the read was on its way. Returns those not admitted: removed or moved meanwhile.
+    /// the read was on its way. Returns those not admitted: removed or moved meanwhile, or all
+    /// of them once the group has retired (its last member left while a target that grew was
+    /// being read: the group's task has already taken it out of the hub, and trackers admitted
+    /// now would stay registered for good).
     fn admit(&mut self, facts: &[(TrackerId, TrackerFacts)]) -> Vec<TrackerId> {
+        if self.retired {
+            return facts.iter().map(|(id, _)| *id).collect();
+        }
         self.full = None;
         self.statuses_changed();
         let mut gone = Vec::new();
         for (id, f) in facts {
-            let blocked = match self.early.remove(id) {
+            let (blocked, change) = match self.early.remove(id) {
                 Some((change, kind)) if change > f.change_no => match kind {
                     Lifecycle::Corrupt => {
                         gone.push(*id);
                         continue;
                     }
-                    kind => kind == Lifecycle::Block,
+                    kind => (kind == Lifecycle::Block, change),
                 },
-                _ => f.blocked,
-            };
-            let change = match self.early.get(id) {
-                Some(&(change, _)) => change.max(f.change_no),
-                None => f.change_no,
+                _ => (f.blocked, f.change_no),
             };
             self.trackers.insert(*id, change);
             if blocked {
@@ -1101,6 +1103,10 @@ mod tests {
         assert_eq!(trackers, [5, 7]);
         assert!(st.blocked.contains(&5) && !st.blocked.contains(&7));
         assert!(st.early.is_empty());
+        drop(st);
+        // 5 holds the early block's change (20), so an event between the read and it is old.
+        g.lifecycle(5, 15, Lifecycle::Unblock, &frame);
+        assert!(g.lock().blocked.contains(&5));
     }
 
     /// A lifecycle event no newer than the facts a tracker was admitted with is old news: a
@@ -1126,6 +1132,26 @@ mod tests {
         assert!(g.lock().blocked.contains(&5));
         assert!(!g.lifecycle(5, 12, Lifecycle::Corrupt, &frame), "forgotten");
         assert!(g.tracker_ids().is_empty());
+    }
+
+    /// A retired group admits nothing: a target that grew while its last member left would
+    /// otherwise register trackers that nobody takes out of the hub.
+    #[test]
+    fn a_retired_group_admits_nothing() {
+        let hub = Hub::new();
+        let g = Arc::new(group(GroupKind::State, []));
+        g.lock().retired = true;
+        hub.subscribe_group(&g, &[5]);
+        let facts = TrackerFacts {
+            source_id: 0,
+            account_id: 1,
+            blocked: false,
+            change_no: 1,
+        };
+        assert_eq!(g.lock().admit(&[(5, facts)]), [5]);
+        unregister(&hub, &g, &[5]);
+        assert!(g.tracker_ids().is_empty());
+        assert!(!hub.is_watched(5));
     }
 
     /// A tracker the group lets go of (a grant revoked, a read that failed or found it gone)

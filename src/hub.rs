@@ -462,9 +462,6 @@ struct Subscriber {
     variant: Variant,
     /// This tracker's slot in the outbox (where a mark goes when the queue is full).
     slot: u32,
-    /// Told `corrupt`: the socket leaves when it takes the event (and releases the slot then);
-    /// until it does, nothing more goes to it, and it no longer counts as watching.
-    left: bool,
 }
 
 #[derive(Default)]
@@ -498,14 +495,14 @@ impl TrackerEntry {
     /// Whether the processor reads the tracker's state: someone watches it, and it is not
     /// blocked as far as the hub knows.
     fn wants_state(&self) -> bool {
-        !self.newest_blocked && (self.subs.iter().any(|s| !s.left) || !self.groups.is_empty())
+        !self.newest_blocked && (!self.subs.is_empty() || !self.groups.is_empty())
     }
 
     /// Whether every subscriber and group of the tracker takes the compact format.
     fn compact_only(&self) -> bool {
         self.subs
             .iter()
-            .all(|s| s.left || s.variant.format == model::Format::Compact)
+            .all(|s| s.variant.format == model::Format::Compact)
             && self
                 .groups
                 .iter()
@@ -629,9 +626,6 @@ impl Hub {
             let mut entry = self.trackers.entry(id).or_default();
             match entry.subs.iter_mut().find(|s| s.conn == conn) {
                 Some(sub) => {
-                    // (One that was told `corrupt` and has not left yet watches anew: the
-                    // socket's watch, with this subscribe's facts, ignores that event.)
-                    sub.left = false;
                     sub.variant = v;
                     slots.push(sub.slot);
                 }
@@ -642,7 +636,6 @@ impl Hub {
                         outbox: outbox.clone(),
                         variant: v,
                         slot,
-                        left: false,
                     });
                     slots.push(slot);
                 }
@@ -865,7 +858,7 @@ impl Hub {
         let entry = &mut *entry;
         // Each variant's frame, serialized once for all its subscribers.
         let mut frames: Vec<(Variant, ByteString)> = Vec::with_capacity(1);
-        for sub in entry.subs.iter().filter(|s| !s.left) {
+        for sub in &entry.subs {
             if !frames.iter().any(|(v, _)| *v == sub.variant) {
                 let f = ByteString::from(model::state_event(&state, sub.variant, now));
                 frames.push((sub.variant, f));
@@ -883,9 +876,7 @@ impl Hub {
             held.store(latest());
         }
         let mut coalesced = 0;
-        let mut reached = 0;
-        for sub in entry.subs.iter().filter(|s| !s.left) {
-            reached += 1;
+        for sub in &entry.subs {
             let pushed = sub.outbox.push_state(
                 sub.slot,
                 state.tracker_id,
@@ -923,7 +914,7 @@ impl Hub {
         if coalesced > 0 {
             self.stats.coalesced.fetch_add(coalesced, Ordering::Relaxed);
         }
-        let n = reached + entry.groups.len();
+        let n = entry.subs.len() + entry.groups.len();
         if !entry.groups.is_empty() {
             // The groups keep the state itself, not a copy.
             let shared = Arc::new(state);
@@ -964,7 +955,7 @@ impl Hub {
             entry.source_id.unwrap_or_default(),
             kind,
         ));
-        for sub in entry.subs.iter().filter(|s| !s.left) {
+        for sub in &entry.subs {
             sub.outbox.push_lifecycle(
                 sub.slot,
                 (id, sub.variant),
@@ -981,25 +972,25 @@ impl Hub {
             entry.held = None;
         }
         let idle = if kind == Lifecycle::Corrupt {
-            // The subscribers told have left: nothing more goes to them, and their sockets
-            // leave the entry when they take the event. The groups that forgot the tracker
-            // leave it here, or the entry (and, through it, a retired group with all its
-            // states) would outlive them for good. A group that admitted the tracker with facts
-            // at least as new (moved into its account: the move's `corrupt` is for the old
-            // account's viewers) keeps it. Whoever watches the tracker from now on (such a
-            // group, a subscriber of its new account) came with a read of its lifecycle, so
-            // the entry's follows the reads. The account goes: a tracker moved back and watched
-            // again is admitted anew.
-            for sub in &mut entry.subs {
-                sub.left = true;
-            }
+            // A `corrupt` ends the watches it reaches, not the tracker: the subscribers' sockets
+            // drop their watch when they take the event (and whatever comes after it for the
+            // tracker), then leave the entry. The groups that forgot the tracker leave it here,
+            // or the entry (and, through it, a retired group with all its states) would outlive
+            // them for good. A group that admitted the tracker with facts at least as new (moved
+            // into its account: the move's `corrupt` is for the old account's viewers) keeps
+            // it. Whoever watches it from now on (such a group, a subscriber that read it in its
+            // new account, before or after this event) holds its own lifecycle from that read
+            // and filters on it, so the entry stops gating: blocking the whole entry here kept
+            // a subscriber of the new account from ever getting a state while an old socket had
+            // not yet left, since a subscribe's read does not move the published lifecycle.
+            // The account goes: a tracker moved back and watched again is admitted anew.
             entry
                 .groups
                 .retain(|g| g.lifecycle(id, change, kind, &frame));
             entry
                 .readings_groups
                 .retain(|g| g.lifecycle(id, change, kind, &frame));
-            entry.blocked = entry.newest_blocked;
+            entry.blocked = false;
             entry.account_id = None;
             entry.is_idle()
         } else {
@@ -1271,69 +1262,59 @@ mod tests {
         assert_eq!(hub.source_id(6), None);
     }
 
-    /// A `corrupt` (here: the tracker moved to another account) is for the subscribers it
-    /// reached. A subscriber of the new account that comes before those have left (their
-    /// sockets leave when they take the event, a stalled one much later) gets the tracker's
-    /// states, and the old ones get nothing after the event.
+    /// A `corrupt` (here: the tracker moved to another account) ends the watches it reaches,
+    /// not the tracker. A subscriber of the new account, whether it read the tracker before the
+    /// event was published or after, gets its states while the old subscribers have not left
+    /// yet (their sockets leave when they take the event; a stalled one much later).
     #[tokio::test]
-    async fn a_subscriber_after_a_move_gets_states_while_the_old_ones_leave() {
-        let hub = Hub::new();
-        let (old, new) = (hub.outbox(8), hub.outbox(8));
-        let facts = |account_id, change_no| TrackerFacts {
+    async fn a_corrupt_ends_the_old_watches_not_the_trackers_states() {
+        let facts = |account_id, blocked, change_no| TrackerFacts {
             source_id: 50,
             account_id,
-            blocked: false,
+            blocked,
             change_no,
         };
-        hub.subscribe(1, &old, &[5], variant());
-        hub.observe(5, facts(1, 1));
-        assert!(hub.publish_lifecycle(5, 10, Lifecycle::Corrupt));
-        assert!(!hub.wants_state(5), "nobody left to read it for");
-        hub.subscribe(2, &new, &[5], variant());
-        hub.observe(5, facts(3, 10));
-        assert!(hub.wants_state(5));
-        publish(&hub, 5, 11);
-        assert_eq!(states(&drain(&new).await), [(5, 11)]);
-        let taken = drain(&old).await;
-        assert!(states(&taken).is_empty(), "nothing after the corrupt");
-        assert!(matches!(
-            taken.as_slice(),
-            [Outgoing::Lifecycle {
-                kind: Lifecycle::Corrupt,
-                ..
-            }]
-        ));
-        // The old socket leaves; the new one keeps the tracker.
-        hub.unsubscribe(1, &[5]);
-        publish(&hub, 5, 12);
-        assert_eq!(states(&drain(&new).await), [(5, 12)]);
-        assert!(old.is_empty());
-    }
-
-    /// A socket that subscribes again to a tracker after its `corrupt` was published, before
-    /// it took the event (with another session, in the tracker's new account), watches it anew.
-    #[tokio::test]
-    async fn subscribing_again_after_a_corrupt_revives_the_subscription() {
-        let hub = Hub::new();
-        let outbox = hub.outbox(8);
-        let first = hub.subscribe(1, &outbox, &[5], variant());
-        assert!(hub.publish_lifecycle(5, 10, Lifecycle::Corrupt));
-        assert_eq!(
-            hub.subscribe(1, &outbox, &[5], variant()),
-            first,
-            "the same slot"
-        );
-        hub.observe(
-            5,
-            TrackerFacts {
-                source_id: 50,
-                account_id: 3,
-                blocked: false,
-                change_no: 10,
-            },
-        );
-        publish(&hub, 5, 11);
-        assert_eq!(states(&drain(&outbox).await), [(5, 11)]);
+        // (Blocked in its old account, moved and unblocked in one statement: the event says
+        // only `corrupt`.)
+        for new_reads_first in [false, true] {
+            let hub = Hub::new();
+            let (old, new) = (hub.outbox(8), hub.outbox(8));
+            hub.subscribe(1, &old, &[5], variant());
+            hub.observe(5, facts(1, false, 1));
+            assert!(hub.publish_lifecycle(5, 2, Lifecycle::Block));
+            if new_reads_first {
+                hub.subscribe(2, &new, &[5], variant());
+                hub.observe(5, facts(3, false, 10));
+            }
+            assert!(hub.publish_lifecycle(5, 10, Lifecycle::Corrupt));
+            if !new_reads_first {
+                hub.subscribe(2, &new, &[5], variant());
+                hub.observe(5, facts(3, false, 10));
+            }
+            assert!(hub.wants_state(5));
+            publish(&hub, 5, 11);
+            let got = drain(&new).await;
+            assert_eq!(
+                states(&got),
+                [(5, 11)],
+                "new_reads_first: {new_reads_first}"
+            );
+            // The old socket takes the block, then the corrupt (and drops its watch there).
+            let taken = drain(&old).await;
+            let kinds: Vec<Lifecycle> = taken
+                .iter()
+                .filter_map(|i| match i {
+                    Outgoing::Lifecycle { kind, .. } => Some(*kind),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(kinds, [Lifecycle::Block, Lifecycle::Corrupt]);
+            // It leaves; the new one keeps the tracker.
+            hub.unsubscribe(1, &[5]);
+            publish(&hub, 5, 12);
+            assert_eq!(states(&drain(&new).await), [(5, 12)]);
+            assert!(old.is_empty());
+        }
     }
 
     fn holds_state(hub: &Hub, id: TrackerId) -> bool {
