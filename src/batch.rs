@@ -761,7 +761,7 @@ impl Batches {
 
     /// A sub-user's groups keep only the trackers it is still granted; each tracker dropped is
     /// announced to the members as `disallowed`, as for `state` subscriptions.
-    pub fn restrict_to_grants(&self, hub: &Hub, user: i64, keep: &HashSet<TrackerId>) {
+    pub fn restrict_to_grants(&self, hub: &Hub, user: i64, keep: &HashSet<TrackerId>, round: u64) {
         let groups: Vec<Arc<BatchGroup>> = self
             .groups
             .iter()
@@ -781,11 +781,11 @@ impl Batches {
             }
             // Source ids are read before taking the group lock: the hub locks a tracker entry
             // and then a group, never the other way round.
-            let frames: Vec<SharedFrame> = dropped
+            let frames: Vec<(TrackerId, SharedFrame)> = dropped
                 .iter()
                 .map(|id| {
                     let text = model::disallowed_event(*id, hub.source_id(*id).unwrap_or_default());
-                    SharedFrame::new(text.into())
+                    (*id, SharedFrame::new(text.into()))
                 })
                 .collect();
             {
@@ -794,8 +794,12 @@ impl Batches {
                     g.forget(id);
                 }
                 for m in &g.members {
-                    for f in &frames {
-                        m.outbox.push(Outgoing::Frame(f.clone()));
+                    for (tracker, frame) in &frames {
+                        m.outbox.push(Outgoing::GroupDisallow {
+                            tracker: *tracker,
+                            round,
+                            frame: frame.clone(),
+                        });
                     }
                 }
             }

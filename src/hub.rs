@@ -63,6 +63,16 @@ pub enum Outgoing {
     Disallow {
         hash: Arc<str>,
         revoked: Arc<Revoked>,
+        /// The revocation (see [`Hub::revocation_round`]): a socket that takes it both here and
+        /// from a batch group ([`Outgoing::GroupDisallow`]) sends each tracker's event once.
+        round: u64,
+    },
+    /// A batch group of this socket dropped a tracker whose grant was revoked: its
+    /// `disallowed` event, sent once per socket and revocation.
+    GroupDisallow {
+        tracker: TrackerId,
+        round: u64,
+        frame: SharedFrame,
     },
     /// The session with this hash has ended.
     Logout { hash: Arc<str> },
@@ -570,6 +580,7 @@ pub struct Hub {
     trackers: DashMap<TrackerId, TrackerEntry, foldhash::fast::RandomState>,
     sessions: DashMap<Arc<str>, SessionEntry>,
     next_conn: AtomicU64,
+    next_revocation: AtomicU64,
     stream_up: AtomicBool,
     /// An event task ended before shutdown (see `startup::spawn_event_thread`): the stream stays
     /// down whatever the LISTEN connection reports.
@@ -592,6 +603,12 @@ impl Hub {
 
     pub fn next_conn_id(&self) -> ConnId {
         self.next_conn.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// A new revocation of grants, to tag its `disallowed` events with (see
+    /// [`Outgoing::Disallow`]).
+    pub fn revocation_round(&self) -> u64 {
+        self.next_revocation.fetch_add(1, Ordering::Relaxed) + 1
     }
 
     /// Whether the LISTEN stream is up (reported by `/ready`).
@@ -1064,7 +1081,7 @@ impl Hub {
     }
 
     /// Tells every socket holding `hash` that the session lost trackers; returns how many sockets.
-    pub fn disallow(&self, hash: &str, revoked: Arc<Revoked>) -> usize {
+    pub fn disallow(&self, hash: &str, revoked: Arc<Revoked>, round: u64) -> usize {
         let Some(entry) = self.sessions.get(hash) else {
             return 0;
         };
@@ -1072,6 +1089,7 @@ impl Hub {
             outbox.push(Outgoing::Disallow {
                 hash: entry.key().clone(),
                 revoked: revoked.clone(),
+                round,
             });
         }
         entry.conns.len()

@@ -778,7 +778,8 @@ async fn disallow_revoked(
     revoked: Vec<(i64, TrackerId)>,
 ) -> Result<(), sqlx::Error> {
     let (users, trackers): (Vec<i64>, Vec<TrackerId>) = revoked.into_iter().unzip();
-    restrict_batches(pool, hub, &users).await?;
+    let round = hub.revocation_round();
+    restrict_batches(pool, hub, &users, round).await?;
     let mut by_session: HashMap<String, HashSet<TrackerId>> = HashMap::new();
     for (hash, tracker) in queries::sessions_losing_grants(pool, &users, &trackers).await? {
         if hub.has_session(&hash) {
@@ -786,14 +787,19 @@ async fn disallow_revoked(
         }
     }
     for (hash, ids) in by_session {
-        let n = hub.disallow(&hash, Arc::new(Revoked::These(ids)));
+        let n = hub.disallow(&hash, Arc::new(Revoked::These(ids)), round);
         tracing::info!(session = %&hash[..6.min(hash.len())], sockets = n, "grants revoked: trackers disallowed");
     }
     Ok(())
 }
 
 /// The batch groups of these sub-users keep only the trackers still granted.
-async fn restrict_batches(pool: &PgPool, hub: &Hub, users: &[i64]) -> Result<(), sqlx::Error> {
+async fn restrict_batches(
+    pool: &PgPool,
+    hub: &Hub,
+    users: &[i64],
+    round: u64,
+) -> Result<(), sqlx::Error> {
     let with_groups = hub.batches.sub_users();
     let users: Vec<i64> = users
         .iter()
@@ -811,7 +817,7 @@ async fn restrict_batches(pool: &PgPool, hub: &Hub, users: &[i64]) -> Result<(),
     }
     for u in users {
         hub.batches
-            .restrict_to_grants(hub, u, &granted.remove(&u).unwrap_or_default());
+            .restrict_to_grants(hub, u, &granted.remove(&u).unwrap_or_default(), round);
     }
     Ok(())
 }
@@ -827,14 +833,15 @@ async fn resync_grants(pool: &PgPool, hub: &Hub, hashes: &[String]) -> Result<()
         return Ok(());
     }
     let users: Vec<i64> = subs.iter().map(|s| s.user_id).collect();
-    restrict_batches(pool, hub, &users).await?;
+    let round = hub.revocation_round();
+    restrict_batches(pool, hub, &users, round).await?;
     let mut granted: HashMap<i64, HashSet<TrackerId>> = HashMap::new();
     for (user, tracker) in queries::grants_of(pool, &users).await? {
         granted.entry(user).or_default().insert(tracker);
     }
     for s in subs {
         let keep = granted.get(&s.user_id).cloned().unwrap_or_default();
-        hub.disallow(&s.hash, Arc::new(Revoked::AllBut(keep)));
+        hub.disallow(&s.hash, Arc::new(Revoked::AllBut(keep)), round);
     }
     Ok(())
 }

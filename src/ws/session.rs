@@ -224,6 +224,9 @@ struct Connection {
     memberships: Vec<(Arc<BatchGroup>, Arc<str>)>,
     /// The last lifecycle change sent per tracker, so a tracker watched both ways sends it once.
     lifecycle_sent: HashMap<TrackerId, i64>,
+    /// Likewise the last revocation whose `disallowed` event went out per tracker (a `state`
+    /// watch and each batch group holding the tracker are told apart).
+    disallowed_sent: HashMap<TrackerId, u64>,
     /// Trackers a subscribe answered `normal` whose current state it could not read, with the
     /// variant to send it in. Read again ([`Connection::owed_read`]) until it comes: the event
     /// processor cannot send it, since the hub does not fan out a state it already has.
@@ -254,6 +257,7 @@ impl Connection {
             watches: Watches::default(),
             memberships: Vec::new(),
             lifecycle_sent: HashMap::new(),
+            disallowed_sent: HashMap::new(),
             owed: HashMap::new(),
             owed_at: None,
             owed_backoff: OWED_RETRY_MIN,
@@ -1073,7 +1077,11 @@ impl Connection {
                 self.notified.push(notified);
                 Ok(())
             }
-            Outgoing::Disallow { hash, revoked } => {
+            Outgoing::Disallow {
+                hash,
+                revoked,
+                round,
+            } => {
                 let gone = self
                     .watches
                     .ids_where(|w| w.session == hash && revoked.covers(w.tracker));
@@ -1083,6 +1091,7 @@ impl Connection {
                 // Read the source ids before unsubscribing drops the hub's entries.
                 let frames: Vec<String> = gone
                     .iter()
+                    .filter(|&&id| self.disallowed_sent.insert(id, round) != Some(round))
                     .map(|&id| {
                         let source = self.app.hub.source_id(id).unwrap_or_default();
                         model::disallowed_event(id, source)
@@ -1137,6 +1146,18 @@ impl Connection {
             }
             Outgoing::Frame(frame) => {
                 if self.memberships.is_empty() {
+                    return Ok(());
+                }
+                self.send_shared(frame).await
+            }
+            Outgoing::GroupDisallow {
+                tracker,
+                round,
+                frame,
+            } => {
+                if self.memberships.is_empty()
+                    || self.disallowed_sent.insert(tracker, round) == Some(round)
+                {
                     return Ok(());
                 }
                 self.send_shared(frame).await

@@ -573,6 +573,52 @@ async fn a_revoked_grant_leaves_the_sub_users_batches() {
     );
 }
 
+/// A socket that watches a tracker both as a `state` subscription and in batch groups gets one
+/// `disallowed` for it when the grant goes (it got one per group and one for the watch), and
+/// one again for a later revocation.
+#[tokio::test]
+async fn a_revoked_grant_is_announced_once_per_socket() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.send(json!({"action": "subscribe", "hash": SUB, "requests": [
+        {"type": "state", "trackers": [101, 102]},
+        batch_request(json!({"type": "all"}), "200ms", "compact"),
+        batch_request(json!({"type": "selected", "tracker_ids": [101, 102]}), "300ms", "full")]}))
+        .await;
+    next_response(&mut c).await;
+    let disallowed = |v: &Value| v["data"]["lifecycle_event"] == "disallowed";
+    for round in 0..2 {
+        app.exec("DELETE FROM tracker_grants WHERE user_id = 2 AND tracker_id = 102")
+            .await;
+        let speed = 81 + round;
+        app.set_speed(&[101], speed).await;
+        // Both groups' batches with the new state come after every event of the revocation.
+        let mut seen = Vec::new();
+        let mut batches = 0;
+        while batches < 2 {
+            let v = c.recv().await;
+            if v["event"] == "state_batch" && items(&v).get(&101) == Some(&i64::from(speed)) {
+                batches += 1;
+            }
+            seen.push(v);
+        }
+        let events: Vec<&Value> = seen.iter().filter(|v| disallowed(v)).collect();
+        assert_eq!(events.len(), 1, "round {round}: {events:?}");
+        assert_eq!(events[0]["tracker_id"], 102);
+        // Granted again and watched again, for the next round.
+        app.exec("INSERT INTO tracker_grants (user_id, tracker_id) VALUES (2, 102)")
+            .await;
+        c.send(json!({"action": "subscribe", "hash": SUB, "requests": [
+            {"type": "state", "trackers": [102]}]}))
+            .await;
+        next_response(&mut c).await;
+        app.until("the groups to hold 102 again", || {
+            app.hub.batches.group_count() == 2
+        })
+        .await;
+    }
+}
+
 #[tokio::test]
 async fn a_connection_joins_at_most_max_batch_subscriptions_groups() {
     let app = spawn_app_with(|s| s.websocket.max_batch_subscriptions = 2).await;
