@@ -1124,6 +1124,7 @@ impl Hub {
         let mut sample = Sample {
             subscribed_trackers: self.trackers.len() as u64,
             sessions: self.sessions.len() as u64,
+            batch_groups: self.batches.group_count() as u64,
             coalesced: self.stats.coalesced.load(Ordering::Relaxed),
             ..Sample::default()
         };

@@ -227,6 +227,8 @@ pub struct Sample {
     pub subscribed_trackers: u64,
     pub subscriptions: u64,
     pub sessions: u64,
+    /// `state_batch` and `readings_batch` groups alive.
+    pub batch_groups: u64,
     pub queue_depth: u64,
     pub queue_depth_max: u64,
     pub coalesced: u64,
@@ -266,6 +268,7 @@ pub struct Metrics {
     subscribed_trackers: Gauge,
     subscriptions: Gauge,
     sessions: Gauge,
+    batch_groups: Gauge,
     queue_depth: Gauge,
     queue_depth_max: Gauge,
     coalesced: Counter,
@@ -329,6 +332,13 @@ impl Metrics {
             "sessions",
             "Distinct sessions held by open sockets",
             sessions.clone(),
+        );
+        let batch_groups = Gauge::default();
+        registry.register(
+            "batch_groups",
+            "state_batch and readings_batch groups: one per distinct request and account or \
+             sub-user, shared by its sockets",
+            batch_groups.clone(),
         );
         let queue_depth = Gauge::default();
         registry.register(
@@ -403,6 +413,7 @@ impl Metrics {
             subscribed_trackers,
             subscriptions,
             sessions,
+            batch_groups,
             queue_depth,
             queue_depth_max,
             coalesced,
@@ -463,6 +474,7 @@ impl Metrics {
         gauge(&self.subscribed_trackers, sample.subscribed_trackers);
         gauge(&self.subscriptions, sample.subscriptions);
         gauge(&self.sessions, sample.sessions);
+        gauge(&self.batch_groups, sample.batch_groups);
         gauge(&self.queue_depth, sample.queue_depth);
         gauge(&self.queue_depth_max, sample.queue_depth_max);
         self.coalesced
@@ -555,6 +567,7 @@ mod tests {
         for needle in [
             "fleetgate_open_sockets 0",
             "fleetgate_compressed_sockets 0",
+            "fleetgate_batch_groups 0",
             "fleetgate_subscribed_trackers 3",
             "fleetgate_coalesced_states_total 7",
             "fleetgate_batches_skipped_total 0",

@@ -1092,6 +1092,7 @@ async fn metrics_move_when_events_flow() {
         "fleetgate_open_sockets",
         "fleetgate_subscriptions",
         "fleetgate_subscribed_trackers",
+        "fleetgate_batch_groups",
         "fleetgate_outbound_queue_depth",
         "fleetgate_coalesced_states_total",
         "fleetgate_batches_skipped_total",

@@ -4,6 +4,7 @@
 mod api;
 mod batch;
 mod browser;
+mod churn;
 mod common;
 mod compression;
 mod db;
