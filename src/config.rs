@@ -71,6 +71,12 @@ pub struct WebSocketSettings {
     pub compression: bool,
     /// With compression negotiated, the smallest frame sent compressed.
     pub compression_min_bytes: usize,
+    /// Most WebSockets the process holds; 0 (the default) is the open-file limit less a reserve
+    /// for the database connections and HTTP requests (see [`crate::ws::slots`]).
+    pub max_sockets: usize,
+    /// Most WebSockets from one client address (the peer, or the forwarded address with
+    /// `api.trust_forwarded_for`); 0 (the default) is no limit.
+    pub max_sockets_per_address: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -159,6 +165,8 @@ impl Default for WebSocketSettings {
             messages_burst: 100,
             compression: true,
             compression_min_bytes: 1024,
+            max_sockets: 0,
+            max_sockets_per_address: 0,
         }
     }
 }

@@ -251,6 +251,9 @@ pub struct Metrics {
     pub open_sockets: Gauge,
     /// Open WebSocket connections that negotiated `permessage-deflate`.
     pub compressed_sockets: Gauge,
+    /// WebSocket upgrades refused at `websocket.max_sockets` (`[0]`) and at
+    /// `websocket.max_sockets_per_address` (`[1]`).
+    pub sockets_refused: [Counter; 2],
     frames: Vec<Counter>,
     /// Payload bytes of text frames written to sockets (after Atmosphere framing, and compressed
     /// where the socket negotiated it).
@@ -297,6 +300,14 @@ impl Metrics {
             "open_sockets",
             "Open WebSocket connections",
             open_sockets.clone(),
+        );
+        let refused = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        let sockets_refused =
+            ["process", "address"].map(|limit| refused.get_or_create_owned(&[("limit", limit)]));
+        registry.register(
+            "sockets_refused",
+            "WebSocket upgrades refused at the process's socket limit or at one address's",
+            refused,
         );
         let family = Family::<[(&'static str, &'static str); 1], Counter>::default();
         let frames = FrameKind::ALL
@@ -403,6 +414,7 @@ impl Metrics {
             round_notified_ns: AtomicU64::new(0),
             open_sockets,
             compressed_sockets,
+            sockets_refused,
             frames,
             bytes_sent,
             notifications,
@@ -568,6 +580,7 @@ mod tests {
             "fleetgate_open_sockets 0",
             "fleetgate_compressed_sockets 0",
             "fleetgate_batch_groups 0",
+            r#"fleetgate_sockets_refused_total{limit="address"} 0"#,
             "fleetgate_subscribed_trackers 3",
             "fleetgate_coalesced_states_total 7",
             "fleetgate_batches_skipped_total 0",

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use crate::config::Settings;
 use crate::http::limit::LoginLimiter;
 use crate::hub::Hub;
+use crate::ws::slots::{self, SocketSlots};
 use crate::{db, http, listen, service, ws};
 
 /// Process-wide settings, applied as `serve` starts: transparent huge pages are turned off for
@@ -62,6 +63,25 @@ pub struct AppState {
     /// The processor's work queue (see [`listen`]): a subscribe whose snapshot could not be
     /// read hands its trackers to the processor, which sends their current states.
     pub inbox: Arc<listen::Inbox>,
+    /// The sockets held against `websocket.max_sockets` and `max_sockets_per_address`.
+    pub sockets: Arc<SocketSlots>,
+}
+
+/// The process's socket limit: `websocket.max_sockets`, or for 0 the open-file limit less a
+/// reserve (see [`slots::automatic_max`]); no limit if the open-file limit cannot be read.
+fn socket_limit(settings: &Settings) -> usize {
+    if settings.websocket.max_sockets > 0 {
+        return settings.websocket.max_sockets;
+    }
+    let db = settings.database.max_connections + settings.database.event_connections + 1;
+    match rlimit::Resource::NOFILE.get() {
+        Ok((soft, _)) if soft != rlimit::INFINITY => slots::automatic_max(soft, u64::from(db)),
+        Ok(_) => 0,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the open-file limit: sockets not limited");
+            0
+        }
+    }
 }
 
 /// Below this open-file limit the gateway warns at start-up: each socket takes a descriptor.
@@ -166,7 +186,16 @@ impl Application {
             shutdown: shutdown_rx,
             login_limiter: Arc::new(LoginLimiter::new(&settings.api)),
             inbox,
+            sockets: SocketSlots::new(
+                socket_limit(&settings),
+                settings.websocket.max_sockets_per_address,
+            ),
         };
+        tracing::info!(
+            max_sockets = state.sockets.max(),
+            max_sockets_per_address = settings.websocket.max_sockets_per_address,
+            "socket limits"
+        );
         // The dummy password hash that unknown logins are checked against, ahead of the first.
         tokio::task::spawn_blocking(service::warm_up);
         let port = listener.local_addr()?.port();

@@ -3,7 +3,8 @@
 //!
 //! Codes and statuses follow Navixy's backend API error table ("Getting started → Errors",
 //! developers.navixy.com/backend-api/getting-started/errors): the default HTTP status is 400;
-//! 1 and 6 are 500, 2, 11, 13 and 208 are 403, 9 is 412, 14 is 503, 15 is 429, 204 is 404.
+//! 1 and 6 are 500, 2, 11, 13 and 208 are 403, 9 is 412, 14 is 503, 15 is 429, 204 is 404
+//! (and 15 is 503 for a WebSocket refused because the whole process is at its socket limit).
 
 use actix_web::http::{header, StatusCode};
 use actix_web::{HttpResponse, ResponseError};
@@ -13,6 +14,7 @@ use utoipa::ToSchema;
 use crate::db;
 use crate::model::TrackerId;
 use crate::service::ServiceError;
+use crate::ws::slots::Refused;
 
 /// Why a request failed. Each variant documents its code and HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +41,9 @@ pub enum ApiError {
     DbUnavailable,
     /// 15, HTTP 429: too many login attempts; retry after the given seconds.
     RateLimited(u64),
+    /// 15: a WebSocket upgrade past the socket limits, HTTP 503 for the process's
+    /// (`websocket.max_sockets`), 429 for the address's (`max_sockets_per_address`).
+    TooManySockets(Refused),
     /// 102, HTTP 400: unknown login or wrong password (indistinguishable on purpose).
     WrongCredentials,
     /// 112, HTTP 400: the endpoint does not accept this HTTP method.
@@ -52,6 +57,9 @@ pub enum ApiError {
     /// 217, HTTP 400: a list names entities that do not exist (or are not visible).
     NonexistentEntities(Vec<TrackerId>),
 }
+
+/// What a refused WebSocket upgrade is told to wait, in seconds.
+const SOCKET_RETRY_AFTER_SECS: u64 = 5;
 
 /// `{"success": false, "status": {"code": N, "description": "…"}}`
 #[derive(Debug, Serialize, ToSchema)]
@@ -81,7 +89,7 @@ impl ApiError {
             ApiError::TooLarge(_) => 9,
             ApiError::AccessDenied(_) => 11,
             ApiError::DbUnavailable => 14,
-            ApiError::RateLimited(_) => 15,
+            ApiError::RateLimited(_) | ApiError::TooManySockets(_) => 15,
             ApiError::WrongCredentials => 102,
             ApiError::WrongMethod => 112,
             ApiError::NotFound(_) => 201,
@@ -99,7 +107,10 @@ impl ApiError {
             }
             ApiError::TooLarge(_) => StatusCode::PRECONDITION_FAILED,
             ApiError::DbUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited(_) | ApiError::TooManySockets(Refused::Address) => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
+            ApiError::TooManySockets(Refused::Full) => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -117,6 +128,12 @@ impl ApiError {
             ApiError::AccessDenied(d) => format!("Access denied: {d}"),
             ApiError::DbUnavailable => "Database unavailable".into(),
             ApiError::RateLimited(_) => "Too many requests (rate limit exceeded)".into(),
+            ApiError::TooManySockets(Refused::Full) => {
+                "Too many requests (rate limit exceeded): the gateway holds its most sockets".into()
+            }
+            ApiError::TooManySockets(Refused::Address) => {
+                "Too many requests (rate limit exceeded): too many sockets from this address".into()
+            }
             ApiError::WrongCredentials => "Wrong login or password".into(),
             ApiError::WrongMethod => "Wrong method".into(),
             ApiError::NotFound(d) => format!("Not found in database: {d}"),
@@ -163,8 +180,14 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let mut response = HttpResponse::build(self.http_status());
-        if let ApiError::RateLimited(secs) = self {
-            response.insert_header((header::RETRY_AFTER, secs.max(&1).to_string()));
+        match self {
+            ApiError::RateLimited(secs) => {
+                response.insert_header((header::RETRY_AFTER, secs.max(&1).to_string()));
+            }
+            ApiError::TooManySockets(_) => {
+                response.insert_header((header::RETRY_AFTER, SOCKET_RETRY_AFTER_SECS.to_string()));
+            }
+            _ => {}
         }
         response.json(self.body())
     }

@@ -65,9 +65,9 @@ pub struct UserInfoResponse {
     pub user_info: UserInfo,
 }
 
-/// The client's address for the rate limit: the peer, or with `api.trust_forwarded_for` the
+/// The client's address for the rate limit and the socket limit: the peer, or with `api.trust_forwarded_for` the
 /// address a reverse proxy reported. The port is dropped.
-fn client_address(req: &HttpRequest, trust_forwarded: bool) -> String {
+pub(crate) fn client_address(req: &HttpRequest, trust_forwarded: bool) -> String {
     let raw = if trust_forwarded {
         req.connection_info()
             .realip_remote_addr()

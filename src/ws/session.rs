@@ -24,10 +24,12 @@ use super::atmosphere::Transport;
 use super::deflate::{self, SharedFrame};
 use super::protocol::{self, Action, ClientMessage, Item, ProtoError, StatusMap};
 use super::reader::{self, Message, ReadError, Reader};
+use super::slots::Slot;
 use super::writer::{self, Writer};
 use crate::access;
 use crate::batch::{BatchGroup, GroupKey, GroupKind, Scope, Target};
 use crate::db::{self, queries};
+use crate::http::error::ApiError;
 use crate::hub::{ConnId, Outbox, Outgoing, TrackerFacts};
 use crate::metrics::{FrameKind, SentTally};
 use crate::model::{self, Format, Lifecycle, TrackerId, TrackerState, Variant};
@@ -62,6 +64,23 @@ pub async fn subscription(
 ) -> actix_web::Result<HttpResponse> {
     let transport = Transport::from_query(req.query_string());
     let settings = &state.settings.websocket;
+    let address = crate::http::user::client_address(&req, state.settings.api.trust_forwarded_for);
+    let slot = match state.sockets.take(&address) {
+        Ok(slot) => slot,
+        Err(refused) => {
+            state.hub.metrics.sockets_refused[refused as usize].inc();
+            // Logged once a second at most: a client in a reconnect loop would flood the log.
+            if state.sockets.should_log() {
+                tracing::warn!(
+                    %address,
+                    open = state.sockets.open(),
+                    limit = ?refused,
+                    "WebSocket refused: socket limit reached (see fleetgate_sockets_refused_total)"
+                );
+            }
+            return Err(ApiError::TooManySockets(refused).into());
+        }
+    };
     // actix-http checks the handshake; the client's frames are read by `reader` and what the
     // gateway writes goes through its own byte-bounded queue (`writer`).
     let mut response = actix_http::ws::handshake(req.head())?;
@@ -94,7 +113,7 @@ pub async fn subscription(
         peer = %peer,
         session = tracing::field::Empty
     );
-    let conn = Connection::new(conn_id, state.get_ref().clone(), transport, session);
+    let conn = Connection::new(conn_id, state.get_ref().clone(), transport, session, slot);
     actix_web::rt::spawn(conn.run(stream).instrument(span));
     Ok(response)
 }
@@ -240,10 +259,12 @@ struct Connection {
     notified: Vec<Instant>,
     tokens: f64,
     refilled: Instant,
+    /// Counted against the socket limits until the task ends.
+    _slot: Slot,
 }
 
 impl Connection {
-    fn new(id: ConnId, app: AppState, transport: Transport, ws: Writer) -> Self {
+    fn new(id: ConnId, app: AppState, transport: Transport, ws: Writer, slot: Slot) -> Self {
         let cap = app.settings.websocket.queue_capacity;
         let burst = f64::from(app.settings.websocket.messages_burst.max(1));
         let outbox = app.hub.outbox(cap);
@@ -265,6 +286,7 @@ impl Connection {
             notified: Vec::new(),
             tokens: burst,
             refilled: Instant::now(),
+            _slot: slot,
         }
     }
 

@@ -427,3 +427,112 @@ async fn health_and_ready() {
     assert_eq!(v["watched_trackers"], 2, "{v}");
     assert_eq!(v["sockets_sessions"], 1, "{v}");
 }
+
+/// The upgrade's refusal: HTTP status, `Retry-After` and the error code of its JSON body.
+async fn refused_upgrade(url: &str, forwarded_for: Option<&str>) -> (u16, Option<String>, Value) {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Error;
+    let mut request = url.into_client_request().expect("a request");
+    if let Some(address) = forwarded_for {
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", address.parse().expect("a header value"));
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Err(Error::Http(response)) => {
+            let retry = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = response.body().clone().unwrap_or_default();
+            let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            (response.status().as_u16(), retry, body)
+        }
+        Ok(_) => panic!("the upgrade was accepted"),
+        Err(e) => panic!("the upgrade failed otherwise: {e}"),
+    }
+}
+
+async fn forwarded_client(url: &str, address: &str) -> Client {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.into_client_request().expect("a request");
+    request
+        .headers_mut()
+        .insert("x-forwarded-for", address.parse().expect("a header value"));
+    let (ws, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("WebSocket connect");
+    Client { ws }
+}
+
+/// Past `websocket.max_sockets` an upgrade is refused (HTTP 503, code 15) while the sockets
+/// held keep working and the HTTP API still answers: a process out of file descriptors
+/// answered nothing at all, not even `/health`.
+#[tokio::test]
+async fn past_the_socket_limit_upgrades_are_refused_and_the_rest_keeps_working() {
+    let app = spawn_app_with(|s| s.websocket.max_sockets = 3).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut c = app.connect().await;
+        c.subscribe_and_states(ACME, &[101], 1).await;
+        held.push(c);
+    }
+    let (status, retry, body) = refused_upgrade(&app.ws_url(), None).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(retry.as_deref(), Some("5"));
+    assert_eq!(body["success"], false);
+    assert_eq!(body["status"]["code"], 15, "{body}");
+    assert_eq!(app.get("/health").await.0, 200);
+    // The sockets held still get their events.
+    app.set_speed(&[101], 77).await;
+    for c in &mut held {
+        c.recv_until(|v| is_state_with_speed(v, 101, 77)).await;
+    }
+    let (_, metrics) = app.get("/metrics").await;
+    assert!(
+        metrics.contains(r#"fleetgate_sockets_refused_total{limit="process"} 1"#),
+        "{metrics}"
+    );
+    // A socket that leaves frees its slot.
+    drop(held.pop());
+    eventually("a slot to be free", || async {
+        tokio_tungstenite::connect_async(app.ws_url()).await.is_ok()
+    })
+    .await;
+}
+
+/// `websocket.max_sockets_per_address` counts each client address (here the one a trusted
+/// proxy forwards) on its own: one address at its limit leaves the others unaffected.
+#[tokio::test]
+async fn one_address_at_its_limit_does_not_stop_another() {
+    let app = spawn_app_with(|s| {
+        s.websocket.max_sockets_per_address = 2;
+        s.api.trust_forwarded_for = true;
+    })
+    .await;
+    let url = app.ws_url();
+    let mut first = forwarded_client(&url, "203.0.113.7").await;
+    let _second = forwarded_client(&url, "203.0.113.7").await;
+    let (status, retry, body) = refused_upgrade(&url, Some("203.0.113.7")).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(retry.as_deref(), Some("5"));
+    assert_eq!(body["status"]["code"], 15, "{body}");
+    let mut other = forwarded_client(&url, "198.51.100.1").await;
+    other.subscribe_and_states(ACME, &[102], 1).await;
+    // Closing one of the address's sockets lets it open another.
+    first.ws.close(None).await.expect("close");
+    eventually("the address to have a slot again", || async {
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                url.as_str(),
+            )
+            .expect("a request");
+        request.headers_mut().insert(
+            "x-forwarded-for",
+            "203.0.113.7".parse().expect("a header value"),
+        );
+        tokio_tungstenite::connect_async(request).await.is_ok()
+    })
+    .await;
+}
