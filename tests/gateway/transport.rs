@@ -428,17 +428,25 @@ async fn health_and_ready() {
     assert_eq!(v["sockets_sessions"], 1, "{v}");
 }
 
-/// The upgrade's refusal: HTTP status, `Retry-After` and the error code of its JSON body.
-async fn refused_upgrade(url: &str, forwarded_for: Option<&str>) -> (u16, Option<String>, Value) {
+/// An upgrade request, with `X-Forwarded-For` when given.
+fn upgrade_request(
+    url: &str,
+    forwarded_for: Option<&str>,
+) -> tokio_tungstenite::tungstenite::handshake::client::Request {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    use tokio_tungstenite::tungstenite::Error;
     let mut request = url.into_client_request().expect("a request");
     if let Some(address) = forwarded_for {
         request
             .headers_mut()
             .insert("x-forwarded-for", address.parse().expect("a header value"));
     }
-    match tokio_tungstenite::connect_async(request).await {
+    request
+}
+
+/// The upgrade's refusal: HTTP status, `Retry-After` and the error code of its JSON body.
+async fn refused_upgrade(url: &str, forwarded_for: Option<&str>) -> (u16, Option<String>, Value) {
+    use tokio_tungstenite::tungstenite::Error;
+    match tokio_tungstenite::connect_async(upgrade_request(url, forwarded_for)).await {
         Err(Error::Http(response)) => {
             let retry = response
                 .headers()
@@ -455,12 +463,7 @@ async fn refused_upgrade(url: &str, forwarded_for: Option<&str>) -> (u16, Option
 }
 
 async fn forwarded_client(url: &str, address: &str) -> Client {
-    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-    let mut request = url.into_client_request().expect("a request");
-    request
-        .headers_mut()
-        .insert("x-forwarded-for", address.parse().expect("a header value"));
-    let (ws, _) = tokio_tungstenite::connect_async(request)
+    let (ws, _) = tokio_tungstenite::connect_async(upgrade_request(url, Some(address)))
         .await
         .expect("WebSocket connect");
     Client { ws }
@@ -523,15 +526,7 @@ async fn one_address_at_its_limit_does_not_stop_another() {
     // Closing one of the address's sockets lets it open another.
     first.ws.close(None).await.expect("close");
     eventually("the address to have a slot again", || async {
-        let mut request =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-                url.as_str(),
-            )
-            .expect("a request");
-        request.headers_mut().insert(
-            "x-forwarded-for",
-            "203.0.113.7".parse().expect("a header value"),
-        );
+        let request = upgrade_request(&url, Some("203.0.113.7"));
         tokio_tungstenite::connect_async(request).await.is_ok()
     })
     .await;
