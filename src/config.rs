@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
     pub database: DatabaseSettings,
@@ -21,7 +21,7 @@ pub struct Settings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServerSettings {
     pub listen: String,
     pub workers: usize,
@@ -31,7 +31,7 @@ pub struct ServerSettings {
 }
 
 #[derive(Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub url: String,
     pub max_connections: u32,
@@ -54,7 +54,7 @@ impl std::fmt::Debug for DatabaseSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct WebSocketSettings {
     pub max_frame_bytes: usize,
     pub max_trackers_per_request: usize,
@@ -80,7 +80,7 @@ pub struct WebSocketSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ListenSettings {
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
@@ -88,13 +88,13 @@ pub struct ListenSettings {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct SessionSettings {
     pub expiry_check_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
     pub level: String,
@@ -102,7 +102,7 @@ pub struct LogSettings {
 
 /// The live fleet page served at `/` (see `src/web/`).
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct WebSettings {
     /// Map tiles drawn under the graticule, e.g. `https://tile.example/{z}/{x}/{y}.png`; empty
     /// (the default) draws no tiles, so the page loads nothing from outside the gateway.
@@ -111,7 +111,7 @@ pub struct WebSettings {
 
 /// The HTTP API (`/v2/user/…`, `/v2/tracker/…`, `/v2/admin/…`).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct ApiSettings {
     pub max_body_bytes: usize,
     pub session_lifetime_secs: i64,
@@ -305,5 +305,31 @@ mod tests {
             .expect("config/default.toml parses");
         let built_in = Settings::default();
         assert_eq!(format!("{file:?}"), format!("{built_in:?}"));
+    }
+
+    #[test]
+    fn a_misspelt_setting_is_an_error_not_ignored() {
+        let err = |vars: &[(&str, &str)]| {
+            let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+            config::Config::builder()
+                .add_source(env_source(vars.collect::<Vec<_>>().into_iter()))
+                .build()
+                .and_then(|c| c.try_deserialize::<Settings>())
+                .expect_err("an unknown setting")
+                .to_string()
+        };
+        let e = err(&[("FLEETGATE_WEBSOCKET__MAX_SOCKET", "100")]);
+        assert!(e.contains("max_socket") && e.contains("max_sockets"), "{e}");
+        let e = err(&[("FLEETGATE_SERVR__LISTEN", "0.0.0.0:9000")]);
+        assert!(e.contains("servr"), "{e}");
+        let file = config::Config::builder()
+            .add_source(config::File::from_str(
+                "[websocket]\nqueue_capacity = 10\nheartbeat = 5\n",
+                config::FileFormat::Toml,
+            ))
+            .build()
+            .and_then(|c| c.try_deserialize::<Settings>());
+        let e = file.expect_err("an unknown key in a file").to_string();
+        assert!(e.contains("heartbeat"), "{e}");
     }
 }
