@@ -728,7 +728,32 @@ impl Batches {
 
     /// Registers a new group in the hub, reads its target and current states, and starts its
     /// timer. Registration comes first, so no change committed meanwhile is missed.
+    ///
+    /// A fill that fails retires the group: nobody has joined it (members join once it is
+    /// filled) and its task, which would take it out of the registry and the hub, has not
+    /// started, so the trackers it had admitted stayed watched (their states read and kept) for
+    /// the life of the process unless the same batch was asked for again. A subscribe waiting
+    /// on the same fill then finds the group retired and starts a new one (see [`Batches::join`]).
     async fn fill(
+        &self,
+        hub: &Arc<Hub>,
+        pool: &PgPool,
+        group: &Arc<BatchGroup>,
+    ) -> Result<(), sqlx::Error> {
+        if group.lock().retired {
+            return Ok(());
+        }
+        let filled = self.fill_new(hub, pool, group).await;
+        if filled.is_err() {
+            group.lock().retired = true;
+            self.groups
+                .remove_if(&group.key, |_, v| Arc::ptr_eq(v, group));
+            hub.unsubscribe_group(group, &group.tracker_ids());
+        }
+        filled
+    }
+
+    async fn fill_new(
         &self,
         hub: &Arc<Hub>,
         pool: &PgPool,

@@ -403,6 +403,48 @@ async fn a_group_retires_when_its_last_member_leaves_not_at_its_next_period() {
     assert_eq!(items(&next_batch(&mut a).await).len(), 4);
 }
 
+/// A group whose fill fails (the database fails a read after some trackers were admitted)
+/// does not stay behind: it was never joined and its task never started, so its trackers
+/// stayed watched, read and kept for the life of the process.
+#[tokio::test]
+async fn a_batch_whose_fill_fails_leaves_no_group_behind() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    // The target and the trackers' facts are read; the states' (or readings') read fails.
+    for (kind, table) in [
+        ("state_batch", "tracker_states"),
+        ("readings_batch", "sensor_values"),
+    ] {
+        app.exec(&format!("ALTER TABLE {table} RENAME TO {table}_away"))
+            .await;
+        c.send(json!({"action": "subscribe", "hash": ACME, "requests": [
+            {"type": kind, "target": {"type": "all"}, "rate_limit": "1h"}]}))
+            .await;
+        let r = next_response(&mut c).await;
+        assert_eq!(r["data"][kind]["success"], false, "{r}");
+        app.exec(&format!("ALTER TABLE {table}_away RENAME TO {table}"))
+            .await;
+    }
+    app.until("nothing to be left of the failed group", || {
+        app.hub.batches.group_count() == 0 && app.hub.tracker_count() == 0
+    })
+    .await;
+    // Asked for again, the batch is filled afresh.
+    let r = subscribe_batch(
+        &mut c,
+        ACME,
+        batch_request(json!({"type": "all"}), "1h", "compact"),
+    )
+    .await;
+    assert_eq!(r["data"]["state_batch"]["success"], true, "{r}");
+    let first = items(&next_batch(&mut c).await);
+    assert!(
+        [101, 102, 103, 104].iter().all(|id| first.contains_key(id)),
+        "{first:?}"
+    );
+    assert_eq!(app.hub.batches.group_count(), 1);
+}
+
 #[tokio::test]
 async fn lifecycle_during_batching() {
     let app = spawn_app().await;
