@@ -354,13 +354,13 @@ impl Metrics {
         let queue_depth = Gauge::default();
         registry.register(
             "outbound_queue_depth",
-            "Items waiting in the outbound queues of all sockets",
+            "Items waiting in the outbound queues of all sockets: queued events, and one mark per tracker whose newest state a full queue left to the hub",
             queue_depth.clone(),
         );
         let queue_depth_max = Gauge::default();
         registry.register(
             "outbound_queue_depth_max",
-            "Items waiting in the fullest outbound queue",
+            "Items waiting in the fullest outbound queue (up to websocket.queue_capacity events plus one mark per tracker the socket is behind on)",
             queue_depth_max.clone(),
         );
         let coalesced = Counter::default();
