@@ -67,6 +67,17 @@ pub struct AppState {
     pub sockets: Arc<SocketSlots>,
 }
 
+/// actix's per-worker connection limit for a process that holds at most `max_sockets`
+/// WebSockets (0: no limit): above it, with room for HTTP requests, since one worker may be
+/// given all of them.
+fn connections_per_worker(max_sockets: usize) -> usize {
+    if max_sockets == 0 {
+        1 << 24
+    } else {
+        max_sockets.saturating_add(1024)
+    }
+}
+
 /// The process's socket limit: `websocket.max_sockets`, or for 0 the open-file limit less a
 /// reserve (see [`slots::automatic_max`]); no limit if the open-file limit cannot be read.
 fn socket_limit(settings: &Settings) -> usize {
@@ -214,6 +225,11 @@ impl Application {
                 // written, so an idle one holds none. 8 KiB cost about a fifth of `fanout`'s
                 // throughput in write calls (docs/performance.md, "What changed").
                 .h1_write_buffer_size(32 * 1024 - crate::ws::writer::CHUNK)
+                // actix stops accepting on a worker that holds 25,000 connections (its default),
+                // HTTP requests included: with one worker that capped the process at 25,000
+                // sockets whatever the open-file limit, and stalled `/health` with them. The
+                // socket limit governs instead (see `ws::slots`).
+                .max_connections(connections_per_worker(state.sockets.max()))
                 .shutdown_timeout(settings.server.shutdown_timeout_secs);
         if settings.server.workers > 0 {
             server = server.workers(settings.server.workers);
@@ -332,6 +348,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_worker_may_take_every_socket_the_limit_allows() {
+        // actix's default, 25,000 per worker, stopped a one-worker process there.
+        assert_eq!(connections_per_worker(100_000), 101_024);
+        assert_eq!(connections_per_worker(19_733), 20_757);
+        assert!(connections_per_worker(0) >= 1 << 24);
+    }
 
     /// Polls `f` until it holds or ten seconds pass.
     async fn eventually(mut f: impl FnMut() -> bool) -> bool {
