@@ -180,6 +180,11 @@ impl GroupState {
                 },
                 _ => (f.blocked, f.change_no),
             };
+            // Held already with facts at least as new (two subscribes picking up the same
+            // tracker, or the processor's lifecycle change after this read): kept as it is.
+            if self.trackers.get(id).is_some_and(|held| *held >= change) {
+                continue;
+            }
             self.trackers.insert(*id, change);
             if blocked {
                 self.blocked.insert(*id);
@@ -707,6 +712,7 @@ impl Batches {
                 .filled
                 .get_or_try_init(|| self.fill(hub, pool, &group))
                 .await?;
+            self.pick_up(hub, pool, &group).await?;
             let mut g = group.lock();
             if g.retired {
                 // Lost a race with the group's last member leaving: start over with a new one.
@@ -724,6 +730,48 @@ impl Batches {
                 first_batch,
             });
         }
+    }
+
+    /// For a `selected` target shared by a filled group: admits the ids it does not hold that
+    /// the scope sees now (created, restored, granted or moved in since the group was filled).
+    /// A subscribe that answers them `normal` or `blocked` must deliver them, and only `all`
+    /// targets follow their account as it changes ([`Batches::accounts_changed`]); without
+    /// this a dashboard subscribing again after a grant was told `normal` and never got the
+    /// tracker, as long as the group lived.
+    async fn pick_up(
+        &self,
+        hub: &Arc<Hub>,
+        pool: &PgPool,
+        group: &Arc<BatchGroup>,
+    ) -> Result<(), sqlx::Error> {
+        let Target::Selected(ids) = &group.key.target else {
+            return Ok(());
+        };
+        let missing: Vec<TrackerId> = {
+            let g = group.lock();
+            ids.iter()
+                .copied()
+                .filter(|id| !g.trackers.contains_key(id))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let scope = group.key.scope;
+        let facts: Vec<(TrackerId, TrackerFacts)> =
+            queries::visible_trackers_among(pool, scope.account_id, scope.sub_user, &missing)
+                .await?
+                .iter()
+                .map(|r| (r.id, TrackerFacts::from(r)))
+                .collect();
+        if !facts.is_empty() {
+            tracing::debug!(
+                added = facts.len(),
+                "selected batch target picked up trackers"
+            );
+            add_trackers(hub, pool, group, facts).await?;
+        }
+        Ok(())
     }
 
     /// Registers a new group in the hub, reads its target and current states, and starts its

@@ -445,6 +445,52 @@ async fn a_batch_whose_fill_fails_leaves_no_group_behind() {
     assert_eq!(app.hub.batches.group_count(), 1);
 }
 
+/// A `selected` batch shared by several dashboards: an id that becomes visible after the group
+/// was filled (restored, granted, moved in) is picked up by the next subscribe that names it,
+/// which answers it `normal` and must then deliver it. The group used to keep the trackers it
+/// was filled with, so that subscribe was answered `normal` and got nothing for it.
+#[tokio::test]
+async fn a_selected_batch_picks_up_a_tracker_visible_since_it_was_filled() {
+    let app = spawn_app().await;
+    let selected = || {
+        batch_request(
+            json!({"type": "selected", "tracker_ids": [101, 106]}),
+            "100ms",
+            "compact",
+        )
+    };
+    let mut first = app.connect().await;
+    let r = subscribe_batch(&mut first, ACME, selected()).await;
+    assert_eq!(
+        r["data"]["state_batch"]["value"],
+        json!({"101": "normal", "106": "unknown"}),
+        "{r}"
+    );
+    next_batch(&mut first).await;
+    // 106 is restored; another dashboard asks for the same batch and joins the same group.
+    app.exec("UPDATE trackers SET removed = false WHERE id = 106")
+        .await;
+    let mut second = app.connect().await;
+    let r = subscribe_batch(&mut second, ACME, selected()).await;
+    assert_eq!(
+        r["data"]["state_batch"]["value"],
+        json!({"101": "normal", "106": "normal"}),
+        "{r}"
+    );
+    assert_eq!(app.hub.batches.group_count(), 1, "one group for both");
+    let batch = items(&next_batch(&mut second).await);
+    assert!(
+        batch.contains_key(&106),
+        "106 in the first batch: {batch:?}"
+    );
+    // Its changes reach both dashboards from now on.
+    app.set_speed(&[106], 66).await;
+    for c in [&mut first, &mut second] {
+        c.recv_until(|v| v["event"] == "state_batch" && items(v).get(&106) == Some(&66))
+            .await;
+    }
+}
+
 #[tokio::test]
 async fn lifecycle_during_batching() {
     let app = spawn_app().await;
