@@ -217,6 +217,31 @@ impl Inbox {
         self.ready.notify_one();
     }
 
+    /// Takes the ended sessions and revoked grants gathered so far (see `process_with`).
+    fn take_ends(&self) -> Ends {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        Ends {
+            sessions: std::mem::take(&mut p.sessions),
+            session_ranges: std::mem::take(&mut p.session_ranges),
+            revoked_grants: std::mem::take(&mut p.revoked_grants),
+        }
+    }
+
+    /// The blocks and removals (`corrupt`) gathered so far for these trackers, left in place:
+    /// the next round finds them published already.
+    fn stops_of(&self, ids: &[TrackerId]) -> Vec<(i64, TrackerId, Lifecycle)> {
+        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.lifecycle.is_empty() {
+            return Vec::new();
+        }
+        let ids: HashSet<TrackerId> = ids.iter().copied().collect();
+        p.lifecycle
+            .iter()
+            .filter(|(_, id, kind)| *kind != Lifecycle::Unblock && ids.contains(id))
+            .copied()
+            .collect()
+    }
+
     async fn take(&self) -> Pending {
         loop {
             {
@@ -357,7 +382,7 @@ pub async fn run_processor(
         let result = if pending.resync {
             resync(&pool, &hub).await
         } else {
-            process(&pool, &hub, pending).await
+            process(&pool, &hub, pending, Some(&inbox)).await
         };
         match result {
             Ok(()) => backoff = Duration::from_millis(settings.reconnect_min_ms.max(1)),
@@ -396,8 +421,13 @@ fn lifecycle_of(row: &queries::TrackerLifecycleRow, account: Option<i64>) -> Lif
 }
 
 /// One round: everything the listener gathered since the last round.
-pub async fn process(pool: &PgPool, hub: &Arc<Hub>, p: Pending) -> Result<(), sqlx::Error> {
-    process_with(pool, hub, p, &|| {}).await
+pub async fn process(
+    pool: &PgPool,
+    hub: &Arc<Hub>,
+    p: Pending,
+    inbox: Option<&Inbox>,
+) -> Result<(), sqlx::Error> {
+    process_with(pool, hub, p, inbox, &|| {}).await
 }
 
 /// [`process`], calling `before_publish` after each chunk of states is read and before it is
@@ -407,6 +437,7 @@ pub async fn process_with(
     pool: &PgPool,
     hub: &Arc<Hub>,
     p: Pending,
+    inbox: Option<&Inbox>,
     before_publish: &(dyn Fn() + Sync),
 ) -> Result<(), sqlx::Error> {
     // Source ids first: the states read below take theirs from the hub.
@@ -418,6 +449,12 @@ pub async fn process_with(
     if !p.accounts.is_empty() && hub.batches.group_count() > 0 {
         hub.batches.accounts_changed(hub, pool, &p.accounts).await?;
     }
+    let ends = Ends {
+        sessions: p.sessions,
+        session_ranges: p.session_ranges,
+        revoked_grants: p.revoked_grants,
+    };
+    end_sessions_and_grants(pool, hub, ends).await?;
     let mut lifecycle = p.lifecycle;
     for (lo, hi) in p.lifecycle_ranges {
         for row in queries::trackers_by_range(pool, lo, hi).await? {
@@ -506,6 +543,17 @@ pub async fn process_with(
         before_publish();
         let mut steps: Vec<((i64, u8), Step)> =
             Vec::with_capacity(states.len() + compact_states.len());
+        // The rows are current: one may have been committed after a session ended, a grant
+        // was revoked or the tracker was blocked or removed, whose notification came after
+        // this round began (it is in the inbox now, or the read could not have seen the row).
+        // Those go first, so that the state is held back as the next round would (a block or
+        // removal published here is known to the hub then, and skipped).
+        if let Some(inbox) = inbox {
+            end_sessions_and_grants(pool, hub, inbox.take_ends()).await?;
+            for (c, id, kind) in inbox.stops_of(chunk) {
+                steps.push(((c, 0), Step::Lifecycle(id, c, kind)));
+            }
+        }
         for id in chunk {
             if let Some(rows) = ranged.remove(id) {
                 states.extend(rows);
@@ -575,8 +623,27 @@ pub async fn process_with(
         hub.offer_readings(crate::readings::readings_by_ids(pool, &readings_ids).await?);
     }
 
-    let mut hashes: HashSet<String> = p.sessions;
-    for (lo, hi) in p.session_ranges {
+    Ok(())
+}
+
+/// Sessions that ended and grants that were revoked, as notified.
+struct Ends {
+    sessions: HashSet<String>,
+    session_ranges: Vec<(i64, i64)>,
+    revoked_grants: Vec<(i64, TrackerId)>,
+}
+
+/// Ends the sessions that ended and the grants that were revoked: `logout` and `disallowed`
+/// are queued before any state this round (or a chunk of it) publishes, since a state read now
+/// may have been committed after the session or the grant ended, and must not reach its
+/// sockets first (PROTOCOL.md §5: per tracker, commit order).
+async fn end_sessions_and_grants(pool: &PgPool, hub: &Hub, ends: Ends) -> Result<(), sqlx::Error> {
+    let Ends {
+        sessions: mut hashes,
+        session_ranges,
+        revoked_grants,
+    } = ends;
+    for (lo, hi) in session_ranges {
         hashes.extend(
             queries::session_hashes_by_range(pool, lo, hi)
                 .await?
@@ -587,8 +654,8 @@ pub async fn process_with(
     if !hashes.is_empty() {
         check_sessions(pool, hub, hashes.into_iter().collect()).await?;
     }
-    if !p.revoked_grants.is_empty() {
-        disallow_revoked(pool, hub, p.revoked_grants).await?;
+    if !revoked_grants.is_empty() {
+        disallow_revoked(pool, hub, revoked_grants).await?;
     }
     Ok(())
 }
@@ -711,6 +778,13 @@ pub async fn resync(pool: &PgPool, hub: &Arc<Hub>) -> Result<(), sqlx::Error> {
             }
         }
     }
+    // Sessions and grants before states: a state read now may have been committed after a
+    // session ended or a grant was revoked while the stream was down (see `process_with`).
+    let hashes: Vec<String> = hub.session_hashes().iter().map(|h| h.to_string()).collect();
+    for chunk in hashes.chunks(RESYNC_CHUNK) {
+        check_sessions(pool, hub, chunk.to_vec()).await?;
+        resync_grants(pool, hub, chunk).await?;
+    }
     let now = Utc::now();
     let watched = hub.watched_trackers();
     for chunk in watched.chunks(RESYNC_CHUNK) {
@@ -730,11 +804,6 @@ pub async fn resync(pool: &PgPool, hub: &Arc<Hub>) -> Result<(), sqlx::Error> {
     let accounts = hub.batches.all_target_accounts();
     if !accounts.is_empty() {
         hub.batches.accounts_changed(hub, pool, &accounts).await?;
-    }
-    let hashes: Vec<String> = hub.session_hashes().iter().map(|h| h.to_string()).collect();
-    for chunk in hashes.chunks(RESYNC_CHUNK) {
-        check_sessions(pool, hub, chunk.to_vec()).await?;
-        resync_grants(pool, hub, chunk).await?;
     }
     if !watched.is_empty() || !hashes.is_empty() {
         tracing::info!(

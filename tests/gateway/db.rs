@@ -898,7 +898,7 @@ async fn a_compact_read_is_read_again_in_full_for_a_full_subscriber_come_meanwhi
     let mut p = Pending::default();
     p.state_ids.insert(101);
     let joined = std::sync::atomic::AtomicBool::new(false);
-    fleetgate::listen::process_with(&pool, &hub, p, &|| {
+    fleetgate::listen::process_with(&pool, &hub, p, None, &|| {
         if !joined.swap(true, std::sync::atomic::Ordering::SeqCst) {
             hub.subscribe(2, &full_box, &[101], variant());
         }
@@ -935,6 +935,102 @@ async fn a_compact_read_is_read_again_in_full_for_a_full_subscriber_come_meanwhi
     assert_eq!(compact.len(), 1, "{compact:?}");
     assert_eq!(compact[0]["data"]["gps"]["speed"], 55);
     assert!(compact[0]["data"].get("gsm").is_none());
+}
+
+/// What an outbox holds, in order: `state <id>`, `lifecycle <id>`, `disallow`, `logout`.
+async fn queued(outbox: &fleetgate::hub::Outbox) -> Vec<String> {
+    let mut items = Vec::new();
+    if !outbox.is_empty() {
+        outbox.pop_batch(64, &mut items).await;
+    }
+    items
+        .iter()
+        .map(|i| match i {
+            Outgoing::State { tracker, .. } => format!("state {tracker}"),
+            Outgoing::Lifecycle { tracker, .. } => format!("lifecycle {tracker}"),
+            Outgoing::Disallow { .. } => "disallow".into(),
+            Outgoing::Logout { .. } => "logout".into(),
+            _ => "other".into(),
+        })
+        .collect()
+}
+
+/// A state read in a round may have been committed after a grant was revoked or a session
+/// ended in the same round: `disallowed` and `logout` go first (they went after the round's
+/// states, so a state written after the revoke reached the sub-user before its `disallowed`).
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_round_ends_grants_and_sessions_before_it_publishes_states(pool: PgPool) {
+    let hub = Hub::new();
+    let sub_box = hub.outbox(16);
+    let rival_box = hub.outbox(16);
+    hub.subscribe(1, &sub_box, &[101], variant());
+    hub.register_session(&Arc::from(SUB), 1, &sub_box, DateTime::<Utc>::MAX_UTC);
+    hub.subscribe(2, &rival_box, &[201], variant());
+    hub.register_session(&Arc::from(RIVAL), 2, &rival_box, DateTime::<Utc>::MAX_UTC);
+    for sql in [
+        "DELETE FROM tracker_grants WHERE user_id = 2 AND tracker_id = 101",
+        "UPDATE sessions SET revoked_at = now() WHERE hash = 'rrrrrrrrrrrrrrrrrrrrrrrrrrrrrrrr'",
+        "UPDATE tracker_states SET speed = 77 WHERE tracker_id IN (101, 201)",
+    ] {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    let mut p = Pending::default();
+    p.state_ids.extend([101, 201]);
+    p.revoked_grants.push((2, 101));
+    p.sessions.insert(RIVAL.to_owned());
+    fleetgate::listen::process(&pool, &hub, p, None)
+        .await
+        .unwrap();
+    assert_eq!(queued(&sub_box).await, ["disallow", "state 101"]);
+    assert_eq!(queued(&rival_box).await, ["logout", "state 201"]);
+}
+
+/// The same when the revoke, the session's end or a block was notified after the round began:
+/// a row read now may have been committed after it, so what the inbox holds of them goes
+/// before the chunk's states (a block published there holds the state back).
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn what_came_meanwhile_ends_before_a_round_publishes(pool: PgPool) {
+    let hub = Hub::new();
+    let sub_box = hub.outbox(16);
+    let acme_box = hub.outbox(16);
+    hub.subscribe(1, &sub_box, &[101], variant());
+    hub.register_session(&Arc::from(SUB), 1, &sub_box, DateTime::<Utc>::MAX_UTC);
+    hub.subscribe(2, &acme_box, &[102, 103], variant());
+    hub.register_session(&Arc::from(ACME), 2, &acme_box, DateTime::<Utc>::MAX_UTC);
+    hub.set_source_ids(&[(101, 10101), (102, 10102), (103, 10103)]);
+    // The round was gathered with the states' notifications...
+    let mut p = Pending::default();
+    p.state_ids.extend([101, 102, 103]);
+    // ...then came a revoke and a block, and states written after them.
+    sqlx::query("DELETE FROM tracker_grants WHERE user_id = 2 AND tracker_id = 101")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let block: i64 =
+        sqlx::query_scalar("UPDATE trackers SET blocked = true WHERE id = 102 RETURNING change_no")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    sqlx::query("UPDATE tracker_states SET speed = 78 WHERE tracker_id IN (101, 102, 103)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let inbox = fleetgate::listen::Inbox::default();
+    inbox.update(|p| {
+        p.revoked_grants.push((2, 101));
+        p.lifecycle.push((block, 102, Lifecycle::Block));
+    });
+    fleetgate::listen::process(&pool, &hub, p, Some(&inbox))
+        .await
+        .unwrap();
+    assert_eq!(queued(&sub_box).await, ["disallow", "state 101"]);
+    assert_eq!(queued(&acme_box).await, ["lifecycle 102", "state 103"]);
 }
 
 /// A resync finds a watched tracker moved to another account while the stream was down: its
