@@ -220,11 +220,16 @@ impl Inbox {
     /// Takes the ended sessions and revoked grants gathered so far (see `process_with`).
     fn take_ends(&self) -> Ends {
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        Ends {
+        let ends = Ends {
             sessions: std::mem::take(&mut p.sessions),
             session_ranges: std::mem::take(&mut p.session_ranges),
             revoked_grants: std::mem::take(&mut p.revoked_grants),
+        };
+        if p.is_empty() {
+            // Nothing left for the next round: its notifications start afresh.
+            p.notified_at = None;
         }
+        ends
     }
 
     /// The blocks and removals (`corrupt`) gathered so far for these trackers, left in place:
