@@ -22,7 +22,7 @@ use sqlx::PgPool;
 use tokio::sync::{watch, Notify};
 
 use crate::config::{ListenSettings, SessionSettings};
-use crate::db::queries;
+use crate::db::{self, queries};
 use crate::hub::{Hub, Revoked, TrackerFacts};
 use crate::model::{Lifecycle, TrackerId, TrackerState};
 
@@ -377,6 +377,9 @@ pub async fn run_processor(
 ) {
     let max = Duration::from_millis(settings.reconnect_max_ms.max(1));
     let mut backoff = Duration::from_millis(settings.reconnect_min_ms.max(1));
+    // Failed rounds retried at once (see below), since the last round that succeeded.
+    let mut quick_retries = 0;
+    let connections = pool.options().get_max_connections();
     loop {
         let pending = tokio::select! {
             p = inbox.take() => p,
@@ -390,10 +393,23 @@ pub async fn run_processor(
             process(&pool, &hub, pending, Some(&inbox)).await
         };
         match result {
-            Ok(()) => backoff = Duration::from_millis(settings.reconnect_min_ms.max(1)),
+            Ok(()) => {
+                backoff = Duration::from_millis(settings.reconnect_min_ms.max(1));
+                quick_retries = 0;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "event processing failed; will resync");
                 inbox.update(|p| p.resync = true);
+                // The processor's connections are not tested before use: after the server
+                // dropped them all (a restart, a failover), each failed one round. With the
+                // LISTEN connection up again the server answers, so the resync goes again at
+                // once, up to once per pooled connection, instead of waiting a backoff each
+                // (with `reconnect_min_ms` of seconds, the missed changes came many seconds
+                // late).
+                if db::is_unavailable(&e) && hub.stream_up() && quick_retries < connections {
+                    quick_retries += 1;
+                    continue;
+                }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => return,

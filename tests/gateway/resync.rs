@@ -142,3 +142,37 @@ async fn stopping_the_gateway_ends_the_listen_and_event_connections() {
     })
     .await;
 }
+
+/// The server drops every connection of the gateway's (a restart, a failover): the LISTEN
+/// connection comes back after its backoff, and the resync must not then wait a backoff more for
+/// each dead connection of the event processor's pool (they are not tested before use). With a
+/// backoff of 5 s, the missed state took 10 s and more; it now comes right after the LISTEN.
+#[tokio::test]
+async fn a_resync_after_every_connection_dropped_does_not_wait_for_each_dead_one() {
+    let app = spawn_app_with(|s| {
+        s.listen.reconnect_min_ms = 5_000;
+        s.listen.reconnect_max_ms = 5_000;
+    })
+    .await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101, 102], 2).await;
+    // The event processor's pool has connections open.
+    app.set_speed(&[101, 102], 41).await;
+    c.recv_until(|v| is_state_with_speed(v, 102, 41)).await;
+    app.exec(&format!(
+        "BEGIN; UPDATE tracker_states SET speed = 42 WHERE tracker_id = 101; \
+         SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+          WHERE application_name IN ('{}', '{}') AND datname = current_database(); \
+         COMMIT;",
+        fleetgate::listen::LISTEN_APPLICATION_NAME,
+        fleetgate::db::EVENTS_APPLICATION_NAME,
+    ))
+    .await;
+    // The LISTEN's 5 s, then the resync at once (it took a 5 s backoff more per dead one).
+    let arrived = tokio::time::timeout(
+        std::time::Duration::from_secs(8),
+        c.recv_until(|v| is_state_with_speed(v, 101, 42)),
+    )
+    .await;
+    assert!(arrived.is_ok(), "the missed state came after 8 s");
+}
