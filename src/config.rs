@@ -5,9 +5,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
@@ -20,7 +20,7 @@ pub struct Settings {
     pub web: WebSettings,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServerSettings {
     pub listen: String,
@@ -30,7 +30,7 @@ pub struct ServerSettings {
     pub transparent_huge_pages: bool,
 }
 
-#[derive(Clone, Deserialize)]
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub url: String,
@@ -53,7 +53,7 @@ impl std::fmt::Debug for DatabaseSettings {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebSocketSettings {
     pub max_frame_bytes: usize,
@@ -79,7 +79,7 @@ pub struct WebSocketSettings {
     pub max_sockets_per_address: u32,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ListenSettings {
     pub reconnect_min_ms: u64,
@@ -87,13 +87,13 @@ pub struct ListenSettings {
     pub probe_interval_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SessionSettings {
     pub expiry_check_ms: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LogSettings {
     pub format: LogFormat,
@@ -101,7 +101,7 @@ pub struct LogSettings {
 }
 
 /// The live fleet page served at `/` (see `src/web/`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WebSettings {
     /// Map tiles drawn under the graticule, e.g. `https://tile.example/{z}/{x}/{y}.png`; empty
@@ -110,7 +110,7 @@ pub struct WebSettings {
 }
 
 /// The HTTP API (`/v2/user/…`, `/v2/tracker/…`, `/v2/admin/…`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiSettings {
     pub max_body_bytes: usize,
@@ -121,7 +121,7 @@ pub struct ApiSettings {
     pub trust_forwarded_for: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
@@ -233,9 +233,37 @@ fn env_source(vars: impl Iterator<Item = (String, String)>) -> config::Environme
         .source(Some(map))
 }
 
+/// A `FLEETGATE_<SECTION>_<KEY>` variable naming a setting with one underscore where the
+/// environment layer takes two: it would be ignored, the setting left at its value, so it is
+/// an error naming the variable meant. (Other `FLEETGATE_*` variables are not settings.)
+fn misspelt_variable(vars: impl Iterator<Item = (String, String)>) -> Option<String> {
+    let sections = serde_json::to_value(Settings::default()).ok()?;
+    let sections = sections.as_object()?;
+    vars.filter_map(|(name, _)| {
+        let rest = name.strip_prefix("FLEETGATE_")?.to_ascii_lowercase();
+        if rest.contains("__") {
+            return None;
+        }
+        sections.iter().find_map(|(section, keys)| {
+            let key = rest.strip_prefix(section.as_str())?.strip_prefix('_')?;
+            keys.get(key)?;
+            Some(format!(
+                "{name} is not read: a setting takes two underscores after its section, \
+                 FLEETGATE_{}__{}",
+                section.to_ascii_uppercase(),
+                key.to_ascii_uppercase()
+            ))
+        })
+    })
+    .next()
+}
+
 impl Settings {
     /// Loads the layered configuration from `dir` (normally `config/`) and the environment.
     pub fn load(dir: &Path) -> Result<Settings, config::ConfigError> {
+        if let Some(e) = misspelt_variable(std::env::vars()) {
+            return Err(config::ConfigError::Message(e));
+        }
         let mut builder = config::Config::builder()
             .add_source(config::File::from(dir.join("default.toml")).required(false))
             .add_source(config::File::from(dir.join("local.toml")).required(false));
@@ -331,5 +359,36 @@ mod tests {
             .and_then(|c| c.try_deserialize::<Settings>());
         let e = file.expect_err("an unknown key in a file").to_string();
         assert!(e.contains("heartbeat"), "{e}");
+    }
+
+    #[test]
+    fn a_setting_variable_with_one_underscore_is_an_error_naming_the_right_one() {
+        let vars = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| (n.to_string(), "x".to_string()))
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        let e = misspelt_variable(vars(&["FLEETGATE_LOG_FORMAT"])).expect("an error");
+        assert!(e.contains("FLEETGATE_LOG__FORMAT"), "{e}");
+        let e = misspelt_variable(vars(&["FLEETGATE_WEB_TILE_URL"])).expect("an error");
+        assert!(e.contains("FLEETGATE_WEB__TILE_URL"), "{e}");
+        // The scripts' and tools' own variables, and settings spelt right, are not settings
+        // misspelt.
+        assert_eq!(
+            misspelt_variable(vars(&[
+                "FLEETGATE_LISTEN",
+                "FLEETGATE_CONFIG",
+                "FLEETGATE_CONFIG_DIR",
+                "FLEETGATE_DEMO_RATE",
+                "FLEETGATE_PG_PORT",
+                "FLEETGATE_SKIP_BROWSER",
+                "FLEETGATE_BENCH_GATEWAY_LOG",
+                "FLEETGATE_LOG__FORMAT",
+                "FLEETGATE_LISTEN_ADDRESS",
+            ])),
+            None
+        );
     }
 }
