@@ -757,13 +757,7 @@ impl Batches {
         if missing.is_empty() {
             return Ok(());
         }
-        let scope = group.key.scope;
-        let facts: Vec<(TrackerId, TrackerFacts)> =
-            queries::visible_trackers_among(pool, scope.account_id, scope.sub_user, &missing)
-                .await?
-                .iter()
-                .map(|r| (r.id, TrackerFacts::from(r)))
-                .collect();
+        let facts = visible_facts(pool, group.key.scope, &Target::Selected(missing)).await?;
         if !facts.is_empty() {
             tracing::debug!(
                 added = facts.len(),
@@ -939,13 +933,19 @@ async fn target_trackers(
     pool: &PgPool,
     key: &GroupKey,
 ) -> Result<Vec<(TrackerId, TrackerFacts)>, sqlx::Error> {
-    let rows = match &key.target {
-        Target::All => {
-            queries::visible_trackers(pool, key.scope.account_id, key.scope.sub_user).await?
-        }
+    visible_facts(pool, key.scope, &key.target).await
+}
+
+/// The trackers of `target` that `scope` sees now, with their facts.
+async fn visible_facts(
+    pool: &PgPool,
+    scope: Scope,
+    target: &Target,
+) -> Result<Vec<(TrackerId, TrackerFacts)>, sqlx::Error> {
+    let rows = match target {
+        Target::All => queries::visible_trackers(pool, scope.account_id, scope.sub_user).await?,
         Target::Selected(ids) => {
-            queries::visible_trackers_among(pool, key.scope.account_id, key.scope.sub_user, ids)
-                .await?
+            queries::visible_trackers_among(pool, scope.account_id, scope.sub_user, ids).await?
         }
     };
     Ok(rows.iter().map(|r| (r.id, TrackerFacts::from(r))).collect())
