@@ -566,7 +566,8 @@ pub async fn process_with(
             Vec::with_capacity(states.len() + compact_states.len());
         // The rows are current: one may have been committed after a session ended, a grant
         // was revoked or the tracker was blocked or removed, whose notification came after
-        // this round began (it is in the inbox now, or the read could not have seen the row).
+        // this round began (it is in the inbox by now: PostgreSQL sent it at that commit,
+        // before the read began, unless the LISTEN connection lags behind; see PROTOCOL.md §5).
         // Those go first, so that the state is held back as the next round would (a block or
         // removal published here is known to the hub then, and skipped).
         if let Some(inbox) = inbox {
