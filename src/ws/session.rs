@@ -236,7 +236,11 @@ struct Connection {
     transport: Transport,
     ws: Writer,
     outbox: Arc<Outbox>,
+    /// The sessions this socket holds: each that holds a watch or a batch membership here, and
+    /// the latest one subscribed with (see [`Connection::release_idle_sessions`]).
     sessions: HashSet<Arc<str>>,
+    /// The session of the last subscribe that was accepted.
+    latest: Option<Arc<str>>,
     watches: Watches,
     /// The batch groups this socket belongs to, once per session that joined each: the socket
     /// leaves a group when no session of it holds the group any more.
@@ -275,6 +279,7 @@ impl Connection {
             ws,
             outbox,
             sessions: HashSet::new(),
+            latest: None,
             watches: Watches::default(),
             memberships: Vec::new(),
             lifecycle_sent: HashMap::new(),
@@ -786,6 +791,9 @@ impl Connection {
             }
         }
 
+        self.latest = Some(hash.clone());
+        self.release_idle_sessions();
+
         // One response entry per requested type, in request order; several items of a type
         // share it (a success wins, status maps are merged).
         let mut per_type: Vec<(String, Result<StatusMap, ProtoError>)> = Vec::new();
@@ -1025,9 +1033,45 @@ impl Connection {
             self.watches.remove(id);
         }
         self.app.hub.unsubscribe(self.id, &mine);
+        self.release_idle_sessions();
         let events = msg.events.clone();
         self.send(protocol::unsubscribe_response(msg.form, &events, &ids).into())
             .await
+    }
+
+    /// Releases the sessions this socket no longer uses: each that holds no watch and no batch
+    /// membership here and is not the latest one subscribed with. A dashboard that moved its
+    /// trackers to a new session (after a new login) or unsubscribed everything of an old one
+    /// must not get that session's `logout` later, nor be kept open by it when the session it
+    /// uses ends. The server's own removals (`corrupt`, `disallowed`) release nothing: the
+    /// client did not leave that session.
+    fn release_idle_sessions(&mut self) {
+        if self.sessions.len() < 2 {
+            return;
+        }
+        let mut held: HashSet<&str> = self
+            .watches
+            .by_slot
+            .iter()
+            .flatten()
+            .map(|w| &*w.session)
+            .collect();
+        held.extend(self.memberships.iter().map(|(_, s)| &**s));
+        held.extend(self.latest.as_deref());
+        let idle: Vec<Arc<str>> = self
+            .sessions
+            .iter()
+            .filter(|s| !held.contains(&***s))
+            .cloned()
+            .collect();
+        for hash in idle {
+            self.sessions.remove(&hash);
+            self.app.hub.unregister_session(&hash, self.id);
+            tracing::info!(
+                session = Self::session_tag(&hash),
+                "session released: nothing subscribed under it"
+            );
+        }
     }
 
     /// Ends a session this socket holds (its logout): drops its trackers, batches and hub
@@ -1035,6 +1079,9 @@ impl Connection {
     async fn end_session(&mut self, hash: &Arc<str>) -> Result<(), Stop> {
         if !self.sessions.remove(hash) {
             return Ok(());
+        }
+        if self.latest.as_ref() == Some(hash) {
+            self.latest = None;
         }
         // The hub's entry is normally gone already (its logout removed it), but a subscribe
         // with this hash handled before the logout was delivered may have re-created it.

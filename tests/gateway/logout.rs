@@ -209,3 +209,92 @@ async fn a_subscribe_handled_before_its_sessions_queued_logout_leaves_nothing_be
     let (_, skipped) = c.recv_until(|v| is_state_with_speed(v, 102, 5)).await;
     assert!(skipped.iter().all(|v| !is_state_of(v, 101)), "{skipped:?}");
 }
+
+#[tokio::test]
+async fn a_session_whose_trackers_moved_to_a_new_one_is_released() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101, 102], 2).await;
+    // A new login on the same dashboard: everything moves to ACME2.
+    let resp = c.subscribe(ACME2, &[101, 102]).await;
+    assert_eq!(resp["data"]["state"]["101"], "normal", "{resp}");
+    app.until("the socket releases ACME", || !app.hub.has_session(ACME))
+        .await;
+    // The old session's end does not reach the dashboard ...
+    app.exec(&format!(
+        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
+    ))
+    .await;
+    app.set_speed(&[101], 21).await;
+    let (_, skipped) = c.recv_until(|v| is_state_with_speed(v, 101, 21)).await;
+    assert!(
+        skipped.iter().all(|v| v["event"] != "logout"),
+        "{skipped:?}"
+    );
+    // ... and, with nothing left of it, the new session's end closes the connection.
+    app.exec(&format!(
+        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME2}'"
+    ))
+    .await;
+    assert_logout_then_close(&mut c).await;
+}
+
+#[tokio::test]
+async fn a_session_that_still_holds_a_tracker_or_is_the_latest_is_kept() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101, 102], 2).await;
+    // Only 101 moves: ACME still holds 102, and its end reaches the socket.
+    c.subscribe(ACME2, &[101]).await;
+    assert!(app.hub.has_session(ACME));
+    app.exec(&format!(
+        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
+    ))
+    .await;
+    assert_eq!(
+        c.recv_until(|v| v["event"] == "logout").await.0["data"],
+        "session closed"
+    );
+    // The latest session is kept with nothing under it: unsubscribing its last tracker
+    // leaves it (its end still logs the socket out and closes it).
+    let msg =
+        json!({"action": "unsubscribe", "hash": ACME2, "events": ["state"], "trackers": [101]});
+    c.send(msg).await;
+    let (resp, _) = c.recv_until(|v| v["type"] == "response").await;
+    assert_eq!(resp["data"], json!([101]), "{resp}");
+    assert!(app.hub.has_session(ACME2));
+    app.exec(&format!(
+        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME2}'"
+    ))
+    .await;
+    assert_logout_then_close(&mut c).await;
+}
+
+#[tokio::test]
+async fn unsubscribing_everything_of_an_older_session_releases_it() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101], 1).await;
+    c.subscribe_and_states(ACME2, &[102], 1).await;
+    let msg =
+        json!({"action": "unsubscribe", "hash": ACME, "events": ["state"], "trackers": [101]});
+    c.send(msg).await;
+    c.recv_until(|v| v["type"] == "response").await;
+    app.until("the socket releases ACME", || !app.hub.has_session(ACME))
+        .await;
+    // Released: an unsubscribe with it now names a session this connection does not hold.
+    c.send(json!({"action": "unsubscribe", "hash": ACME, "events": ["state"], "trackers": [101]}))
+        .await;
+    let (err, _) = c.recv_until(|v| v["type"] == "error").await;
+    assert_eq!(err["status"]["code"], 4, "{err}");
+    app.exec(&format!(
+        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
+    ))
+    .await;
+    app.set_speed(&[102], 22).await;
+    let (_, skipped) = c.recv_until(|v| is_state_with_speed(v, 102, 22)).await;
+    assert!(
+        skipped.iter().all(|v| v["event"] != "logout"),
+        "{skipped:?}"
+    );
+}
