@@ -353,3 +353,71 @@ pub fn is_state_of(v: &Value, tracker: i64) -> bool {
 pub fn is_state_with_speed(v: &Value, tracker: i64, speed: i64) -> bool {
     is_state_of(v, tracker) && v["data"]["gps"]["speed"] == speed
 }
+
+/// A gateway process of its own (`fleetgate serve`, the binary cargo built for these tests)
+/// against `app`'s database, for what only a process shows (its memory, its log); killed when
+/// dropped, however the test ends. `FLEETGATE_TEST_GATEWAY` runs another build instead (to
+/// check that a test fails without a change).
+pub struct Server {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Server {
+    /// Starts it with `env` added (log level `warn` unless `env` says otherwise; its log, on
+    /// stderr, is discarded unless `env` names a file as `FLEETGATE_TEST_LOG`); see
+    /// [`Server::wait_started`].
+    pub fn start(app: &TestApp, env: &[(&str, &str)]) -> Server {
+        use std::process::{Command, Stdio};
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let bin = std::env::var("FLEETGATE_TEST_GATEWAY")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fleetgate").to_string());
+        let mut cmd = Command::new(bin);
+        cmd.arg("--config-dir")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .env("DATABASE_URL", &app.db_url)
+            .env("FLEETGATE_LOG__LEVEL", "warn")
+            .env("FLEETGATE_DATABASE__MIGRATE_ON_START", "false")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in env {
+            if *k == "FLEETGATE_TEST_LOG" {
+                let file = std::fs::File::create(v).expect("create the log file");
+                cmd.stderr(file);
+            } else {
+                cmd.env(k, v);
+            }
+        }
+        let child = cmd.spawn().expect("start fleetgate serve");
+        Server { child, port }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/v2/event/subscription", self.port)
+    }
+
+    /// Waits until it accepts WebSocket connections.
+    pub async fn wait_started(&self) {
+        let url = self.ws_url();
+        eventually("the gateway to start", || async {
+            tokio_tungstenite::connect_async(&url).await.is_ok()
+        })
+        .await;
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -11,6 +11,7 @@ mod db;
 mod errors;
 mod events;
 mod logout;
+mod logs;
 mod memory;
 mod readings;
 mod resync;

@@ -3,8 +3,6 @@
 //! subscribed socket must not hold the HTTP layer's 8 KiB read and write buffers
 //! (vendor/README.md): with them a socket costs over 20 KiB, without them about 8.
 
-use std::process::{Child, Command, Stdio};
-
 use crate::common::*;
 
 /// Sockets measured, beyond the warm-up ones (below the usual open-file limit of 1,024 of the
@@ -13,16 +11,6 @@ const SOCKETS: usize = 400;
 const WARM_UP: usize = 40;
 /// The bound asserted, per socket. Upstream actix-http's buffers alone are 16 KiB.
 const LIMIT_KIB: f64 = 14.0;
-
-/// The gateway process; killed when the test ends, however it ends.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn rss_kib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -43,31 +31,11 @@ async fn subscribed_client(url: &str) -> Client {
 #[tokio::test]
 async fn an_idle_subscribed_socket_holds_no_connection_buffers() {
     let app = spawn_app().await; // a database with the fleet fixture
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    // FLEETGATE_TEST_GATEWAY runs the test against another build (to check that it fails
-    // without the patch).
-    let bin = std::env::var("FLEETGATE_TEST_GATEWAY")
-        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fleetgate").to_string());
-    let mut cmd = Command::new(bin);
-    cmd.arg("--config-dir")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .env("DATABASE_URL", &app.db_url)
-        .env("FLEETGATE_LOG__LEVEL", "warn")
-        .env("FLEETGATE_DATABASE__MIGRATE_ON_START", "false")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    let server = Server(cmd.spawn().expect("start fleetgate serve"));
-    let pid = server.0.id();
-    let url = format!("ws://127.0.0.1:{port}/v2/event/subscription");
+    let server = Server::start(&app, &[]);
+    let pid = server.pid();
+    let url = server.ws_url();
 
-    eventually("the gateway to start", || async {
-        tokio_tungstenite::connect_async(&url).await.is_ok()
-    })
-    .await;
+    server.wait_started().await;
 
     let mut clients = Vec::with_capacity(WARM_UP + SOCKETS);
     for _ in 0..WARM_UP {

@@ -1529,7 +1529,18 @@ where
                     // keep-alive and stream errors
                     if state_is_none && inner_p.write_buf.is_empty() {
                         if let Some(err) = inner_p.error.take() {
-                            error!("stream error: {}", &err);
+                            // fleetgate patch: what a client sends or how it goes away (a
+                            // malformed request, a reset, a slow request) is logged at debug:
+                            // at error, any client could fill the server's log with junk.
+                            match err {
+                                DispatchError::Parse(_)
+                                | DispatchError::Io(_)
+                                | DispatchError::SlowRequestTimeout
+                                | DispatchError::DisconnectTimeout => {
+                                    tracing::debug!("stream error: {}", &err)
+                                }
+                                _ => error!("stream error: {}", &err),
+                            }
                             return Poll::Ready(Err(err));
                         }
 

@@ -1,0 +1,99 @@
+//! The server's log under a client's junk: what a client sends, however malformed, is answered
+//! (400) and logged below `warn`, so that no client can fill the log, or page an operator who
+//! alerts on errors, by sending garbage. Checked on a `fleetgate serve` process of its own.
+
+use futures_util::SinkExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::common::*;
+
+/// Sends `bytes` on a fresh connection and reads until the server closes it (after which it has
+/// logged whatever it logs for that connection); returns what it answered.
+async fn exchange(port: u16, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.write_all(bytes).await.expect("write");
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut answer))
+        .await
+        .expect("the server closes a connection that sent junk")
+        .ok();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn junk_requests_are_answered_and_not_logged_as_errors() {
+    let app = spawn_app().await;
+    let dir = std::env::temp_dir().join(format!("fg_logs_{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("a temporary folder");
+    let log = dir.join("serve.log");
+    let log_path = log.to_string_lossy().into_owned();
+    let server = Server::start(
+        &app,
+        &[
+            ("FLEETGATE_LOG__FORMAT", "json"),
+            ("FLEETGATE_TEST_LOG", &log_path),
+        ],
+    );
+    server.wait_started().await;
+
+    for bytes in [
+        &b"GARBAGE\x00\x01\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"GET /v2/event/subscription HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+          Content-Length: 3\r\n\r\n",
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03", // a TLS client hello
+    ] {
+        let answer = exchange(server.port, bytes).await;
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 400"),
+            "{bytes:?} answered {answer:?}"
+        );
+    }
+    // A WebSocket client's garbage: errors in the protocol, then its TCP connection dropped
+    // while it is subscribed.
+    let mut bad = Client::connect(&server.ws_url()).await;
+    for text in [
+        "{",
+        "[1,2]",
+        r#"{"action":"subscribe","hash":"short","trackers":[1]}"#,
+    ] {
+        bad.send_text(text).await;
+        assert_eq!(bad.recv().await["type"], "error");
+    }
+    bad.ws
+        .send(tokio_tungstenite::tungstenite::Message::Binary(vec![
+            0, 1, 2,
+        ]))
+        .await
+        .expect("send binary");
+    assert_eq!(bad.recv().await["status"]["code"], 5);
+    let resp = bad.subscribe(ACME, &[101]).await;
+    assert_eq!(resp["type"], "response", "{resp}");
+    drop(bad);
+
+    // The server still serves.
+    let mut c = Client::connect(&server.ws_url()).await;
+    let resp = c.subscribe(ACME, &[101]).await;
+    assert_eq!(resp["type"], "response", "{resp}");
+    // Once the dropped client's socket is gone, whatever it logged is in the log.
+    let metrics = b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    eventually("the dropped client's socket to close", || async {
+        exchange(server.port, metrics)
+            .await
+            .lines()
+            .any(|l| l == "fleetgate_open_sockets 1")
+    })
+    .await;
+
+    let text = std::fs::read_to_string(&log).expect("read the log");
+    let loud: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("\"level\":\"ERROR\"") || l.contains("\"level\":\"WARN\""))
+        .collect();
+    assert!(loud.is_empty(), "junk logged at warn or above: {loud:#?}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
