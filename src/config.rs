@@ -85,6 +85,9 @@ pub struct ListenSettings {
     pub reconnect_min_ms: u64,
     pub reconnect_max_ms: u64,
     pub probe_interval_ms: u64,
+    /// A round of the event processor still running after this long is abandoned: its
+    /// connections are dropped with its pool, and a resync on new ones follows.
+    pub round_timeout_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -177,6 +180,7 @@ impl Default for ListenSettings {
             reconnect_min_ms: 100,
             reconnect_max_ms: 5000,
             probe_interval_ms: 10_000,
+            round_timeout_secs: 30,
         }
     }
 }

@@ -31,6 +31,32 @@ pub const CHANNEL: &str = "fleetgate";
 /// The `application_name` of the LISTEN connection, as seen in `pg_stat_activity`.
 pub const LISTEN_APPLICATION_NAME: &str = "fleetgate-listen";
 
+/// TCP settings of the LISTEN connection's backend (PostgreSQL's per-session `tcp_keepalives_*`
+/// and `tcp_user_timeout`, which any user may set). PostgreSQL keeps every notification until
+/// each listening backend has sent it on, and writers fail once that queue (8 GB) is full: the
+/// backend of a gateway that vanished without closing its connection (host lost, network cut)
+/// would hold the queue until the server's own keepalive gave up on it, two hours or more by
+/// default, or fifteen minutes of retransmissions while it had notifications in flight. With
+/// these it is dropped within about a minute either way. (No effect over a Unix socket.)
+pub const LISTEN_TCP_SETTINGS: [(&str, &str); 4] = [
+    ("tcp_keepalives_idle", "30"),
+    ("tcp_keepalives_interval", "10"),
+    ("tcp_keepalives_count", "3"),
+    ("tcp_user_timeout", "60000"),
+];
+
+/// A share of PostgreSQL's notification queue in use above which the probe warns.
+const QUEUE_USAGE_WARN: f64 = 0.25;
+
+/// The options of the LISTEN connection: `url` with its application name and
+/// [`LISTEN_TCP_SETTINGS`].
+pub fn listen_connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    let options: PgConnectOptions = url.parse()?;
+    Ok(options
+        .application_name(LISTEN_APPLICATION_NAME)
+        .options(LISTEN_TCP_SETTINGS))
+}
+
 /// Largest id list sent to the database in one query during a resync.
 const RESYNC_CHUNK: usize = 5000;
 
@@ -280,11 +306,10 @@ pub async fn run_listener(
         }
         let connected = async {
             // A pool of one, named so operators (and tests) can find the listening backend.
-            let options: PgConnectOptions = url.parse()?;
             let pool = PgPoolOptions::new()
                 .max_connections(1)
                 .acquire_timeout(Duration::from_secs(10))
-                .connect_with(options.application_name(LISTEN_APPLICATION_NAME))
+                .connect_with(listen_connect_options(&url)?)
                 .await?;
             let mut l = PgListener::connect_with(&pool).await?;
             l.listen(CHANNEL).await?;
@@ -324,6 +349,11 @@ pub async fn run_listener(
         }
         first = false;
 
+        // The probe runs every `probe` whether notifications come or not: it checks that the
+        // connection still answers (a silently dead one delivers nothing and reports no error)
+        // and reads how full PostgreSQL's notification queue is.
+        let mut probe_timer = tokio::time::interval_at(tokio::time::Instant::now() + probe, probe);
+        probe_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let reason = loop {
             tokio::select! {
                 r = listener.try_recv() => match r {
@@ -343,10 +373,21 @@ pub async fn run_listener(
                     Ok(None) => break "connection lost".to_string(),
                     Err(e) => break e.to_string(),
                 },
-                _ = tokio::time::sleep(probe) => {
-                    let ping = sqlx::query("SELECT 1").execute(&mut listener);
+                _ = probe_timer.tick() => {
+                    let ping = sqlx::query_scalar::<_, f64>("SELECT pg_notification_queue_usage()")
+                        .fetch_one(&mut listener);
                     match tokio::time::timeout(Duration::from_secs(5), ping).await {
-                        Ok(Ok(_)) => {}
+                        Ok(Ok(usage)) => {
+                            hub.metrics.notify_queue_usage.set(usage);
+                            if usage >= QUEUE_USAGE_WARN {
+                                tracing::warn!(
+                                    percent = format!("{:.1}", usage * 100.0),
+                                    "PostgreSQL's notification queue is filling: a listening \
+                                     backend is not consuming (pg_stat_activity shows which); \
+                                     writes fail once it is full"
+                                );
+                            }
+                        }
                         Ok(Err(e)) => break format!("probe failed: {e}"),
                         Err(_) => break "probe timed out".to_string(),
                     }
@@ -380,6 +421,9 @@ pub async fn run_processor(
     // Failed rounds retried at once (see below), since the last round that succeeded.
     let mut quick_retries = 0;
     let connections = pool.options().get_max_connections();
+    let round_timeout = Duration::from_secs(settings.round_timeout_secs.max(1));
+    let mut limit = round_timeout;
+    let mut pool = pool;
     loop {
         let pending = tokio::select! {
             p = inbox.take() => p,
@@ -387,15 +431,46 @@ pub async fn run_processor(
         };
         hub.metrics
             .round_started(pending.notified_at.unwrap_or_else(Instant::now));
-        let result = if pending.resync {
-            resync(&pool, &hub).await
-        } else {
-            process(&pool, &hub, pending, Some(&inbox)).await
+        let round = async {
+            if pending.resync {
+                resync(&pool, &hub).await
+            } else {
+                process(&pool, &hub, pending, Some(&inbox)).await
+            }
+        };
+        let result = tokio::select! {
+            r = tokio::time::timeout(limit, round) => r,
+            _ = shutdown.changed() => return,
+        };
+        let Ok(result) = result else {
+            // A read that does not come back is most likely on a connection that is gone
+            // without either end being told (a failover, a network cut): TCP would keep it for
+            // many minutes. Dropping the round drops its reads; their connections would hang
+            // the pool as they are returned to it (it checks each), so the pool goes with them.
+            // What the round had to deliver, the resync delivers.
+            tracing::warn!(
+                limit_ms = limit.as_millis() as u64,
+                "event round did not finish in time: its database connections are dropped and \
+                 a resync on new ones follows"
+            );
+            hub.metrics.rounds_abandoned.inc();
+            let fresh = pool
+                .options()
+                .clone()
+                .connect_lazy_with((*pool.connect_options()).clone());
+            let old = std::mem::replace(&mut pool, fresh);
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), old.close()).await;
+            });
+            inbox.update(|p| p.resync = true);
+            limit = (limit * 2).min(round_timeout * 8);
+            continue;
         };
         match result {
             Ok(()) => {
                 backoff = Duration::from_millis(settings.reconnect_min_ms.max(1));
                 quick_retries = 0;
+                limit = round_timeout;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "event processing failed; will resync");

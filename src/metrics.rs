@@ -262,6 +262,11 @@ pub struct Metrics {
     pub notifications: Counter,
     /// Times the LISTEN stream was restored after a loss.
     pub listen_reconnects: Counter,
+    /// Event processor rounds abandoned at `listen.round_timeout_secs`.
+    pub rounds_abandoned: Counter,
+    /// PostgreSQL's notification queue in use (0 to 1), as the LISTEN connection's last probe
+    /// read it (`pg_notification_queue_usage()`).
+    pub notify_queue_usage: Gauge<f64, AtomicU64>,
     /// How long each LISTEN outage lasted.
     pub listen_gap: AtomicHistogram,
     /// From a subscribe message read to its response and initial states written.
@@ -387,6 +392,18 @@ impl Metrics {
             "Times the LISTEN stream was restored after a loss (each followed by a resync)",
             listen_reconnects.clone(),
         );
+        let rounds_abandoned = Counter::default();
+        registry.register(
+            "event_rounds_abandoned",
+            "Event processor rounds abandoned at listen.round_timeout_secs (their connections dropped, a resync following)",
+            rounds_abandoned.clone(),
+        );
+        let notify_queue_usage = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "notify_queue_usage",
+            "PostgreSQL's notification queue in use, 0 to 1, at the LISTEN connection's last probe (writes fail at 1)",
+            notify_queue_usage.clone(),
+        );
         let listen_gap = AtomicHistogram::new(GAP_BUCKETS);
         registry.register_with_unit(
             "listen_gap",
@@ -419,6 +436,8 @@ impl Metrics {
             bytes_sent,
             notifications,
             listen_reconnects,
+            rounds_abandoned,
+            notify_queue_usage,
             listen_gap,
             subscribe_latency,
             notify_to_send,
@@ -591,6 +610,7 @@ mod tests {
             r#"fleetgate_subscribe_latency_seconds_bucket{le="+Inf"} 2"#,
             "fleetgate_notify_to_send_seconds_count 0",
             "fleetgate_listen_reconnects_total 0",
+            "fleetgate_notify_queue_usage 0.0",
             "# EOF",
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");

@@ -5,6 +5,9 @@
 //! it keeps, or from where another listener of the database has read to), so they do not always
 //! need the resync to pass. The resync itself is tested directly, on a hub, in `db.rs`.
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
 use crate::common::*;
 
 /// Terminates the gateway's LISTEN backend inside `during_gap`'s transaction, before it commits,
@@ -175,4 +178,191 @@ async fn a_resync_after_every_connection_dropped_does_not_wait_for_each_dead_one
     )
     .await;
     assert!(arrived.is_ok(), "the missed state came after 8 s");
+}
+
+#[tokio::test]
+async fn the_listen_backend_drops_a_vanished_gateway_within_a_minute() {
+    let app = spawn_app().await;
+    let options = fleetgate::listen::listen_connect_options(&app.db_url).expect("options");
+    let mut conn = sqlx::ConnectOptions::connect(&options)
+        .await
+        .expect("connect as the listener does");
+    for (name, _) in fleetgate::listen::LISTEN_TCP_SETTINGS {
+        // Set for the session by the connection's startup options (over a Unix socket
+        // PostgreSQL keeps them without effect, and shows 0).
+        let source: String = sqlx::query_scalar("SELECT source FROM pg_settings WHERE name = $1")
+            .bind(name)
+            .fetch_one(&mut conn)
+            .await
+            .expect("pg_settings");
+        assert_eq!(source, "client", "{name}");
+    }
+    let tcp: bool = sqlx::query_scalar("SELECT inet_server_addr() IS NOT NULL")
+        .fetch_one(&mut conn)
+        .await
+        .expect("inet_server_addr");
+    if tcp {
+        let shown: Vec<String> = sqlx::query_scalar(
+            "SELECT current_setting(n) FROM unnest(ARRAY['tcp_keepalives_idle', \
+             'tcp_keepalives_interval', 'tcp_keepalives_count', 'tcp_user_timeout']) n",
+        )
+        .fetch_all(&mut conn)
+        .await
+        .expect("current_setting");
+        assert_eq!(shown, ["30", "10", "3", "60000"]);
+    }
+}
+
+#[tokio::test]
+async fn the_probe_reports_how_full_the_notification_queue_is() {
+    let app = spawn_app_with(|s| s.listen.probe_interval_ms = 100).await;
+    // A listener that reads nothing (its transaction stays open) holds PostgreSQL's queue: what
+    // is notified from now on stays in it.
+    let mut held = app.pool.acquire().await.expect("a connection");
+    for sql in ["LISTEN fg_test_filler", "BEGIN", "SELECT 1"] {
+        sqlx::query(sql).execute(&mut *held).await.expect(sql);
+    }
+    // More than a page (8 KB) of the queue: its usage counts whole pages.
+    app.exec(
+        "SELECT pg_notify('fg_test_filler', repeat('x', 1000) || g) FROM generate_series(1, 40) g",
+    )
+    .await;
+    let usage = &app.hub.metrics.notify_queue_usage;
+    app.until("the probe to read a queue in use", || usage.get() > 0.0)
+        .await;
+    let (code, text) = app.get("/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("fleetgate_notify_queue_usage ") && !l.ends_with(" 0.0")),
+        "{text}"
+    );
+    // Closed without reading on (its transaction aborts): the notifications it would be sent
+    // at a commit are not what this connection type expects.
+    let _ = sqlx::Connection::close(held.detach()).await;
+}
+
+/// A TCP proxy in front of PostgreSQL that can freeze the event processor's connections
+/// (`fleetgate-events` in their startup message): bytes stop flowing both ways while both
+/// sockets stay open, as when the server's host vanished or the network was cut after a
+/// failover (neither end is told). Connections accepted after a freeze flow normally.
+struct FreezingProxy {
+    port: u16,
+    /// Connections accepted before this generation are frozen (if they are the processor's).
+    frozen_below: Arc<AtomicU64>,
+    generation: Arc<AtomicU64>,
+}
+
+impl FreezingProxy {
+    async fn start(upstream: (String, u16)) -> FreezingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let frozen_below = Arc::new(AtomicU64::new(0));
+        let generation = Arc::new(AtomicU64::new(0));
+        let (fb, gen) = (frozen_below.clone(), generation.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(upstream.clone()).await else {
+                    continue;
+                };
+                let born = gen.load(Ordering::SeqCst);
+                let events = Arc::new(AtomicBool::new(false));
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                let frozen = {
+                    let (fb, events) = (fb.clone(), events.clone());
+                    move || events.load(Ordering::SeqCst) && born < fb.load(Ordering::SeqCst)
+                };
+                tokio::spawn(pump(cr, sw, Some(events), frozen.clone()));
+                tokio::spawn(pump(sr, cw, None, frozen));
+            }
+        });
+        FreezingProxy {
+            port,
+            frozen_below,
+            generation,
+        }
+    }
+
+    /// Freezes the processor's connections open now.
+    fn freeze(&self) {
+        let next = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.frozen_below.store(next, Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    sniff: Option<Arc<AtomicBool>>,
+    frozen: impl Fn() -> bool,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let name = fleetgate::db::EVENTS_APPLICATION_NAME.as_bytes();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if let Some(events) = &sniff {
+            if buf[..n].windows(name.len()).any(|w| w == name) {
+                events.store(true, Ordering::SeqCst);
+            }
+        }
+        if frozen() {
+            // Hold both sockets open and pass nothing on, for the rest of the test.
+            let _keep = (from, to);
+            std::future::pending::<()>().await;
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_read_on_a_connection_that_went_silent_is_abandoned_and_the_event_still_arrives() {
+    let direct: sqlx::postgres::PgConnectOptions = server_url().parse().expect("DATABASE_URL");
+    let upstream = (direct.get_host().to_string(), direct.get_port());
+    if upstream.0.starts_with('/') {
+        eprintln!("skipped: DATABASE_URL names a Unix socket; the proxy needs TCP");
+        return;
+    }
+    let proxy = FreezingProxy::start(upstream.clone()).await;
+    let authority = format!("{}:{}", upstream.0, upstream.1);
+    let port = proxy.port;
+    let app = spawn_app_with(|s| {
+        assert!(s.database.url.contains(&authority), "{}", s.database.url);
+        // In the clear, so that the proxy can read the application name.
+        let url = s
+            .database
+            .url
+            .replacen(&authority, &format!("127.0.0.1:{port}"), 1);
+        let sep = if url.contains('?') { '&' } else { '?' };
+        s.database.url = format!("{url}{sep}sslmode=disable");
+        s.listen.round_timeout_secs = 1;
+        // One connection: the next round needs the frozen one, whether it froze in its query
+        // or in the check the pool makes as each connection comes back to it.
+        s.database.event_connections = 1;
+    })
+    .await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101], 1).await;
+    // The processor has its connections open: a change goes through them.
+    app.set_speed(&[101], 31).await;
+    c.recv_until(|v| is_state_with_speed(v, 101, 31)).await;
+
+    proxy.freeze();
+    // The LISTEN connection still works: the change is notified, and the processor's read of
+    // it goes out on a connection that will never answer.
+    app.set_speed(&[101], 32).await;
+    c.recv_until(|v| is_state_with_speed(v, 101, 32)).await;
+    assert!(app.hub.metrics.rounds_abandoned.get() >= 1);
+    // And the processor works on after it.
+    app.set_speed(&[101], 33).await;
+    c.recv_until(|v| is_state_with_speed(v, 101, 33)).await;
 }
