@@ -20,3 +20,20 @@ where
         LogFormat::Text => builder.try_init(),
     };
 }
+
+/// How logs name a session: its hash's first six characters, never the whole hash (which is a
+/// credential). Characters, not bytes: a hash written by hand may hold any.
+pub fn session_tag(hash: &str) -> &str {
+    let end = hash.char_indices().nth(6).map_or(hash.len(), |(i, _)| i);
+    &hash[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_session_tag_is_six_characters_of_any_width() {
+        assert_eq!(super::session_tag("abcdef0123"), "abcdef");
+        assert_eq!(super::session_tag("äöüßéèxyz"), "äöüßéè");
+        assert_eq!(super::session_tag("abc"), "abc");
+    }
+}

@@ -31,6 +31,10 @@ const SESSION_SELECT: &str =
   FROM sessions s JOIN users u ON u.id = s.user_id LEFT JOIN users m ON m.id = u.master_id";
 
 pub async fn session(pool: &PgPool, hash: &str) -> Result<Option<SessionRow>, sqlx::Error> {
+    if hash.contains('\0') {
+        // No session has one, and PostgreSQL's text cannot hold it (the query would fail).
+        return Ok(None);
+    }
     sqlx::query_as::<_, SessionRow>(&format!("{SESSION_SELECT} WHERE s.hash = $1"))
         .bind(hash)
         .fetch_optional(pool)
@@ -265,7 +269,8 @@ pub async fn remove_tracker<'e>(
 
 pub async fn revoke_session<'e>(db: impl PgExecutor<'e>, hash: &str) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(
-        "UPDATE sessions SET revoked_at = now() WHERE hash = $1 AND revoked_at IS NULL",
+        "UPDATE sessions SET revoked_at = now() \
+          WHERE hash = $1 AND revoked_at IS NULL AND expires_at > now()",
     )
     .bind(hash)
     .execute(db)

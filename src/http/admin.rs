@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::params::{self, de, Params};
+use super::params::{de, OperatorParams, Params};
 use super::user::SuccessResponse;
 use crate::service::{self, NewUser, TrackerOp, UserRef};
 use crate::startup::AppState;
@@ -103,7 +103,6 @@ async fn tracker_op(
     params: Params,
     op: TrackerOp,
 ) -> Result<HttpResponse, ApiError> {
-    params::operator(&state, &params).await?;
     let p: TrackerRequest = params.parse()?;
     service::tracker_op(&state.pool, p.tracker_id, op).await?;
     tracing::info!(
@@ -127,7 +126,7 @@ async fn tracker_op(
 )]
 pub async fn tracker_block(
     state: web::Data<AppState>,
-    params: Params,
+    OperatorParams(params): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
     tracker_op(state, params, TrackerOp::Block).await
 }
@@ -145,7 +144,7 @@ pub async fn tracker_block(
 )]
 pub async fn tracker_unblock(
     state: web::Data<AppState>,
-    params: Params,
+    OperatorParams(params): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
     tracker_op(state, params, TrackerOp::Unblock).await
 }
@@ -163,7 +162,7 @@ pub async fn tracker_unblock(
 )]
 pub async fn tracker_remove(
     state: web::Data<AppState>,
-    params: Params,
+    OperatorParams(params): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
     tracker_op(state, params, TrackerOp::Remove).await
 }
@@ -181,11 +180,14 @@ pub async fn tracker_remove(
 )]
 pub async fn session_revoke(
     state: web::Data<AppState>,
-    params: Params,
+    OperatorParams(params): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
-    params::operator(&state, &params).await?;
     let p: SessionRevokeRequest = params.parse()?;
     service::revoke_session(&state.pool, &p.session_hash).await?;
+    tracing::info!(
+        session = crate::telemetry::session_tag(&p.session_hash),
+        "operator API: session revoked"
+    );
     Ok(HttpResponse::Ok().json(SuccessResponse { success: true }))
 }
 
@@ -194,7 +196,6 @@ async fn user_blocked(
     params: Params,
     blocked: bool,
 ) -> Result<HttpResponse, ApiError> {
-    params::operator(&state, &params).await?;
     let p: UserRequest = params.parse()?;
     let user = service::set_user_blocked(&state.pool, &p.user()?, blocked).await?;
     tracing::info!(
@@ -219,7 +220,7 @@ async fn user_blocked(
 )]
 pub async fn user_block(
     state: web::Data<AppState>,
-    params: Params,
+    OperatorParams(params): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
     user_blocked(state, params, true).await
 }
@@ -237,7 +238,7 @@ pub async fn user_block(
 )]
 pub async fn user_unblock(
     state: web::Data<AppState>,
-    params: Params,
+    OperatorParams(params): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
     user_blocked(state, params, false).await
 }
@@ -255,9 +256,8 @@ pub async fn user_unblock(
 )]
 pub async fn user_create(
     state: web::Data<AppState>,
-    params: Params,
+    OperatorParams(params): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
-    params::operator(&state, &params).await?;
     let p: UserCreateRequest = params.parse()?;
     let master = match (p.master_id, p.master_login) {
         (None, None) => None,
@@ -304,11 +304,17 @@ fn grant_user(p: &GrantRequest) -> Result<UserRef, ApiError> {
 )]
 pub async fn user_grant(
     state: web::Data<AppState>,
-    params: Params,
+    OperatorParams(params): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
-    params::operator(&state, &params).await?;
     let p: GrantRequest = params.parse()?;
     let count = service::grant(&state.pool, &grant_user(&p)?, &p.trackers).await?;
+    tracing::info!(
+        user = ?p.user_id,
+        login = ?p.login,
+        trackers = p.trackers.len(),
+        new = count,
+        "operator API: trackers granted"
+    );
     Ok(HttpResponse::Ok().json(CountResponse {
         success: true,
         count,
@@ -329,11 +335,17 @@ pub async fn user_grant(
 )]
 pub async fn user_revoke_grant(
     state: web::Data<AppState>,
-    params: Params,
+    OperatorParams(params): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
-    params::operator(&state, &params).await?;
     let p: GrantRequest = params.parse()?;
     let count = service::revoke_grant(&state.pool, &grant_user(&p)?, &p.trackers).await?;
+    tracing::info!(
+        user = ?p.user_id,
+        login = ?p.login,
+        trackers = p.trackers.len(),
+        revoked = count,
+        "operator API: grants revoked"
+    );
     Ok(HttpResponse::Ok().json(CountResponse {
         success: true,
         count,

@@ -23,8 +23,11 @@ pub mod user;
 use error::ApiError;
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
+    // HEAD too, for load balancers and uptime checks that probe with it.
     cfg.route("/health", web::get().to(health))
+        .route("/health", web::head().to(health))
         .route("/ready", web::get().to(ready))
+        .route("/ready", web::head().to(ready))
         .route("/metrics", web::get().to(metrics))
         .route("/openapi.json", web::get().to(openapi::serve));
     // Navixy's API takes GET and POST alike for its calls.

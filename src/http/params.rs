@@ -50,14 +50,6 @@ impl Params {
         }
     }
 
-    /// The operator key of `Authorization: Bearer <key>`, if one was presented.
-    pub fn bearer(&self) -> Option<&str> {
-        let a = self.authorization.as_deref()?;
-        let (scheme, key) = a.split_once(' ')?;
-        let key = key.trim();
-        (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
-    }
-
     fn add_pairs(&mut self, text: &str) -> Result<(), ApiError> {
         let pairs = web::Query::<Vec<(String, String)>>::from_query(text)
             .map_err(|e| ApiError::BadFormat(e.to_string()))?;
@@ -108,6 +100,7 @@ impl FromRequest for Params {
             let text = std::str::from_utf8(&body)
                 .map_err(|_| ApiError::BadFormat("the body is not UTF-8".into()))?;
             if text.trim().is_empty() {
+                params.refuse_nul()?;
                 return Ok(params);
             }
             let content_type = req.content_type().to_ascii_lowercase();
@@ -126,8 +119,35 @@ impl FromRequest for Params {
             } else {
                 params.add_pairs(text)?;
             }
+            params.refuse_nul()?;
             Ok(params)
         })
+    }
+}
+
+impl Params {
+    /// Code 7 for a parameter holding the NUL character anywhere (PostgreSQL's text cannot hold
+    /// it: a lookup with one failed as a database error, HTTP 500).
+    fn refuse_nul(&self) -> Result<(), ApiError> {
+        fn has_nul(v: &Value) -> bool {
+            match v {
+                Value::String(s) => s.contains('\0'),
+                Value::Array(items) => items.iter().any(has_nul),
+                Value::Object(fields) => fields.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+                _ => false,
+            }
+        }
+        match self
+            .map
+            .iter()
+            .find(|(k, v)| k.contains('\0') || has_nul(v))
+        {
+            Some((k, _)) => Err(ApiError::Invalid(format!(
+                "parameter `{}` contains a NUL character",
+                k.replace('\0', "\\0")
+            ))),
+            None => Ok(()),
+        }
     }
 }
 
@@ -141,17 +161,46 @@ pub async fn session(state: &AppState, params: &Params) -> Result<SessionRow, Ap
     }
 }
 
-/// Checks the operator key: code 2 when none is presented, 11 when it is wrong or revoked. Both
-/// are refused before anything is read or written.
-pub async fn operator(state: &AppState, params: &Params) -> Result<(), ApiError> {
-    let key = params.bearer().ok_or(ApiError::ServiceAuth)?;
-    if service::check_api_key(&state.pool, key).await? {
-        Ok(())
-    } else {
-        Err(ApiError::AccessDenied(
-            "wrong or revoked operator key".into(),
-        ))
+/// The parameters of an operator call, extracted once its key is accepted: code 2 when none is
+/// presented, 11 when it is wrong or revoked. Both are refused before the body is read, so a
+/// caller without a key learns nothing from how its body is judged.
+pub struct OperatorParams(pub Params);
+
+impl FromRequest for OperatorParams {
+    type Error = ApiError;
+    type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        let mut payload = payload.take();
+        Box::pin(async move {
+            let key = req
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(bearer_of)
+                .ok_or(ApiError::ServiceAuth)?;
+            let Some(state) = req.app_data::<web::Data<AppState>>() else {
+                tracing::error!("operator call without the application state");
+                return Err(ApiError::Unexpected);
+            };
+            if !service::check_api_key(&state.pool, key).await? {
+                return Err(ApiError::AccessDenied(
+                    "wrong or revoked operator key".into(),
+                ));
+            }
+            Ok(OperatorParams(
+                Params::from_request(&req, &mut payload).await?,
+            ))
+        })
     }
+}
+
+/// The key of an `Authorization: Bearer <key>` value.
+fn bearer_of(authorization: &str) -> Option<&str> {
+    let (scheme, key) = authorization.split_once(' ')?;
+    let key = key.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
 }
 
 /// Lenient field readers for `#[serde(deserialize_with = …)]`: JSON values as such, and the
@@ -315,7 +364,26 @@ mod tests {
         assert_eq!(p.session_hash().map(str::len), Ok(32));
         p.map.insert("hash".into(), json!("short"));
         assert_eq!(p.session_hash(), Err(ApiError::WrongHash));
-        p.authorization = Some("Bearer fgk_x".into());
-        assert_eq!(p.bearer(), Some("fgk_x"));
+        assert_eq!(bearer_of("Bearer fgk_x"), Some("fgk_x"));
+        assert_eq!(bearer_of("bearer  fgk_x "), Some("fgk_x"));
+        assert_eq!(bearer_of("Bearer "), None);
+        assert_eq!(bearer_of("NVX fgk_x"), None);
+    }
+
+    #[test]
+    fn a_nul_character_anywhere_is_code_7() {
+        for (k, v) in [
+            ("login", json!("a\u{0}b")),
+            ("trackers", json!([1, "\u{0}"])),
+            ("x\u{0}", json!(1)),
+            ("nested", json!({"k": "\u{0}"})),
+        ] {
+            let mut p = Params::default();
+            p.map.insert(k.into(), v);
+            assert_eq!(p.refuse_nul().unwrap_err().code(), 7, "{k}");
+        }
+        let mut p = Params::default();
+        p.map.insert("login".into(), json!("plain"));
+        assert_eq!(p.refuse_nul(), Ok(()));
     }
 }

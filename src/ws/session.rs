@@ -35,6 +35,7 @@ use crate::metrics::{FrameKind, SentTally};
 use crate::model::{self, Format, Lifecycle, TrackerId, TrackerState, Variant};
 use crate::readings::ReadingsFilter;
 use crate::startup::AppState;
+use crate::telemetry::session_tag;
 
 /// Most outbox items written per wake-up before the task looks at client frames again.
 const WRITE_BATCH: usize = 64;
@@ -554,10 +555,6 @@ impl Connection {
         }
     }
 
-    fn session_tag(hash: &str) -> &str {
-        &hash[..6.min(hash.len())]
-    }
-
     async fn subscribe(&mut self, msg: ClientMessage) -> Result<(), Stop> {
         let started = Instant::now();
         let action = Some(msg.action.wire());
@@ -604,7 +601,7 @@ impl Connection {
         };
         hub.set_session_expiry(&hash, session.expires_at);
         // The span names the connection's latest session (a hash prefix, never the whole hash).
-        tracing::Span::current().record("session", Self::session_tag(&hash));
+        tracing::Span::current().record("session", session_tag(&hash));
         let tz: Tz = session.time_zone.parse().unwrap_or(chrono_tz::UTC);
         self.sessions.insert(hash.clone());
 
@@ -880,7 +877,7 @@ impl Connection {
         }
         hub.metrics.subscribe_latency.observe(started.elapsed());
         tracing::info!(
-            session = Self::session_tag(&hash),
+            session = session_tag(&hash),
             trackers = order.len(),
             took_ms = started.elapsed().as_millis() as u64,
             "subscribed"
@@ -1068,7 +1065,7 @@ impl Connection {
             self.sessions.remove(&hash);
             self.app.hub.unregister_session(&hash, self.id);
             tracing::info!(
-                session = Self::session_tag(&hash),
+                session = session_tag(&hash),
                 "session released: nothing subscribed under it"
             );
         }
@@ -1092,7 +1089,7 @@ impl Connection {
         }
         self.app.hub.unsubscribe(self.id, &gone);
         self.drop_memberships(|_, session| session == hash);
-        tracing::info!(session = Self::session_tag(hash), "logout");
+        tracing::info!(session = session_tag(hash), "logout");
         self.send(ByteString::from_static(model::LOGOUT_EVENT))
             .await?;
         if self.sessions.is_empty() {
@@ -1171,7 +1168,7 @@ impl Connection {
                 }
                 self.app.hub.unsubscribe(self.id, &gone);
                 tracing::info!(
-                    session = Self::session_tag(&hash),
+                    session = session_tag(&hash),
                     trackers = gone.len(),
                     "grants revoked: trackers disallowed"
                 );

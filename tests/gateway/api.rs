@@ -725,10 +725,33 @@ async fn operator_calls_refuse_missing_wrong_and_revoked_keys() {
     .assert_error(2, 403);
     assert!(!tracker_blocked(&app, 101).await, "nothing changed");
 
-    // The key is checked before anything else, even before parameters.
+    // The key is checked before anything else, even before parameters, and before the body
+    // is read: a malformed or oversized body without a key is still code 2 (11 with a wrong
+    // one).
     admin(&app, None, "/v2/admin/user/create", json!({}))
         .await
         .assert_error(2, 403);
+    let big = format!("{{\"x\": \"{}\"}}", "y".repeat(70_000));
+    for body in ["{bad", big.as_str()] {
+        http(
+            &app,
+            "POST",
+            "/v2/admin/tracker/block",
+            &[],
+            Some(("application/json", body)),
+        )
+        .await
+        .assert_error(2, 403);
+        http(
+            &app,
+            "POST",
+            "/v2/admin/tracker/block",
+            &[("Authorization", "Bearer fgk_not-a-key")],
+            Some(("application/json", body)),
+        )
+        .await
+        .assert_error(11, 403);
+    }
     // Operator calls are POST only.
     let key = api_key(&app).await;
     let bearer = format!("Bearer {key}");
@@ -1239,4 +1262,73 @@ async fn commands_share_the_operator_code_path() {
     run(&["user", "unblock", "bob"]).await.expect("unblock");
     login(&app, "bob", "pw-bob").await;
     run(&["api-key", "list"]).await.expect("api-key list");
+}
+
+#[tokio::test]
+async fn a_nul_character_in_a_parameter_is_code_7_not_a_database_error() {
+    let app = spawn_app().await;
+    post(
+        &app,
+        "/v2/user/auth",
+        json!({"login": "a\u{0}b", "password": "x"}),
+    )
+    .await
+    .assert_error(7, 400);
+    let hash = format!("{}%00{}", &ACME[..15], &ACME[..16]);
+    get(&app, &format!("/v2/user/get_info?hash={hash}"))
+        .await
+        .assert_error(7, 400);
+    let key = api_key(&app).await;
+    for (path, body) in [
+        (
+            "/v2/admin/session/revoke",
+            json!({"session_hash": "a\u{0}"}),
+        ),
+        ("/v2/admin/user/block", json!({"login": "a\u{0}"})),
+        (
+            "/v2/admin/user/create",
+            json!({"login": "nul_master", "password": "secret-pass", "master_login": "\u{0}"}),
+        ),
+    ] {
+        admin(&app, Some(&key), path, body)
+            .await
+            .assert_error(7, 400);
+    }
+    // On a socket, a hash with one is an unknown session (code 4), not a database error.
+    let mut c = app.connect().await;
+    let nul_hash = format!("{}\u{0}{}", &ACME[..15], &ACME[..16]);
+    let resp = c.subscribe(&nul_hash, &[101]).await;
+    assert_eq!(resp["status"]["code"], 4, "{resp}");
+}
+
+#[tokio::test]
+async fn an_expired_session_cannot_be_revoked() {
+    let app = spawn_app().await;
+    let key = api_key(&app).await;
+    admin(
+        &app,
+        Some(&key),
+        "/v2/admin/session/revoke",
+        json!({"session_hash": EXPIRED}),
+    )
+    .await
+    .assert_error(201, 400);
+    admin(
+        &app,
+        Some(&key),
+        "/v2/admin/session/revoke",
+        json!({"session_hash": ACME}),
+    )
+    .await
+    .ok();
+}
+
+#[tokio::test]
+async fn health_and_ready_answer_head_requests() {
+    let app = spawn_app().await;
+    for path in ["/health", "/ready"] {
+        let r = http(&app, "HEAD", path, &[], None).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert!(r.body.is_empty(), "{path}: {:?}", r.body);
+    }
 }
