@@ -145,7 +145,7 @@ pub struct GetStateResponse {
     pub user_time: String,
     /// The full source state, exactly as in a `state` event's `data`; `null` while the tracker has
     /// never reported.
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>, nullable)]
     pub state: Option<Box<RawValue>>,
 }
 

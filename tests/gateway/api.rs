@@ -1209,6 +1209,9 @@ async fn the_openapi_document_describes_every_endpoint() {
         doc["paths"]["/v2/admin/tracker/block"]["post"]["security"],
         json!([{"operator_key": []}])
     );
+    // A tracker that never reported has `state: null`.
+    let state = &doc["components"]["schemas"]["GetStateResponse"]["properties"]["state"];
+    assert_eq!(state["type"], json!(["object", "null"]), "{state}");
 }
 
 #[tokio::test]
