@@ -184,7 +184,7 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::SeedDemo { json } => {
-            let pool = commands::pool(&settings).await?;
+            let pool = commands::demo_pool(&settings).await?;
             let demo = commands::seed_demo(&pool).await?;
             if json {
                 println!("{}", serde_json::to_string(&demo)?);
@@ -198,7 +198,7 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
             account,
             seconds,
         } => {
-            let pool = commands::pool(&settings).await?;
+            let pool = commands::demo_pool(&settings).await?;
             commands::simulate(&pool, rate, account.as_deref(), seconds).await
         }
         Command::Tracker { action } => {

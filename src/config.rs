@@ -278,7 +278,51 @@ impl Settings {
         if let Ok(url) = std::env::var("DATABASE_URL") {
             builder = builder.set_override("database.url", url)?;
         }
-        builder.build()?.try_deserialize()
+        let settings: Settings = builder.build()?.try_deserialize()?;
+        settings.validate().map_err(config::ConfigError::Message)?;
+        Ok(settings)
+    }
+
+    /// Refuses values that would be accepted and then fail quietly: a log level that turns off
+    /// every line, a URL of another database, sessions that expire as they are made.
+    pub fn validate(&self) -> Result<(), String> {
+        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+        for directive in self.log.level.split(',').map(str::trim) {
+            // A bare word is a target name to the filter, not a level: `inf` would enable
+            // one target nobody uses and leave everything else, errors included, unlogged.
+            if !directive.contains('=')
+                && !LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+            {
+                return Err(format!(
+                    "log.level `{}`: `{directive}` is not a level (trace, debug, info, warn, \
+                     error, off); name a module as `target=level`",
+                    self.log.level
+                ));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(format!("log.level `{}`: {e}", self.log.level));
+        }
+        let url = self.database.url.to_ascii_lowercase();
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(
+                "database.url (or DATABASE_URL) must start with postgres:// or postgresql://"
+                    .into(),
+            );
+        }
+        if !(60..=10 * 365 * 24 * 3600).contains(&self.api.session_lifetime_secs) {
+            return Err(format!(
+                "api.session_lifetime_secs = {}: must be between 60 and 315360000 (ten years)",
+                self.api.session_lifetime_secs
+            ));
+        }
+        if self.api.max_body_bytes < 1024 {
+            return Err(format!(
+                "api.max_body_bytes = {}: must be at least 1024",
+                self.api.max_body_bytes
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -293,6 +337,30 @@ mod tests {
             .build()
             .and_then(|c| c.try_deserialize())
             .expect("settings")
+    }
+
+    #[test]
+    fn values_that_would_fail_quietly_are_refused() {
+        assert_eq!(Settings::default().validate(), Ok(()));
+        let mut s = Settings::default();
+        s.log.level = "info,sqlx=warn,fleetgate::listen=DEBUG".into();
+        assert_eq!(s.validate(), Ok(()));
+        for level in ["inf", "verbose", "info,fleetgate"] {
+            s.log.level = level.into();
+            let e = s.validate().expect_err(level);
+            assert!(e.contains("is not a level"), "{e}");
+        }
+        let mut s = Settings::default();
+        s.database.url = "mysql://root@127.0.0.1/x".into();
+        assert!(s.validate().is_err());
+        let mut s = Settings::default();
+        s.api.session_lifetime_secs = -5;
+        assert!(s.validate().is_err());
+        s.api.session_lifetime_secs = i64::MAX;
+        assert!(s.validate().is_err());
+        let mut s = Settings::default();
+        s.api.max_body_bytes = 0;
+        assert!(s.validate().is_err());
     }
 
     #[test]

@@ -136,10 +136,16 @@ impl Application {
     /// Connects (creating and migrating the database if configured), starts the LISTEN stream and
     /// binds the HTTP server to `listener`. Must be called inside a tokio runtime.
     pub async fn build(settings: Settings, listener: TcpListener) -> anyhow::Result<Application> {
-        db::ensure_database(&settings.database.url).await?;
+        // Created and migrated if needed, unless the operator migrates on its own: then the
+        // schema must be there already.
+        if settings.database.migrate_on_start {
+            db::ensure_database(&settings.database.url).await?;
+        }
         let pool = db::connect(&settings.database).await?;
         if settings.database.migrate_on_start {
             db::migrate(&pool).await?;
+        } else {
+            db::check_schema(&pool).await?;
         }
         Self::build_with_pool(settings, pool, listener)
     }

@@ -12,8 +12,11 @@ where
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(format!("{},sqlx::postgres::notice=warn", settings.level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only for a terminal: in a file or the journal the escape codes are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(sink);
     let _ = match settings.format {
         LogFormat::Json => builder.json().with_current_span(true).try_init(),

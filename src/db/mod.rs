@@ -57,6 +57,40 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
+/// Checks that every migration of this build has been applied, for the paths that do not
+/// migrate themselves (`serve` with `database.migrate_on_start = false`, the operator
+/// commands): without it they started on an empty database and failed on every request
+/// (`relation "users" does not exist`, HTTP 500), or acted on a misspelt one.
+pub async fn check_schema(pool: &PgPool) -> anyhow::Result<()> {
+    let applied: Vec<i64> =
+        match sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(pool)
+            .await
+        {
+            Ok(v) => v,
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42P01") => Vec::new(),
+            Err(e) => return Err(e.into()),
+        };
+    let missing: Vec<String> = MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration() && !applied.contains(&m.version))
+        .map(|m| m.version.to_string())
+        .collect();
+    if missing.is_empty() {
+        Ok(())
+    } else if applied.is_empty() {
+        anyhow::bail!(
+            "the database has no fleetgate schema: run `fleetgate migrate` (or check \
+             database.url / DATABASE_URL)"
+        )
+    } else {
+        anyhow::bail!(
+            "the database lacks migration(s) {}: run `fleetgate migrate`",
+            missing.join(", ")
+        )
+    }
+}
+
 /// Whether an error means the database is unreachable (protocol code 14) rather than a bug.
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
     matches!(

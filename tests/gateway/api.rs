@@ -1335,3 +1335,46 @@ async fn health_and_ready_answer_head_requests() {
         assert!(r.body.is_empty(), "{path}: {:?}", r.body);
     }
 }
+
+#[tokio::test]
+async fn operator_commands_and_a_serve_that_does_not_migrate_refuse_an_unmigrated_database() {
+    use clap::Parser;
+    let app = spawn_app().await; // for its server
+    let name = format!("fg_test_empty_{}", uuid::Uuid::new_v4().simple());
+    app.exec(&format!("CREATE DATABASE {name}")).await;
+    let url = app.db_url.replace(&app.db_name, &name);
+    let mut settings = fleetgate::config::Settings::default();
+    settings.database.url = url.clone();
+    settings.database.max_connections = 2;
+    settings.database.migrate_on_start = false;
+
+    let cli = fleetgate::cli::Cli::parse_from(["fleetgate", "tracker", "block", "1"]);
+    let err = fleetgate::cli::run(cli, settings.clone())
+        .await
+        .expect_err("an unmigrated database");
+    assert!(err.to_string().contains("fleetgate migrate"), "{err}");
+
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let err = match fleetgate::startup::Application::build(settings.clone(), listener).await {
+        Ok(_) => panic!("serve started on an unmigrated database"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains("fleetgate migrate"), "{err}");
+
+    // Nothing was created in it; a misspelt database name is an error, not a new database.
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("tables");
+    assert_eq!(tables, 0);
+    pool.close().await;
+    settings.database.url = app.db_url.replace(&app.db_name, &format!("{name}_typo"));
+    let cli = fleetgate::cli::Cli::parse_from(["fleetgate", "api-key", "list"]);
+    fleetgate::cli::run(cli, settings)
+        .await
+        .expect_err("a database that does not exist");
+    app.exec(&format!("DROP DATABASE {name}")).await;
+}

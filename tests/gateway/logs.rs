@@ -97,3 +97,25 @@ async fn junk_requests_are_answered_and_not_logged_as_errors() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_text_log_to_a_file_has_no_colour_codes() {
+    let app = spawn_app().await;
+    let dir = std::env::temp_dir().join(format!("fg_logs_{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("a temporary folder");
+    let log = dir.join("serve.log");
+    let log_path = log.to_string_lossy().into_owned();
+    let server = Server::start(
+        &app,
+        &[
+            ("FLEETGATE_LOG__LEVEL", "info"),
+            ("FLEETGATE_TEST_LOG", &log_path),
+        ],
+    );
+    server.wait_started().await;
+    let text = std::fs::read_to_string(&log).expect("read the log");
+    assert!(text.contains("listening"), "{text}");
+    assert!(!text.contains('\u{1b}'), "escape codes in a file: {text:?}");
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
