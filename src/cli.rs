@@ -291,6 +291,15 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckConfig => {
+            // Which files were layered, then the result (the database password redacted).
+            for name in ["default.toml", "local.toml"] {
+                let path = cli.config_dir.join(name);
+                let found = if path.is_file() { "read" } else { "not found" };
+                eprintln!("{}: {found}", path.display());
+            }
+            if let Ok(extra) = std::env::var("FLEETGATE_CONFIG") {
+                eprintln!("{extra}: read (FLEETGATE_CONFIG)");
+            }
             println!("{settings:#?}");
             Ok(())
         }

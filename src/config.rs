@@ -40,11 +40,39 @@ pub struct DatabaseSettings {
     pub migrate_on_start: bool,
 }
 
+/// `url` with its password (in the user info or a `password=` parameter) replaced, so that
+/// an operator sees which server and database are used and nothing secret.
+pub fn redact_password(url: &str) -> String {
+    let mut out = url.to_string();
+    if let Some(start) = out.find("://").map(|i| i + 3) {
+        let end = out[start..]
+            .find(['/', '?'])
+            .map_or(out.len(), |i| start + i);
+        if let Some(at) = out[start..end].rfind('@').map(|i| start + i) {
+            if let Some(colon) = out[start..at].find(':').map(|i| start + i) {
+                out.replace_range(colon + 1..at, "<redacted>");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (base, query) = out.split_at(q + 1);
+        let query: Vec<String> = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=<redacted>"),
+                _ => kv.to_string(),
+            })
+            .collect();
+        out = format!("{base}{}", query.join("&"));
+    }
+    out
+}
+
 impl std::fmt::Debug for DatabaseSettings {
     // The URL may carry a password: never log it.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DatabaseSettings")
-            .field("url", &"<redacted>")
+            .field("url", &redact_password(&self.url))
             .field("max_connections", &self.max_connections)
             .field("event_connections", &self.event_connections)
             .field("acquire_timeout_secs", &self.acquire_timeout_secs)
@@ -337,6 +365,31 @@ mod tests {
             .build()
             .and_then(|c| c.try_deserialize())
             .expect("settings")
+    }
+
+    #[test]
+    fn a_url_is_shown_without_its_password() {
+        assert_eq!(
+            redact_password("postgres://app:s3cret@db:5432/fleet?sslmode=require"),
+            "postgres://app:<redacted>@db:5432/fleet?sslmode=require"
+        );
+        assert_eq!(
+            redact_password("postgres://app@db/fleet?password=x&sslmode=disable"),
+            "postgres://app@db/fleet?password=<redacted>&sslmode=disable"
+        );
+        assert_eq!(
+            redact_password("postgres://postgres@127.0.0.1:5432/fleetgate"),
+            "postgres://postgres@127.0.0.1:5432/fleetgate"
+        );
+        let s = Settings {
+            database: DatabaseSettings {
+                url: "postgres://u:pw@h/d".into(),
+                ..DatabaseSettings::default()
+            },
+            ..Settings::default()
+        };
+        let shown = format!("{s:?}");
+        assert!(shown.contains("postgres://u:<redacted>@h/d") && !shown.contains("pw"));
     }
 
     #[test]

@@ -7,6 +7,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
+    // A folder named on purpose (--config-dir, FLEETGATE_CONFIG_DIR) must be there: its files
+    // would otherwise be left out without a word. The default one may be missing (built-in
+    // defaults and the environment then).
+    if !cli.config_dir.is_dir() && cli.config_dir != std::path::Path::new("config") {
+        anyhow::bail!(
+            "config folder {} not found (--config-dir or FLEETGATE_CONFIG_DIR)",
+            cli.config_dir.display()
+        );
+    }
     let settings = Settings::load(&cli.config_dir)?;
     telemetry::init(&settings.log, std::io::stderr);
     let runtime = tokio::runtime::Builder::new_multi_thread()
