@@ -19,9 +19,7 @@ use crate::service;
 /// The pool of the operator commands: the database must exist and be migrated (a misspelt
 /// database name is an error, not a new empty database).
 pub async fn pool(settings: &Settings) -> anyhow::Result<PgPool> {
-    let pool = db::connect(&settings.database)
-        .await
-        .context("connecting to PostgreSQL")?;
+    let pool = db::connect(&settings.database).await?;
     db::check_schema(&pool).await?;
     Ok(pool)
 }
@@ -30,9 +28,7 @@ pub async fn pool(settings: &Settings) -> anyhow::Result<PgPool> {
 /// migrated if needed, as `serve` does by default, so that the demo runs on an empty server.
 pub async fn demo_pool(settings: &Settings) -> anyhow::Result<PgPool> {
     db::ensure_database(&settings.database.url).await?;
-    let pool = db::connect(&settings.database)
-        .await
-        .context("connecting to PostgreSQL")?;
+    let pool = db::connect(&settings.database).await?;
     db::migrate(&pool).await?;
     Ok(pool)
 }

@@ -6,6 +6,8 @@ pub mod rows;
 
 use std::time::Duration;
 
+use anyhow::Context;
+
 use sqlx::migrate::{MigrateDatabase, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres};
@@ -15,27 +17,45 @@ use crate::config::DatabaseSettings;
 /// The embedded migrations of `migrations/`.
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
-/// Creates the database named in `url` if it does not exist yet.
-pub async fn ensure_database(url: &str) -> Result<(), sqlx::Error> {
-    if !Postgres::database_exists(url).await? {
-        tracing::info!("creating database");
-        if let Err(e) = Postgres::create_database(url).await {
-            // Another process may have created it in the meantime.
-            if !Postgres::database_exists(url).await? {
-                return Err(e);
-            }
-        }
-    }
-    Ok(())
+/// How long the first connection of a command or of `serve` may take: a server that accepts
+/// TCP and never answers (a wrong port, a stuck proxy) otherwise held it until the peer closed.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Errors of the first connection name the server and database (password redacted).
+fn at(url: &str) -> String {
+    format!("PostgreSQL at {}", crate::config::redact_password(url))
 }
 
-pub async fn connect(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions = settings.url.parse()?;
-    PgPoolOptions::new()
+/// Creates the database named in `url` if it does not exist yet.
+pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
+    let ensure = async {
+        if !Postgres::database_exists(url).await? {
+            tracing::info!("creating database");
+            if let Err(e) = Postgres::create_database(url).await {
+                // Another process may have created it in the meantime.
+                if !Postgres::database_exists(url).await? {
+                    return Err(e);
+                }
+            }
+        }
+        Ok::<_, sqlx::Error>(())
+    };
+    match tokio::time::timeout(CONNECT_TIMEOUT, ensure).await {
+        Ok(r) => r.with_context(|| at(url)),
+        Err(_) => anyhow::bail!("{}: no answer within {CONNECT_TIMEOUT:?}", at(url)),
+    }
+}
+
+pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
+    let options: PgConnectOptions = settings.url.parse().with_context(|| at(&settings.url))?;
+    let connect = PgPoolOptions::new()
         .max_connections(settings.max_connections.max(1))
         .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs.max(1)))
-        .connect_with(options.application_name("fleetgate"))
-        .await
+        .connect_with(options.application_name("fleetgate"));
+    match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Ok(r) => r.with_context(|| at(&settings.url)),
+        Err(_) => anyhow::bail!("{}: no answer within {CONNECT_TIMEOUT:?}", at(&settings.url)),
+    }
 }
 
 /// The `application_name` of the event processor's connections, as seen in `pg_stat_activity`.
