@@ -54,7 +54,10 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         .connect_with(options.application_name("fleetgate"));
     match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(r) => r.with_context(|| at(&settings.url)),
-        Err(_) => anyhow::bail!("{}: no answer within {CONNECT_TIMEOUT:?}", at(&settings.url)),
+        Err(_) => anyhow::bail!(
+            "{}: no answer within {CONNECT_TIMEOUT:?}",
+            at(&settings.url)
+        ),
     }
 }
 
