@@ -306,7 +306,8 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
     }
 }
 
-async fn wait_for_signal() {
+/// Resolves at the first SIGINT (Ctrl-C) or SIGTERM.
+pub(crate) async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -437,6 +437,9 @@ pub async fn simulate(
     if !(rate > 0.0 && rate.is_finite()) {
         bail!("--rate must be a positive number");
     }
+    if seconds.is_some_and(|s| !(s > 0.0 && s.is_finite())) {
+        bail!("--seconds must be a positive number");
+    }
     #[derive(sqlx::FromRow)]
     struct Start {
         id: i64,
@@ -459,7 +462,13 @@ pub async fn simulate(
     .fetch_all(pool)
     .await?;
     if rows.is_empty() {
-        bail!("no trackers to simulate (run `fleetgate seed-demo` first)");
+        match account {
+            Some(login) => bail!(
+                "no trackers to simulate in account `{login}` (the login of a master account \
+                 that has trackers)"
+            ),
+            None => bail!("no trackers to simulate (run `fleetgate seed-demo` first)"),
+        }
     }
     let mut rng = rand::thread_rng();
     let mut fleet: Vec<Vehicle> = rows
@@ -491,10 +500,13 @@ pub async fn simulate(
     let mut owed = 0.0f64;
     let mut cursor = 0usize;
     let mut written = 0u64;
+    // SIGTERM as Ctrl-C: stop and say what was written.
+    let stop = crate::cli::wait_for_signal();
+    tokio::pin!(stop);
     loop {
         tokio::select! {
             _ = interval.tick() => {}
-            _ = tokio::signal::ctrl_c() => break,
+            _ = &mut stop => break,
         }
         if seconds.is_some_and(|s| started.elapsed().as_secs_f64() >= s) {
             break;
