@@ -153,10 +153,23 @@ pub struct ApiSettings {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum LogFormat {
     Text,
     Json,
+}
+
+impl TryFrom<String> for LogFormat {
+    type Error = String;
+
+    /// With a message naming the values (the derived one spoke of "variant constructors").
+    fn try_from(s: String) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("log.format `{s}`: must be `text` or `json`")),
+        }
+    }
 }
 
 impl Default for ServerSettings {
@@ -344,6 +357,54 @@ impl Settings {
                 self.api.session_lifetime_secs
             ));
         }
+        // Values the code would otherwise raise to a floor without a word (or that make no
+        // sense at zero).
+        let d = &self.database;
+        let w = &self.websocket;
+        let l = &self.listen;
+        let floors: [(&str, u64, u64); 14] = [
+            ("database.max_connections", d.max_connections.into(), 1),
+            ("database.event_connections", d.event_connections.into(), 1),
+            ("database.acquire_timeout_secs", d.acquire_timeout_secs, 1),
+            ("websocket.max_frame_bytes", w.max_frame_bytes as u64, 256),
+            (
+                "websocket.max_trackers_per_request",
+                w.max_trackers_per_request as u64,
+                1,
+            ),
+            ("websocket.queue_capacity", w.queue_capacity as u64, 1),
+            (
+                "websocket.write_buffer_bytes",
+                w.write_buffer_bytes as u64,
+                1024,
+            ),
+            ("websocket.heartbeat_ms", w.heartbeat_ms, 100),
+            ("websocket.idle_timeout_ms", w.idle_timeout_ms, 100),
+            (
+                "websocket.messages_per_second",
+                w.messages_per_second.into(),
+                1,
+            ),
+            ("websocket.messages_burst", w.messages_burst.into(), 1),
+            ("listen.probe_interval_ms", l.probe_interval_ms, 100),
+            ("listen.round_timeout_secs", l.round_timeout_secs, 1),
+            (
+                "sessions.expiry_check_ms",
+                self.sessions.expiry_check_ms,
+                10,
+            ),
+        ];
+        for (name, value, floor) in floors {
+            if value < floor {
+                return Err(format!("{name} = {value}: must be at least {floor}"));
+            }
+        }
+        if l.reconnect_max_ms < l.reconnect_min_ms {
+            return Err(format!(
+                "listen.reconnect_max_ms = {} is below listen.reconnect_min_ms = {}",
+                l.reconnect_max_ms, l.reconnect_min_ms
+            ));
+        }
         if self.api.max_body_bytes < 1024 {
             return Err(format!(
                 "api.max_body_bytes = {}: must be at least 1024",
@@ -413,6 +474,15 @@ mod tests {
         assert!(s.validate().is_err());
         let mut s = Settings::default();
         s.api.max_body_bytes = 0;
+        assert!(s.validate().is_err());
+        let mut s = Settings::default();
+        s.database.max_connections = 0;
+        assert_eq!(
+            s.validate(),
+            Err("database.max_connections = 0: must be at least 1".into())
+        );
+        let mut s = Settings::default();
+        s.websocket.heartbeat_ms = 0;
         assert!(s.validate().is_err());
     }
 
