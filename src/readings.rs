@@ -50,6 +50,8 @@ pub struct ReadingRow {
     pub value: Option<f64>,
     pub converted_value: Option<f64>,
     pub json_value: Option<serde_json::Value>,
+    /// Clamped to years 0001–9999 (see [`crate::db::time`]).
+    #[sqlx(try_from = "crate::db::time::PgTime")]
     pub update_time: DateTime<Utc>,
 }
 
@@ -129,12 +131,15 @@ impl ReadingsFilter {
     }
 }
 
-/// The current readings of these trackers, in one query over the three tables.
+/// The current readings of these trackers, in one query over the three tables. A row that
+/// cannot be decoded is left out (and logged), not the whole read (see `db::rows::fetch_states`).
 pub async fn readings_by_ids(
     pool: &PgPool,
     ids: &[TrackerId],
 ) -> Result<Vec<ReadingRow>, sqlx::Error> {
-    sqlx::query_as::<_, ReadingRow>(
+    use futures_util::TryStreamExt;
+    use sqlx::FromRow;
+    let mut rows = sqlx::query(
         "SELECT v.tracker_id, v.change_no, s.kind AS category, s.id AS sensor_id, s.name, \
                 s.label, s.type AS sensor_type, s.units, s.units_type, s.converted_units_type, \
                 s.min_value, s.max_value, s.composite_sensor_ids, s.part_of, v.value, \
@@ -151,8 +156,15 @@ pub async fn readings_by_ids(
            FROM counter_readings WHERE tracker_id = ANY($1)",
     )
     .bind(ids)
-    .fetch_all(pool)
-    .await
+    .fetch(pool);
+    let mut out = Vec::new();
+    while let Some(row) = rows.try_next().await? {
+        match ReadingRow::from_row(&row) {
+            Ok(r) => out.push(r),
+            Err(e) => crate::db::rows::skipped_row(&row, &e),
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Serialize)]

@@ -3,6 +3,7 @@
 
 pub mod queries;
 pub mod rows;
+pub mod time;
 
 use std::time::Duration;
 

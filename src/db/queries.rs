@@ -18,6 +18,8 @@ pub struct SessionRow {
     pub account_id: i64,
     pub is_sub_user: bool,
     pub time_zone: String,
+    /// `infinity` (a session that never ends) reads as the end of year 9999.
+    #[sqlx(try_from = "crate::db::time::PgTime")]
     pub expires_at: DateTime<Utc>,
     pub live: bool,
 }
@@ -310,6 +312,7 @@ pub struct UserRow {
     pub time_zone: String,
     pub blocked: bool,
     pub removed: bool,
+    #[sqlx(try_from = "crate::db::time::PgTime")]
     pub created_at: DateTime<Utc>,
 }
 
@@ -390,6 +393,7 @@ pub struct TrackerListRow {
     pub label: String,
     pub source_id: i64,
     pub blocked: bool,
+    #[sqlx(try_from = "crate::db::time::PgTime")]
     pub created_at: DateTime<Utc>,
 }
 
@@ -498,6 +502,7 @@ pub async fn grants_of(pool: &PgPool, users: &[i64]) -> Result<Vec<(i64, Tracker
 pub struct OperatorKeyRow {
     pub id: i64,
     pub name: String,
+    #[sqlx(try_from = "crate::db::time::PgTime")]
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }

@@ -33,9 +33,6 @@ const VARCHAR: u32 = 1043;
 const TIMESTAMPTZ: u32 = 1184;
 const JSONB: u32 = 3802;
 
-/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00:00 UTC).
-const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
-
 /// A column that could not be decoded: its index and what was wrong. Boxed so that the
 /// `Result` of every column read stays small (`sqlx::Error`'s size, moved through each `?`, was
 /// a fifth of the decoding time).
@@ -171,12 +168,11 @@ fn status(i: usize, bytes: &[u8]) -> Result<Cow<'static, str>, Bad> {
     text(i, bytes).map(model::status_word)
 }
 
+/// Clamped to years 0001–9999 (`infinity` included): see [`super::time`].
 fn timestamp(i: usize, bytes: &[u8]) -> Result<DateTime<Utc>, Bad> {
-    let micros = i64::from_be_bytes(fixed(i, bytes)?);
-    micros
-        .checked_add(PG_EPOCH_MICROS)
-        .and_then(DateTime::from_timestamp_micros)
-        .ok_or_else(|| bad(i, format!("timestamp out of range ({micros} µs)")))
+    Ok(super::time::from_pg_micros(i64::from_be_bytes(fixed(
+        i, bytes,
+    )?)))
 }
 
 /// One row being decoded, its columns already checked by a [`Layout`].
@@ -215,7 +211,7 @@ impl<'r> Columns<'r> {
     ) -> Result<T, Bad> {
         decode(i, self.required(i)?)
     }
-    /// A one-dimensional `boolean[]` without NULL elements (what sqlx's `Vec<bool>` accepted).
+    /// A one-dimensional `boolean[]`; a NULL element (an input not reported) reads as `false`.
     fn bools(&self, i: usize) -> Result<Vec<bool>, Bad> {
         let bytes = self.required(i)?;
         let word = |at: usize| -> Result<i32, Bad> {
@@ -243,8 +239,14 @@ impl<'r> Columns<'r> {
         let mut at = 20;
         let mut out = Vec::with_capacity(len.min(bytes.len()));
         for _ in 0..len {
-            if word(at)? != 1 {
-                return Err(bad(i, "boolean[]: NULL or malformed element"));
+            match word(at)? {
+                1 => {}
+                -1 => {
+                    out.push(false);
+                    at += 4;
+                    continue;
+                }
+                _ => return Err(bad(i, "boolean[]: malformed element")),
             }
             let b = *bytes
                 .get(at + 4)
@@ -325,9 +327,25 @@ pub async fn fetch_states(
             Some(layout) => layout,
             None => layout.insert(Layout::of(&row)?),
         };
-        states.push(decode(&row, layout)?);
+        // One row that cannot be decoded (a value the gateway cannot render, written by any
+        // writer of the table) is left out, not the whole read: failing it failed every round
+        // and every resync, and no tracker's state was delivered until that row was rewritten.
+        match decode(&row, layout) {
+            Ok(state) => states.push(state),
+            Err(e) => skipped_row(&row, &e),
+        }
     }
     Ok(states)
+}
+
+/// Logs a row left out of a read because it could not be decoded.
+pub(crate) fn skipped_row(row: &PgRow, e: &sqlx::Error) {
+    let tracker = row.try_get::<i64, _>(0).ok();
+    tracing::error!(
+        tracker = ?tracker,
+        error = %e,
+        "a row that cannot be decoded is left out (it is delivered once it is written again)"
+    );
 }
 
 /// A single row, checked on its own (queries decoding many rows use [`fetch_states`]).

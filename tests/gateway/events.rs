@@ -325,3 +325,56 @@ async fn a_new_source_id_reaches_the_next_state_and_lifecycle_events() {
         json!({"source_id": 90101, "lifecycle_event": "block"})
     );
 }
+
+#[tokio::test]
+async fn a_state_row_the_gateway_cannot_decode_holds_back_only_its_tracker() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101, 102], 2).await;
+    // A two-dimensional `inputs` array (the column takes one): no state event can hold it.
+    // Before, every read that met the row failed, with it every round and resync, and no
+    // tracker's state was delivered.
+    app.exec("UPDATE tracker_states SET inputs = '{{t},{f}}', speed = 60 WHERE tracker_id = 101")
+        .await;
+    app.set_speed(&[102], 61).await;
+    let (_, skipped) = c.recv_until(|v| is_state_with_speed(v, 102, 61)).await;
+    assert!(skipped.iter().all(|v| !is_state_of(v, 101)), "{skipped:?}");
+    // A new subscribe is answered with the states it can read.
+    let mut d = app.connect().await;
+    let (resp, states) = d.subscribe_and_states(ACME, &[102], 1).await;
+    assert_eq!(resp["data"]["state"]["102"], "normal", "{resp}");
+    assert!(is_state_with_speed(&states[0], 102, 61), "{states:?}");
+    // Written again, it is delivered.
+    app.exec("UPDATE tracker_states SET inputs = '{t,f}', speed = 62 WHERE tracker_id = 101")
+        .await;
+    c.recv_until(|v| is_state_with_speed(v, 101, 62)).await;
+}
+
+#[tokio::test]
+async fn infinite_dates_and_unreported_inputs_are_rendered() {
+    let app = spawn_app().await;
+    // A session that never ends, as an operator may write it.
+    app.exec(&format!(
+        "UPDATE sessions SET expires_at = 'infinity' WHERE hash = '{ACME2}'"
+    ))
+    .await;
+    let mut c = app.connect().await;
+    let (resp, _) = c.subscribe_and_states(ACME2, &[101], 1).await;
+    assert_eq!(resp["data"]["state"]["101"], "normal", "{resp}");
+    app.exec(
+        "UPDATE tracker_states SET gps_updated = 'infinity', inputs = '{t,NULL,f}', \
+         outputs_update = '-infinity', speed = 63 WHERE tracker_id = 101",
+    )
+    .await;
+    let (ev, _) = c.recv_until(|v| is_state_with_speed(v, 101, 63)).await;
+    let data = &ev["data"];
+    let updated = data["gps"]["updated"].as_str().expect("gps.updated");
+    assert!(updated.starts_with("9999-12-3"), "{data}");
+    assert!(
+        data["outputs_update"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("0001-01-0")),
+        "{data}"
+    );
+    assert_eq!(data["inputs"], json!([true, false, false]), "{data}");
+}

@@ -334,3 +334,33 @@ async fn mixed_with_state_batch_and_unsubscribe_one_type() {
     .await;
     assert!(quiet.is_err(), "no readings after unsubscribe: {quiet:?}");
 }
+
+#[tokio::test]
+async fn a_reading_dated_infinity_stops_neither_events_nor_batches() {
+    let app = seeded_app().await;
+    let mut dash = app.connect().await;
+    let r = subscribe(&mut dash, request(json!({"type": "all"}), "100ms")).await;
+    assert_eq!(r["type"], "response", "{r}");
+    next_readings(&mut dash).await;
+    let mut states = app.connect().await;
+    states.subscribe_and_states(ACME, &[102], 1).await;
+    // A valid timestamptz outside chrono's range: sqlx's decoding panicked on it, in the event
+    // thread (no event of the process was delivered again) and in a fill (the socket dropped).
+    app.exec("UPDATE sensor_values SET value = 43, update_time = 'infinity' WHERE sensor_id = 1")
+        .await;
+    let (batch, _) = dash
+        .recv_until(|v| v["event"] == "readings_batch" && v.to_string().contains("9999-12-3"))
+        .await;
+    assert!(batch.to_string().contains("43"), "{batch}");
+    app.set_speed(&[102], 44).await;
+    states.recv_until(|v| is_state_with_speed(v, 102, 44)).await;
+    // A dashboard whose first batch reads that row is answered too.
+    let mut late = app.connect().await;
+    let r = subscribe(&mut late, request(json!({"type": "all"}), "100ms")).await;
+    assert_eq!(r["type"], "response", "{r}");
+    next_readings(&mut late).await;
+    app.exec("UPDATE counter_readings SET update_time = '270000-01-01+00'")
+        .await;
+    app.set_speed(&[102], 45).await;
+    states.recv_until(|v| is_state_with_speed(v, 102, 45)).await;
+}

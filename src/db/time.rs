@@ -1,0 +1,104 @@
+//! Timestamps as PostgreSQL sends them, decoded without panicking.
+//!
+//! `timestamptz` holds `infinity`, `-infinity` and years up to 294276, which chrono cannot
+//! represent: sqlx's own decoding panics on them ("`NaiveDateTime + TimeDelta` overflowed"). Any
+//! writer of the database may store one (an operator's `expires_at = 'infinity'` for a session
+//! that never ends, a pipeline's bad clock), and a panic in the event processor stopped every
+//! event of the process. Here every value decodes: those outside years 0001–9999 are clamped to
+//! that range (so `infinity` reads as the end of 9999, `-infinity` as the start of year 1),
+//! which keeps every rendered date in the documented `YYYY-MM-DD` form and in range for any
+//! time zone's offset.
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::postgres::{PgTypeInfo, PgValueFormat, PgValueRef};
+use sqlx::{Decode, Postgres, Type};
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00:00 UTC).
+pub const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// The earliest instant kept: 0001-01-02 00:00:00 UTC (a day inside year 1, for any offset).
+fn earliest() -> DateTime<Utc> {
+    NaiveDate::from_ymd_opt(1, 1, 2)
+        .and_then(|d| d.and_hms_opt(0, 0, 0))
+        .map_or(DateTime::<Utc>::MIN_UTC, |d| d.and_utc())
+}
+
+/// The latest instant kept: 9999-12-30 23:59:59.999999 UTC.
+fn latest() -> DateTime<Utc> {
+    NaiveDate::from_ymd_opt(9999, 12, 30)
+        .and_then(|d| d.and_hms_micro_opt(23, 59, 59, 999_999))
+        .map_or(DateTime::<Utc>::MAX_UTC, |d| d.and_utc())
+}
+
+/// A binary `timestamptz` (microseconds since 2000-01-01 UTC; `i64::MAX`/`MIN` are
+/// ±infinity), clamped to years 0001–9999.
+pub fn from_pg_micros(micros: i64) -> DateTime<Utc> {
+    let (lo, hi) = (earliest(), latest());
+    match micros
+        .checked_add(PG_EPOCH_MICROS)
+        .and_then(DateTime::from_timestamp_micros)
+    {
+        Some(t) => t.clamp(lo, hi),
+        None if micros < 0 => lo,
+        None => hi,
+    }
+}
+
+/// A `timestamptz` column decoded by [`from_pg_micros`], for `#[sqlx(try_from = "PgTime")]`
+/// on `DateTime<Utc>` fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgTime(pub DateTime<Utc>);
+
+impl From<PgTime> for DateTime<Utc> {
+    fn from(t: PgTime) -> Self {
+        t.0
+    }
+}
+
+impl Type<Postgres> for PgTime {
+    fn type_info() -> PgTypeInfo {
+        <DateTime<Utc> as Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <DateTime<Utc> as Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> Decode<'r, Postgres> for PgTime {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        match value.format() {
+            PgValueFormat::Binary => {
+                let bytes: [u8; 8] = value
+                    .as_bytes()?
+                    .try_into()
+                    .map_err(|_| "timestamptz: not 8 bytes")?;
+                Ok(PgTime(from_pg_micros(i64::from_be_bytes(bytes))))
+            }
+            PgValueFormat::Text => match value.as_str()? {
+                "infinity" => Ok(PgTime(latest())),
+                "-infinity" => Ok(PgTime(earliest())),
+                _ => Ok(PgTime(<DateTime<Utc> as Decode<Postgres>>::decode(value)?)),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_timestamp_decodes_within_years_1_to_9999() {
+        assert_eq!(from_pg_micros(0).to_rfc3339(), "2000-01-01T00:00:00+00:00");
+        assert_eq!(from_pg_micros(i64::MAX), latest());
+        assert_eq!(from_pg_micros(i64::MIN), earliest());
+        // Year 270000 is a valid timestamptz; chrono's range ends near 262143.
+        let far = (270_000i64 - 2000) * 365 * 86_400 * 1_000_000;
+        assert_eq!(from_pg_micros(far), latest());
+        assert_eq!(from_pg_micros(-far), earliest());
+        // Any zone's offset keeps the clamped ends inside chrono's range.
+        let berlin = latest().with_timezone(&chrono_tz::Pacific::Kiritimati);
+        assert_eq!(berlin.format("%Y").to_string(), "9999");
+    }
+}
