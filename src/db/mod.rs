@@ -125,5 +125,26 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
             | sqlx::Error::Tls(_)
             | sqlx::Error::Protocol(_)
             | sqlx::Error::WorkerCrashed
-    ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| c.starts_with("57") || c.starts_with("08")))
+    ) || matches!(e, sqlx::Error::Database(d) if d.code().is_some_and(|c| unavailable_code(&c)))
+}
+
+/// SQLSTATEs of a server that cannot serve now: connection exceptions (08), operator
+/// intervention such as a shutdown or a cancelled statement (57), insufficient resources such as
+/// too many connections (53), and a database that does not accept connections
+/// (`ALLOW_CONNECTIONS false`, 55000).
+fn unavailable_code(code: &str) -> bool {
+    code.starts_with("08") || code.starts_with("57") || code.starts_with("53") || code == "55000"
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_server_that_cannot_serve_now_is_unavailable_not_an_error() {
+        for code in ["08006", "57P01", "57P03", "53300", "55000"] {
+            assert!(super::unavailable_code(code), "{code}");
+        }
+        for code in ["23505", "42P01", "22007", "40001"] {
+            assert!(!super::unavailable_code(code), "{code}");
+        }
+    }
 }

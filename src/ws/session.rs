@@ -242,6 +242,8 @@ struct Connection {
     sessions: HashSet<Arc<str>>,
     /// The session of the last subscribe that was accepted.
     latest: Option<Arc<str>>,
+    /// Whether the connection's span names a session yet.
+    span_session: bool,
     watches: Watches,
     /// The batch groups this socket belongs to, once per session that joined each: the socket
     /// leaves a group when no session of it holds the group any more.
@@ -281,6 +283,7 @@ impl Connection {
             outbox,
             sessions: HashSet::new(),
             latest: None,
+            span_session: false,
             watches: Watches::default(),
             memberships: Vec::new(),
             lifecycle_sent: HashMap::new(),
@@ -600,8 +603,14 @@ impl Connection {
             }
         };
         hub.set_session_expiry(&hash, session.expires_at);
-        // The span names the connection's latest session (a hash prefix, never the whole hash).
-        tracing::Span::current().record("session", session_tag(&hash));
+        // The span names the connection's first session (a hash prefix, never the whole hash):
+        // recorded once, since each record adds the field again to every later line of the
+        // connection (a client subscribing in a loop grew its lines without bound). Lines about
+        // another session name it themselves.
+        if !self.span_session {
+            tracing::Span::current().record("session", session_tag(&hash));
+            self.span_session = true;
+        }
         let tz: Tz = session.time_zone.parse().unwrap_or(chrono_tz::UTC);
         self.sessions.insert(hash.clone());
 

@@ -119,3 +119,47 @@ async fn a_text_log_to_a_file_has_no_colour_codes() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_client_subscribing_in_a_loop_does_not_grow_its_log_lines() {
+    let app = spawn_app().await;
+    let dir = std::env::temp_dir().join(format!("fg_logs_{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("a temporary folder");
+    let log = dir.join("serve.log");
+    let log_path = log.to_string_lossy().into_owned();
+    let server = Server::start(
+        &app,
+        &[
+            ("FLEETGATE_LOG__LEVEL", "info"),
+            ("FLEETGATE_TEST_LOG", &log_path),
+        ],
+    );
+    server.wait_started().await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    for i in 0..30 {
+        let hash = if i % 2 == 0 { ACME } else { ACME2 };
+        c.send(
+            serde_json::json!({"action": "subscribe", "hash": hash, "events": ["state"],
+                                  "trackers": [101]}),
+        )
+        .await;
+        c.recv_until(|v| v["type"] == "response").await;
+    }
+    // Each "subscribed" line follows its answer (after the initial states).
+    let subscribed = |text: &str| text.matches(": subscribed ").count();
+    eventually("30 subscribed lines", || async {
+        subscribed(&std::fs::read_to_string(&log).unwrap_or_default()) == 30
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).expect("read the log");
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains(": subscribed "))
+        .collect();
+    assert_eq!(lines.len(), 30, "{text}");
+    let fields = lines[29].matches("session=").count();
+    // The span's session and the line's own.
+    assert!(fields <= 2, "{fields} session fields: {}", lines[29]);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
