@@ -359,12 +359,41 @@ async fn state_rows_decode_nulls_edges_and_refuse_what_they_cannot_represent(poo
     // jsonb's own text: the number keeps its scale.
     assert_eq!(&*s.additional, r#"{"k": {"value": 1.50, "updated": "x"}}"#);
 
-    // What a TrackerState cannot hold is an error, not a wrong value.
-    for (set, what) in [
-        ("last_update = 'infinity'", "infinite timestamp"),
-        ("inputs = '{{true},{false}}'", "two-dimensional array"),
-        ("inputs = '{true,NULL}'", "NULL element"),
+    // Infinite and far dates are clamped to years 1..9999; a NULL input reads as false.
+    for (set, check) in [
+        (
+            "last_update = 'infinity', gps_updated = '-infinity'",
+            (|s: &fleetgate::model::TrackerState| {
+                s.last_update.format("%Y-%m-%d").to_string() == "9999-12-30"
+                    && s.gps_updated.map(|d| d.format("%Y-%m-%d").to_string())
+                        == Some("0001-01-02".into())
+            }) as fn(&fleetgate::model::TrackerState) -> bool,
+        ),
+        ("last_update = '270000-01-01+00'", |s| {
+            s.last_update.format("%Y").to_string() == "9999"
+        }),
+        ("inputs = '{true,NULL}'", |s| s.inputs == [true, false]),
     ] {
+        let mut tx = pool.begin().await.unwrap();
+        sqlx::query(&format!(
+            "UPDATE tracker_states SET {set} WHERE tracker_id = 101"
+        ))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+        let read = sqlx::query_as::<_, fleetgate::model::TrackerState>(&format!(
+            "SELECT {} FROM {} WHERE s.tracker_id = 101",
+            fleetgate::model::STATE_COLUMNS,
+            fleetgate::model::STATE_FROM
+        ))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+        assert!(check(&read), "{set}: {read:?}");
+        tx.rollback().await.unwrap();
+    }
+    // What a TrackerState cannot hold is an error, not a wrong value.
+    for (set, what) in [("inputs = '{{true},{false}}'", "two-dimensional array")] {
         let mut tx = pool.begin().await.unwrap();
         sqlx::query(&format!(
             "UPDATE tracker_states SET {set} WHERE tracker_id = 101"
