@@ -668,6 +668,8 @@ impl Connection {
                     .filter(|id| !self.watches.contains(id))
                     .collect();
                 hub.unsubscribe(self.id, &added);
+                // A session this socket took up for this request alone is not kept.
+                self.release_idle_sessions();
                 let err = if db::is_unavailable(&e) {
                     ProtoError::db_unavailable()
                 } else {
@@ -1062,8 +1064,21 @@ impl Connection {
             .flatten()
             .map(|w| &*w.session)
             .collect();
-        held.extend(self.memberships.iter().map(|(_, s)| &**s));
-        held.extend(self.latest.as_deref());
+        // A batch the latest session holds too does not keep an older one: a dashboard that
+        // logged in again and joined its batches anew holds each under both.
+        let latest = self.latest.as_deref();
+        let also_latest = |group: &Arc<BatchGroup>| {
+            self.memberships
+                .iter()
+                .any(|(g, s)| Arc::ptr_eq(g, group) && Some(&**s) == latest)
+        };
+        held.extend(
+            self.memberships
+                .iter()
+                .filter(|(g, s)| Some(&**s) == latest || !also_latest(g))
+                .map(|(_, s)| &**s),
+        );
+        held.extend(latest);
         let idle: Vec<Arc<str>> = self
             .sessions
             .iter()
@@ -1072,6 +1087,8 @@ impl Connection {
             .collect();
         for hash in idle {
             self.sessions.remove(&hash);
+            // Its batches are all held by the latest session as well: no group is left.
+            self.memberships.retain(|(_, s)| *s != hash);
             self.app.hub.unregister_session(&hash, self.id);
             tracing::info!(
                 session = session_tag(&hash),

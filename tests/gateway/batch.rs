@@ -803,6 +803,9 @@ async fn each_session_of_a_socket_holds_a_shared_batch_of_its_own() {
                "requests": [batch_request(json!({"type": "all"}), "200ms", "compact")]})
     };
     let unsubscribe = |hash: &str| json!({"action": "unsubscribe", "hash": hash, "requests": [{"type": "state_batch"}]});
+    // ACME also watches a tracker of its own here: an older session whose only holds are
+    // batches the latest one holds too is released (logout.rs).
+    c.subscribe_and_states(ACME, &[103], 1).await;
     for hash in [ACME, ACME2] {
         c.send(subscribe(hash)).await;
         assert_eq!(

@@ -298,3 +298,38 @@ async fn unsubscribing_everything_of_an_older_session_releases_it() {
         "{skipped:?}"
     );
 }
+
+#[tokio::test]
+async fn a_batch_dashboard_that_logged_in_again_releases_its_old_session() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    let batch = |hash: &str| {
+        json!({"action": "subscribe", "hash": hash, "requests": [
+            {"type": "state_batch", "target": {"type": "all"}, "rate_limit": "100ms"}]})
+    };
+    c.send(batch(ACME)).await;
+    c.recv_until(|v| v["event"] == "state_batch").await;
+    // A new login joins the same batch: the old session holds nothing the new one does not.
+    c.send(batch(ACME2)).await;
+    let (resp, _) = c.recv_until(|v| v["type"] == "response").await;
+    assert_eq!(resp["data"]["state_batch"]["success"], true, "{resp}");
+    app.until("the socket releases ACME", || !app.hub.has_session(ACME))
+        .await;
+    app.exec(&format!(
+        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
+    ))
+    .await;
+    app.set_speed(&[101], 71).await;
+    let (_, skipped) = c
+        .recv_until(|v| v["event"] == "state_batch" && v.to_string().contains("\"speed\":71"))
+        .await;
+    assert!(
+        skipped.iter().all(|v| v["event"] != "logout"),
+        "{skipped:?}"
+    );
+    app.exec(&format!(
+        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME2}'"
+    ))
+    .await;
+    assert_logout_then_close(&mut c).await;
+}
