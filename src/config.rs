@@ -45,10 +45,10 @@ pub struct DatabaseSettings {
 pub fn redact_password(url: &str) -> String {
     let mut out = url.to_string();
     if let Some(start) = out.find("://").map(|i| i + 3) {
-        let end = out[start..]
-            .find(['/', '?'])
-            .map_or(out.len(), |i| start + i);
-        if let Some(at) = out[start..end].rfind('@').map(|i| start + i) {
+        // The user info ends at the last `@`: a password may hold `/` or `?` unencoded (the
+        // URL then does not parse, and its error would show it). An `@` in a parameter makes
+        // this hide more than the password, never less.
+        if let Some(at) = out[start..].rfind('@').map(|i| start + i) {
             if let Some(colon) = out[start..at].find(':').map(|i| start + i) {
                 out.replace_range(colon + 1..at, "<redacted>");
             }
@@ -437,6 +437,10 @@ mod tests {
         assert_eq!(
             redact_password("postgres://app@db/fleet?password=x&sslmode=disable"),
             "postgres://app@db/fleet?password=<redacted>&sslmode=disable"
+        );
+        assert_eq!(
+            redact_password("postgres://u:pa/ss?x@h/d"),
+            "postgres://u:<redacted>@h/d"
         );
         assert_eq!(
             redact_password("postgres://postgres@127.0.0.1:5432/fleetgate"),

@@ -48,13 +48,17 @@ pub const LISTEN_TCP_SETTINGS: [(&str, &str); 4] = [
 /// A share of PostgreSQL's notification queue in use above which the probe warns.
 const QUEUE_USAGE_WARN: f64 = 0.25;
 
-/// The options of the LISTEN connection: `url` with its application name and
-/// [`LISTEN_TCP_SETTINGS`].
-pub fn listen_connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
-    let options: PgConnectOptions = url.parse()?;
-    Ok(options
-        .application_name(LISTEN_APPLICATION_NAME)
-        .options(LISTEN_TCP_SETTINGS))
+/// Applies [`LISTEN_TCP_SETTINGS`] to the LISTEN connection's session, each on its own: one the
+/// server does not know (`tcp_user_timeout` before PostgreSQL 12) or a pooler refuses is logged
+/// and skipped, and the connection is used all the same. (Sent as `SET`s, not as startup
+/// options, which PgBouncer refuses unless told to ignore them.)
+async fn apply_tcp_settings(listener: &mut PgListener) {
+    for (name, value) in LISTEN_TCP_SETTINGS {
+        let set = format!("SET {name} = {value}");
+        if let Err(e) = sqlx::query(&set).execute(&mut *listener).await {
+            tracing::warn!(setting = name, error = %e, "LISTEN connection: setting not applied");
+        }
+    }
 }
 
 /// Largest id list sent to the database in one query during a resync.
@@ -306,12 +310,14 @@ pub async fn run_listener(
         }
         let connected = async {
             // A pool of one, named so operators (and tests) can find the listening backend.
+            let options: PgConnectOptions = url.parse()?;
             let pool = PgPoolOptions::new()
                 .max_connections(1)
                 .acquire_timeout(Duration::from_secs(10))
-                .connect_with(listen_connect_options(&url)?)
+                .connect_with(options.application_name(LISTEN_APPLICATION_NAME))
                 .await?;
             let mut l = PgListener::connect_with(&pool).await?;
+            apply_tcp_settings(&mut l).await;
             l.listen(CHANNEL).await?;
             Ok::<_, sqlx::Error>(l)
         };
@@ -823,7 +829,11 @@ async fn check_sessions(pool: &PgPool, hub: &Hub, hashes: Vec<String>) -> Result
             None => {
                 let n = hub.logout(hash);
                 if n > 0 {
-                    tracing::info!(session = %&hash[..6.min(hash.len())], sockets = n, "session ended: logout sent");
+                    tracing::info!(
+                        session = crate::telemetry::session_tag(hash),
+                        sockets = n,
+                        "session ended: logout sent"
+                    );
                 }
             }
         }
@@ -954,7 +964,11 @@ async fn disallow_revoked(
     }
     for (hash, ids) in by_session {
         let n = hub.disallow(&hash, Arc::new(Revoked::These(ids)), round);
-        tracing::info!(session = %&hash[..6.min(hash.len())], sockets = n, "grants revoked: trackers disallowed");
+        tracing::info!(
+            session = crate::telemetry::session_tag(&hash),
+            sockets = n,
+            "grants revoked: trackers disallowed"
+        );
     }
     Ok(())
 }

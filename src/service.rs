@@ -165,11 +165,11 @@ pub async fn create_user(pool: &PgPool, new: NewUser) -> Result<i64> {
             "`login` must not contain control characters".into(),
         ));
     }
-    if login.chars().all(|c| c.is_ascii_digit()) {
+    if login.parse::<i64>().is_ok() {
         // The commands take a user as an id or a login, digits meaning an id: such a login
         // could never be named, or would name another user.
         return Err(ServiceError::Invalid(
-            "`login` must not be all digits (commands read digits as a user id)".into(),
+            "`login` must not be a number (commands read a number as a user id)".into(),
         ));
     }
     if new.password.is_empty() || new.password.len() > MAX_PASSWORD_BYTES {

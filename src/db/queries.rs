@@ -45,6 +45,13 @@ pub async fn session(pool: &PgPool, hash: &str) -> Result<Option<SessionRow>, sq
 
 /// The sessions among `hashes` that still exist (live or not).
 pub async fn sessions(pool: &PgPool, hashes: &[String]) -> Result<Vec<SessionRow>, sqlx::Error> {
+    // A hash a client sent may hold NUL, which no session has and PostgreSQL's text cannot
+    // hold (the whole query would fail).
+    let hashes: Vec<&str> = hashes
+        .iter()
+        .map(String::as_str)
+        .filter(|h| !h.contains('\0'))
+        .collect();
     sqlx::query_as::<_, SessionRow>(&format!("{SESSION_SELECT} WHERE s.hash = ANY($1)"))
         .bind(hashes)
         .fetch_all(pool)
@@ -504,6 +511,7 @@ pub struct OperatorKeyRow {
     pub name: String,
     #[sqlx(try_from = "crate::db::time::PgTime")]
     pub created_at: DateTime<Utc>,
+    #[sqlx(try_from = "crate::db::time::OptPgTime")]
     pub revoked_at: Option<DateTime<Utc>>,
 }
 

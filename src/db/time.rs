@@ -30,18 +30,16 @@ fn latest() -> DateTime<Utc> {
         .map_or(DateTime::<Utc>::MAX_UTC, |d| d.and_utc())
 }
 
+/// [`earliest`] and [`latest`] in PostgreSQL's microseconds (since 2000-01-01 UTC).
+const EARLIEST_PG_MICROS: i64 = -63_082_195_200_000_000;
+const LATEST_PG_MICROS: i64 = 252_455_529_599_999_999;
+
 /// A binary `timestamptz` (microseconds since 2000-01-01 UTC; `i64::MAX`/`MIN` are
-/// ±infinity), clamped to years 0001–9999.
+/// ±infinity), clamped to years 0001–9999. On the decoding path of every state: one clamp of
+/// the integer, no calendar work beyond chrono's own.
 pub fn from_pg_micros(micros: i64) -> DateTime<Utc> {
-    let (lo, hi) = (earliest(), latest());
-    match micros
-        .checked_add(PG_EPOCH_MICROS)
-        .and_then(DateTime::from_timestamp_micros)
-    {
-        Some(t) => t.clamp(lo, hi),
-        None if micros < 0 => lo,
-        None => hi,
-    }
+    let m = micros.clamp(EARLIEST_PG_MICROS, LATEST_PG_MICROS);
+    DateTime::from_timestamp_micros(m + PG_EPOCH_MICROS).unwrap_or(DateTime::UNIX_EPOCH)
 }
 
 /// A `timestamptz` column decoded by [`from_pg_micros`], for `#[sqlx(try_from = "PgTime")]`
@@ -84,6 +82,36 @@ impl<'r> Decode<'r, Postgres> for PgTime {
     }
 }
 
+/// A nullable `timestamptz` column decoded as [`PgTime`], for `#[sqlx(try_from =
+/// "OptPgTime")]` on `Option<DateTime<Utc>>` fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptPgTime(pub Option<DateTime<Utc>>);
+
+impl From<OptPgTime> for Option<DateTime<Utc>> {
+    fn from(t: OptPgTime) -> Self {
+        t.0
+    }
+}
+
+impl Type<Postgres> for OptPgTime {
+    fn type_info() -> PgTypeInfo {
+        <PgTime as Type<Postgres>>::type_info()
+    }
+
+    fn compatible(ty: &PgTypeInfo) -> bool {
+        <PgTime as Type<Postgres>>::compatible(ty)
+    }
+}
+
+impl<'r> Decode<'r, Postgres> for OptPgTime {
+    fn decode(value: PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        if sqlx::ValueRef::is_null(&value) {
+            return Ok(OptPgTime(None));
+        }
+        Ok(OptPgTime(Some(PgTime::decode(value)?.0)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,6 +125,10 @@ mod tests {
         let far = (270_000i64 - 2000) * 365 * 86_400 * 1_000_000;
         assert_eq!(from_pg_micros(far), latest());
         assert_eq!(from_pg_micros(-far), earliest());
+        // The constants are the ends' instants.
+        assert_eq!(from_pg_micros(EARLIEST_PG_MICROS), earliest());
+        assert_eq!(from_pg_micros(LATEST_PG_MICROS), latest());
+        assert_eq!(from_pg_micros(EARLIEST_PG_MICROS - 1), earliest());
         // Any zone's offset keeps the clamped ends inside chrono's range.
         let berlin = latest().with_timezone(&chrono_tz::Pacific::Kiritimati);
         assert_eq!(berlin.format("%Y").to_string(), "9999");

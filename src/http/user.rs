@@ -120,7 +120,10 @@ pub async fn auth(
     }
     let lifetime = state.settings.api.session_lifetime_secs;
     let hash = service::login(&state.pool, &p.login, &p.password, lifetime).await?;
-    tracing::info!(session = %&hash[..6], "session opened");
+    tracing::info!(
+        session = crate::telemetry::session_tag(&hash),
+        "session opened"
+    );
     Ok(HttpResponse::Ok().json(AuthResponse {
         success: true,
         hash,

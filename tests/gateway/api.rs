@@ -871,14 +871,16 @@ async fn operators_manage_users_sessions_and_grants() {
     )
     .await
     .assert_error(7, 400);
-    // Digits name a user by id in the commands: a login of digits alone could not be named.
-    let r = call(
-        "/v2/admin/user/create",
-        json!({"login": "12345", "password": "x"}),
-    )
-    .await;
-    r.assert_error(7, 400);
-    assert!(r.body.contains("digits"), "{}", r.body);
+    // A number names a user by id in the commands: such a login could not be named.
+    for login in ["12345", "+7", "-5"] {
+        let r = call(
+            "/v2/admin/user/create",
+            json!({"login": login, "password": "x"}),
+        )
+        .await;
+        r.assert_error(7, 400);
+        assert!(r.body.contains("number"), "{}", r.body);
+    }
     call(
         "/v2/admin/user/create",
         json!({"login": "x", "password": "x", "master_login": "nobody"}),

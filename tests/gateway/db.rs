@@ -1450,3 +1450,27 @@ async fn read_cost_per_row(pool: PgPool) {
         }
     }
 }
+
+/// Timestamps any writer may store decode without panicking (sqlx's own decoding panicked on
+/// `infinity` and on years beyond chrono's range), clamped to years 1..9999.
+#[sqlx::test]
+async fn every_timestamp_decodes_clamped(pool: PgPool) {
+    use fleetgate::db::time::{OptPgTime, PgTime};
+    let row: (PgTime, PgTime, PgTime, OptPgTime, OptPgTime) = sqlx::query_as(
+        "SELECT 'infinity'::timestamptz, '-infinity'::timestamptz, \
+                '270000-01-01+00'::timestamptz, NULL::timestamptz, \
+                '2026-12-06 10:00:00+00'::timestamptz",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    let year = |t: DateTime<Utc>| t.format("%Y").to_string();
+    assert_eq!(year(row.0 .0), "9999");
+    assert_eq!(year(row.1 .0), "0001");
+    assert_eq!(year(row.2 .0), "9999");
+    assert_eq!(row.3 .0, None);
+    assert_eq!(
+        row.4 .0,
+        Some("2026-12-06T10:00:00Z".parse::<DateTime<Utc>>().unwrap())
+    );
+}

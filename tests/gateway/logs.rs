@@ -38,6 +38,9 @@ async fn junk_requests_are_answered_and_not_logged_as_errors() {
         ],
     );
     server.wait_started().await;
+    // Only what follows the start is judged (a start-up warning, such as a low open-file
+    // limit on the machine, is not the junk's).
+    let started = std::fs::read_to_string(&log).map_or(0, |t| t.len());
 
     for bytes in [
         &b"GARBAGE\x00\x01\r\n\r\n"[..],
@@ -90,6 +93,8 @@ async fn junk_requests_are_answered_and_not_logged_as_errors() {
 
     let text = std::fs::read_to_string(&log).expect("read the log");
     let loud: Vec<&str> = text
+        .get(started..)
+        .unwrap_or_default()
         .lines()
         .filter(|l| l.contains("\"level\":\"ERROR\"") || l.contains("\"level\":\"WARN\""))
         .collect();

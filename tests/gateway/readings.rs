@@ -359,8 +359,16 @@ async fn a_reading_dated_infinity_stops_neither_events_nor_batches() {
     let r = subscribe(&mut late, request(json!({"type": "all"}), "100ms")).await;
     assert_eq!(r["type"], "response", "{r}");
     next_readings(&mut late).await;
-    app.exec("UPDATE counter_readings SET update_time = '270000-01-01+00'")
+    app.exec("UPDATE counter_readings SET value = 777, update_time = '270000-01-01+00'")
         .await;
+    // Delivered, dated at the end of 9999, in a later period's batch.
+    late.recv_until(|v| {
+        v["event"] == "readings_batch" && {
+            let text = v.to_string();
+            text.contains("777") && text.contains("9999-12-3")
+        }
+    })
+    .await;
     app.set_speed(&[102], 45).await;
     states.recv_until(|v| is_state_with_speed(v, 102, 45)).await;
 }

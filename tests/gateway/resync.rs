@@ -183,22 +183,17 @@ async fn a_resync_after_every_connection_dropped_does_not_wait_for_each_dead_one
 #[tokio::test]
 async fn the_listen_backend_drops_a_vanished_gateway_within_a_minute() {
     let app = spawn_app().await;
-    let options = fleetgate::listen::listen_connect_options(&app.db_url).expect("options");
-    let mut conn = sqlx::ConnectOptions::connect(&options)
-        .await
-        .expect("connect as the listener does");
-    for (name, _) in fleetgate::listen::LISTEN_TCP_SETTINGS {
-        // Set for the session by the connection's startup options (over a Unix socket
-        // PostgreSQL keeps them without effect, and shows 0).
-        let source: String = sqlx::query_scalar("SELECT source FROM pg_settings WHERE name = $1")
-            .bind(name)
-            .fetch_one(&mut conn)
+    // The settings the listener applies to its session are ones this server takes, with the
+    // values shown back (over TCP; over a Unix socket PostgreSQL keeps them without effect).
+    let mut conn = app.pool.acquire().await.expect("a connection");
+    for (name, value) in fleetgate::listen::LISTEN_TCP_SETTINGS {
+        sqlx::query(&format!("SET {name} = {value}"))
+            .execute(&mut *conn)
             .await
-            .expect("pg_settings");
-        assert_eq!(source, "client", "{name}");
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     let tcp: bool = sqlx::query_scalar("SELECT inet_server_addr() IS NOT NULL")
-        .fetch_one(&mut conn)
+        .fetch_one(&mut *conn)
         .await
         .expect("inet_server_addr");
     if tcp {
@@ -206,11 +201,25 @@ async fn the_listen_backend_drops_a_vanished_gateway_within_a_minute() {
             "SELECT current_setting(n) FROM unnest(ARRAY['tcp_keepalives_idle', \
              'tcp_keepalives_interval', 'tcp_keepalives_count', 'tcp_user_timeout']) n",
         )
-        .fetch_all(&mut conn)
+        .fetch_all(&mut *conn)
         .await
         .expect("current_setting");
         assert_eq!(shown, ["30", "10", "3", "60000"]);
     }
+    sqlx::query("RESET ALL")
+        .execute(&mut *conn)
+        .await
+        .expect("reset");
+    // And the listener is connected with them.
+    let listening: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+          WHERE application_name = $1 AND datname = current_database()",
+    )
+    .bind(fleetgate::listen::LISTEN_APPLICATION_NAME)
+    .fetch_one(&mut *conn)
+    .await
+    .expect("pg_stat_activity");
+    assert_eq!(listening, 1);
 }
 
 #[tokio::test]
