@@ -161,7 +161,11 @@ impl Application {
         let inbox = Arc::new(listen::Inbox::default());
         let events = {
             let (pool, hub, inbox, settings, shutdown) = (
-                db::events_pool(&pool, &settings.database),
+                db::events_pool(
+                    &pool,
+                    &settings.database,
+                    Duration::from_secs(settings.listen.round_timeout_secs.max(1) * 8),
+                ),
                 hub.clone(),
                 inbox.clone(),
                 settings.clone(),

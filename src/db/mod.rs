@@ -68,12 +68,31 @@ pub const EVENTS_APPLICATION_NAME: &str = "fleetgate-events";
 /// The event processor's pool, on the same server and database as `pool`: its own connections,
 /// not tested before use (one round trip less per read; a broken connection fails a round, and
 /// the processor then resyncs). Connects lazily.
-pub fn events_pool(pool: &PgPool, settings: &DatabaseSettings) -> PgPool {
+///
+/// Its statements end on the server after `statement_timeout` (the longest a round may run,
+/// eight times `listen.round_timeout_secs`): a round the processor abandons (see
+/// `listen::run_processor`) leaves its reads running on a slow server otherwise. Set after
+/// connecting, not as a startup option (which PgBouncer refuses); a refusal is logged.
+pub fn events_pool(
+    pool: &PgPool,
+    settings: &DatabaseSettings,
+    statement_timeout: Duration,
+) -> PgPool {
     let options = (*pool.connect_options()).clone();
+    let set = format!("SET statement_timeout = {}", statement_timeout.as_millis());
     PgPoolOptions::new()
         .max_connections(settings.event_connections.max(1))
         .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs.max(1)))
         .test_before_acquire(false)
+        .after_connect(move |conn, _| {
+            let set = set.clone();
+            Box::pin(async move {
+                if let Err(e) = sqlx::Executor::execute(&mut *conn, set.as_str()).await {
+                    tracing::warn!(error = %e, "event connection: statement_timeout not set");
+                }
+                Ok(())
+            })
+        })
         .connect_lazy_with(options.application_name(EVENTS_APPLICATION_NAME))
 }
 

@@ -375,3 +375,21 @@ async fn a_read_on_a_connection_that_went_silent_is_abandoned_and_the_event_stil
     app.set_speed(&[101], 33).await;
     c.recv_until(|v| is_state_with_speed(v, 101, 33)).await;
 }
+
+#[tokio::test]
+async fn the_event_processors_statements_end_on_the_server_after_the_longest_round() {
+    let app = spawn_app().await;
+    let settings = test_settings();
+    // The processor's pool as startup builds it: eight times the round timeout.
+    let pool = fleetgate::db::events_pool(
+        &app.pool,
+        &settings.database,
+        std::time::Duration::from_secs(settings.listen.round_timeout_secs * 8),
+    );
+    let shown: String = sqlx::query_scalar("SHOW statement_timeout")
+        .fetch_one(&pool)
+        .await
+        .expect("show");
+    assert_eq!(shown, "4min");
+    pool.close().await;
+}
