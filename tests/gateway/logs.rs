@@ -23,24 +23,44 @@ async fn exchange(port: u16, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// A `serve` process of its own whose log (stderr) goes to a file, started with one setting
+/// added; its folder is removed when dropped.
+struct LoggedServer {
+    server: Server,
+    log: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl LoggedServer {
+    async fn start(app: &TestApp, setting: (&str, &str)) -> LoggedServer {
+        let dir = std::env::temp_dir().join(format!("fg_logs_{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).expect("a temporary folder");
+        let log = dir.join("serve.log");
+        let log_path = log.to_string_lossy().into_owned();
+        let server = Server::start(app, &[setting, ("FLEETGATE_TEST_LOG", &log_path)]);
+        server.wait_started().await;
+        LoggedServer { server, log, dir }
+    }
+
+    fn text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for LoggedServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 #[tokio::test]
 async fn junk_requests_are_answered_and_not_logged_as_errors() {
     let app = spawn_app().await;
-    let dir = std::env::temp_dir().join(format!("fg_logs_{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("a temporary folder");
-    let log = dir.join("serve.log");
-    let log_path = log.to_string_lossy().into_owned();
-    let server = Server::start(
-        &app,
-        &[
-            ("FLEETGATE_LOG__FORMAT", "json"),
-            ("FLEETGATE_TEST_LOG", &log_path),
-        ],
-    );
-    server.wait_started().await;
+    let logged = LoggedServer::start(&app, ("FLEETGATE_LOG__FORMAT", "json")).await;
+    let server = &logged.server;
     // Only what follows the start is judged (a start-up warning, such as a low open-file
     // limit on the machine, is not the junk's).
-    let started = std::fs::read_to_string(&log).map_or(0, |t| t.len());
+    let started = logged.text().len();
 
     for bytes in [
         &b"GARBAGE\x00\x01\r\n\r\n"[..],
@@ -91,7 +111,7 @@ async fn junk_requests_are_answered_and_not_logged_as_errors() {
     })
     .await;
 
-    let text = std::fs::read_to_string(&log).expect("read the log");
+    let text = logged.text();
     let loud: Vec<&str> = text
         .get(started..)
         .unwrap_or_default()
@@ -99,47 +119,22 @@ async fn junk_requests_are_answered_and_not_logged_as_errors() {
         .filter(|l| l.contains("\"level\":\"ERROR\"") || l.contains("\"level\":\"WARN\""))
         .collect();
     assert!(loud.is_empty(), "junk logged at warn or above: {loud:#?}");
-    drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn a_text_log_to_a_file_has_no_colour_codes() {
     let app = spawn_app().await;
-    let dir = std::env::temp_dir().join(format!("fg_logs_{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("a temporary folder");
-    let log = dir.join("serve.log");
-    let log_path = log.to_string_lossy().into_owned();
-    let server = Server::start(
-        &app,
-        &[
-            ("FLEETGATE_LOG__LEVEL", "info"),
-            ("FLEETGATE_TEST_LOG", &log_path),
-        ],
-    );
-    server.wait_started().await;
-    let text = std::fs::read_to_string(&log).expect("read the log");
+    let logged = LoggedServer::start(&app, ("FLEETGATE_LOG__LEVEL", "info")).await;
+    let text = logged.text();
     assert!(text.contains("listening"), "{text}");
     assert!(!text.contains('\u{1b}'), "escape codes in a file: {text:?}");
-    drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn a_client_subscribing_in_a_loop_does_not_grow_its_log_lines() {
     let app = spawn_app().await;
-    let dir = std::env::temp_dir().join(format!("fg_logs_{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).expect("a temporary folder");
-    let log = dir.join("serve.log");
-    let log_path = log.to_string_lossy().into_owned();
-    let server = Server::start(
-        &app,
-        &[
-            ("FLEETGATE_LOG__LEVEL", "info"),
-            ("FLEETGATE_TEST_LOG", &log_path),
-        ],
-    );
-    server.wait_started().await;
+    let logged = LoggedServer::start(&app, ("FLEETGATE_LOG__LEVEL", "info")).await;
+    let server = &logged.server;
     let mut c = Client::connect(&server.ws_url()).await;
     for i in 0..30 {
         let hash = if i % 2 == 0 { ACME } else { ACME2 };
@@ -153,10 +148,10 @@ async fn a_client_subscribing_in_a_loop_does_not_grow_its_log_lines() {
     // Each "subscribed" line follows its answer (after the initial states).
     let subscribed = |text: &str| text.matches(": subscribed ").count();
     eventually("30 subscribed lines", || async {
-        subscribed(&std::fs::read_to_string(&log).unwrap_or_default()) == 30
+        subscribed(&logged.text()) == 30
     })
     .await;
-    let text = std::fs::read_to_string(&log).expect("read the log");
+    let text = logged.text();
     let lines: Vec<&str> = text
         .lines()
         .filter(|l| l.contains(": subscribed "))
@@ -165,6 +160,4 @@ async fn a_client_subscribing_in_a_loop_does_not_grow_its_log_lines() {
     let fields = lines[29].matches("session=").count();
     // The span's session and the line's own.
     assert!(fields <= 2, "{fields} session fields: {}", lines[29]);
-    drop(server);
-    let _ = std::fs::remove_dir_all(&dir);
 }
