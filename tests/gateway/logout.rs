@@ -17,15 +17,20 @@ async fn assert_logout_then_close(c: &mut Client) {
     assert_eq!(code, Some(CloseCode::Normal));
 }
 
+/// Ends a session the way any writer of the database may.
+async fn revoke(app: &TestApp, hash: &str) {
+    app.exec(&format!(
+        "UPDATE sessions SET revoked_at = now() WHERE hash = '{hash}'"
+    ))
+    .await;
+}
+
 #[tokio::test]
 async fn revoked_session_gets_logout_then_close() {
     let app = spawn_app().await;
     let mut c = app.connect().await;
     c.subscribe_and_states(ACME, &[101], 1).await;
-    app.exec(&format!(
-        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
-    ))
-    .await;
+    revoke(&app, ACME).await;
     assert_logout_then_close(&mut c).await;
 }
 
@@ -98,10 +103,7 @@ async fn another_live_session_keeps_the_connection_open() {
     let mut c = app.connect().await;
     c.subscribe_and_states(ACME, &[101], 1).await;
     c.subscribe_and_states(RIVAL, &[201], 1).await;
-    app.exec(&format!(
-        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
-    ))
-    .await;
+    revoke(&app, ACME).await;
     assert_eq!(c.recv().await["event"], "logout");
     // 101 no longer flows (its session ended); 201 does, on the same connection.
     app.set_speed(&[101], 12).await;
@@ -186,10 +188,7 @@ async fn a_subscribe_handled_before_its_sessions_queued_logout_leaves_nothing_be
     c.ws.flush().await.expect("send");
     until_a_query_waits_for_a_lock(&app).await;
     // Meanwhile ACME is revoked: its logout is queued for the socket, behind that subscribe.
-    app.exec(&format!(
-        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
-    ))
-    .await;
+    revoke(&app, ACME).await;
     app.until("the hub logs ACME out", || !app.hub.has_session(ACME))
         .await;
     tx.rollback().await.expect("rollback");
@@ -221,10 +220,7 @@ async fn a_session_whose_trackers_moved_to_a_new_one_is_released() {
     app.until("the socket releases ACME", || !app.hub.has_session(ACME))
         .await;
     // The old session's end does not reach the dashboard ...
-    app.exec(&format!(
-        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
-    ))
-    .await;
+    revoke(&app, ACME).await;
     app.set_speed(&[101], 21).await;
     let (_, skipped) = c.recv_until(|v| is_state_with_speed(v, 101, 21)).await;
     assert!(
@@ -232,10 +228,7 @@ async fn a_session_whose_trackers_moved_to_a_new_one_is_released() {
         "{skipped:?}"
     );
     // ... and, with nothing left of it, the new session's end closes the connection.
-    app.exec(&format!(
-        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME2}'"
-    ))
-    .await;
+    revoke(&app, ACME2).await;
     assert_logout_then_close(&mut c).await;
 }
 
@@ -247,10 +240,7 @@ async fn a_session_that_still_holds_a_tracker_or_is_the_latest_is_kept() {
     // Only 101 moves: ACME still holds 102, and its end reaches the socket.
     c.subscribe(ACME2, &[101]).await;
     assert!(app.hub.has_session(ACME));
-    app.exec(&format!(
-        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
-    ))
-    .await;
+    revoke(&app, ACME).await;
     assert_eq!(
         c.recv_until(|v| v["event"] == "logout").await.0["data"],
         "session closed"
@@ -263,10 +253,7 @@ async fn a_session_that_still_holds_a_tracker_or_is_the_latest_is_kept() {
     let (resp, _) = c.recv_until(|v| v["type"] == "response").await;
     assert_eq!(resp["data"], json!([101]), "{resp}");
     assert!(app.hub.has_session(ACME2));
-    app.exec(&format!(
-        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME2}'"
-    ))
-    .await;
+    revoke(&app, ACME2).await;
     assert_logout_then_close(&mut c).await;
 }
 
@@ -287,10 +274,7 @@ async fn unsubscribing_everything_of_an_older_session_releases_it() {
         .await;
     let (err, _) = c.recv_until(|v| v["type"] == "error").await;
     assert_eq!(err["status"]["code"], 4, "{err}");
-    app.exec(&format!(
-        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
-    ))
-    .await;
+    revoke(&app, ACME).await;
     app.set_speed(&[102], 22).await;
     let (_, skipped) = c.recv_until(|v| is_state_with_speed(v, 102, 22)).await;
     assert!(
@@ -315,10 +299,7 @@ async fn a_batch_dashboard_that_logged_in_again_releases_its_old_session() {
     assert_eq!(resp["data"]["state_batch"]["success"], true, "{resp}");
     app.until("the socket releases ACME", || !app.hub.has_session(ACME))
         .await;
-    app.exec(&format!(
-        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
-    ))
-    .await;
+    revoke(&app, ACME).await;
     app.set_speed(&[101], 71).await;
     let (_, skipped) = c
         .recv_until(|v| v["event"] == "state_batch" && v.to_string().contains("\"speed\":71"))
@@ -327,9 +308,6 @@ async fn a_batch_dashboard_that_logged_in_again_releases_its_old_session() {
         skipped.iter().all(|v| v["event"] != "logout"),
         "{skipped:?}"
     );
-    app.exec(&format!(
-        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME2}'"
-    ))
-    .await;
+    revoke(&app, ACME2).await;
     assert_logout_then_close(&mut c).await;
 }
