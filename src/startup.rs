@@ -349,10 +349,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         "/v2/event/subscription",
         "/v2/event/subscription/",
     ] {
-        cfg.route(path, web::get().to(ws::subscription));
+        cfg.service(
+            web::resource(path)
+                .route(web::get().to(ws::subscription))
+                .default_service(web::to(http::wrong_method)),
+        );
     }
     http::configure(cfg);
     crate::web::configure(cfg);
+    cfg.default_service(web::to(http::wrong_handler));
 }
 
 #[cfg(test)]

@@ -46,6 +46,8 @@ pub enum ApiError {
     TooManySockets(Refused),
     /// 102, HTTP 400: unknown login or wrong password (indistinguishable on purpose).
     WrongCredentials,
+    /// 111, HTTP 400 under `/v2/` (as Navixy answers), 404 elsewhere: no endpoint at this path.
+    WrongHandler { api: bool },
     /// 112, HTTP 400: the endpoint does not accept this HTTP method.
     WrongMethod,
     /// 201, HTTP 400: the named entity does not exist (or is not visible to the caller).
@@ -91,6 +93,7 @@ impl ApiError {
             ApiError::DbUnavailable => 14,
             ApiError::RateLimited(_) | ApiError::TooManySockets(_) => 15,
             ApiError::WrongCredentials => 102,
+            ApiError::WrongHandler { .. } => 111,
             ApiError::WrongMethod => 112,
             ApiError::NotFound(_) => 201,
             ApiError::LoginInUse => 206,
@@ -111,6 +114,7 @@ impl ApiError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ApiError::TooManySockets(Refused::Full) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::WrongHandler { api: false } => StatusCode::NOT_FOUND,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -135,6 +139,7 @@ impl ApiError {
                 "Too many requests (rate limit exceeded): too many sockets from this address".into()
             }
             ApiError::WrongCredentials => "Wrong login or password".into(),
+            ApiError::WrongHandler { .. } => "Wrong handler".into(),
             ApiError::WrongMethod => "Wrong method".into(),
             ApiError::NotFound(d) => format!("Not found in database: {d}"),
             ApiError::LoginInUse => "Login already in use".into(),

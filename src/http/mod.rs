@@ -6,8 +6,9 @@
 
 use std::time::Duration;
 
-use actix_web::{web, HttpResponse};
-use serde_json::json;
+use actix_web::{web, FromRequest, Handler, HttpResponse, Responder};
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::metrics;
 use crate::startup::AppState;
@@ -22,14 +23,25 @@ pub mod user;
 
 use error::ApiError;
 
+/// A resource that answers GET and HEAD (for load balancers and uptime checks that probe with
+/// it) with `handler`, and any other method with code 112.
+pub fn get_only<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: Handler<Args>,
+    Args: FromRequest + 'static,
+    F::Output: Responder + 'static,
+{
+    web::resource(path)
+        .route(web::get().to(handler.clone()))
+        .route(web::head().to(handler))
+        .default_service(web::to(wrong_method))
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    // HEAD too, for load balancers and uptime checks that probe with it.
-    cfg.route("/health", web::get().to(health))
-        .route("/health", web::head().to(health))
-        .route("/ready", web::get().to(ready))
-        .route("/ready", web::head().to(ready))
-        .route("/metrics", web::get().to(metrics))
-        .route("/openapi.json", web::get().to(openapi::serve));
+    cfg.service(get_only("/health", health))
+        .service(get_only("/ready", ready))
+        .service(get_only("/metrics", metrics))
+        .service(get_only("/openapi.json", openapi::serve));
     // Navixy's API takes GET and POST alike for its calls.
     macro_rules! api {
         ($path:literal, $handler:path) => {
@@ -68,13 +80,28 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     admin!("/v2/admin/user/revoke_grant", admin::user_revoke_grant);
 }
 
-/// Code 112 for a method an API endpoint does not take.
-async fn wrong_method() -> Result<HttpResponse, ApiError> {
+/// Code 111 for a path no route serves: HTTP 400 under `/v2/` as Navixy answers an unknown API
+/// call, 404 elsewhere, so that a mistyped URL reads as such in a browser or a probe's log.
+pub async fn wrong_handler(req: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::WrongHandler {
+        api: req.path().starts_with("/v2/"),
+    })
+}
+
+/// Code 112 for a method an endpoint does not take.
+pub async fn wrong_method() -> Result<HttpResponse, ApiError> {
     Err(ApiError::WrongMethod)
 }
 
 /// `GET /metrics`: Prometheus (OpenMetrics) text.
-async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition: the gateway's counters \
+and gauges (README, Metrics)", content_type = "text/plain", body = String))
+)]
+pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let hub = &state.hub;
     let body = hub.metrics.render(hub.sample());
     HttpResponse::Ok()
@@ -82,11 +109,50 @@ async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         .body(body)
 }
 
-async fn health() -> HttpResponse {
-    HttpResponse::Ok().json(json!({"status": "ok"}))
+/// `{"status": "ok"}`
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthBody {
+    /// Always `ok`.
+    pub status: &'static str,
 }
 
-async fn ready(state: web::Data<AppState>) -> HttpResponse {
+/// `GET /health`: the process is up and serving HTTP (liveness).
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    responses((status = 200, description = "The process is up (HEAD works too)", body = HealthBody))
+)]
+pub async fn health() -> HttpResponse {
+    HttpResponse::Ok().json(HealthBody { status: "ok" })
+}
+
+/// What `/ready` reports.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReadyBody {
+    /// `database` and `listen_stream` both hold: events are flowing.
+    pub ready: bool,
+    /// A `SELECT 1` on the pool answered within 2 s.
+    pub database: bool,
+    /// The LISTEN connection is up.
+    pub listen_stream: bool,
+    /// Sessions held by this process's sockets.
+    pub sockets_sessions: usize,
+    /// Trackers that at least one socket of this process watches.
+    pub watched_trackers: usize,
+}
+
+/// `GET /ready`: the database answers and the LISTEN stream is up (readiness).
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    responses(
+        (status = 200, description = "Ready: events are flowing (HEAD works too)", body = ReadyBody),
+        (status = 503, description = "Not ready: the database or the LISTEN stream is down", body = ReadyBody),
+    )
+)]
+pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let stream = state.hub.stream_up();
     let db = matches!(
         tokio::time::timeout(
@@ -96,14 +162,14 @@ async fn ready(state: web::Data<AppState>) -> HttpResponse {
         .await,
         Ok(Ok(_))
     );
-    let body = json!({
-        "ready": stream && db,
-        "database": db,
-        "listen_stream": stream,
-        "sockets_sessions": state.hub.session_count(),
-        "watched_trackers": state.hub.tracker_count(),
-    });
-    if stream && db {
+    let body = ReadyBody {
+        ready: stream && db,
+        database: db,
+        listen_stream: stream,
+        sockets_sessions: state.hub.session_count(),
+        watched_trackers: state.hub.tracker_count(),
+    };
+    if body.ready {
         HttpResponse::Ok().json(body)
     } else {
         HttpResponse::ServiceUnavailable().json(body)

@@ -8,6 +8,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::{admin, error, tracker, user};
+use crate::http as ops;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -37,6 +38,9 @@ Live updates are on the WebSocket at `/v2/event/subscription` (see docs/PROTOCOL
         admin::user_create,
         admin::user_grant,
         admin::user_revoke_grant,
+        ops::health,
+        ops::ready,
+        ops::metrics,
     ),
     components(schemas(error::ErrorBody, error::ErrorStatus)),
     modifiers(&OperatorKey),
@@ -44,6 +48,7 @@ Live updates are on the WebSocket at `/v2/event/subscription` (see docs/PROTOCOL
         (name = "user", description = "Sessions: log in, log out, who am I"),
         (name = "tracker", description = "Trackers and their current states"),
         (name = "admin", description = "Operator actions (operator API key required)"),
+        (name = "operations", description = "Liveness, readiness and metrics for load balancers and monitoring"),
     )
 )]
 pub struct ApiDoc;
@@ -83,6 +88,9 @@ mod tests {
             "/v2/user/auth",
             "/v2/tracker/get_states",
             "/v2/admin/user/revoke_grant",
+            "/health",
+            "/ready",
+            "/metrics",
         ] {
             assert!(doc["paths"][path].is_object(), "{path} missing");
         }

@@ -12,6 +12,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::json;
 
+use crate::http::get_only;
 use crate::startup::AppState;
 
 /// One embedded file.
@@ -54,12 +55,12 @@ const APP_CSS: Asset = asset(include_str!("assets/app.css"), "text/css; charset=
 const FAVICON: Asset = asset(include_str!("assets/favicon.svg"), "image/svg+xml");
 
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route("/", web::get().to(index))
-        .route("/index.html", web::get().to(index))
-        .route("/web/app.js", web::get().to(app_js))
-        .route("/web/app.css", web::get().to(app_css))
-        .route("/web/favicon.svg", web::get().to(favicon))
-        .route("/web/config.json", web::get().to(page_config));
+    cfg.service(get_only("/", index))
+        .service(get_only("/index.html", index))
+        .service(get_only("/web/app.js", app_js))
+        .service(get_only("/web/app.css", app_css))
+        .service(get_only("/web/favicon.svg", favicon))
+        .service(get_only("/web/config.json", page_config));
 }
 
 async fn index(req: HttpRequest, state: web::Data<AppState>) -> HttpResponse {

@@ -681,6 +681,38 @@ async fn get_states_gives_the_subscribe_statuses_and_navixy_errors() {
         .assert_error(112, 400);
 }
 
+#[tokio::test]
+async fn unknown_paths_answer_wrong_handler() {
+    let app = spawn_app().await;
+    // Navixy answers an unknown API call with code 111 and the default status.
+    get(&app, "/v2/tracker/get_stat")
+        .await
+        .assert_error(111, 400);
+    post(&app, "/v2/nothing/here", json!({}))
+        .await
+        .assert_error(111, 400);
+    // Elsewhere the same body, with 404 so that a mistyped URL reads as one.
+    get(&app, "/healthz").await.assert_error(111, 404);
+    get(&app, "/web/missing.js").await.assert_error(111, 404);
+    // A known path with a method it does not take is not an unknown path.
+    for path in [
+        "/health",
+        "/metrics",
+        "/",
+        "/web/app.js",
+        "/v2/event/subscription",
+    ] {
+        http(&app, "POST", path, &[], None)
+            .await
+            .assert_error(112, 400);
+    }
+    let head = http(&app, "HEAD", "/web/app.js", &[], None).await;
+    assert_eq!((head.status, head.body.as_str()), (200, ""));
+    // The routes themselves still answer.
+    assert_eq!(get(&app, "/health").await.status, 200);
+    assert_eq!(get(&app, "/").await.status, 200);
+}
+
 // --- operator calls ----------------------------------------------------------------------------------
 
 #[tokio::test]
@@ -1215,6 +1247,23 @@ async fn the_openapi_document_describes_every_endpoint() {
     ] {
         assert!(doc["paths"][path]["post"].is_object(), "{path} missing");
     }
+    for path in ["/health", "/ready", "/metrics"] {
+        assert!(doc["paths"][path]["get"].is_object(), "{path} missing");
+    }
+    // What /ready answers is what the document says it answers.
+    let ready = get(&app, "/ready").await.json();
+    let schema = &doc["components"]["schemas"]["ReadyBody"]["properties"];
+    let fields = |v: &Value| {
+        let mut k: Vec<String> = v
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, _)| k.clone())
+            .collect();
+        k.sort();
+        k
+    };
+    assert_eq!(fields(&ready), fields(schema), "{ready} {schema}");
     assert_eq!(
         doc["paths"]["/v2/admin/tracker/block"]["post"]["security"],
         json!([{"operator_key": []}])
