@@ -167,9 +167,17 @@ async fn ensure_trackers(
     .bind(account)
     .fetch_all(&mut *tx)
     .await?;
+    // Labels in use, so that a tracker added after one was removed takes the free number
+    // instead of repeating the last one.
+    let labels: Vec<String> =
+        sqlx::query_scalar("SELECT label FROM trackers WHERE account_id = $1 AND NOT removed")
+            .bind(account)
+            .fetch_all(&mut *tx)
+            .await?;
+    let mut free = (1..).filter(|n| !labels.contains(&format!("{prefix} {n:02}")));
     let mut rng = rand::thread_rng();
     while ids.len() < count {
-        let n = ids.len() + 1;
+        let n = free.next().unwrap_or(ids.len() + 1);
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO trackers (account_id, source_id, label) \
              VALUES ($1, (SELECT GREATEST($2, COALESCE(max(source_id), 0) + 1) FROM trackers), $3) RETURNING id",
@@ -252,7 +260,21 @@ pub async fn seed_demo(pool: &PgPool) -> anyhow::Result<DemoFleet> {
     .bind(&granted)
     .execute(&mut *tx)
     .await?;
-    let blocked = *trackers.last().context("demo account has no trackers")?;
+    // The blocked one is the last by label, so that it stays the same tracker when an earlier
+    // one was removed and re-created.
+    let last_label = format!("Truck {DEMO_TRACKERS:02}");
+    let blocked: Option<i64> = sqlx::query_scalar(
+        "SELECT id FROM trackers WHERE account_id = $1 AND NOT removed AND label = $2 \
+         ORDER BY id LIMIT 1",
+    )
+    .bind(master)
+    .bind(&last_label)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let blocked = match blocked {
+        Some(id) => id,
+        None => *trackers.last().context("demo account has no trackers")?,
+    };
     sqlx::query("UPDATE trackers SET blocked = true WHERE id = $1 AND NOT blocked")
         .bind(blocked)
         .execute(&mut *tx)

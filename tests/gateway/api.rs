@@ -1274,6 +1274,44 @@ async fn the_openapi_document_describes_every_endpoint() {
 }
 
 #[tokio::test]
+async fn seed_demo_reuses_its_fleet_and_replaces_a_removed_tracker() {
+    let app = spawn_app().await;
+    let seed = || fleetgate::commands::seed_demo(&app.pool);
+    let first = seed().await.expect("seed");
+    let again = seed().await.expect("seed again");
+    assert_eq!(first.trackers, again.trackers);
+    assert_eq!(first.master.session, again.master.session);
+    let labels = |account: i64| {
+        sqlx::query_scalar::<_, String>(
+            "SELECT label FROM trackers WHERE account_id = $1 AND NOT removed ORDER BY label",
+        )
+        .bind(account)
+        .fetch_all(&app.pool)
+    };
+    let before = labels(first.master.user_id).await.expect("labels");
+    app.exec(&format!(
+        "UPDATE trackers SET removed = true WHERE id = {}",
+        first.trackers[2]
+    ))
+    .await;
+    let third = seed().await.expect("seed after a removal");
+    assert_eq!(third.trackers.len(), first.trackers.len());
+    assert!(!third.trackers.contains(&first.trackers[2]));
+    // The new tracker takes the removed one's label, not a second copy of the last.
+    assert_eq!(labels(first.master.user_id).await.expect("labels"), before);
+    // And the blocked one is still the same tracker, the only one blocked.
+    assert_eq!(third.blocked_tracker, first.blocked_tracker);
+    let blocked: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM trackers WHERE account_id = $1 AND blocked AND NOT removed",
+    )
+    .bind(first.master.user_id)
+    .fetch_one(&app.pool)
+    .await
+    .expect("count");
+    assert_eq!(blocked, 1);
+}
+
+#[tokio::test]
 async fn commands_share_the_operator_code_path() {
     use clap::Parser;
     let app = spawn_app().await;
