@@ -160,12 +160,14 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { listen } => {
             if let Some(addr) = listen {
+                crate::config::check_listen("--listen", &addr).map_err(anyhow::Error::msg)?;
                 settings.server.listen = addr;
             }
+            log_config_files(&cli.config_dir);
             startup::log_open_file_limit();
             startup::tune_process(&settings.server);
             let listener = TcpListener::bind(&settings.server.listen)
-                .with_context(|| format!("binding {}", settings.server.listen))?;
+                .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
             let app = Application::build(settings, listener).await?;
             tracing::info!(port = app.port(), "fleetgate listening");
             let stop = app.shutdown_handle();
@@ -291,18 +293,69 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckConfig => {
-            // Which files were layered, then the result (the database password redacted).
-            for name in ["default.toml", "local.toml"] {
-                let path = cli.config_dir.join(name);
-                let found = if path.is_file() { "read" } else { "not found" };
+            // Which files were layered, then the result (the database password redacted), then
+            // what serve works out beyond the files.
+            for (path, read) in config_files(&cli.config_dir) {
+                let found = if read { "read" } else { "not found" };
                 eprintln!("{}: {found}", path.display());
             }
-            if let Ok(extra) = std::env::var("FLEETGATE_CONFIG") {
-                eprintln!("{extra}: read (FLEETGATE_CONFIG)");
-            }
             println!("{settings:#?}");
+            if let Some(filter) = std::env::var("RUST_LOG")
+                .ok()
+                .filter(|v| !v.trim().is_empty())
+            {
+                eprintln!("RUST_LOG={filter}: overrides log.level");
+            }
+            if settings.websocket.max_sockets == 0 {
+                let _ = startup::raise_open_file_limit();
+                eprintln!(
+                    "websocket.max_sockets = 0: serve would hold at most {} sockets (from the \
+                     open-file limit)",
+                    startup::socket_limit(&settings)
+                );
+            }
             Ok(())
         }
+    }
+}
+
+/// The configuration files layered from `dir` (and `FLEETGATE_CONFIG`), and whether each was
+/// there to read.
+fn config_files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, bool)> {
+    let mut files: Vec<_> = ["default.toml", "local.toml"]
+        .iter()
+        .map(|name| dir.join(name))
+        .collect();
+    files.extend(std::env::var_os("FLEETGATE_CONFIG").map(std::path::PathBuf::from));
+    files
+        .into_iter()
+        .map(|p| {
+            let read = p.is_file();
+            (p, read)
+        })
+        .collect()
+}
+
+/// Logs the files `serve` read its settings from, and warns when the default folder is not
+/// there (run from another directory, the gateway would otherwise run on built-in defaults
+/// without a word).
+fn log_config_files(dir: &std::path::Path) {
+    let read: Vec<String> = config_files(dir)
+        .into_iter()
+        .filter(|(_, read)| *read)
+        .map(|(p, _)| p.display().to_string())
+        .collect();
+    if dir.is_dir() {
+        tracing::info!(files = ?read, "configuration read");
+    } else {
+        let cwd = std::env::current_dir().unwrap_or_default();
+        tracing::warn!(
+            folder = %dir.display(),
+            cwd = %cwd.display(),
+            files = ?read,
+            "config folder not found: built-in defaults and the environment only \
+             (run from the repository, or pass --config-dir)"
+        );
     }
 }
 

@@ -303,6 +303,38 @@ fn misspelt_variable(vars: impl Iterator<Item = (String, String)>) -> Option<Str
     .next()
 }
 
+/// Refuses a log filter (`log.level`, or `RUST_LOG` which overrides it) that would quietly log
+/// nothing: a bare word is a target name to the filter, not a level, so `inf` would enable one
+/// target nobody uses and leave everything else, errors included, unlogged.
+pub fn check_filter(name: &str, value: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in value.split(',').map(str::trim) {
+        if !directive.is_empty()
+            && !directive.contains('=')
+            && !LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+        {
+            return Err(format!(
+                "{name} `{value}`: `{directive}` is not a level (trace, debug, info, warn, error, \
+                 off); name a module as `target=level`"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(value)
+        .map(drop)
+        .map_err(|e| format!("{name} `{value}`: {e}"))
+}
+
+/// Refuses a listen address that is not `host:port` with a port number, naming the setting
+/// (binding would otherwise fail later with the value alone).
+pub fn check_listen(name: &str, value: &str) -> Result<(), String> {
+    match value.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!(
+            "{name} `{value}`: not an address and port such as 0.0.0.0:8080 or [::]:8080"
+        )),
+    }
+}
+
 impl Settings {
     /// Loads the layered configuration from `dir` (normally `config/`) and the environment.
     pub fn load(dir: &Path) -> Result<Settings, config::ConfigError> {
@@ -327,23 +359,8 @@ impl Settings {
     /// Refuses values that would be accepted and then fail quietly: a log level that turns off
     /// every line, a URL of another database, sessions that expire as they are made.
     pub fn validate(&self) -> Result<(), String> {
-        const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-        for directive in self.log.level.split(',').map(str::trim) {
-            // A bare word is a target name to the filter, not a level: `inf` would enable
-            // one target nobody uses and leave everything else, errors included, unlogged.
-            if !directive.contains('=')
-                && !LEVELS.contains(&directive.to_ascii_lowercase().as_str())
-            {
-                return Err(format!(
-                    "log.level `{}`: `{directive}` is not a level (trace, debug, info, warn, \
-                     error, off); name a module as `target=level`",
-                    self.log.level
-                ));
-            }
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(format!("log.level `{}`: {e}", self.log.level));
-        }
+        check_filter("log.level", &self.log.level)?;
+        check_listen("server.listen", &self.server.listen)?;
         let url = self.database.url.to_ascii_lowercase();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(
@@ -362,7 +379,7 @@ impl Settings {
         let d = &self.database;
         let w = &self.websocket;
         let l = &self.listen;
-        let floors: [(&str, u64, u64); 14] = [
+        let floors: [(&str, u64, u64); 18] = [
             ("database.max_connections", d.max_connections.into(), 1),
             ("database.event_connections", d.event_connections.into(), 1),
             ("database.acquire_timeout_secs", d.acquire_timeout_secs, 1),
@@ -387,6 +404,18 @@ impl Settings {
             ),
             ("websocket.messages_burst", w.messages_burst.into(), 1),
             ("listen.probe_interval_ms", l.probe_interval_ms, 100),
+            ("listen.reconnect_min_ms", l.reconnect_min_ms, 1),
+            (
+                "api.login_attempts_per_login",
+                self.api.login_attempts_per_login.into(),
+                1,
+            ),
+            (
+                "api.login_attempts_per_address",
+                self.api.login_attempts_per_address.into(),
+                1,
+            ),
+            ("api.login_window_secs", self.api.login_window_secs, 1),
             ("listen.round_timeout_secs", l.round_timeout_secs, 1),
             (
                 "sessions.expiry_check_ms",
@@ -488,6 +517,39 @@ mod tests {
         let mut s = Settings::default();
         s.websocket.heartbeat_ms = 0;
         assert!(s.validate().is_err());
+        // Zeros the code used to raise to one without a word.
+        let mut s = Settings::default();
+        s.api.login_window_secs = 0;
+        assert_eq!(
+            s.validate(),
+            Err("api.login_window_secs = 0: must be at least 1".into())
+        );
+        let mut s = Settings::default();
+        s.api.login_attempts_per_login = 0;
+        assert!(s.validate().is_err());
+        let mut s = Settings::default();
+        s.listen.reconnect_min_ms = 0;
+        assert!(s.validate().is_err());
+        // An address serve could not bind is refused naming the setting.
+        for listen in ["notanaddress", "127.0.0.1:99999", ":8080", "127.0.0.1:"] {
+            let mut s = Settings::default();
+            s.server.listen = listen.into();
+            let e = s.validate().expect_err(listen);
+            assert!(e.starts_with("server.listen"), "{e}");
+        }
+        for listen in ["0.0.0.0:8080", "[::]:8080", "localhost:80"] {
+            let mut s = Settings::default();
+            s.server.listen = listen.into();
+            assert_eq!(s.validate(), Ok(()), "{listen}");
+        }
+    }
+
+    #[test]
+    fn rust_log_gets_the_log_level_check() {
+        assert_eq!(check_filter("RUST_LOG", "debug,hyper=info"), Ok(()));
+        let e = check_filter("RUST_LOG", "inf").expect_err("inf");
+        assert!(e.starts_with("RUST_LOG `inf`"), "{e}");
+        assert!(check_filter("RUST_LOG", "sqlx=loud").is_err());
     }
 
     #[test]

@@ -17,6 +17,13 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let settings = Settings::load(&cli.config_dir)?;
+    // RUST_LOG overrides log.level: it gets the same check.
+    if let Some(filter) = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+    {
+        fleetgate::config::check_filter("RUST_LOG", &filter).map_err(anyhow::Error::msg)?;
+    }
     telemetry::init(&settings.log, std::io::stderr);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -80,19 +80,30 @@ fn connections_per_worker(max_sockets: usize) -> usize {
 
 /// The process's socket limit: `websocket.max_sockets`, or for 0 the open-file limit less a
 /// reserve (see [`slots::automatic_max`]); no limit if the open-file limit cannot be read.
-fn socket_limit(settings: &Settings) -> usize {
-    if settings.websocket.max_sockets > 0 {
-        return settings.websocket.max_sockets;
-    }
+pub fn socket_limit(settings: &Settings) -> usize {
     let db = settings.database.max_connections + settings.database.event_connections + 1;
-    match rlimit::Resource::NOFILE.get() {
+    let automatic = match rlimit::Resource::NOFILE.get() {
         Ok((soft, _)) if soft != rlimit::INFINITY => slots::automatic_max(soft, u64::from(db)),
         Ok(_) => 0,
         Err(e) => {
             tracing::warn!(error = %e, "could not read the open-file limit: sockets not limited");
             0
         }
+    };
+    let set = settings.websocket.max_sockets;
+    if set > 0 {
+        if automatic > 0 && set > automatic {
+            tracing::warn!(
+                max_sockets = set,
+                open_file_limit_allows = automatic,
+                "websocket.max_sockets is above what the open-file limit allows: past that, \
+                 new connections (HTTP and database ones included) fail for want of \
+                 descriptors instead of sockets being refused with code 15"
+            );
+        }
+        return set;
     }
+    automatic
 }
 
 /// Below this open-file limit the gateway warns at start-up: each socket takes a descriptor.

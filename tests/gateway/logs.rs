@@ -128,6 +128,25 @@ async fn a_text_log_to_a_file_has_no_colour_codes() {
     let text = logged.text();
     assert!(text.contains("listening"), "{text}");
     assert!(!text.contains('\u{1b}'), "escape codes in a file: {text:?}");
+    // Which files the settings came from.
+    assert!(
+        text.contains("configuration read") && text.contains("default.toml"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_rust_log_that_would_log_nothing_is_refused() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .arg("--config-dir")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+        .arg("check-config")
+        .env("RUST_LOG", "inf")
+        .output()
+        .expect("run fleetgate check-config");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("RUST_LOG `inf`"), "{stderr}");
 }
 
 #[tokio::test]
