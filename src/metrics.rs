@@ -19,6 +19,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::ws::slots::Refused;
+
 /// The content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -307,8 +309,8 @@ impl Metrics {
             open_sockets.clone(),
         );
         let refused = Family::<[(&'static str, &'static str); 1], Counter>::default();
-        let sockets_refused =
-            ["process", "address"].map(|limit| refused.get_or_create_owned(&[("limit", limit)]));
+        let sockets_refused = [Refused::Full, Refused::Address]
+            .map(|limit| refused.get_or_create_owned(&[("limit", limit.label())]));
         registry.register(
             "sockets_refused",
             "WebSocket upgrades refused at the process's socket limit or at one address's",
@@ -615,5 +617,43 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
+    }
+
+    #[test]
+    fn the_readme_lists_every_metric_and_only_those() {
+        let readme = include_str!("../README.md");
+        let table = readme
+            .split_once("`GET /metrics` exposes")
+            .and_then(|(_, rest)| rest.split_once("## Commands"))
+            .map(|(table, _)| table)
+            .expect("README's metrics table");
+        // First column: `name`, `name{label}`, … (names without the prefix).
+        let mut listed: Vec<String> = table
+            .lines()
+            .filter_map(|l| l.strip_prefix("| `"))
+            .filter_map(|l| l.split(" |").next())
+            .flat_map(|cell| cell.split(", "))
+            .map(|n| {
+                let n = n.trim_matches('`');
+                format!("fleetgate_{}", n.split('{').next().unwrap_or(n))
+            })
+            .collect();
+        listed.sort();
+        let text = Metrics::new().render(Sample::default());
+        // `# TYPE name type`; OpenMetrics names counters without `_total` there.
+        let mut exposed: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| {
+                let (name, kind) = l.split_once(' ')?;
+                Some(match kind {
+                    "counter" => format!("{name}_total"),
+                    _ => name.to_string(),
+                })
+            })
+            .collect();
+        exposed.sort();
+        assert!(exposed.len() >= 19, "{exposed:?}");
+        assert_eq!(listed, exposed);
     }
 }

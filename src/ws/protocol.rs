@@ -165,6 +165,17 @@ impl ProtoError {
     pub fn db_unavailable() -> Self {
         Self::new(14, "Database is unavailable, try again")
     }
+    /// A failed read while answering `what`, logged as the HTTP API logs it: unavailability
+    /// (code 14, the client may retry) at warn, anything else (code 6) at error.
+    pub fn db(what: &str, e: &sqlx::Error) -> Self {
+        if crate::db::is_unavailable(e) {
+            tracing::warn!(error = %e, "{what}: database unavailable");
+            Self::db_unavailable()
+        } else {
+            tracing::error!(error = %e, "{what} failed");
+            Self::unexpected()
+        }
+    }
     pub fn rate_limited() -> Self {
         Self::new(15, "Too many requests (rate limit exceeded)")
     }

@@ -28,7 +28,7 @@ use super::slots::Slot;
 use super::writer::{self, Writer};
 use crate::access;
 use crate::batch::{BatchGroup, GroupKey, GroupKind, Scope, Target};
-use crate::db::{self, queries};
+use crate::db::queries;
 use crate::http::error::ApiError;
 use crate::hub::{ConnId, Outbox, Outgoing, TrackerFacts};
 use crate::metrics::{FrameKind, SentTally};
@@ -75,7 +75,7 @@ pub async fn subscription(
                 tracing::warn!(
                     %address,
                     open = state.sockets.open(),
-                    limit = ?refused,
+                    limit = refused.label(),
                     "WebSocket refused: socket limit reached (see fleetgate_sockets_refused_total)"
                 );
             }
@@ -334,8 +334,9 @@ impl Connection {
         let idle = self.app.settings.websocket.idle_timeout();
         let max_frame = self.app.settings.websocket.max_frame_bytes;
         if let Some(hs) = self.transport.handshake(heartbeat.as_millis() as u64) {
-            if self.ws.text(hs).await.is_err() {
-                return Stop::Gone;
+            match self.ws.text(hs).await {
+                Ok(len) => self.sent.frame(FrameKind::Other, len),
+                Err(_) => return Stop::Gone,
             }
         }
         let mut shutdown = self.app.shutdown.clone();
@@ -583,11 +584,7 @@ impl Connection {
                     hub.unregister_session(&hash, self.id);
                 }
                 let e = match other {
-                    Err(e) if db::is_unavailable(&e) => ProtoError::db_unavailable(),
-                    Err(e) => {
-                        tracing::error!(error = %e, "session lookup failed");
-                        ProtoError::unexpected()
-                    }
+                    Err(e) => ProtoError::db("session lookup", &e),
                     Ok(_) => ProtoError::session_not_found(),
                 };
                 self.send_error(action, &e, Some(&msg.echo)).await?;
@@ -670,12 +667,7 @@ impl Connection {
                 hub.unsubscribe(self.id, &added);
                 // A session this socket took up for this request alone is not kept.
                 self.release_idle_sessions();
-                let err = if db::is_unavailable(&e) {
-                    ProtoError::db_unavailable()
-                } else {
-                    tracing::error!(error = %e, "subscribe query failed");
-                    ProtoError::unexpected()
-                };
+                let err = ProtoError::db("subscribe query", &e);
                 return self.send_error(action, &err, Some(&msg.echo)).await;
             }
         };
@@ -790,12 +782,7 @@ impl Connection {
                     shared_slot.get_or_insert_with(|| j.group.clone());
                     first_batches.extend(j.first_batch);
                 }
-                Err(e) => batch_results.push(Err(if db::is_unavailable(&e) {
-                    ProtoError::db_unavailable()
-                } else {
-                    tracing::error!(error = %e, "state_batch join failed");
-                    ProtoError::unexpected()
-                })),
+                Err(e) => batch_results.push(Err(ProtoError::db("batch join", &e))),
             }
         }
 
@@ -806,6 +793,8 @@ impl Connection {
         // share it (a success wins, status maps are merged).
         let mut per_type: Vec<(String, Result<StatusMap, ProtoError>)> = Vec::new();
         let mut map = Some(map);
+        let batches_joined = batch_results.iter().filter(|r| r.is_ok()).count();
+        let batches_refused = batch_results.len() - batches_joined;
         let mut batch_results = batch_results.into_iter();
         for item in &msg.items {
             let result = match item {
@@ -890,6 +879,8 @@ impl Connection {
         tracing::info!(
             session = session_tag(&hash),
             trackers = order.len(),
+            batches_joined,
+            batches_refused,
             took_ms = started.elapsed().as_millis() as u64,
             "subscribed"
         );

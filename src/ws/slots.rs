@@ -26,6 +26,16 @@ pub enum Refused {
     Address = 1,
 }
 
+impl Refused {
+    /// The `limit` label of `fleetgate_sockets_refused_total`, and the log's word for it.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refused::Full => "process",
+            Refused::Address => "address",
+        }
+    }
+}
+
 pub struct SocketSlots {
     max: usize,
     per_address: u32,
