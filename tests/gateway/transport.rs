@@ -153,6 +153,23 @@ async fn atmosphere_with_track_message_size_prefixes_every_frame() {
 }
 
 #[tokio::test]
+async fn the_atmosphere_handshake_is_counted_as_a_frame_sent() {
+    use fleetgate::metrics::FrameKind;
+    let app = spawn_app().await;
+    let url = format!("{}?{ATMOSPHERE_QUERY_UNTRACKED}", app.ws_url());
+    let mut ws = connect_raw(&url).await;
+    assert_handshake(&next_text(&mut ws).await, 30_000);
+    ws.send(Message::Text(subscribe_101())).await.unwrap();
+    next_non_heartbeat(&mut ws, "X").await;
+    // The response and the state, and before them the handshake (no heartbeat is due yet).
+    app.until("the handshake counted", || {
+        app.hub.metrics.frames_sent(FrameKind::Other) == 1
+            && app.hub.metrics.frames_sent(FrameKind::Response) == 1
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn atmosphere_without_track_message_size_sends_bare_frames() {
     let app = spawn_app_with(|s| s.websocket.heartbeat_ms = 200).await;
     let url = format!("{}?{ATMOSPHERE_QUERY_UNTRACKED}", app.ws_url());
