@@ -1159,19 +1159,14 @@ impl Hub {
         entry.conns.len()
     }
 
-    /// Logs out every session whose expiry has passed; returns how many.
-    pub fn expire_sessions(&self, now: DateTime<Utc>) -> usize {
-        let expired: Vec<Arc<str>> = self
-            .sessions
+    /// The sessions whose expiry, as this process last read it, has passed: the expiry checker
+    /// asks the database about them before it logs any out (`listen::expire_due`).
+    pub fn sessions_due(&self, now: DateTime<Utc>) -> Vec<String> {
+        self.sessions
             .iter()
             .filter(|e| e.expires_at <= now)
-            .map(|e| e.key().clone())
-            .collect();
-        expired
-            .iter()
-            .map(|h| self.logout(h))
-            .filter(|n| *n > 0)
-            .count()
+            .map(|e| e.key().to_string())
+            .collect()
     }
 }
 

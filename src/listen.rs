@@ -814,9 +814,15 @@ async fn read_states(
     Ok((states, compact_states))
 }
 
-/// Logs out the sessions among `hashes` that ended, and refreshes the expiry of the others.
-async fn check_sessions(pool: &PgPool, hub: &Hub, hashes: Vec<String>) -> Result<(), sqlx::Error> {
+/// Logs out the sessions among `hashes` that ended, and refreshes the expiry of the others;
+/// returns how many were logged out.
+async fn check_sessions(
+    pool: &PgPool,
+    hub: &Hub,
+    hashes: Vec<String>,
+) -> Result<usize, sqlx::Error> {
     let rows = queries::sessions(pool, &hashes).await?;
+    let mut ended = 0;
     let mut live: HashMap<&str, &queries::SessionRow> = HashMap::new();
     for row in &rows {
         if row.live {
@@ -829,6 +835,7 @@ async fn check_sessions(pool: &PgPool, hub: &Hub, hashes: Vec<String>) -> Result
             None => {
                 let n = hub.logout(hash);
                 if n > 0 {
+                    ended += 1;
                     tracing::info!(
                         session = crate::telemetry::session_tag(hash),
                         sockets = n,
@@ -838,7 +845,7 @@ async fn check_sessions(pool: &PgPool, hub: &Hub, hashes: Vec<String>) -> Result
             }
         }
     }
-    Ok(())
+    Ok(ended)
 }
 
 /// Compares everything the hub holds with the tables and publishes the differences.
@@ -926,23 +933,58 @@ pub async fn resync(pool: &PgPool, hub: &Arc<Hub>) -> Result<(), sqlx::Error> {
 
 /// Logs out sessions whose expiry time has passed, every `expiry_check_ms`.
 pub async fn run_expiry(
+    pool: PgPool,
     hub: Arc<Hub>,
     settings: SessionSettings,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(settings.expiry_check_ms.max(10)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                let n = hub.expire_sessions(Utc::now());
-                if n > 0 {
-                    tracing::info!(sessions = n, "sessions expired: logout sent");
-                }
-            }
+            _ = tick.tick() => {}
             _ = shutdown.changed() => return,
         }
+        let check =
+            tokio::time::timeout(EXPIRY_CONFIRM_TIMEOUT, expire_due(&pool, &hub, Utc::now()));
+        let result = tokio::select! {
+            r = check => r,
+            _ = shutdown.changed() => return,
+        };
+        match result {
+            Ok(Ok(_)) => failing = false,
+            Ok(Err(e)) if !failing => {
+                failing = true;
+                tracing::warn!(error = %e, "could not confirm that sessions expired: logout deferred");
+            }
+            Err(_) if !failing => {
+                failing = true;
+                tracing::warn!("could not confirm that sessions expired (the database did not answer): logout deferred");
+            }
+            _ => {}
+        }
     }
+}
+
+/// How long the expiry checker waits for the database to confirm an expiry.
+const EXPIRY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Ends the sessions whose expiry has passed by the hub's record of it, once the database
+/// confirms it: an expiry moved meanwhile (by an operator, or by another gateway's writer while
+/// this process could not hear of it) keeps the session, with its new expiry. When the database
+/// cannot be asked, nothing is ended: a session is never logged out on a guess (and without the
+/// database no state reaches its sockets either). Returns how many sessions were logged out.
+pub async fn expire_due(
+    pool: &PgPool,
+    hub: &Hub,
+    now: chrono::DateTime<Utc>,
+) -> Result<usize, sqlx::Error> {
+    let due = hub.sessions_due(now);
+    if due.is_empty() {
+        return Ok(0);
+    }
+    check_sessions(pool, hub, due).await
 }
 
 /// Revoked grants `(user, tracker)`: every socket that watches one of those trackers under a live

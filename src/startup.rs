@@ -206,6 +206,7 @@ impl Application {
         let tasks = vec![
             events,
             tokio::spawn(listen::run_expiry(
+                pool.clone(),
                 hub.clone(),
                 settings.sessions.clone(),
                 shutdown_rx.clone(),

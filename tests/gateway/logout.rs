@@ -146,7 +146,47 @@ async fn a_failed_resubscribe_keeps_the_session_expiry() {
     // ... and must not have made the session immortal: an expiry check as of the day after its
     // expiry (one day from now) still ends it.
     let later = chrono::Utc::now() + chrono::Duration::days(2);
-    assert_eq!(app.hub.expire_sessions(later), 1);
+    assert_eq!(app.hub.sessions_due(later), vec![ACME.to_string()]);
+}
+
+#[tokio::test]
+async fn an_expiry_is_confirmed_with_the_database_before_the_logout() {
+    use fleetgate::listen::expire_due;
+    // Only the checks below run (the process's own checker would race them).
+    let app = spawn_app_with(|s| s.sessions.expiry_check_ms = 3_600_000).await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101], 1).await;
+    // The process's record says the session has expired (as when its expiry was moved while
+    // this process could not hear of it); the database says it lives a day more.
+    let past = chrono::Utc::now() - chrono::Duration::seconds(5);
+    app.hub.set_session_expiry(ACME, past);
+    let now = chrono::Utc::now();
+    assert_eq!(
+        expire_due(&app.pool, &app.hub, now).await.expect("check"),
+        0
+    );
+    // The record now holds the database's expiry: nothing is due any more.
+    assert!(app.hub.sessions_due(now).is_empty());
+    // When the database cannot say, nothing is ended either.
+    app.hub.set_session_expiry(ACME, past);
+    app.exec("ALTER TABLE sessions RENAME TO sessions_away")
+        .await;
+    let failed = expire_due(&app.pool, &app.hub, now).await;
+    app.exec("ALTER TABLE sessions_away RENAME TO sessions")
+        .await;
+    assert!(failed.is_err());
+    assert_eq!(app.hub.sessions_due(now), vec![ACME.to_string()]);
+    // The socket still works: a change arrives.
+    app.set_speed(&[101], 42).await;
+    let (state, _) = c
+        .recv_until(|v| v["event"] == "state" && v["data"]["gps"]["speed"] == 42)
+        .await;
+    assert!(state["data"]["source_id"].is_number(), "{state}");
+    // Once the database agrees that it has ended, the logout goes.
+    app.exec(&format!(
+        "UPDATE sessions SET expires_at = now() - interval '1 second' WHERE hash = '{ACME}'"
+    ))
+    .await;
     assert_logout_then_close(&mut c).await;
 }
 
