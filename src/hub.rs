@@ -585,6 +585,9 @@ pub struct Hub {
     /// An event task ended before shutdown (see `startup::spawn_event_thread`): the stream stays
     /// down whatever the LISTEN connection reports.
     events_stopped: AtomicBool,
+    /// The event processor has caught up: a resync finished, and no round since failed or was
+    /// given up (reported by `/ready`).
+    caught_up: AtomicBool,
     pub stats: HubStats,
     pub batches: Batches,
     /// Prometheus metrics; the hot paths only touch its atomics.
@@ -621,8 +624,21 @@ impl Hub {
         self.events_stopped.store(true, Ordering::Release);
     }
 
+    /// A stream that goes down leaves the processor behind until its resync has run.
     pub fn set_stream_up(&self, up: bool) {
         self.stream_up.store(up, Ordering::Release);
+        if !up {
+            self.set_caught_up(false);
+        }
+    }
+
+    /// Whether the event processor has caught up (see the field).
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Acquire)
+    }
+
+    pub fn set_caught_up(&self, current: bool) {
+        self.caught_up.store(current, Ordering::Release);
     }
 
     // --- subscriptions -------------------------------------------------------------------------

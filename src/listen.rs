@@ -97,6 +97,25 @@ pub struct Pending {
 }
 
 impl Pending {
+    /// The lifecycle changes alone (a copy; usually empty, so nearly free).
+    fn lifecycle_copy(&self) -> Pending {
+        Pending {
+            lifecycle: self.lifecycle.clone(),
+            lifecycle_ranges: self.lifecycle_ranges.clone(),
+            ..Pending::default()
+        }
+    }
+
+    /// Adds `other`'s lifecycle changes to these.
+    fn add_lifecycle(&mut self, other: Pending) {
+        self.lifecycle.extend(other.lifecycle);
+        self.lifecycle_ranges.extend(other.lifecycle_ranges);
+    }
+
+    fn has_lifecycle(&self) -> bool {
+        !self.lifecycle.is_empty() || !self.lifecycle_ranges.is_empty()
+    }
+
     fn is_empty(&self) -> bool {
         self.state_ids.is_empty()
             && self.readings_ids.is_empty()
@@ -317,6 +336,11 @@ pub async fn run_listener(
                 .connect_with(options.application_name(LISTEN_APPLICATION_NAME))
                 .await?;
             let mut l = PgListener::connect_with(&pool).await?;
+            // A lost connection is reported at once: by default sqlx first reconnects, and
+            // retries a refused or shutting-down server for the pool's acquire timeout, so a
+            // stopped server read as up for seconds (until the probe gave up). This loop
+            // reconnects itself, and LISTENs again before its resync.
+            l.eager_reconnect(false);
             apply_tcp_settings(&mut l).await;
             l.listen(CHANNEL).await?;
             Ok::<_, sqlx::Error>(l)
@@ -430,6 +454,12 @@ pub async fn run_processor(
     let round_timeout = Duration::from_secs(settings.round_timeout_secs.max(1));
     let mut limit = round_timeout;
     let mut pool = pool;
+    // Lifecycle changes notified to rounds that did not finish, and to resyncs. A resync reads
+    // where things stand, which would fold a block and the unblock after it into nothing
+    // (PROTOCOL.md §5: lifecycle events are never dropped): they were notified one by one, so
+    // they are published one by one, ahead of the next round, until a round finishes. (Each
+    // is published once: the hub skips a change number it has seen.)
+    let mut carried = Pending::default();
     loop {
         let pending = tokio::select! {
             p = inbox.take() => p,
@@ -437,7 +467,18 @@ pub async fn run_processor(
         };
         hub.metrics
             .round_started(pending.notified_at.unwrap_or_else(Instant::now));
+        let kept = if pending.resync {
+            carried.add_lifecycle(pending.lifecycle_copy());
+            Pending::default()
+        } else {
+            pending.lifecycle_copy()
+        };
+        let earlier = carried.has_lifecycle().then(|| carried.lifecycle_copy());
+        let resyncs = pending.resync;
         let round = async {
+            if let Some(earlier) = earlier {
+                process(&pool, &hub, earlier, None).await?;
+            }
             if pending.resync {
                 resync(&pool, &hub).await
             } else {
@@ -460,6 +501,7 @@ pub async fn run_processor(
                  a resync on new ones follows"
             );
             hub.metrics.rounds_abandoned.inc();
+            hub.set_caught_up(false);
             let fresh = pool
                 .options()
                 .clone()
@@ -469,18 +511,25 @@ pub async fn run_processor(
                 let _ = tokio::time::timeout(Duration::from_secs(5), old.close()).await;
             });
             inbox.update(|p| p.resync = true);
+            carried.add_lifecycle(kept);
             limit = (limit * 2).min(round_timeout * 8);
             continue;
         };
         match result {
             Ok(()) => {
+                carried = Pending::default();
+                if resyncs {
+                    hub.set_caught_up(true);
+                }
                 backoff = Duration::from_millis(settings.reconnect_min_ms.max(1));
                 quick_retries = 0;
                 limit = round_timeout;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "event processing failed; will resync");
+                hub.set_caught_up(false);
                 inbox.update(|p| p.resync = true);
+                carried.add_lifecycle(kept);
                 // The processor's connections are not tested before use: after the server
                 // dropped them all (a restart, a failover), each failed one round. With the
                 // LISTEN connection up again the server answers, so the resync goes again at

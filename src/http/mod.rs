@@ -130,26 +130,30 @@ pub async fn health() -> HttpResponse {
 /// What `/ready` reports.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ReadyBody {
-    /// `database` and `listen_stream` both hold: events are flowing.
+    /// `database`, `listen_stream` and `events_current` all hold: events are flowing.
     pub ready: bool,
     /// A `SELECT 1` on the pool answered within 2 s.
     pub database: bool,
     /// The LISTEN connection is up.
     pub listen_stream: bool,
+    /// The event processor has caught up: false from a lost stream, or a round of reads that
+    /// failed or was given up (`listen.round_timeout_secs`), until the resync after it has run.
+    pub events_current: bool,
     /// Sessions held by this process's sockets.
     pub sockets_sessions: usize,
     /// Trackers that at least one socket of this process watches.
     pub watched_trackers: usize,
 }
 
-/// `GET /ready`: the database answers and the LISTEN stream is up (readiness).
+/// `GET /ready`: the database answers, the LISTEN stream is up and the event processor has
+/// caught up (readiness).
 #[utoipa::path(
     get,
     path = "/ready",
     tag = "operations",
     responses(
         (status = 200, description = "Ready: events are flowing (HEAD works too)", body = ReadyBody),
-        (status = 503, description = "Not ready: the database or the LISTEN stream is down", body = ReadyBody),
+        (status = 503, description = "Not ready: the database or the LISTEN stream is down, or the event processor is behind", body = ReadyBody),
     )
 )]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
@@ -162,10 +166,12 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         .await,
         Ok(Ok(_))
     );
+    let current = state.hub.caught_up();
     let body = ReadyBody {
-        ready: stream && db,
+        ready: stream && db && current,
         database: db,
         listen_stream: stream,
+        events_current: current,
         sockets_sessions: state.hub.session_count(),
         watched_trackers: state.hub.tracker_count(),
     };

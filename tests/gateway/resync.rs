@@ -333,13 +333,16 @@ async fn pump(
     }
 }
 
-#[tokio::test]
-async fn a_read_on_a_connection_that_went_silent_is_abandoned_and_the_event_still_arrives() {
+/// A gateway whose database connections go through a [`FreezingProxy`], with rounds given up
+/// after a second and one processor connection (the next round needs the frozen one, whether
+/// it froze in its query or in the check the pool makes as each connection comes back to it).
+/// None where `DATABASE_URL` names a Unix socket (the proxy needs TCP).
+async fn spawn_behind_a_proxy() -> Option<(FreezingProxy, TestApp)> {
     let direct: sqlx::postgres::PgConnectOptions = server_url().parse().expect("DATABASE_URL");
     let upstream = (direct.get_host().to_string(), direct.get_port());
     if upstream.0.starts_with('/') {
         eprintln!("skipped: DATABASE_URL names a Unix socket; the proxy needs TCP");
-        return;
+        return None;
     }
     let proxy = FreezingProxy::start(upstream.clone()).await;
     let authority = format!("{}:{}", upstream.0, upstream.1);
@@ -354,11 +357,17 @@ async fn a_read_on_a_connection_that_went_silent_is_abandoned_and_the_event_stil
         let sep = if url.contains('?') { '&' } else { '?' };
         s.database.url = format!("{url}{sep}sslmode=disable");
         s.listen.round_timeout_secs = 1;
-        // One connection: the next round needs the frozen one, whether it froze in its query
-        // or in the check the pool makes as each connection comes back to it.
         s.database.event_connections = 1;
     })
     .await;
+    Some((proxy, app))
+}
+
+#[tokio::test]
+async fn a_read_on_a_connection_that_went_silent_is_abandoned_and_the_event_still_arrives() {
+    let Some((proxy, app)) = spawn_behind_a_proxy().await else {
+        return;
+    };
     let mut c = app.connect().await;
     c.subscribe_and_states(ACME, &[101], 1).await;
     // The processor has its connections open: a change goes through them.
@@ -374,6 +383,139 @@ async fn a_read_on_a_connection_that_went_silent_is_abandoned_and_the_event_stil
     // And the processor works on after it.
     app.set_speed(&[101], 33).await;
     c.recv_until(|v| is_state_with_speed(v, 101, 33)).await;
+}
+
+#[tokio::test]
+async fn a_block_and_its_unblock_notified_to_an_abandoned_round_both_arrive() {
+    let Some((proxy, app)) = spawn_behind_a_proxy().await else {
+        return;
+    };
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101], 1).await;
+    app.set_speed(&[101], 31).await;
+    c.recv_until(|v| is_state_with_speed(v, 101, 31)).await;
+
+    proxy.freeze();
+    // Both are notified while the round reading the first hangs; the round is given up and a
+    // resync follows, which alone would find the tracker as it was and say nothing.
+    app.exec("UPDATE trackers SET blocked = true WHERE id = 101")
+        .await;
+    app.exec("UPDATE trackers SET blocked = false WHERE id = 101")
+        .await;
+    let is = |v: &serde_json::Value, what: &str| {
+        v["tracker_id"] == 101 && v["data"]["lifecycle_event"] == what
+    };
+    c.recv_until(|v| is(v, "block")).await;
+    c.recv_until(|v| is(v, "unblock")).await;
+    assert!(app.hub.metrics.rounds_abandoned.get() >= 1);
+    // And the tracker's states flow again.
+    app.set_speed(&[101], 34).await;
+    c.recv_until(|v| is_state_with_speed(v, 101, 34)).await;
+}
+
+/// A TCP proxy to the database that can be cut: every connection through it closed and the
+/// port closed, so that connecting is refused, as when the server stops.
+struct CuttingProxy {
+    port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl CuttingProxy {
+    async fn start(upstream: (String, u16)) -> CuttingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let (cut, mut watch) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            loop {
+                let (mut client, _) = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok(c) => c,
+                        Err(_) => return,
+                    },
+                    _ = watch.changed() => return,
+                };
+                let Ok(mut server) = tokio::net::TcpStream::connect(upstream.clone()).await else {
+                    continue;
+                };
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = watch.changed() => {}
+                    }
+                });
+            }
+        });
+        CuttingProxy { port, cut }
+    }
+
+    fn cut(&self) {
+        let _ = self.cut.send(true);
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_stops_is_seen_at_once() {
+    let direct: sqlx::postgres::PgConnectOptions = server_url().parse().expect("DATABASE_URL");
+    let upstream = (direct.get_host().to_string(), direct.get_port());
+    if upstream.0.starts_with('/') {
+        eprintln!("skipped: DATABASE_URL names a Unix socket; the proxy needs TCP");
+        return;
+    }
+    let proxy = CuttingProxy::start(upstream.clone()).await;
+    let authority = format!("{}:{}", upstream.0, upstream.1);
+    let port = proxy.port;
+    let app = spawn_app_with(|s| {
+        s.database.url = s
+            .database
+            .url
+            .replacen(&authority, &format!("127.0.0.1:{port}"), 1);
+        // The probe would notice too, at its next tick: not within this test.
+        s.listen.probe_interval_ms = 3_600_000;
+    })
+    .await;
+    app.wait_ready().await;
+    proxy.cut();
+    // The connection's end is the news: no reconnecting to a server that refuses first
+    // (sqlx's default, which kept `listen_stream` true for up to its acquire timeout).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    app.until("the stream reported down", || !app.hub.stream_up())
+        .await;
+    assert!(std::time::Instant::now() < deadline);
+}
+
+#[tokio::test]
+async fn ready_says_so_while_the_event_processor_cannot_read() {
+    let app = spawn_app().await;
+    let ready = || async {
+        let (code, body) = app.get("/ready").await;
+        let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        (code, v["events_current"].clone())
+    };
+    assert_eq!(ready().await, (200, true.into()));
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101], 1).await;
+    // The change is notified, but the processor's read of it fails (the table it reads is
+    // away for a while): the database answers and the stream is up, yet nothing is delivered.
+    app.exec(
+        "ALTER TABLE tracker_states RENAME TO tracker_states_away; \
+         UPDATE tracker_states_away SET speed = 61 WHERE tracker_id = 101",
+    )
+    .await;
+    eventually("/ready to say the processor is behind", || async {
+        ready().await == (503, false.into())
+    })
+    .await;
+    app.exec("ALTER TABLE tracker_states_away RENAME TO tracker_states")
+        .await;
+    // The resync delivers the change, and the gateway is ready again.
+    c.recv_until(|v| is_state_with_speed(v, 101, 61)).await;
+    eventually("/ready to recover", || async {
+        ready().await == (200, true.into())
+    })
+    .await;
 }
 
 #[tokio::test]
