@@ -351,8 +351,9 @@ pub async fn list_api_keys(pool: &PgPool) -> Result<Vec<queries::OperatorKeyRow>
 }
 
 /// Whether `key` is a live operator key.
-pub async fn check_api_key(pool: &PgPool, key: &str) -> Result<bool> {
-    Ok(queries::operator_key_valid(pool, &key_hash(key)).await?)
+/// The id of the operator key `key` (as `api-key list` shows it), if it is valid.
+pub async fn check_api_key(pool: &PgPool, key: &str) -> Result<Option<i64>> {
+    Ok(queries::operator_key_id(pool, &key_hash(key)).await?)
 }
 
 #[cfg(test)]

@@ -527,14 +527,12 @@ pub async fn insert_operator_key(
         .await
 }
 
-/// Whether a non-revoked key has this hash.
-pub async fn operator_key_valid(pool: &PgPool, key_hash: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM operator_keys WHERE key_hash = $1 AND revoked_at IS NULL)",
-    )
-    .bind(key_hash)
-    .fetch_one(pool)
-    .await
+/// The id of the non-revoked key with this hash, if there is one.
+pub async fn operator_key_id(pool: &PgPool, key_hash: &str) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar("SELECT id FROM operator_keys WHERE key_hash = $1 AND revoked_at IS NULL")
+        .bind(key_hash)
+        .fetch_optional(pool)
+        .await
 }
 
 pub async fn revoke_operator_key(pool: &PgPool, id: i64) -> Result<bool, sqlx::Error> {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, ErrorBody};
-use super::params::{de, OperatorParams, Params};
+use super::params::{de, OperatorKey, OperatorParams, Params};
 use super::user::SuccessResponse;
 use crate::service::{self, NewUser, TrackerOp, UserRef};
 use crate::startup::AppState;
@@ -101,11 +101,13 @@ pub struct CountResponse {
 async fn tracker_op(
     state: web::Data<AppState>,
     params: Params,
+    key: OperatorKey,
     op: TrackerOp,
 ) -> Result<HttpResponse, ApiError> {
     let p: TrackerRequest = params.parse()?;
     service::tracker_op(&state.pool, p.tracker_id, op).await?;
     tracing::info!(
+        operator_key = key.0,
         tracker = p.tracker_id,
         "operator API: tracker {}",
         op.done()
@@ -126,9 +128,9 @@ async fn tracker_op(
 )]
 pub async fn tracker_block(
     state: web::Data<AppState>,
-    OperatorParams(params): OperatorParams,
+    OperatorParams(params, key): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
-    tracker_op(state, params, TrackerOp::Block).await
+    tracker_op(state, params, key, TrackerOp::Block).await
 }
 
 /// Unblocks a tracker: its subscribers get `unblock`, then its current state.
@@ -144,9 +146,9 @@ pub async fn tracker_block(
 )]
 pub async fn tracker_unblock(
     state: web::Data<AppState>,
-    OperatorParams(params): OperatorParams,
+    OperatorParams(params, key): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
-    tracker_op(state, params, TrackerOp::Unblock).await
+    tracker_op(state, params, key, TrackerOp::Unblock).await
 }
 
 /// Removes a tracker: its subscribers get a `corrupt` lifecycle event.
@@ -162,9 +164,9 @@ pub async fn tracker_unblock(
 )]
 pub async fn tracker_remove(
     state: web::Data<AppState>,
-    OperatorParams(params): OperatorParams,
+    OperatorParams(params, key): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
-    tracker_op(state, params, TrackerOp::Remove).await
+    tracker_op(state, params, key, TrackerOp::Remove).await
 }
 
 /// Ends a session: its sockets get `logout`.
@@ -180,11 +182,12 @@ pub async fn tracker_remove(
 )]
 pub async fn session_revoke(
     state: web::Data<AppState>,
-    OperatorParams(params): OperatorParams,
+    OperatorParams(params, key): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
     let p: SessionRevokeRequest = params.parse()?;
     service::revoke_session(&state.pool, &p.session_hash).await?;
     tracing::info!(
+        operator_key = key.0,
         session = crate::telemetry::session_tag(&p.session_hash),
         "operator API: session revoked"
     );
@@ -194,11 +197,13 @@ pub async fn session_revoke(
 async fn user_blocked(
     state: web::Data<AppState>,
     params: Params,
+    key: OperatorKey,
     blocked: bool,
 ) -> Result<HttpResponse, ApiError> {
     let p: UserRequest = params.parse()?;
     let user = service::set_user_blocked(&state.pool, &p.user()?, blocked).await?;
     tracing::info!(
+        operator_key = key.0,
         user = user.id,
         blocked,
         "operator API: user blocked flag set"
@@ -220,9 +225,9 @@ async fn user_blocked(
 )]
 pub async fn user_block(
     state: web::Data<AppState>,
-    OperatorParams(params): OperatorParams,
+    OperatorParams(params, key): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
-    user_blocked(state, params, true).await
+    user_blocked(state, params, key, true).await
 }
 
 /// Unblocks a user (its ended sessions stay ended: it logs in again).
@@ -238,9 +243,9 @@ pub async fn user_block(
 )]
 pub async fn user_unblock(
     state: web::Data<AppState>,
-    OperatorParams(params): OperatorParams,
+    OperatorParams(params, key): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
-    user_blocked(state, params, false).await
+    user_blocked(state, params, key, false).await
 }
 
 /// Creates a master account, or a sub-user of one (it then sees only the trackers granted to it).
@@ -256,7 +261,7 @@ pub async fn user_unblock(
 )]
 pub async fn user_create(
     state: web::Data<AppState>,
-    OperatorParams(params): OperatorParams,
+    OperatorParams(params, key): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
     let p: UserCreateRequest = params.parse()?;
     let master = match (p.master_id, p.master_login) {
@@ -279,7 +284,11 @@ pub async fn user_create(
         },
     )
     .await?;
-    tracing::info!(user = id, "operator API: user created");
+    tracing::info!(
+        operator_key = key.0,
+        user = id,
+        "operator API: user created"
+    );
     Ok(HttpResponse::Ok().json(UserCreateResponse { success: true, id }))
 }
 
@@ -304,11 +313,12 @@ fn grant_user(p: &GrantRequest) -> Result<UserRef, ApiError> {
 )]
 pub async fn user_grant(
     state: web::Data<AppState>,
-    OperatorParams(params): OperatorParams,
+    OperatorParams(params, key): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
     let p: GrantRequest = params.parse()?;
     let count = service::grant(&state.pool, &grant_user(&p)?, &p.trackers).await?;
     tracing::info!(
+        operator_key = key.0,
         user = ?p.user_id,
         login = ?p.login,
         trackers = p.trackers.len(),
@@ -335,11 +345,12 @@ pub async fn user_grant(
 )]
 pub async fn user_revoke_grant(
     state: web::Data<AppState>,
-    OperatorParams(params): OperatorParams,
+    OperatorParams(params, key): OperatorParams,
 ) -> Result<HttpResponse, ApiError> {
     let p: GrantRequest = params.parse()?;
     let count = service::revoke_grant(&state.pool, &grant_user(&p)?, &p.trackers).await?;
     tracing::info!(
+        operator_key = key.0,
         user = ?p.user_id,
         login = ?p.login,
         trackers = p.trackers.len(),

@@ -164,7 +164,12 @@ pub async fn session(state: &AppState, params: &Params) -> Result<SessionRow, Ap
 /// The parameters of an operator call, extracted once its key is accepted: code 2 when none is
 /// presented, 11 when it is wrong or revoked. Both are refused before the body is read, so a
 /// caller without a key learns nothing from how its body is judged.
-pub struct OperatorParams(pub Params);
+pub struct OperatorParams(pub Params, pub OperatorKey);
+
+/// The id of the operator key a call came with (as `fleetgate api-key list` shows it), for the
+/// audit log.
+#[derive(Debug, Clone, Copy)]
+pub struct OperatorKey(pub i64);
 
 impl FromRequest for OperatorParams {
     type Error = ApiError;
@@ -184,13 +189,14 @@ impl FromRequest for OperatorParams {
                 tracing::error!("operator call without the application state");
                 return Err(ApiError::Unexpected);
             };
-            if !service::check_api_key(&state.pool, key).await? {
+            let Some(key) = service::check_api_key(&state.pool, key).await? else {
                 return Err(ApiError::AccessDenied(
                     "wrong or revoked operator key".into(),
                 ));
-            }
+            };
             Ok(OperatorParams(
                 Params::from_request(&req, &mut payload).await?,
+                OperatorKey(key),
             ))
         })
     }

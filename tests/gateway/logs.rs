@@ -135,6 +135,32 @@ async fn a_text_log_to_a_file_has_no_colour_codes() {
     );
 }
 
+#[tokio::test]
+async fn operator_calls_are_logged_with_their_key() {
+    let app = spawn_app().await;
+    let (id, key) = fleetgate::service::create_api_key(&app.pool, "audit")
+        .await
+        .expect("create key");
+    let logged = LoggedServer::start(&app, ("FLEETGATE_LOG__LEVEL", "info")).await;
+    let body = r#"{"tracker_id": 101}"#;
+    let request = format!(
+        "POST /v2/admin/tracker/block HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Authorization: Bearer {key}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = exchange(logged.server.port, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let line = format!("operator_key={id}");
+    eventually("the audit line", || async {
+        logged
+            .text()
+            .lines()
+            .any(|l| l.contains("operator API: tracker blocked") && l.contains(&line))
+    })
+    .await;
+}
+
 #[test]
 fn a_rust_log_that_would_log_nothing_is_refused() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetgate"))
