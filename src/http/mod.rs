@@ -158,15 +158,19 @@ pub struct ReadyBody {
 )]
 pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
     let stream = state.hub.stream_up();
+    let current = state.hub.caught_up();
+    // Not ready already when the stream is down or behind: the database's own answer is then
+    // only for the body, and a probe (Kubernetes' times out after 1 s) should get its 503 at
+    // once rather than wait out a server that is gone. Otherwise a busy pool gets 2 s.
+    let wait = if stream && current {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_millis(300)
+    };
     let db = matches!(
-        tokio::time::timeout(
-            Duration::from_secs(2),
-            sqlx::query("SELECT 1").execute(&state.pool)
-        )
-        .await,
+        tokio::time::timeout(wait, sqlx::query("SELECT 1").execute(&state.pool)).await,
         Ok(Ok(_))
     );
-    let current = state.hub.caught_up();
     let body = ReadyBody {
         ready: stream && db && current,
         database: db,

@@ -484,6 +484,16 @@ async fn a_server_that_stops_is_seen_at_once() {
     app.until("the stream reported down", || !app.hub.stream_up())
         .await;
     assert!(std::time::Instant::now() < deadline);
+    // And /ready says so within a probe's usual timeout (1 s), not after waiting out the
+    // database it already knows is gone.
+    let asked = std::time::Instant::now();
+    let (code, _) = app.get("/ready").await;
+    assert_eq!(code, 503);
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(1),
+        "{:?}",
+        asked.elapsed()
+    );
 }
 
 #[tokio::test]
