@@ -588,6 +588,8 @@ pub struct Hub {
     /// The event processor has caught up: a resync finished, and no round since failed or was
     /// given up (reported by `/ready`).
     caught_up: AtomicBool,
+    /// Times the stream went down: a resync taken before the latest loss has not caught up.
+    stream_epoch: AtomicU64,
     pub stats: HubStats,
     pub batches: Batches,
     /// Prometheus metrics; the hot paths only touch its atomics.
@@ -626,10 +628,16 @@ impl Hub {
 
     /// A stream that goes down leaves the processor behind until its resync has run.
     pub fn set_stream_up(&self, up: bool) {
-        self.stream_up.store(up, Ordering::Release);
         if !up {
+            self.stream_epoch.fetch_add(1, Ordering::AcqRel);
             self.set_caught_up(false);
         }
+        self.stream_up.store(up, Ordering::Release);
+    }
+
+    /// How many times the stream has gone down (see the field).
+    pub fn stream_epoch(&self) -> u64 {
+        self.stream_epoch.load(Ordering::Acquire)
     }
 
     /// Whether the event processor has caught up (see the field).

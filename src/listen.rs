@@ -363,8 +363,9 @@ pub async fn run_listener(
         backoff = min;
         // LISTEN is in place before the resync reads the tables: nothing committed from now on
         // can be missed, and anything read twice is dropped by change number.
-        inbox.update(|p| p.resync = true);
+        // (Up first: a resync taken from here on may mark the processor caught up.)
         hub.set_stream_up(true);
+        inbox.update(|p| p.resync = true);
         match down_since.take() {
             Some(t) => {
                 hub.metrics.listen_reconnects.inc();
@@ -457,8 +458,8 @@ pub async fn run_processor(
     // Lifecycle changes notified to rounds that did not finish, and to resyncs. A resync reads
     // where things stand, which would fold a block and the unblock after it into nothing
     // (PROTOCOL.md §5: lifecycle events are never dropped): they were notified one by one, so
-    // they are published one by one, ahead of the next round, until a round finishes. (Each
-    // is published once: the hub skips a change number it has seen.)
+    // the next resync publishes them one by one before it compares (see `resync_with`). Every
+    // failure queues a resync, so a round that is not one never finds any here.
     let mut carried = Pending::default();
     loop {
         let pending = tokio::select! {
@@ -473,14 +474,13 @@ pub async fn run_processor(
         } else {
             pending.lifecycle_copy()
         };
-        let earlier = carried.has_lifecycle().then(|| carried.lifecycle_copy());
         let resyncs = pending.resync;
+        // What a resync that finishes finds when the stream went down meanwhile: a resync
+        // taken before that cannot have caught up with the gap.
+        let epoch = hub.stream_epoch();
         let round = async {
-            if let Some(earlier) = earlier {
-                process(&pool, &hub, earlier, None).await?;
-            }
             if pending.resync {
-                resync(&pool, &hub).await
+                resync_with(&pool, &hub, &mut carried).await
             } else {
                 process(&pool, &hub, pending, Some(&inbox)).await
             }
@@ -517,8 +517,7 @@ pub async fn run_processor(
         };
         match result {
             Ok(()) => {
-                carried = Pending::default();
-                if resyncs {
+                if resyncs && hub.stream_epoch() == epoch && hub.stream_up() {
                     hub.set_caught_up(true);
                 }
                 backoff = Duration::from_millis(settings.reconnect_min_ms.max(1));
@@ -899,10 +898,47 @@ async fn check_sessions(
 
 /// Compares everything the hub holds with the tables and publishes the differences.
 pub async fn resync(pool: &PgPool, hub: &Arc<Hub>) -> Result<(), sqlx::Error> {
+    resync_with(pool, hub, &mut Pending::default()).await
+}
+
+/// [`resync`], first publishing the lifecycle changes in `carried` (notified to rounds that
+/// failed or were given up, or with the resync's own request) in change order, as the rounds
+/// would have: lifecycle events only, as the comparison below publishes its own; the current
+/// state of a tracker they reopen follows with the other states, after sessions and grants.
+/// `carried` is emptied once they are published (the hub skips a change number it has seen,
+/// so a retry would publish nothing anew).
+pub async fn resync_with(
+    pool: &PgPool,
+    hub: &Arc<Hub>,
+    carried: &mut Pending,
+) -> Result<(), sqlx::Error> {
     let started = Instant::now();
-    let marks = hub.lifecycle_marks();
     let mut events = 0usize;
     let mut reopened: HashSet<TrackerId> = HashSet::new();
+    if carried.has_lifecycle() {
+        let mut lifecycle = carried.lifecycle.clone();
+        for &(lo, hi) in &carried.lifecycle_ranges {
+            for row in queries::trackers_by_range(pool, lo, hi).await? {
+                if hub.is_watched(row.id) {
+                    let kind = lifecycle_of(&row, hub.account_of(row.id));
+                    lifecycle.push((row.change_no, row.id, kind));
+                }
+            }
+        }
+        lifecycle.sort_by_key(|(c, _, _)| *c);
+        for (change, id, kind) in lifecycle {
+            if hub.publish_lifecycle(id, change, kind) {
+                events += 1;
+                if kind == Lifecycle::Unblock {
+                    reopened.insert(id);
+                } else {
+                    reopened.remove(&id);
+                }
+            }
+        }
+        *carried = Pending::default();
+    }
+    let marks = hub.lifecycle_marks();
     for chunk in marks.chunks(RESYNC_CHUNK) {
         let ids: Vec<TrackerId> = chunk.iter().map(|m| m.id).collect();
         let rows = queries::trackers_by_ids(pool, &ids).await?;
@@ -1002,16 +1038,34 @@ pub async fn run_expiry(
             _ = shutdown.changed() => return,
         };
         match result {
-            Ok(Ok(_)) => failing = false,
-            Ok(Err(e)) if !failing => {
-                failing = true;
-                tracing::warn!(error = %e, "could not confirm that sessions expired: logout deferred");
+            Ok(Ok(_)) => {
+                if failing {
+                    tracing::info!("expiry checks reach the database again");
+                }
+                failing = false;
             }
-            Err(_) if !failing => {
+            // Unreachable: deferred (see `expire_due`), said once per outage.
+            Ok(Err(e)) if db::is_unavailable(&e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "could not confirm that sessions expired: logout deferred");
+                }
                 failing = true;
-                tracing::warn!("could not confirm that sessions expired (the database did not answer): logout deferred");
             }
-            _ => {}
+            Err(_) => {
+                if !failing {
+                    tracing::warn!("could not confirm that sessions expired (the database did not answer): logout deferred");
+                }
+                failing = true;
+            }
+            // Any other failure (a permission, a schema that changed under us) would defer
+            // for good: the sessions go by this process's record of their expiry, as they did
+            // before the database was asked.
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "could not confirm that sessions expired: logging them out by their recorded expiry");
+                for hash in hub.sessions_due(Utc::now()) {
+                    hub.logout(&hash);
+                }
+            }
         }
     }
 }
@@ -1021,9 +1075,9 @@ const EXPIRY_CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Ends the sessions whose expiry has passed by the hub's record of it, once the database
 /// confirms it: an expiry moved meanwhile (by an operator, or by another gateway's writer while
-/// this process could not hear of it) keeps the session, with its new expiry. When the database
-/// cannot be asked, nothing is ended: a session is never logged out on a guess (and without the
-/// database no state reaches its sockets either). Returns how many sessions were logged out.
+/// this process could not hear of it) keeps the session, with its new expiry. The caller
+/// defers while the database cannot be reached (a session is not logged out on a guess).
+/// Returns how many sessions were logged out.
 pub async fn expire_due(
     pool: &PgPool,
     hub: &Hub,

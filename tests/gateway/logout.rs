@@ -167,7 +167,8 @@ async fn an_expiry_is_confirmed_with_the_database_before_the_logout() {
     );
     // The record now holds the database's expiry: nothing is due any more.
     assert!(app.hub.sessions_due(now).is_empty());
-    // When the database cannot say, nothing is ended either.
+    // When the database cannot say, nothing is ended here either (the checker defers while the
+    // database is unreachable, and falls back to the recorded expiry on other failures).
     app.hub.set_session_expiry(ACME, past);
     app.exec("ALTER TABLE sessions RENAME TO sessions_away")
         .await;
