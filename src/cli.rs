@@ -159,9 +159,13 @@ pub enum SessionAction {
 pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { listen } => {
-            if let Some(addr) = listen {
-                crate::config::check_listen("--listen", &addr).map_err(anyhow::Error::msg)?;
-                settings.server.listen = addr;
+            match listen {
+                Some(addr) => {
+                    crate::config::check_listen("--listen", &addr).map_err(anyhow::Error::msg)?;
+                    settings.server.listen = addr;
+                }
+                None => crate::config::check_listen("server.listen", &settings.server.listen)
+                    .map_err(anyhow::Error::msg)?,
             }
             log_config_files(&cli.config_dir);
             startup::log_open_file_limit();
@@ -324,16 +328,15 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
 fn config_files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, bool)> {
     let mut files: Vec<_> = ["default.toml", "local.toml"]
         .iter()
-        .map(|name| dir.join(name))
-        .collect();
-    files.extend(std::env::var_os("FLEETGATE_CONFIG").map(std::path::PathBuf::from));
-    files
-        .into_iter()
-        .map(|p| {
+        .map(|name| {
+            let p = dir.join(name);
             let read = p.is_file();
             (p, read)
         })
-        .collect()
+        .collect();
+    // Required when named (loading fails without it), and may be given without its extension.
+    files.extend(std::env::var_os("FLEETGATE_CONFIG").map(|p| (p.into(), true)));
+    files
 }
 
 /// Logs the files `serve` read its settings from, and warns when the default folder is not

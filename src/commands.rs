@@ -251,7 +251,14 @@ pub async fn seed_demo(pool: &PgPool) -> anyhow::Result<DemoFleet> {
     .bind(&all)
     .execute(&mut *tx)
     .await?;
-    let granted: Vec<i64> = trackers.iter().copied().take(DEMO_TRACKERS / 2).collect();
+    // The first half by label, so that a tracker re-created after a removal takes its place.
+    let granted: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM trackers WHERE account_id = $1 AND NOT removed ORDER BY label, id LIMIT $2",
+    )
+    .bind(master)
+    .bind((DEMO_TRACKERS / 2) as i64)
+    .fetch_all(&mut *tx)
+    .await?;
     sqlx::query(
         "INSERT INTO tracker_grants (user_id, tracker_id) SELECT $1, unnest($2::bigint[]) \
          ON CONFLICT DO NOTHING",

@@ -308,6 +308,11 @@ fn misspelt_variable(vars: impl Iterator<Item = (String, String)>) -> Option<Str
 /// target nobody uses and leave everything else, errors included, unlogged.
 pub fn check_filter(name: &str, value: &str) -> Result<(), String> {
     const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    if value.split(',').all(|d| d.trim().is_empty()) {
+        return Err(format!(
+            "{name} is empty: give a level (trace, debug, info, warn, error, off)"
+        ));
+    }
     for directive in value.split(',').map(str::trim) {
         if !directive.is_empty()
             && !directive.contains('=')
@@ -325,7 +330,8 @@ pub fn check_filter(name: &str, value: &str) -> Result<(), String> {
 }
 
 /// Refuses a listen address that is not `host:port` with a port number, naming the setting
-/// (binding would otherwise fail later with the value alone).
+/// (binding would otherwise fail later with the value alone). `serve` checks it, after
+/// `--listen`; the other commands bind nothing.
 pub fn check_listen(name: &str, value: &str) -> Result<(), String> {
     match value.rsplit_once(':') {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
@@ -360,7 +366,6 @@ impl Settings {
     /// every line, a URL of another database, sessions that expire as they are made.
     pub fn validate(&self) -> Result<(), String> {
         check_filter("log.level", &self.log.level)?;
-        check_listen("server.listen", &self.server.listen)?;
         let url = self.database.url.to_ascii_lowercase();
         if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
             return Err(
@@ -531,16 +536,17 @@ mod tests {
         s.listen.reconnect_min_ms = 0;
         assert!(s.validate().is_err());
         // An address serve could not bind is refused naming the setting.
-        for listen in ["notanaddress", "127.0.0.1:99999", ":8080", "127.0.0.1:"] {
-            let mut s = Settings::default();
-            s.server.listen = listen.into();
-            let e = s.validate().expect_err(listen);
+        for listen in ["notanaddress", "127.0.0.1:99999", ":8080", "127.0.0.1:", ""] {
+            let e = check_listen("server.listen", listen).expect_err(listen);
             assert!(e.starts_with("server.listen"), "{e}");
         }
-        for listen in ["0.0.0.0:8080", "[::]:8080", "localhost:80"] {
-            let mut s = Settings::default();
-            s.server.listen = listen.into();
-            assert_eq!(s.validate(), Ok(()), "{listen}");
+        for listen in ["0.0.0.0:8080", "[::]:8080", "localhost:80", "[::1]:0"] {
+            assert_eq!(check_listen("server.listen", listen), Ok(()), "{listen}");
+        }
+        let mut s = Settings::default();
+        for empty in ["", " ", ","] {
+            s.log.level = empty.into();
+            assert!(s.validate().is_err(), "{empty:?}");
         }
     }
 

@@ -17,12 +17,16 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let settings = Settings::load(&cli.config_dir)?;
-    // RUST_LOG overrides log.level: it gets the same check.
+    // RUST_LOG overrides log.level and gets the same check, but only a warning: a bare target
+    // name (`RUST_LOG=fleetgate`) is valid filter syntax, however little it logs. Written to
+    // stderr directly, since the filter in question may hide it.
     if let Some(filter) = std::env::var("RUST_LOG")
         .ok()
         .filter(|v| !v.trim().is_empty())
     {
-        fleetgate::config::check_filter("RUST_LOG", &filter).map_err(anyhow::Error::msg)?;
+        if let Err(e) = fleetgate::config::check_filter("RUST_LOG", &filter) {
+            eprintln!("warning: {e}; it may log nothing at all");
+        }
     }
     telemetry::init(&settings.log, std::io::stderr);
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -9,7 +9,12 @@ pub fn init<W>(settings: &LogSettings, sink: W)
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    let filter = EnvFilter::try_from_default_env()
+    // An empty RUST_LOG counts as unset (as a filter it would log nothing).
+    let env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let filter = env
+        .map_or_else(|| Err(()), |v| EnvFilter::try_new(v).map_err(drop))
         .or_else(|_| EnvFilter::try_new(format!("{},sqlx::postgres::notice=warn", settings.level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a terminal: in a file or the journal the escape codes are noise.

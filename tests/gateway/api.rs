@@ -1299,6 +1299,19 @@ async fn seed_demo_reuses_its_fleet_and_replaces_a_removed_tracker() {
     assert!(!third.trackers.contains(&first.trackers[2]));
     // The new tracker takes the removed one's label, not a second copy of the last.
     assert_eq!(labels(first.master.user_id).await.expect("labels"), before);
+    // The sub-user's grants follow the labels too: the re-created tracker is granted.
+    let granted_labels: Vec<String> = sqlx::query_scalar(
+        "SELECT t.label FROM tracker_grants g JOIN trackers t ON t.id = g.tracker_id \
+          WHERE g.user_id = $1 AND NOT t.removed ORDER BY t.label",
+    )
+    .bind(third.sub_user.user_id)
+    .fetch_all(&app.pool)
+    .await
+    .expect("grants");
+    assert_eq!(granted_labels, before[..6].to_vec());
+    let mut sub = third.sub_user_trackers.clone();
+    sub.sort();
+    assert!(sub.iter().all(|id| third.trackers.contains(id)), "{sub:?}");
     // And the blocked one is still the same tracker, the only one blocked.
     assert_eq!(third.blocked_tracker, first.blocked_tracker);
     let blocked: i64 = sqlx::query_scalar(
