@@ -333,29 +333,39 @@ async fn pump(
     }
 }
 
-/// A gateway whose database connections go through a [`FreezingProxy`], with rounds given up
-/// after a second and one processor connection (the next round needs the frozen one, whether
-/// it froze in its query or in the check the pool makes as each connection comes back to it).
-/// None where `DATABASE_URL` names a Unix socket (the proxy needs TCP).
-async fn spawn_behind_a_proxy() -> Option<(FreezingProxy, TestApp)> {
+/// The database server's TCP address, for a proxy to forward to; None (and the test skipped)
+/// where `DATABASE_URL` names a Unix socket.
+fn tcp_upstream() -> Option<(String, u16)> {
     let direct: sqlx::postgres::PgConnectOptions = server_url().parse().expect("DATABASE_URL");
     let upstream = (direct.get_host().to_string(), direct.get_port());
     if upstream.0.starts_with('/') {
         eprintln!("skipped: DATABASE_URL names a Unix socket; the proxy needs TCP");
         return None;
     }
-    let proxy = FreezingProxy::start(upstream.clone()).await;
+    Some(upstream)
+}
+
+/// Points the settings' database URL at a proxy on `port` instead of `upstream`, in the clear
+/// (so that a proxy can read the application names).
+fn through_proxy(s: &mut fleetgate::config::Settings, upstream: &(String, u16), port: u16) {
     let authority = format!("{}:{}", upstream.0, upstream.1);
-    let port = proxy.port;
+    assert!(s.database.url.contains(&authority), "{}", s.database.url);
+    let url = s
+        .database
+        .url
+        .replacen(&authority, &format!("127.0.0.1:{port}"), 1);
+    let sep = if url.contains('?') { '&' } else { '?' };
+    s.database.url = format!("{url}{sep}sslmode=disable");
+}
+
+/// A gateway whose database connections go through a [`FreezingProxy`], with rounds given up
+/// after a second and one processor connection (the next round needs the frozen one, whether
+/// it froze in its query or in the check the pool makes as each connection comes back to it).
+async fn spawn_behind_a_proxy() -> Option<(FreezingProxy, TestApp)> {
+    let upstream = tcp_upstream()?;
+    let proxy = FreezingProxy::start(upstream.clone()).await;
     let app = spawn_app_with(|s| {
-        assert!(s.database.url.contains(&authority), "{}", s.database.url);
-        // In the clear, so that the proxy can read the application name.
-        let url = s
-            .database
-            .url
-            .replacen(&authority, &format!("127.0.0.1:{port}"), 1);
-        let sep = if url.contains('?') { '&' } else { '?' };
-        s.database.url = format!("{url}{sep}sslmode=disable");
+        through_proxy(s, &upstream, proxy.port);
         s.listen.round_timeout_secs = 1;
         s.database.event_connections = 1;
     })
@@ -458,20 +468,12 @@ impl CuttingProxy {
 
 #[tokio::test]
 async fn a_server_that_stops_is_seen_at_once() {
-    let direct: sqlx::postgres::PgConnectOptions = server_url().parse().expect("DATABASE_URL");
-    let upstream = (direct.get_host().to_string(), direct.get_port());
-    if upstream.0.starts_with('/') {
-        eprintln!("skipped: DATABASE_URL names a Unix socket; the proxy needs TCP");
+    let Some(upstream) = tcp_upstream() else {
         return;
-    }
+    };
     let proxy = CuttingProxy::start(upstream.clone()).await;
-    let authority = format!("{}:{}", upstream.0, upstream.1);
-    let port = proxy.port;
     let app = spawn_app_with(|s| {
-        s.database.url = s
-            .database
-            .url
-            .replacen(&authority, &format!("127.0.0.1:{port}"), 1);
+        through_proxy(s, &upstream, proxy.port);
         // The probe would notice too, at its next tick: not within this test.
         s.listen.probe_interval_ms = 3_600_000;
     })
