@@ -278,6 +278,22 @@ fn env_source(vars: impl Iterator<Item = (String, String)>) -> config::Environme
         .source(Some(map))
 }
 
+/// A `FLEETGATE_<SECTION>__<KEY>` variable for a true/false setting whose value is neither: the
+/// config crate reads any number but 0 as true, so `=2` would pass as `true` without a word.
+fn unclear_boolean(vars: impl Iterator<Item = (String, String)>) -> Option<String> {
+    const WORDS: [&str; 8] = ["true", "false", "1", "0", "yes", "no", "on", "off"];
+    let defaults = serde_json::to_value(Settings::default()).ok()?;
+    vars.filter_map(|(name, value)| {
+        let rest = name.strip_prefix("FLEETGATE_")?.to_ascii_lowercase();
+        let (section, key) = rest.split_once("__")?;
+        defaults.get(section)?.get(key)?.as_bool()?;
+        let word = value.trim().to_ascii_lowercase();
+        (!WORDS.contains(&word.as_str()))
+            .then(|| format!("{name} = `{value}`: {section}.{key} takes true or false"))
+    })
+    .next()
+}
+
 /// A `FLEETGATE_<SECTION>_<KEY>` variable naming a setting with one underscore where the
 /// environment layer takes two: it would be ignored, the setting left at its value, so it is
 /// an error naming the variable meant. (Other `FLEETGATE_*` variables are not settings.)
@@ -345,6 +361,9 @@ impl Settings {
     /// Loads the layered configuration from `dir` (normally `config/`) and the environment.
     pub fn load(dir: &Path) -> Result<Settings, config::ConfigError> {
         if let Some(e) = misspelt_variable(std::env::vars()) {
+            return Err(config::ConfigError::Message(e));
+        }
+        if let Some(e) = unclear_boolean(std::env::vars()) {
             return Err(config::ConfigError::Message(e));
         }
         let mut builder = config::Config::builder()
@@ -547,6 +566,33 @@ mod tests {
         for empty in ["", " ", ","] {
             s.log.level = empty.into();
             assert!(s.validate().is_err(), "{empty:?}");
+        }
+    }
+
+    #[test]
+    fn a_boolean_variable_takes_a_boolean_word() {
+        let vars = |v: &str| {
+            vec![
+                (
+                    "FLEETGATE_WEBSOCKET__COMPRESSION".to_string(),
+                    v.to_string(),
+                ),
+                (
+                    "FLEETGATE_WEBSOCKET__QUEUE_CAPACITY".to_string(),
+                    "2".to_string(),
+                ),
+            ]
+            .into_iter()
+        };
+        for ok in ["true", "FALSE", "1", "0", "yes", "off"] {
+            assert_eq!(unclear_boolean(vars(ok)), None, "{ok}");
+        }
+        for bad in ["2", "maybe", ""] {
+            let e = unclear_boolean(vars(bad)).expect(bad);
+            assert!(
+                e.contains("websocket.compression takes true or false"),
+                "{e}"
+            );
         }
     }
 
