@@ -306,6 +306,29 @@ async fn states_by_ids_reads_every_column(pool: PgPool) {
     assert!(queries::states_by_ids(&pool, &[]).await.unwrap().is_empty());
 }
 
+/// Tracker 101's row as a `TrackerState`, read after `UPDATE tracker_states SET {set}` in a
+/// transaction that is rolled back.
+async fn read_101_with(
+    pool: &PgPool,
+    set: &str,
+) -> Result<fleetgate::model::TrackerState, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(&format!(
+        "UPDATE tracker_states SET {set} WHERE tracker_id = 101"
+    ))
+    .execute(&mut *tx)
+    .await?;
+    let read = sqlx::query_as::<_, fleetgate::model::TrackerState>(&format!(
+        "SELECT {} FROM {} WHERE s.tracker_id = 101",
+        fleetgate::model::STATE_COLUMNS,
+        fleetgate::model::STATE_FROM
+    ))
+    .fetch_one(&mut *tx)
+    .await;
+    tx.rollback().await?;
+    read
+}
+
 #[sqlx::test(
     migrations = "./migrations",
     fixtures(path = "../fixtures", scripts("fleet"))
@@ -374,42 +397,13 @@ async fn state_rows_decode_nulls_edges_and_refuse_what_they_cannot_represent(poo
         }),
         ("inputs = '{true,NULL}'", |s| s.inputs == [true, false]),
     ] {
-        let mut tx = pool.begin().await.unwrap();
-        sqlx::query(&format!(
-            "UPDATE tracker_states SET {set} WHERE tracker_id = 101"
-        ))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-        let read = sqlx::query_as::<_, fleetgate::model::TrackerState>(&format!(
-            "SELECT {} FROM {} WHERE s.tracker_id = 101",
-            fleetgate::model::STATE_COLUMNS,
-            fleetgate::model::STATE_FROM
-        ))
-        .fetch_one(&mut *tx)
-        .await
-        .unwrap();
+        let read = read_101_with(&pool, set).await.unwrap();
         assert!(check(&read), "{set}: {read:?}");
-        tx.rollback().await.unwrap();
     }
     // What a TrackerState cannot hold is an error, not a wrong value.
     for (set, what) in [("inputs = '{{true},{false}}'", "two-dimensional array")] {
-        let mut tx = pool.begin().await.unwrap();
-        sqlx::query(&format!(
-            "UPDATE tracker_states SET {set} WHERE tracker_id = 101"
-        ))
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-        let read = sqlx::query_as::<_, fleetgate::model::TrackerState>(&format!(
-            "SELECT {} FROM {} WHERE s.tracker_id = 101",
-            fleetgate::model::STATE_COLUMNS,
-            fleetgate::model::STATE_FROM
-        ))
-        .fetch_all(&mut *tx)
-        .await;
+        let read = read_101_with(&pool, set).await;
         assert!(read.is_err(), "{what}: {read:?}");
-        tx.rollback().await.unwrap();
     }
     // Columns of the wrong type are refused by name and type, not misread.
     let wrong = sqlx::query_as::<_, fleetgate::model::TrackerState>(&format!(

@@ -360,8 +360,10 @@ fn through_proxy(s: &mut fleetgate::config::Settings, upstream: &(String, u16), 
 
 /// A gateway whose database connections go through a [`FreezingProxy`], with rounds given up
 /// after a second and one processor connection (the next round needs the frozen one, whether
-/// it froze in its query or in the check the pool makes as each connection comes back to it).
-async fn spawn_behind_a_proxy() -> Option<(FreezingProxy, TestApp)> {
+/// it froze in its query or in the check the pool makes as each connection comes back to it),
+/// and a client watching tracker 101 that has had a change through the processor's connection
+/// (open, then, for the proxy to freeze).
+async fn spawn_behind_a_proxy() -> Option<(FreezingProxy, TestApp, Client)> {
     let upstream = tcp_upstream()?;
     let proxy = FreezingProxy::start(upstream.clone()).await;
     let app = spawn_app_with(|s| {
@@ -370,20 +372,18 @@ async fn spawn_behind_a_proxy() -> Option<(FreezingProxy, TestApp)> {
         s.database.event_connections = 1;
     })
     .await;
-    Some((proxy, app))
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101], 1).await;
+    app.set_speed(&[101], 31).await;
+    c.recv_until(|v| is_state_with_speed(v, 101, 31)).await;
+    Some((proxy, app, c))
 }
 
 #[tokio::test]
 async fn a_read_on_a_connection_that_went_silent_is_abandoned_and_the_event_still_arrives() {
-    let Some((proxy, app)) = spawn_behind_a_proxy().await else {
+    let Some((proxy, app, mut c)) = spawn_behind_a_proxy().await else {
         return;
     };
-    let mut c = app.connect().await;
-    c.subscribe_and_states(ACME, &[101], 1).await;
-    // The processor has its connections open: a change goes through them.
-    app.set_speed(&[101], 31).await;
-    c.recv_until(|v| is_state_with_speed(v, 101, 31)).await;
-
     proxy.freeze();
     // The LISTEN connection still works: the change is notified, and the processor's read of
     // it goes out on a connection that will never answer.
@@ -397,14 +397,9 @@ async fn a_read_on_a_connection_that_went_silent_is_abandoned_and_the_event_stil
 
 #[tokio::test]
 async fn a_block_and_its_unblock_notified_to_an_abandoned_round_both_arrive() {
-    let Some((proxy, app)) = spawn_behind_a_proxy().await else {
+    let Some((proxy, app, mut c)) = spawn_behind_a_proxy().await else {
         return;
     };
-    let mut c = app.connect().await;
-    c.subscribe_and_states(ACME, &[101], 1).await;
-    app.set_speed(&[101], 31).await;
-    c.recv_until(|v| is_state_with_speed(v, 101, 31)).await;
-
     proxy.freeze();
     // Both are notified while the round reading the first hangs; the round is given up and a
     // resync follows, which alone would find the tracker as it was and say nothing.
