@@ -294,6 +294,50 @@ fn unclear_boolean(vars: impl Iterator<Item = (String, String)>) -> Option<Strin
     .next()
 }
 
+/// A config file (`local.toml`, `$FLEETGATE_CONFIG`) giving a true/false setting another kind
+/// of value: the config crate reads any number but 0 as true, so `compression = 2` would pass
+/// as `true` without a word, as in [`unclear_boolean`]. Strings take the same words as there.
+/// (`default.toml` is ours, checked by a test.)
+fn unclear_boolean_in(
+    name: &str,
+    file: impl config::Source + Send + Sync + 'static,
+) -> Result<(), config::ConfigError> {
+    const WORDS: [&str; 8] = ["true", "false", "1", "0", "yes", "no", "on", "off"];
+    let Some(defaults) = serde_json::to_value(Settings::default()).ok() else {
+        return Ok(());
+    };
+    let Some(sections) = defaults.as_object() else {
+        return Ok(());
+    };
+    let parsed = config::Config::builder().add_source(file).build()?;
+    for (section, keys) in sections {
+        let Some(keys) = keys.as_object() else {
+            continue;
+        };
+        for (key, default) in keys {
+            if !default.is_boolean() {
+                continue;
+            }
+            let Ok(value) = parsed.get::<config::Value>(&format!("{section}.{key}")) else {
+                continue;
+            };
+            let clear = match &value.kind {
+                config::ValueKind::Boolean(_) => true,
+                config::ValueKind::String(s) => {
+                    WORDS.contains(&s.trim().to_ascii_lowercase().as_str())
+                }
+                _ => false,
+            };
+            if !clear {
+                return Err(config::ConfigError::Message(format!(
+                    "{name}: {section}.{key} = {value}: takes true or false"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A `FLEETGATE_<SECTION>_<KEY>` variable naming a setting with one underscore where the
 /// environment layer takes two: it would be ignored, the setting left at its value, so it is
 /// an error naming the variable meant. (Other `FLEETGATE_*` variables are not settings.)
@@ -366,11 +410,17 @@ impl Settings {
         if let Some(e) = unclear_boolean(std::env::vars()) {
             return Err(config::ConfigError::Message(e));
         }
+        let local = dir.join("local.toml");
+        unclear_boolean_in(
+            &local.display().to_string(),
+            config::File::from(local.as_path()).required(false),
+        )?;
         let mut builder = config::Config::builder()
             .add_source(config::File::from(dir.join("default.toml")).required(false))
             .add_source(config::File::from(dir.join("local.toml")).required(false));
         if let Ok(extra) = std::env::var("FLEETGATE_CONFIG") {
             builder = builder.add_source(config::File::with_name(&extra).required(true));
+            unclear_boolean_in(&extra, config::File::with_name(&extra).required(true))?;
         }
         builder = builder.add_source(env_source(std::env::vars()));
         if let Ok(url) = std::env::var("DATABASE_URL") {
@@ -593,6 +643,33 @@ mod tests {
                 e.contains("websocket.compression takes true or false"),
                 "{e}"
             );
+        }
+    }
+
+    #[test]
+    fn a_config_file_giving_a_true_false_setting_a_number_is_refused() {
+        let check = |text: &str| {
+            unclear_boolean_in(
+                "local.toml",
+                config::File::from_str(text, config::FileFormat::Toml),
+            )
+        };
+        for ok in [
+            "[websocket]\ncompression = false",
+            "[websocket]\ncompression = \"on\"",
+            "[websocket]\nqueue_capacity = 2",
+            "",
+        ] {
+            assert!(check(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "[websocket]\ncompression = 2",
+            "[websocket]\ncompression = \"maybe\"",
+            "[database]\nmigrate_on_start = 0.5",
+        ] {
+            let e = check(bad).expect_err(bad).to_string();
+            assert!(e.starts_with("local.toml: "), "{e}");
+            assert!(e.ends_with("takes true or false"), "{e}");
         }
     }
 
