@@ -278,17 +278,19 @@ fn env_source(vars: impl Iterator<Item = (String, String)>) -> config::Environme
         .source(Some(map))
 }
 
+/// The words a true/false setting takes (case aside) from the environment or a string.
+const BOOLEAN_WORDS: [&str; 8] = ["true", "false", "1", "0", "yes", "no", "on", "off"];
+
 /// A `FLEETGATE_<SECTION>__<KEY>` variable for a true/false setting whose value is neither: the
 /// config crate reads any number but 0 as true, so `=2` would pass as `true` without a word.
 fn unclear_boolean(vars: impl Iterator<Item = (String, String)>) -> Option<String> {
-    const WORDS: [&str; 8] = ["true", "false", "1", "0", "yes", "no", "on", "off"];
     let defaults = serde_json::to_value(Settings::default()).ok()?;
     vars.filter_map(|(name, value)| {
         let rest = name.strip_prefix("FLEETGATE_")?.to_ascii_lowercase();
         let (section, key) = rest.split_once("__")?;
         defaults.get(section)?.get(key)?.as_bool()?;
         let word = value.trim().to_ascii_lowercase();
-        (!WORDS.contains(&word.as_str()))
+        (!BOOLEAN_WORDS.contains(&word.as_str()))
             .then(|| format!("{name} = `{value}`: {section}.{key} takes true or false"))
     })
     .next()
@@ -302,7 +304,6 @@ fn unclear_boolean_in(
     name: &str,
     file: impl config::Source + Send + Sync + 'static,
 ) -> Result<(), config::ConfigError> {
-    const WORDS: [&str; 8] = ["true", "false", "1", "0", "yes", "no", "on", "off"];
     let Some(defaults) = serde_json::to_value(Settings::default()).ok() else {
         return Ok(());
     };
@@ -324,7 +325,7 @@ fn unclear_boolean_in(
             let clear = match &value.kind {
                 config::ValueKind::Boolean(_) => true,
                 config::ValueKind::String(s) => {
-                    WORDS.contains(&s.trim().to_ascii_lowercase().as_str())
+                    BOOLEAN_WORDS.contains(&s.trim().to_ascii_lowercase().as_str())
                 }
                 _ => false,
             };
