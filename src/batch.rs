@@ -16,6 +16,7 @@
 //! through [`Hub::offer_readings`], and each batch carries only the keys changed in the period.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -134,6 +135,10 @@ struct GroupState {
     /// admitted (between [`add_trackers`]'s registration and the end of its read): applied,
     /// if newer than what the read said, when they are admitted.
     early: HashMap<TrackerId, (i64, Lifecycle)>,
+    /// Bumped each time the event processor restricts the group to its sub-user's grants: a
+    /// chunk read before a revocation and admitted after it is read again (see [`fill_chunk`]),
+    /// since the restriction only reached the trackers already admitted.
+    grants_epoch: u64,
     /// The target's statuses as the subscribe response's map, rendered once while they stay
     /// the same (see [`BatchGroup::status_map`]), and the last large subscribe response that
     /// held it (see [`BatchGroup::shared_response`]). Both go when a status changes.
@@ -195,6 +200,16 @@ impl GroupState {
         gone
     }
 
+    /// Those of `facts` the group holds unblocked, with their source ids: the trackers whose
+    /// states an admission reads.
+    fn open_among(&self, facts: &[(TrackerId, TrackerFacts)]) -> HashMap<TrackerId, i64> {
+        facts
+            .iter()
+            .filter(|(id, _)| self.trackers.contains_key(id) && !self.blocked.contains(id))
+            .map(|(id, f)| (*id, f.source_id))
+            .collect()
+    }
+
     fn statuses_changed(&mut self) {
         self.status_epoch += 1;
         self.status_map = None;
@@ -218,6 +233,9 @@ impl GroupState {
 
 pub struct BatchGroup {
     pub key: GroupKey,
+    /// Unique in the process: the items a group queues carry it, so that a socket that has
+    /// left the group (unsubscribed, or its session ended) drops what it queued before.
+    pub id: u64,
     state: Mutex<GroupState>,
     filled: OnceCell<()>,
     /// Told when the last member leaves: the group's task retires it then, not at its next
@@ -227,6 +245,17 @@ pub struct BatchGroup {
 }
 
 impl BatchGroup {
+    fn new(key: GroupKey) -> BatchGroup {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        BatchGroup {
+            key,
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            state: Mutex::new(GroupState::default()),
+            filled: OnceCell::new(),
+            emptied: Notify::new(),
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, GroupState> {
         // Every mutation is a short sequence of map operations; a poisoned lock is still usable.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -346,6 +375,7 @@ impl BatchGroup {
         }
         for m in &g.members {
             m.outbox.push(Outgoing::GroupLifecycle {
+                group: self.id,
                 tracker: id,
                 change,
                 frame: frame.clone(),
@@ -596,7 +626,10 @@ impl BatchGroup {
                     .clone()
             };
             if let Some(f) = frame {
-                m.outbox.push(Outgoing::Frame(f));
+                m.outbox.push(Outgoing::Frame {
+                    group: self.id,
+                    frame: f,
+                });
             }
             m.seen = now;
         }
@@ -699,14 +732,7 @@ impl Batches {
             let group = self
                 .groups
                 .entry(key.clone())
-                .or_insert_with(|| {
-                    Arc::new(BatchGroup {
-                        key: key.clone(),
-                        state: Mutex::new(GroupState::default()),
-                        filled: OnceCell::new(),
-                        emptied: Notify::new(),
-                    })
-                })
+                .or_insert_with(|| Arc::new(BatchGroup::new(key.clone())))
                 .clone();
             group
                 .filled
@@ -836,13 +862,15 @@ impl Batches {
             .map(|g| g.value().clone())
             .collect();
         for group in groups {
-            let dropped: Vec<TrackerId> = group
-                .lock()
-                .trackers
-                .keys()
-                .copied()
-                .filter(|id| !keep.contains(id))
-                .collect();
+            let dropped: Vec<TrackerId> = {
+                let mut g = group.lock();
+                g.grants_epoch += 1;
+                g.trackers
+                    .keys()
+                    .copied()
+                    .filter(|id| !keep.contains(id))
+                    .collect()
+            };
             if dropped.is_empty() {
                 continue;
             }
@@ -863,6 +891,7 @@ impl Batches {
                 for m in &g.members {
                     for (tracker, frame) in &frames {
                         m.outbox.push(Outgoing::GroupDisallow {
+                            group: group.id,
                             tracker: *tracker,
                             round,
                             frame: frame.clone(),
@@ -992,8 +1021,17 @@ async fn fill_chunk(
     candidates: Vec<(TrackerId, TrackerFacts)>,
 ) -> Result<(), sqlx::Error> {
     let ids: Vec<TrackerId> = candidates.iter().map(|(id, _)| *id).collect();
-    let facts = recheck(&pool, candidates).await?;
-    let mut gone = group.lock().admit(&facts);
+    // Read again if the sub-user's grants were restricted while the read was on its way: the
+    // restriction reached only the trackers admitted then, and this read may predate it.
+    let (facts, mut gone) = loop {
+        let epoch = group.lock().grants_epoch;
+        let facts = recheck(&pool, group.key.scope, candidates.clone()).await?;
+        let mut g = group.lock();
+        if g.grants_epoch == epoch {
+            let gone = g.admit(&facts);
+            break (facts, gone);
+        }
+    };
     let facts: Vec<(TrackerId, TrackerFacts)> = if gone.is_empty() {
         facts
     } else {
@@ -1020,12 +1058,11 @@ async fn fill_chunk(
     }
     // The states alone, with the source ids just read with the facts (looking each up in
     // `trackers` again was a quarter of the read); a compact group reads only the columns it
-    // renders (its states are never rendered in another format).
-    let sources: HashMap<TrackerId, i64> = facts
-        .iter()
-        .filter(|(_, f)| !f.blocked)
-        .map(|(id, f)| (*id, f.source_id))
-        .collect();
+    // renders (its states are never rendered in another format). Those the group holds
+    // unblocked now: an unblock that came during the read was applied at admission, and the
+    // state the event processor re-sent after it did not reach the group, which did not hold
+    // the tracker yet.
+    let sources = group.lock().open_among(&facts);
     if sources.is_empty() {
         return Ok(());
     }
@@ -1058,14 +1095,16 @@ fn unregister(hub: &Hub, group: &Arc<BatchGroup>, ids: &[TrackerId]) {
 }
 
 /// The candidates' lifecycle facts read again (one query: a chunk's worth): those removed,
-/// deleted or moved to another account since are left out, the others take the newer facts.
+/// deleted, moved to another account or (for a sub-user) no longer granted since are left out,
+/// the others take the newer facts.
 pub async fn recheck(
     pool: &PgPool,
+    scope: Scope,
     candidates: Vec<(TrackerId, TrackerFacts)>,
 ) -> Result<Vec<(TrackerId, TrackerFacts)>, sqlx::Error> {
     let ids: Vec<TrackerId> = candidates.iter().map(|(id, _)| *id).collect();
     let rows: HashMap<TrackerId, queries::TrackerLifecycleRow> =
-        queries::trackers_by_ids(pool, &ids)
+        queries::visible_trackers_among(pool, scope.account_id, scope.sub_user, &ids)
             .await?
             .into_iter()
             .map(|r| (r.id, r))
@@ -1132,24 +1171,18 @@ mod tests {
     }
 
     fn group(kind: GroupKind, trackers: impl IntoIterator<Item = TrackerId>) -> BatchGroup {
-        BatchGroup {
-            key: GroupKey {
-                scope: Scope {
-                    account_id: 1,
-                    sub_user: None,
-                },
-                target: Target::All,
-                rate: DEFAULT_RATE,
-                variant: variant(),
-                kind,
+        let g = BatchGroup::new(GroupKey {
+            scope: Scope {
+                account_id: 1,
+                sub_user: None,
             },
-            state: Mutex::new(GroupState {
-                trackers: trackers.into_iter().map(|id| (id, 0)).collect(),
-                ..GroupState::default()
-            }),
-            filled: OnceCell::new(),
-            emptied: Notify::new(),
-        }
+            target: Target::All,
+            rate: DEFAULT_RATE,
+            variant: variant(),
+            kind,
+        });
+        g.lock().trackers = trackers.into_iter().map(|id| (id, 0)).collect();
+        g
     }
 
     /// Lifecycle changes that reach a group between its registration in the hub and the end of
@@ -1184,6 +1217,41 @@ mod tests {
         // 5 holds the early block's change (20), so an event between the read and it is old.
         g.lifecycle(5, 15, Lifecycle::Unblock, &frame);
         assert!(g.lock().blocked.contains(&5));
+    }
+
+    /// An unblock that comes while the admission read is on its way (which read the tracker
+    /// blocked) is applied at admission, and the tracker's state is read with the others: the
+    /// state the event processor re-sent after the unblock did not reach the group.
+    #[test]
+    fn a_tracker_unblocked_during_the_admission_read_has_its_state_read() {
+        let g = group(GroupKind::State, []);
+        let frame = ByteString::from_static("lifecycle");
+        g.lifecycle(8, 30, Lifecycle::Unblock, &frame);
+        g.lifecycle(9, 31, Lifecycle::Block, &frame);
+        let facts = |id, blocked| {
+            (
+                id,
+                TrackerFacts {
+                    source_id: 1000 + id,
+                    account_id: 1,
+                    blocked,
+                    change_no: 10,
+                },
+            )
+        };
+        let read = [
+            facts(8, true),
+            facts(9, false),
+            facts(10, false),
+            facts(11, true),
+        ];
+        let mut st = g.lock();
+        assert!(st.admit(&read).is_empty());
+        let open = st.open_among(&read);
+        let mut ids: Vec<TrackerId> = open.keys().copied().collect();
+        ids.sort_unstable();
+        assert_eq!(ids, [8, 10], "8 unblocked meanwhile, 9 blocked, 11 blocked");
+        assert_eq!(open[&8], 1008);
     }
 
     /// A lifecycle event no newer than the facts a tracker was admitted with is old news: a
@@ -1334,7 +1402,7 @@ mod tests {
         items
             .iter()
             .filter_map(|i| match i {
-                Outgoing::Frame(f) => Some(items_of(f.text())),
+                Outgoing::Frame { frame: f, .. } => Some(items_of(f.text())),
                 _ => None,
             })
             .filter(|batch| !batch.is_empty()) // the stand-in frames of `stall`
@@ -1366,7 +1434,10 @@ mod tests {
 
     /// Holds a member's queue up, as a dashboard that stopped reading does.
     fn stall(outbox: &Outbox) {
-        outbox.push(Outgoing::Frame(ByteString::from("{}").into()));
+        outbox.push(Outgoing::Frame {
+            group: 0,
+            frame: ByteString::from("{}").into(),
+        });
     }
 
     async fn unstall(outbox: &Outbox) {
@@ -1506,7 +1577,7 @@ mod tests {
             let mut out = Vec::new();
             futures_util::FutureExt::now_or_never(o.pop_batch(8, &mut out));
             match out.pop() {
-                Some(Outgoing::Frame(f)) => Some(f.text().clone()),
+                Some(Outgoing::Frame { frame: f, .. }) => Some(f.text().clone()),
                 _ => None,
             }
         };

@@ -52,12 +52,15 @@ pub enum Outgoing {
     },
     /// A lifecycle event from a batch group; the socket sends it once per tracker change.
     GroupLifecycle {
+        /// The group's [`BatchGroup::id`] (every group item names it: a socket drops the items
+        /// of a group it has left).
+        group: u64,
         tracker: TrackerId,
         change: i64,
         frame: ByteString,
     },
     /// A ready frame (a batch); never coalesced (a group skips members whose queue is full).
-    Frame(SharedFrame),
+    Frame { group: u64, frame: SharedFrame },
     /// The session with this hash may no longer see these trackers (a sub-user's grants were
     /// revoked): the socket stops them and sends a `disallowed` lifecycle event for each.
     Disallow {
@@ -70,6 +73,7 @@ pub enum Outgoing {
     /// A batch group of this socket dropped a tracker whose grant was revoked: its
     /// `disallowed` event, sent once per socket and revocation.
     GroupDisallow {
+        group: u64,
         tracker: TrackerId,
         round: u64,
         frame: SharedFrame,
@@ -382,7 +386,7 @@ impl Outbox {
             if inner.closed {
                 return;
             }
-            if matches!(item, Outgoing::Frame(_)) {
+            if matches!(item, Outgoing::Frame { .. }) {
                 inner.frames += 1;
             }
             inner.queue.push_back(item);
@@ -401,7 +405,7 @@ impl Outbox {
                     let Some(item) = inner.queue.pop_front() else {
                         break;
                     };
-                    if matches!(item, Outgoing::Frame(_)) {
+                    if matches!(item, Outgoing::Frame { .. }) {
                         inner.frames = inner.frames.saturating_sub(1);
                     }
                     out.push(item);
@@ -484,7 +488,8 @@ struct TrackerEntry {
     /// an `i|` notification said it changed).
     source_id: Option<i64>,
     /// The tracker's account, as the reads that admitted its subscribers said it (None before,
-    /// and after a `corrupt`): a resync that finds it moved sends `corrupt`.
+    /// and after a `corrupt` unless a group of the new account holds the tracker): a resync
+    /// that finds it moved sends `corrupt`.
     account_id: Option<NonZeroI64>,
     /// The lifecycle as last published to the subscribers (`blocked` and its change number):
     /// only the event processor and a resync move it, so that every change past it still
@@ -985,10 +990,19 @@ impl Hub {
         entry.lifecycle_change = change;
         // A `corrupt` is settled below: it says nothing of the tracker's own lifecycle.
         if kind != Lifecycle::Corrupt {
-            entry.blocked = kind == Lifecycle::Block;
             if change >= entry.newest_change {
+                entry.blocked = kind == Lifecycle::Block;
                 entry.newest_change = change;
                 entry.newest_blocked = entry.blocked;
+            } else {
+                // A read has seen a newer lifecycle than this event: its watcher admitted
+                // since. The gate on states follows that read. The later change's own event
+                // may never come: notified while nobody watched the tracker (its entry was
+                // dropped and made again in between), the listener dropped it, and a stale
+                // block gating here then froze the tracker for every watcher. Subscribers
+                // older than the read still get this event and hold states back on their own
+                // watch until the newer change reaches them.
+                entry.blocked = entry.newest_blocked;
             }
         }
         let frame = ByteString::from(model::lifecycle_event(
@@ -1024,7 +1038,9 @@ impl Hub {
             // and filters on it, so the entry stops gating: blocking the whole entry here kept
             // a subscriber of the new account from ever getting a state while an old socket had
             // not yet left, since a subscribe's read does not move the published lifecycle.
-            // The account goes: a tracker moved back and watched again is admitted anew.
+            // The account goes, unless such a group holds the tracker: then it is that group's
+            // (a resync compares it with the database's to find a later move away), else a
+            // tracker moved back and watched again is admitted anew.
             entry
                 .groups
                 .retain(|g| g.lifecycle(id, change, kind, &frame));
@@ -1032,7 +1048,11 @@ impl Hub {
                 .readings_groups
                 .retain(|g| g.lifecycle(id, change, kind, &frame));
             entry.blocked = false;
-            entry.account_id = None;
+            entry.account_id = entry
+                .groups
+                .iter()
+                .chain(&entry.readings_groups)
+                .find_map(|g| NonZeroI64::new(g.key.scope.account_id));
             entry.is_idle()
         } else {
             for g in entry.groups.iter().chain(&entry.readings_groups) {
@@ -1509,11 +1529,17 @@ mod tests {
     #[tokio::test]
     async fn queued_frames_are_counted_until_taken() {
         let outbox = Outbox::new(8);
-        outbox.push(Outgoing::Frame(ByteString::from("batch 1").into()));
+        outbox.push(Outgoing::Frame {
+            group: 1,
+            frame: ByteString::from("batch 1").into(),
+        });
         outbox.push(Outgoing::Logout {
             hash: Arc::from("h"),
         });
-        outbox.push(Outgoing::Frame(ByteString::from("batch 2").into()));
+        outbox.push(Outgoing::Frame {
+            group: 1,
+            frame: ByteString::from("batch 2").into(),
+        });
         assert_eq!(outbox.frames(), 2);
         let mut out = Vec::new();
         outbox.pop_batch(2, &mut out).await;

@@ -596,9 +596,7 @@ pub async fn process_with(
         hub.forget_source_ids(&ids);
         hub.set_source_ids(&queries::source_ids(pool, &ids).await?);
     }
-    if !p.accounts.is_empty() && hub.batches.group_count() > 0 {
-        hub.batches.accounts_changed(hub, pool, &p.accounts).await?;
-    }
+    let accounts = p.accounts;
     let ends = Ends {
         sessions: p.sessions,
         session_ranges: p.session_ranges,
@@ -761,6 +759,16 @@ pub async fn process_with(
                 hub.publish_state(s, false, now);
             }
         }
+    }
+
+    // Trackers added to an account (or moved into it, restored, granted): its `all` groups
+    // read their targets again. After the round's lifecycle changes, not before: a tracker
+    // removed and restored (or moved away and back) since the last round is still held by its
+    // groups until the round's `corrupt` makes them forget it, and a target read before that
+    // added nothing back. (A group that admits a tracker with facts newer than a `corrupt`
+    // still to come keeps it: see `Hub::publish_lifecycle`.)
+    if !accounts.is_empty() && hub.batches.group_count() > 0 {
+        hub.batches.accounts_changed(hub, pool, &accounts).await?;
     }
 
     // Readings: the current rows of the notified trackers, in one query; each group keeps the

@@ -887,6 +887,11 @@ impl Connection {
         Ok(())
     }
 
+    /// Whether this socket is still a member of the group with this [`BatchGroup::id`].
+    fn member_of(&self, group: u64) -> bool {
+        self.memberships.iter().any(|(g, _)| g.id == group)
+    }
+
     /// Drops the memberships `ended` picks, and leaves each of their groups that no other
     /// session of this socket still holds.
     fn drop_memberships(&mut self, ended: impl Fn(&BatchGroup, &Arc<str>) -> bool) {
@@ -1217,28 +1222,32 @@ impl Connection {
                 }
                 self.send_lifecycle(tracker, change, frame).await
             }
+            // A group's items queued before the socket left it (an unsubscribe, or the
+            // session that held it ended) stay unsent.
             Outgoing::GroupLifecycle {
+                group,
                 tracker,
                 change,
                 frame,
             } => {
-                if self.memberships.is_empty() {
+                if !self.member_of(group) {
                     return Ok(());
                 }
                 self.send_lifecycle(tracker, change, frame).await
             }
-            Outgoing::Frame(frame) => {
-                if self.memberships.is_empty() {
+            Outgoing::Frame { group, frame } => {
+                if !self.member_of(group) {
                     return Ok(());
                 }
                 self.send_shared(frame).await
             }
             Outgoing::GroupDisallow {
+                group,
                 tracker,
                 round,
                 frame,
             } => {
-                if self.memberships.is_empty()
+                if !self.member_of(group)
                     || self.disallowed_sent.insert(tracker, round) == Some(round)
                 {
                     return Ok(());

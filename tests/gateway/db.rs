@@ -879,8 +879,13 @@ async fn a_batch_target_read_again_takes_what_changed_since(pool: PgPool) {
     .execute(&pool)
     .await
     .unwrap();
+    let scope = |sub_user| Scope {
+        account_id: 1,
+        sub_user,
+    };
     let mut facts = fleetgate::batch::recheck(
         &pool,
+        scope(None),
         [101, 102, 103, 104, 106].into_iter().map(stale).collect(),
     )
     .await
@@ -893,6 +898,21 @@ async fn a_batch_target_read_again_takes_what_changed_since(pool: PgPool) {
         "103 moved, 104 deleted, 106 removed"
     );
     assert!(facts[1].1.change_no > 0);
+
+    // A sub-user's: only what it is still granted (101's grant revoked, 102 kept, 105 never).
+    sqlx::query("DELETE FROM tracker_grants WHERE user_id = 2 AND tracker_id = 101")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let facts = fleetgate::batch::recheck(
+        &pool,
+        scope(Some(2)),
+        [101, 102, 105].into_iter().map(stale).collect(),
+    )
+    .await
+    .unwrap();
+    let seen: Vec<i64> = facts.iter().map(|(id, _)| *id).collect();
+    assert_eq!(seen, [102]);
 }
 
 /// A tracker whose subscribers all take the compact format has its state read with the compact

@@ -13,6 +13,7 @@ mod events;
 mod logout;
 mod logs;
 mod memory;
+mod races;
 mod readings;
 mod resync;
 mod slow;

@@ -1,0 +1,414 @@
+//! The event processor against batch groups and re-made index entries: lifecycle changes,
+//! moves between accounts and revoked grants that land while a group is filled, while an entry
+//! is dropped and made again, or within one round. (Found by a code review of the batch
+//! features; each test failed before its fix.)
+
+use std::time::Duration;
+
+use fleetgate::batch::{GroupKey, GroupKind, Scope, Target};
+use fleetgate::db::queries;
+use fleetgate::hub::{Hub, Outbox, Outgoing};
+use fleetgate::listen::Pending;
+use fleetgate::model::{Format, Variant};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+
+use crate::common::*;
+
+fn variant() -> Variant {
+    Variant {
+        format: Format::Full,
+        tz: chrono_tz::UTC,
+        iso: false,
+    }
+}
+
+fn all_of(account_id: i64, sub_user: Option<i64>, rate_ms: u64) -> GroupKey {
+    GroupKey {
+        scope: Scope {
+            account_id,
+            sub_user,
+        },
+        target: Target::All,
+        rate: Duration::from_millis(rate_ms),
+        variant: variant(),
+        kind: GroupKind::State,
+    }
+}
+
+/// (tracker_id, speed) of every item of every batch queued in `outbox` within `wait`.
+async fn batch_items(outbox: &Outbox, wait: Duration) -> Vec<(i64, i64)> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut out = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut items = Vec::new();
+        if left.is_zero()
+            || tokio::time::timeout(left, outbox.pop_batch(64, &mut items))
+                .await
+                .is_err()
+        {
+            return out;
+        }
+        for item in items {
+            if let Outgoing::Frame { frame: f, .. } = item {
+                let v: Value = serde_json::from_str(f.text()).unwrap();
+                for i in v["data"].as_array().into_iter().flatten() {
+                    out.push((
+                        i["tracker_id"].as_i64().unwrap(),
+                        i["state"]["gps"]["speed"].as_i64().unwrap_or(-1),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// Until the batch holding `(tracker, speed)` is queued (or [`WAIT`] has passed).
+async fn until_batch_has(outbox: &Outbox, tracker: i64, speed: i64) -> Vec<(i64, i64)> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut got = Vec::new();
+    while tokio::time::Instant::now() < deadline && !got.contains(&(tracker, speed)) {
+        got.extend(batch_items(outbox, Duration::from_millis(200)).await);
+    }
+    got
+}
+
+async fn change_of(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+async fn round(pool: &PgPool, hub: &std::sync::Arc<Hub>, payloads: &[String]) {
+    let mut p = Pending::default();
+    for payload in payloads {
+        p.add_payload(payload, hub);
+    }
+    fleetgate::listen::process(pool, hub, p, None)
+        .await
+        .unwrap();
+}
+
+async fn new_speed(pool: &PgPool, hub: &std::sync::Arc<Hub>, tracker: i64, speed: i32) {
+    sqlx::query("UPDATE tracker_states SET speed = $2 WHERE tracker_id = $1")
+        .bind(tracker)
+        .bind(speed)
+        .execute(pool)
+        .await
+        .unwrap();
+    round(pool, hub, &[format!("s|{tracker}")]).await;
+}
+
+/// A block kept for the next round while 101 was watched, processed after its last watcher
+/// left and a batch group watched it again having read it unblocked (the unblock came while
+/// nobody watched it, so the listener dropped it): the stale block used to close the hub's gate
+/// on 101's states for every watcher until its next lifecycle change.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_stale_block_for_a_remade_entry_does_not_hold_back_states(pool: PgPool) {
+    let hub = Hub::new();
+    let socket = hub.outbox(64);
+    hub.subscribe(1, &socket, &[101], variant());
+    let blocked = change_of(
+        &pool,
+        "UPDATE trackers SET blocked = true WHERE id = 101 RETURNING change_no",
+    )
+    .await;
+    let mut stale = Pending::default();
+    assert!(stale.add_payload(&format!("t|{blocked}:101:block"), &hub));
+    hub.unsubscribe(1, &[101]);
+    let unblocked = change_of(
+        &pool,
+        "UPDATE trackers SET blocked = false WHERE id = 101 RETURNING change_no",
+    )
+    .await;
+    let mut dropped = Pending::default();
+    dropped.add_payload(&format!("t|{unblocked}:101:unblock"), &hub);
+    assert!(dropped.lifecycle.is_empty(), "nobody watches 101");
+
+    let member = hub.outbox(64);
+    let joined = hub
+        .batches
+        .join(&hub, &pool, all_of(1, None, 100), 2, &member, 64)
+        .await
+        .unwrap();
+    assert!(joined.statuses.as_str().contains("\"101\":\"normal\""));
+    fleetgate::listen::process(&pool, &hub, stale, None)
+        .await
+        .unwrap();
+    new_speed(&pool, &hub, 101, 77).await;
+    let got = until_batch_has(&member, 101, 77).await;
+    assert!(got.contains(&(101, 77)), "{got:?}");
+}
+
+/// Removed and restored between two rounds: the round's `corrupt` makes the account's `all`
+/// group forget 101, and the restore's `n|` must bring it back (the target used to be read
+/// before the `corrupt` was applied, while the group still held 101, and added nothing).
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_tracker_removed_and_restored_within_a_round_stays_in_the_all_batch(pool: PgPool) {
+    let hub = Hub::new();
+    let member = hub.outbox(64);
+    let joined = hub
+        .batches
+        .join(&hub, &pool, all_of(1, None, 100), 1, &member, 64)
+        .await
+        .unwrap();
+    assert!(joined.group.tracker_ids().contains(&101));
+    let removed = change_of(
+        &pool,
+        "UPDATE trackers SET removed = true WHERE id = 101 RETURNING change_no",
+    )
+    .await;
+    sqlx::query("UPDATE trackers SET removed = false WHERE id = 101")
+        .execute(&pool)
+        .await
+        .unwrap();
+    round(
+        &pool,
+        &hub,
+        &[format!("t|{removed}:101:corrupt"), "n|1".to_string()],
+    )
+    .await;
+    assert!(joined.group.tracker_ids().contains(&101));
+    new_speed(&pool, &hub, 101, 77).await;
+    let got = until_batch_has(&member, 101, 77).await;
+    assert!(got.contains(&(101, 77)), "{got:?}");
+}
+
+/// 101 moves into the rival account (its `all` group admits it), then back to acme while the
+/// LISTEN stream is down: the resync must take it out of the rival's batch. The hub used to
+/// forget 101's account at the first move's `corrupt`, so the resync could not tell it moved.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_tracker_moved_back_during_a_gap_leaves_the_other_accounts_batch(pool: PgPool) {
+    let hub = Hub::new();
+    let acme = hub.outbox(64);
+    hub.subscribe(1, &acme, &[101], variant());
+    let session = queries::session(&pool, ACME).await.unwrap().unwrap();
+    for (id, _, facts) in fleetgate::access::statuses(&pool, &session, &[101])
+        .await
+        .unwrap()
+    {
+        hub.observe(id, facts.unwrap());
+    }
+    let rival = hub.outbox(64);
+    let joined = hub
+        .batches
+        .join(&hub, &pool, all_of(3, None, 100), 2, &rival, 64)
+        .await
+        .unwrap();
+    let moved = change_of(
+        &pool,
+        "UPDATE trackers SET account_id = 3 WHERE id = 101 RETURNING change_no",
+    )
+    .await;
+    round(
+        &pool,
+        &hub,
+        &[format!("t|{moved}:101:corrupt"), "n|3".to_string()],
+    )
+    .await;
+    assert!(joined.group.tracker_ids().contains(&101), "moved in");
+    // The acme socket takes its `corrupt` and leaves, as a socket does.
+    hub.unsubscribe(1, &[101]);
+
+    // Back to acme while the stream is down (no notification), then the resync.
+    sqlx::query("UPDATE trackers SET account_id = 1 WHERE id = 101")
+        .execute(&pool)
+        .await
+        .unwrap();
+    fleetgate::listen::resync(&pool, &hub).await.unwrap();
+    assert!(!joined.group.tracker_ids().contains(&101), "moved away");
+    batch_items(&rival, Duration::from_millis(300)).await;
+    sqlx::query("UPDATE tracker_states SET speed = 77 WHERE tracker_id = 101")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut p = Pending::default();
+    p.add_payload("s|101", &hub);
+    fleetgate::listen::process(&pool, &hub, p, None)
+        .await
+        .unwrap();
+    let got = batch_items(&rival, Duration::from_millis(500)).await;
+    assert!(!got.iter().any(|(id, _)| *id == 101), "{got:?}");
+}
+
+/// Every grant of sub-user 2 revoked while its `all` group is being filled (the first chunks
+/// admitted and waiting on their states, the last one not yet read): the group must end with
+/// none of them. The revocation used to reach only the trackers already admitted.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn grants_revoked_while_a_sub_users_group_fills_are_all_taken_away(pool: PgPool) {
+    sqlx::raw_sql(
+        "INSERT INTO trackers (id, account_id, source_id, label) \
+           SELECT i, 1, 100000 + i, 'Van ' || i FROM generate_series(1000, 31099) i; \
+         INSERT INTO tracker_states (tracker_id, speed) \
+           SELECT i, 10 FROM generate_series(1000, 31099) i; \
+         INSERT INTO tracker_grants (user_id, tracker_id) \
+           SELECT 2, i FROM generate_series(1000, 31099) i;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let hub = Hub::new();
+    // Holds the fill's reads of states (not those of the target or of the facts).
+    let mut lock = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tracker_states IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let outbox = hub.outbox(64);
+    let join = {
+        let (hub, pool, outbox) = (hub.clone(), pool.clone(), outbox.clone());
+        tokio::spawn(async move {
+            hub.batches
+                .join(&hub, &pool, all_of(1, Some(2), 1000), 1, &outbox, 64)
+                .await
+        })
+    };
+    eventually("a chunk's states read waiting on the lock", || {
+        let pool = pool.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            waiting > 0
+        }
+    })
+    .await;
+
+    sqlx::query("DELETE FROM tracker_grants WHERE user_id = 2")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut p = Pending::default();
+    for id in [101, 102].into_iter().chain(1000..31100) {
+        p.revoked_grants.push((2, id));
+    }
+    fleetgate::listen::process(&pool, &hub, p, None)
+        .await
+        .unwrap();
+    lock.rollback().await.unwrap();
+
+    let joined = join.await.unwrap().unwrap();
+    let kept = joined.group.tracker_ids();
+    let first = joined
+        .first_batch
+        .as_ref()
+        .map(|f| f.text().matches("\"tracker_id\"").count())
+        .unwrap_or(0);
+    assert!(
+        kept.is_empty() && first == 0,
+        "no grant left, yet the group holds {} trackers (e.g. {:?}); first batch {first} items",
+        kept.len(),
+        kept.iter().take(3).collect::<Vec<_>>(),
+    );
+}
+
+/// A batch that acme's readings group queued for a socket after acme's `logout` was queued to
+/// it (the socket busy meanwhile) used to be written after the `logout`, since the socket also
+/// held a batch of another session: it dropped group items only when it held no batch at all.
+#[tokio::test]
+async fn no_batch_of_an_ended_session_follows_its_logout() {
+    let app = spawn_app().await;
+    app.exec(
+        "INSERT INTO sensors (id, tracker_id, kind, name, label, type, units) VALUES \
+           (1, 101, 'input', 'fuel_1', 'Tank 1', 'fuel', 'l'); \
+         INSERT INTO sensor_values (tracker_id, sensor_id, value, update_time) VALUES \
+           (101, 1, 42.5, '2025-01-01 10:00:00+00');",
+    )
+    .await;
+    let readings =
+        json!({"type": "readings_batch", "target": {"type": "all"}, "rate_limit": "100ms"});
+    let mut c = app.connect().await;
+    c.send(json!({"action": "subscribe", "hash": RIVAL, "requests": [
+        {"type": "state_batch", "target": {"type": "all"}, "rate_limit": "1s"}]}))
+        .await;
+    assert_eq!(c.recv().await["type"], "response");
+    assert_eq!(c.recv().await["event"], "state_batch");
+    c.send(json!({"action": "subscribe", "hash": ACME, "requests": [readings.clone()]}))
+        .await;
+    assert_eq!(c.recv().await["type"], "response");
+    assert_eq!(c.recv().await["event"], "readings_batch");
+    // Another member of acme's readings group, under acme's other session (which goes on).
+    let mut witness = app.connect().await;
+    witness
+        .send(json!({"action": "subscribe", "hash": ACME2, "requests": [readings]}))
+        .await;
+    assert_eq!(witness.recv().await["type"], "response");
+    assert_eq!(witness.recv().await["event"], "readings_batch");
+
+    // The socket busy in a subscribe whose group's fill waits on a lock.
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tracker_states IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    c.send(json!({"action": "subscribe", "hash": RIVAL, "requests": [
+        {"type": "state_batch", "target": {"type": "all"}, "rate_limit": "300ms"}]}))
+        .await;
+    eventually("the subscribe waiting on the lock", || {
+        let pool = app.pool.clone();
+        async move {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity \
+                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            waiting > 0
+        }
+    })
+    .await;
+    // acme's session ends (its `logout` is queued), then a reading changes: the group's next
+    // batch, which the witness gets, is queued for the busy socket too.
+    app.exec(&format!(
+        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
+    ))
+    .await;
+    app.until("acme's logout", || !app.hub.has_session(ACME))
+        .await;
+    app.exec("UPDATE sensor_values SET value = 50 WHERE sensor_id = 1")
+        .await;
+    witness
+        .recv_until(|v| v["event"] == "readings_batch" && v.to_string().contains("50"))
+        .await;
+    lock.rollback().await.unwrap();
+
+    let (_, before) = c.recv_until(|v| v["event"] == "logout").await;
+    // After the logout: rival batches, nothing of acme's. A rival batch with a change made now
+    // is queued after anything queued before the logout was handled.
+    app.set_speed(&[201], 66).await;
+    let (_, after) = c
+        .recv_until(|v| {
+            v["event"] == "state_batch"
+                && v["data"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|i| i["tracker_id"] == 201 && i["state"]["gps"]["speed"] == 66)
+        })
+        .await;
+    let after: Vec<&Value> = after
+        .iter()
+        .filter(|v| v["event"] != "state_batch")
+        .collect();
+    assert!(
+        after.iter().all(|v| v["type"] == "response"),
+        "after the logout: {after:?} (before it: {} messages)",
+        before.len()
+    );
+}
