@@ -36,12 +36,68 @@ pub fn session_tag(hash: &str) -> &str {
     &hash[..end]
 }
 
+/// Lets a warning through once a second at most, for events a client can repeat in a loop (a
+/// refused socket, a refused login), which would otherwise flood the log. Each line counts the
+/// events it stands for (`also`: those left unlogged since the last line).
+pub struct LogGate {
+    epoch: std::time::Instant,
+    /// When a line was last let through, in seconds since `epoch` (plus one).
+    at: std::sync::atomic::AtomicU64,
+    held: std::sync::atomic::AtomicU64,
+}
+
+impl Default for LogGate {
+    fn default() -> LogGate {
+        LogGate {
+            epoch: std::time::Instant::now(),
+            at: std::sync::atomic::AtomicU64::new(0),
+            held: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+}
+
+impl LogGate {
+    /// `Some(n)` when a line may be logged now, `n` the events not logged since the last one;
+    /// `None` (and the event counted) otherwise.
+    pub fn pass(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.epoch.elapsed().as_secs() + 1;
+        let last = self.at.load(Relaxed);
+        if now > last
+            && self
+                .at
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            Some(self.held.swap(0, Relaxed))
+        } else {
+            self.held.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::LogGate;
+
     #[test]
     fn a_session_tag_is_six_characters_of_any_width() {
         assert_eq!(super::session_tag("abcdef0123"), "abcdef");
         assert_eq!(super::session_tag("äöüßéèxyz"), "äöüßéè");
         assert_eq!(super::session_tag("abc"), "abc");
+    }
+
+    #[test]
+    fn the_log_gate_lets_one_line_a_second_through_and_counts_the_rest() {
+        let gate = LogGate::default();
+        assert_eq!(gate.pass(), Some(0));
+        for _ in 0..5 {
+            assert_eq!(gate.pass(), None);
+        }
+        // A second later (as if): the next line says five were not logged.
+        gate.at.store(0, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(gate.pass(), Some(5));
+        assert_eq!(gate.pass(), None);
     }
 }

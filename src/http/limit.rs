@@ -61,6 +61,9 @@ impl Buckets {
 }
 
 pub struct LoginLimiter {
+    /// Refusals are logged once a second at most: a client retrying in a loop would flood
+    /// the log.
+    pub log_gate: crate::telemetry::LogGate,
     by_login: Buckets,
     by_address: Buckets,
     started: Instant,
@@ -72,6 +75,7 @@ impl LoginLimiter {
     pub fn new(settings: &ApiSettings) -> LoginLimiter {
         let window = Duration::from_secs(settings.login_window_secs.max(1));
         LoginLimiter {
+            log_gate: Default::default(),
             by_login: Buckets::new(settings.login_attempts_per_login, window),
             by_address: Buckets::new(settings.login_attempts_per_address, window),
             started: Instant::now(),

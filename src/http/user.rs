@@ -115,7 +115,9 @@ pub async fn auth(
     }
     let address = client_address(&req, state.settings.api.trust_forwarded_for);
     if let Err(wait) = state.login_limiter.attempt(&p.login, &address) {
-        tracing::warn!(address = %address, "login rate limit exceeded");
+        if let Some(also) = state.login_limiter.log_gate.pass() {
+            tracing::warn!(address = %address, also, "login rate limit exceeded");
+        }
         return Err(ApiError::RateLimited(wait));
     }
     let lifetime = state.settings.api.session_lifetime_secs;

@@ -71,11 +71,12 @@ pub async fn subscription(
         Err(refused) => {
             state.hub.metrics.sockets_refused[refused as usize].inc();
             // Logged once a second at most: a client in a reconnect loop would flood the log.
-            if state.sockets.should_log() {
+            if let Some(also) = state.sockets.log_gate.pass() {
                 tracing::warn!(
                     %address,
                     open = state.sockets.open(),
                     limit = refused.label(),
+                    also,
                     "WebSocket refused: socket limit reached (see fleetgate_sockets_refused_total)"
                 );
             }

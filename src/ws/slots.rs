@@ -7,9 +7,8 @@
 //! upgrade is therefore given a slot first, and refused (HTTP 503, or 429 past the per-address
 //! limit) when none is left, while the reserve of descriptors keeps everything else working.
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use dashmap::DashMap;
 
@@ -41,9 +40,8 @@ pub struct SocketSlots {
     per_address: u32,
     open: AtomicUsize,
     by_address: DashMap<Box<str>, u32>,
-    /// When a refusal was last logged, in seconds since `epoch`.
-    logged_at: AtomicU64,
-    epoch: Instant,
+    /// Refusals are logged once a second at most.
+    pub log_gate: crate::telemetry::LogGate,
 }
 
 /// One socket's slot, given back when dropped.
@@ -69,8 +67,7 @@ impl SocketSlots {
             per_address,
             open: AtomicUsize::new(0),
             by_address: DashMap::new(),
-            logged_at: AtomicU64::new(0),
-            epoch: Instant::now(),
+            log_gate: Default::default(),
         })
     }
 
@@ -103,17 +100,6 @@ impl SocketSlots {
             slot.address = Some(address.into());
         }
         Ok(slot)
-    }
-
-    /// Whether to log a refusal now: once a second at most.
-    pub fn should_log(&self) -> bool {
-        let now = self.epoch.elapsed().as_secs() + 1;
-        let last = self.logged_at.load(Ordering::Relaxed);
-        now > last
-            && self
-                .logged_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
     }
 
     /// Addresses holding at least one socket (when the per-address limit is on).

@@ -206,3 +206,40 @@ async fn a_client_subscribing_in_a_loop_does_not_grow_its_log_lines() {
     // The span's session and the line's own.
     assert!(fields <= 2, "{fields} session fields: {}", lines[29]);
 }
+
+/// A client retrying a refused login in a loop gets code 15 every time, and the log a line a
+/// second at most, counting the refusals it stands for (it used to get a line per refusal).
+#[tokio::test]
+async fn a_login_retried_in_a_loop_is_logged_once_a_second() {
+    let app = spawn_app().await;
+    let logged = LoggedServer::start(&app, ("FLEETGATE_API__LOGIN_ATTEMPTS_PER_LOGIN", "1")).await;
+    let body = r#"{"login": "acme", "password": "wrong"}"#;
+    let request = format!(
+        "POST /v2/user/auth HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let started = std::time::Instant::now();
+    let mut refused = 0;
+    for _ in 0..40 {
+        let answer = exchange(logged.server.port, request.as_bytes()).await;
+        if answer.starts_with("HTTP/1.1 429") {
+            refused += 1;
+        }
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    assert!(refused >= 39, "{refused} of 40 refused");
+    eventually("the first refusal's line", || async {
+        logged.text().contains("login rate limit exceeded")
+    })
+    .await;
+    let lines = logged
+        .text()
+        .lines()
+        .filter(|l| l.contains("login rate limit exceeded"))
+        .count() as u64;
+    assert!(
+        (1..=seconds).contains(&lines),
+        "{lines} lines for {refused} refusals in {seconds} s"
+    );
+}
