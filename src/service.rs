@@ -196,9 +196,8 @@ pub async fn create_user(pool: &PgPool, new: NewUser) -> Result<i64> {
         }
     };
     let password = new.password;
-    let hash = tokio::task::spawn_blocking(move || commands::hash_password(&password))
-        .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))?
+    let hash = password_work(move || commands::hash_password(&password))
+        .await?
         .map_err(|e| ServiceError::Internal(e.to_string()))?;
     match queries::insert_user(pool, login, &hash, master_id, &time_zone).await? {
         Some(id) => Ok(id),
@@ -261,6 +260,28 @@ pub fn warm_up() {
     let _ = dummy_hash();
 }
 
+/// How many password hashes run at once: one per core. Each argon2 hash holds about 19 MiB
+/// while it runs, and the blocking pool would otherwise run hundreds together (concurrent
+/// logins with random names, within the rate limits, took a gateway to 1.8 GB); the others
+/// wait their turn, holding nothing but their request.
+pub fn password_permits() -> &'static tokio::sync::Semaphore {
+    static PERMITS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+    PERMITS.get_or_init(|| {
+        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    })
+}
+
+/// Runs a password hash off the async threads, within [`password_permits`].
+async fn password_work<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let _permit = password_permits()
+        .acquire()
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ServiceError::Internal(e.to_string()))
+}
+
 /// Checks a password against a stored argon2 PHC string. An empty or unreadable stored hash never
 /// matches, but costs the same as a real one.
 fn verify_password(password: &str, stored: Option<&str>) -> bool {
@@ -290,9 +311,7 @@ pub async fn login(
         .filter(|u| !u.removed);
     let stored = row.as_ref().map(|u| u.password_hash.clone());
     let password = password.to_owned();
-    let ok = tokio::task::spawn_blocking(move || verify_password(&password, stored.as_deref()))
-        .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))?;
+    let ok = password_work(move || verify_password(&password, stored.as_deref())).await?;
     let Some(user) = row.filter(|_| ok) else {
         return Err(ServiceError::WrongCredentials);
     };
@@ -359,6 +378,25 @@ pub async fn check_api_key(pool: &PgPool, key: &str) -> Result<Option<i64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// With every permit taken, a password hash waits; it runs once one is given back.
+    #[tokio::test]
+    async fn password_hashes_run_one_per_permit() {
+        let permits = password_permits();
+        let total = u32::try_from(permits.available_permits()).unwrap();
+        let held = permits.acquire_many(total).await.unwrap();
+        let ran = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        let mut work = tokio::spawn(password_work(move || {
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+            password_permits().available_permits()
+        }));
+        let waited = tokio::time::timeout(std::time::Duration::from_millis(200), &mut work).await;
+        assert!(waited.is_err() && !ran.load(std::sync::atomic::Ordering::SeqCst));
+        drop(held);
+        let free_while_running = work.await.unwrap().unwrap();
+        assert_eq!(free_while_running, total as usize - 1);
+    }
 
     #[test]
     fn key_hash_is_sha256_hex() {
