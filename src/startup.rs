@@ -67,6 +67,16 @@ pub struct AppState {
     pub sockets: Arc<SocketSlots>,
 }
 
+/// Sets `TCP_USER_TIMEOUT` on an accepted connection (see `Application::build`). Not a plain
+/// TCP stream (none other is served), or refused by the kernel: left as it is.
+fn limit_unacked(io: &dyn std::any::Any, limit: Duration) {
+    if let Some(stream) = io.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        if let Err(e) = socket2::SockRef::from(stream).set_tcp_user_timeout(Some(limit)) {
+            tracing::debug!(error = %e, "TCP_USER_TIMEOUT not set");
+        }
+    }
+}
+
 /// actix's per-worker connection limit for a process that holds at most `max_sockets`
 /// WebSockets (0: no limit): above it, with room for HTTP requests, since one worker may be
 /// given all of them.
@@ -233,9 +243,17 @@ impl Application {
         tokio::task::spawn_blocking(service::warm_up);
         let port = listener.local_addr()?.port();
         let data = web::Data::new(state.clone());
+        let unacked_limit = settings.websocket.idle_timeout();
         let mut server =
             HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
                 .disable_signals()
+                // A peer that stops reading keeps what the gateway wrote unacknowledged (its
+                // window shut): the socket gives up on it after the idle timeout, but the
+                // connection (and its descriptor, outside the socket limits) lived on, its
+                // last bytes waiting to be flushed, for as long as the peer's kernel answered
+                // the window probes: for ever. The kernel now drops the connection once data
+                // has waited unacknowledged for the idle timeout.
+                .on_connect(move |io, _| limit_unacked(io, unacked_limit))
                 // Events are small frames written as they come: with Nagle's algorithm a frame
                 // written while the previous one is unacknowledged waits for the peer's delayed
                 // ACK (up to 40 ms on Linux), which the benchmark showed as a p95 of ~45 ms.
