@@ -60,6 +60,11 @@ impl Params {
     }
 }
 
+/// How long a request's body may take to arrive, in all. actix-http times out slow headers
+/// (5 s) but not a body: a connection that declared a body and sent nothing (or a byte now and
+/// then) held its descriptor for good, and a thousand of them kept the process from accepting.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl FromRequest for Params {
     type Error = ApiError;
     type Future = LocalBoxFuture<'static, Result<Self, Self::Error>>;
@@ -89,14 +94,25 @@ impl FromRequest for Params {
             if declared.is_some_and(|n| n > limit) {
                 return Err(too_large());
             }
-            let mut body = web::BytesMut::new();
-            while let Some(chunk) = payload.next().await {
-                let chunk = chunk.map_err(|e| ApiError::BadFormat(e.to_string()))?;
-                if body.len() + chunk.len() > limit {
-                    return Err(too_large());
+            let read = async {
+                let mut body = web::BytesMut::new();
+                while let Some(chunk) = payload.next().await {
+                    let chunk = chunk.map_err(|e| ApiError::BadFormat(e.to_string()))?;
+                    if body.len() + chunk.len() > limit {
+                        return Err(too_large());
+                    }
+                    body.extend_from_slice(&chunk);
                 }
-                body.extend_from_slice(&chunk);
-            }
+                Ok(body)
+            };
+            let body = tokio::time::timeout(BODY_TIMEOUT, read)
+                .await
+                .map_err(|_| {
+                    ApiError::BadFormat(format!(
+                        "the body did not arrive within {} s",
+                        BODY_TIMEOUT.as_secs()
+                    ))
+                })??;
             let text = std::str::from_utf8(&body)
                 .map_err(|_| ApiError::BadFormat("the body is not UTF-8".into()))?;
             if text.trim().is_empty() {

@@ -1,6 +1,7 @@
-//! The server's log under a client's junk: what a client sends, however malformed, is answered
-//! (400) and logged below `warn`, so that no client can fill the log, or page an operator who
-//! alerts on errors, by sending garbage. Checked on a `fleetgate serve` process of its own.
+//! The server under a client's junk: what a client sends, however malformed (or however slowly),
+//! is answered (400) and logged below `warn`, so that no client can fill the log, page an
+//! operator who alerts on errors, or hold a connection by sending garbage. Checked on a
+//! `fleetgate serve` process of its own.
 
 use futures_util::SinkExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -242,4 +243,30 @@ async fn a_login_retried_in_a_loop_is_logged_once_a_second() {
         (1..=seconds).contains(&lines),
         "{lines} lines for {refused} refusals in {seconds} s"
     );
+}
+
+/// A request that declares a body and never sends it is answered (code 5) and its connection
+/// closed once the body timeout has passed; it used to hold the connection for good.
+#[tokio::test]
+async fn a_body_that_never_comes_is_answered_and_the_connection_closed() {
+    let app = spawn_app().await;
+    let mut s = TcpStream::connect(("127.0.0.1", app.port))
+        .await
+        .expect("connect");
+    s.write_all(
+        b"POST /v2/user/auth HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 60000\r\n\r\n{\"login\"",
+    )
+    .await
+    .expect("write");
+    let mut answer = Vec::new();
+    let wait = fleetgate::http::params::BODY_TIMEOUT + WAIT;
+    tokio::time::timeout(wait, s.read_to_end(&mut answer))
+        .await
+        .expect("the server answers and closes")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("\"code\":5"), "{answer}");
+    assert!(answer.contains("did not arrive"), "{answer}");
 }
