@@ -6,6 +6,7 @@
 //! RSV1 bit set, which marks a compressed message. Here that bit is taken off the first frame
 //! of a data message (and remembered) before the frame is parsed.
 
+use std::future::Future;
 use std::task::{Context, Poll};
 
 use actix_http::ws::{OpCode, Parser, ProtocolError};
@@ -19,6 +20,13 @@ const RSV1: u8 = 0x40;
 /// The most buffer capacity kept while waiting for the client's next bytes.
 const IDLE_BUF: usize = 1024;
 const RSV_ALL: u8 = 0x70;
+/// Frames read a second, any kind (a burst of as many allowed): past that the reader stops
+/// reading until the budget refills, and the client's frames wait in its own buffers. Messages
+/// have their own limit (`websocket.messages_per_second`), but frames that make no message (a
+/// stream of empty continuations, `X` heartbeats, pings) did not: a client sending millions of
+/// them a second kept a core busy for as long as it liked. No client needs more than a few
+/// frames a second; a message fragmented into a thousand frames takes a second longer.
+const FRAMES_PER_SECOND: f64 = 1000.0;
 
 /// A whole message from the client.
 #[derive(Debug, PartialEq, Eq)]
@@ -60,6 +68,11 @@ pub struct Reader<S> {
     front_compressed: bool,
     partial: Option<Partial>,
     ended: bool,
+    /// The frame budget (see [`FRAMES_PER_SECOND`]): frames left, and when it was counted.
+    frames_left: f64,
+    counted: std::time::Instant,
+    /// Set while the budget is spent: nothing is read until it fires.
+    throttled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S, E> Reader<S>
@@ -77,6 +90,21 @@ where
             front_compressed: false,
             partial: None,
             ended: false,
+            frames_left: FRAMES_PER_SECOND,
+            counted: std::time::Instant::now(),
+            throttled: None,
+        }
+    }
+
+    /// Counts a frame read; once the budget is spent, sets the wait before the next one.
+    fn count_frame(&mut self) {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.counted).as_secs_f64() * FRAMES_PER_SECOND;
+        self.frames_left = (self.frames_left + refill).min(FRAMES_PER_SECOND) - 1.0;
+        self.counted = now;
+        if self.frames_left < 0.0 {
+            let wait = std::time::Duration::from_secs_f64(-self.frames_left / FRAMES_PER_SECOND);
+            self.throttled = Some(Box::pin(tokio::time::sleep(wait)));
         }
     }
 
@@ -92,13 +120,22 @@ where
 
     fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Message, ReadError>>> {
         loop {
+            if let Some(wait) = self.throttled.as_mut() {
+                if wait.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                self.throttled = None;
+            }
             match self.next_frame() {
                 Err(e) => return Poll::Ready(Some(Err(self.fail(e)))),
-                Ok(Some(frame)) => match self.take(frame) {
-                    Ok(Some(m)) => return Poll::Ready(Some(Ok(m))),
-                    Ok(None) => continue,
-                    Err(e) => return Poll::Ready(Some(Err(self.fail(e)))),
-                },
+                Ok(Some(frame)) => {
+                    self.count_frame();
+                    match self.take(frame) {
+                        Ok(Some(m)) => return Poll::Ready(Some(Ok(m))),
+                        Ok(None) => continue,
+                        Err(e) => return Poll::Ready(Some(Err(self.fail(e)))),
+                    }
+                }
                 Ok(None) if self.ended => return Poll::Ready(None),
                 Ok(None) => {}
             }
@@ -409,6 +446,25 @@ mod tests {
         );
         let got = read(vec![frame(0x82, &bad), frame(0x88, b"")], 1024, true);
         assert_eq!(got, vec![Ok(Message::Binary), Ok(Message::Close)]);
+    }
+
+    /// Past its frame budget the reader waits before it reads on, though frames are there;
+    /// then it goes on at the budget's rate.
+    #[tokio::test]
+    async fn frames_past_the_budget_wait() {
+        let n = FRAMES_PER_SECOND as usize;
+        let empty: Vec<u8> = frame(0x81, b"");
+        let chunks = vec![Ok::<_, ()>(Bytes::from(empty.repeat(3 * n)))];
+        let mut r = Reader::new(futures_util::stream::iter(chunks), 1024, false);
+        // The burst at once (and what refilled while it was read), then a wait.
+        let mut read = 0;
+        while let Some(m) = r.recv().now_or_never() {
+            assert!(matches!(m, Some(Ok(Message::Text(_)))), "{m:?}");
+            read += 1;
+        }
+        assert!((n..2 * n).contains(&read), "{read} frames before the wait");
+        let m = tokio::time::timeout(std::time::Duration::from_secs(1), r.recv()).await;
+        assert!(matches!(m, Ok(Some(Ok(Message::Text(_))))), "{m:?}");
     }
 
     #[test]
