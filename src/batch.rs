@@ -738,7 +738,14 @@ impl Batches {
                 .filled
                 .get_or_try_init(|| self.fill(hub, pool, &group))
                 .await?;
-            self.pick_up(hub, pool, &group).await?;
+            if let Err(e) = self.pick_up(hub, pool, &group).await {
+                // A group just filled for this join has no member: its task retires it now,
+                // not at its first period (up to an hour away), unless one joins meanwhile.
+                if group.lock().members.is_empty() {
+                    group.emptied.notify_one();
+                }
+                return Err(e);
+            }
             let mut g = group.lock();
             if g.retired {
                 // Lost a race with the group's last member leaving: start over with a new one.
