@@ -270,3 +270,39 @@ async fn a_body_that_never_comes_is_answered_and_the_connection_closed() {
     assert!(answer.contains("\"code\":5"), "{answer}");
     assert!(answer.contains("did not arrive"), "{answer}");
 }
+
+/// A request that declares a chunked body and never sends it, on a route that reads no body
+/// and on one that does: answered, and the connection closed. actix-http used to drain an
+/// unread chunked body, with no timer, holding the connection for good on any route.
+#[tokio::test]
+async fn a_chunked_body_that_never_comes_does_not_hold_the_connection() {
+    let app = spawn_app().await;
+    for (head, status) in [
+        (
+            "GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200",
+        ),
+        (
+            "POST /nope HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 404",
+        ),
+        (
+            "POST /v2/user/auth HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Transfer-Encoding: chunked\r\n\r\n5\r\n{\"log\r\n",
+            "HTTP/1.1 400",
+        ),
+    ] {
+        let mut s = TcpStream::connect(("127.0.0.1", app.port))
+            .await
+            .expect("connect");
+        s.write_all(head.as_bytes()).await.expect("write");
+        let mut answer = Vec::new();
+        let wait = fleetgate::http::params::BODY_TIMEOUT + WAIT;
+        tokio::time::timeout(wait, s.read_to_end(&mut answer))
+            .await
+            .unwrap_or_else(|_| panic!("still open: {head}"))
+            .ok();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with(status), "{head}: {answer}");
+    }
+}

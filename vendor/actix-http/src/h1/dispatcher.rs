@@ -1018,7 +1018,13 @@ where
                                     let (sender, payload) = Payload::create(false);
                                     *req.payload() = crate::Payload::H1 { payload };
                                     *this.payload = Some(sender);
-                                    *this.payload_drainable = req.chunked().unwrap_or(false);
+                                    // fleetgate patch: a chunked body the service left
+                                    // unread is not drained (upstream read it to its end to
+                                    // keep the connection, with no timer: a client that
+                                    // declared a chunked body and sent none held the
+                                    // connection for good); the connection closes after the
+                                    // response, as for a sized body.
+                                    *this.payload_drainable = false;
                                 }
                             }
 
