@@ -5,7 +5,7 @@
 //! passwords are checked); the SQL is in [`queries`], the wire formats in the callers.
 
 use std::fmt::Write as _;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use argon2::password_hash::{PasswordHash, PasswordVerifier};
 use rand::Rng;
@@ -264,22 +264,31 @@ pub fn warm_up() {
 /// while it runs, and the blocking pool would otherwise run hundreds together (concurrent
 /// logins with random names, within the rate limits, took a gateway to 1.8 GB); the others
 /// wait their turn, holding nothing but their request.
-pub fn password_permits() -> &'static tokio::sync::Semaphore {
-    static PERMITS: OnceLock<tokio::sync::Semaphore> = OnceLock::new();
+pub fn password_permits() -> &'static Arc<tokio::sync::Semaphore> {
+    static PERMITS: OnceLock<Arc<tokio::sync::Semaphore>> = OnceLock::new();
     PERMITS.get_or_init(|| {
-        tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+        Arc::new(tokio::sync::Semaphore::new(
+            std::thread::available_parallelism().map_or(2, |n| n.get()),
+        ))
     })
 }
 
-/// Runs a password hash off the async threads, within [`password_permits`].
+/// Runs a password hash off the async threads, within [`password_permits`]. The permit goes
+/// with the hash, not with the request: a client that drops its connection while its hash runs
+/// does not free a permit for another while the hash goes on.
 async fn password_work<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Result<T> {
-    let _permit = password_permits()
-        .acquire()
+    let permit = password_permits()
+        .clone()
+        .acquire_owned()
         .await
         .map_err(|e| ServiceError::Internal(e.to_string()))?;
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ServiceError::Internal(e.to_string()))
+    tokio::task::spawn_blocking(move || {
+        let done = work();
+        drop(permit);
+        done
+    })
+    .await
+    .map_err(|e| ServiceError::Internal(e.to_string()))
 }
 
 /// Checks a password against a stored argon2 PHC string. An empty or unreadable stored hash never
@@ -396,6 +405,30 @@ mod tests {
         drop(held);
         let free_while_running = work.await.unwrap().unwrap();
         assert_eq!(free_while_running, total as usize - 1);
+
+        // A request given up on while its hash runs keeps the permit until the hash ends.
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (finish_tx, finish_rx) = std::sync::mpsc::channel::<()>();
+        let work = tokio::spawn(password_work(move || {
+            let _ = started_tx.send(());
+            let _ = finish_rx.recv();
+        }));
+        tokio::task::spawn_blocking(move || started_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        work.abort();
+        assert!(work.await.is_err(), "aborted");
+        assert_eq!(permits.available_permits(), total as usize - 1);
+        finish_tx.send(()).unwrap();
+        let back = async {
+            while permits.available_permits() < total as usize {
+                tokio::task::yield_now().await; // until the blocking task has ended
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), back)
+            .await
+            .expect("the permit comes back when the hash ends");
     }
 
     #[test]
