@@ -33,7 +33,8 @@ use crate::{
     config::ServiceConfig,
     error::{DispatchError, ParseError, PayloadError},
     service::HttpFlow,
-    ConnectionType, Error, Extensions, HttpMessage, OnConnectData, Request, Response, StatusCode,
+    // fleetgate patch: `HttpMessage` (for `req.chunked()`, no longer called) is not imported.
+    ConnectionType, Error, Extensions, OnConnectData, Request, Response, StatusCode,
 };
 
 const LW_BUFFER_SIZE: usize = 1024;
