@@ -501,6 +501,9 @@ struct TrackerEntry {
     /// not a tuple, so that the flags share a word: 100,000 entries are 1.6 MB per word.)
     newest_change: i64,
     newest_blocked: bool,
+    /// Whether states are held back: `blocked`, unless a read has seen a newer lifecycle than
+    /// the last one published (then that read's; see [`Hub::publish_lifecycle`]).
+    states_blocked: bool,
     state_change: i64,
     /// The newest state, while some subscriber's outbox holds a mark for it.
     held: Option<Arc<HeldState>>,
@@ -892,7 +895,7 @@ impl Hub {
         if compact_read && !entry.compact_only() {
             return None;
         }
-        if entry.blocked
+        if entry.states_blocked
             || state.change_no < entry.state_change
             || (state.change_no == entry.state_change && !resend)
         {
@@ -990,10 +993,11 @@ impl Hub {
         entry.lifecycle_change = change;
         // A `corrupt` is settled below: it says nothing of the tracker's own lifecycle.
         if kind != Lifecycle::Corrupt {
+            entry.blocked = kind == Lifecycle::Block;
             if change >= entry.newest_change {
-                entry.blocked = kind == Lifecycle::Block;
                 entry.newest_change = change;
                 entry.newest_blocked = entry.blocked;
+                entry.states_blocked = entry.blocked;
             } else {
                 // A read has seen a newer lifecycle than this event: its watcher admitted
                 // since. The gate on states follows that read. The later change's own event
@@ -1001,8 +1005,9 @@ impl Hub {
                 // dropped and made again in between), the listener dropped it, and a stale
                 // block gating here then froze the tracker for every watcher. Subscribers
                 // older than the read still get this event and hold states back on their own
-                // watch until the newer change reaches them.
-                entry.blocked = entry.newest_blocked;
+                // watch until the newer change reaches them (a resync compares the database
+                // with `blocked`, what they were told, to find the change they still need).
+                entry.states_blocked = entry.newest_blocked;
             }
         }
         let frame = ByteString::from(model::lifecycle_event(
@@ -1048,6 +1053,7 @@ impl Hub {
                 .readings_groups
                 .retain(|g| g.lifecycle(id, change, kind, &frame));
             entry.blocked = false;
+            entry.states_blocked = false;
             entry.account_id = entry
                 .groups
                 .iter()
