@@ -323,7 +323,10 @@ fn unclear_boolean_in(
                 continue;
             };
             let clear = match &value.kind {
-                config::ValueKind::Boolean(_) => true,
+                // 0 and 1 as the environment takes them.
+                config::ValueKind::Boolean(_)
+                | config::ValueKind::I64(0 | 1)
+                | config::ValueKind::U64(0 | 1) => true,
                 config::ValueKind::String(s) => {
                     BOOLEAN_WORDS.contains(&s.trim().to_ascii_lowercase().as_str())
                 }
@@ -658,6 +661,7 @@ mod tests {
         for ok in [
             "[websocket]\ncompression = false",
             "[websocket]\ncompression = \"on\"",
+            "[websocket]\ncompression = 0",
             "[websocket]\nqueue_capacity = 2",
             "",
         ] {

@@ -243,7 +243,11 @@ impl Application {
         tokio::task::spawn_blocking(service::warm_up);
         let port = listener.local_addr()?.port();
         let data = web::Data::new(state.clone());
-        let unacked_limit = settings.websocket.idle_timeout();
+        // (At least a second: below that, ordinary packet loss would reset healthy connections.)
+        let unacked_limit = settings
+            .websocket
+            .idle_timeout()
+            .max(Duration::from_secs(1));
         let mut server =
             HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
                 .disable_signals()
