@@ -121,6 +121,21 @@ where
     }
 }
 
+/// Waits until some query of the test database waits for a lock.
+pub async fn until_a_query_waits_for_a_lock(pool: &PgPool) {
+    eventually("a query to wait for the lock", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .expect("pg_stat_activity");
+        waiting > 0
+    })
+    .await;
+}
+
 impl TestApp {
     pub fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}/v2/event/subscription", self.port)

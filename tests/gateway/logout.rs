@@ -191,21 +191,6 @@ async fn an_expiry_is_confirmed_with_the_database_before_the_logout() {
     assert_logout_then_close(&mut c).await;
 }
 
-/// Waits until some query of the test database waits for a lock.
-async fn until_a_query_waits_for_a_lock(app: &TestApp) {
-    eventually("a query to wait for the lock", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity \
-              WHERE datname = current_database() AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .expect("pg_stat_activity");
-        waiting > 0
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn a_subscribe_handled_before_its_sessions_queued_logout_leaves_nothing_behind() {
     let app = spawn_app().await;
@@ -227,7 +212,7 @@ async fn a_subscribe_handled_before_its_sessions_queued_logout_leaves_nothing_be
             .expect("queue");
     }
     c.ws.flush().await.expect("send");
-    until_a_query_waits_for_a_lock(&app).await;
+    until_a_query_waits_for_a_lock(&app.pool).await;
     // Meanwhile ACME is revoked: its logout is queued for the socket, behind that subscribe.
     revoke(&app, ACME).await;
     app.until("the hub logs ACME out", || !app.hub.has_session(ACME))

@@ -74,6 +74,21 @@ async fn until_batch_has(outbox: &Outbox, tracker: i64, speed: i64) -> Vec<(i64,
     got
 }
 
+/// Subscribes `conn` (with a fresh outbox) to 101 under acme's session, as a socket does:
+/// registered in the hub, then 101 read and its facts observed.
+async fn acme_subscriber(pool: &PgPool, hub: &Hub, conn: u64) -> std::sync::Arc<Outbox> {
+    let outbox = hub.outbox(64);
+    hub.subscribe(conn, &outbox, &[101], variant());
+    let session = queries::session(pool, ACME).await.unwrap().unwrap();
+    for (id, _, facts) in fleetgate::access::statuses(pool, &session, &[101])
+        .await
+        .unwrap()
+    {
+        hub.observe(id, facts.unwrap());
+    }
+    outbox
+}
+
 async fn change_of(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
@@ -188,15 +203,7 @@ async fn a_tracker_removed_and_restored_within_a_round_stays_in_the_all_batch(po
 )]
 async fn a_tracker_moved_back_during_a_gap_leaves_the_other_accounts_batch(pool: PgPool) {
     let hub = Hub::new();
-    let acme = hub.outbox(64);
-    hub.subscribe(1, &acme, &[101], variant());
-    let session = queries::session(&pool, ACME).await.unwrap().unwrap();
-    for (id, _, facts) in fleetgate::access::statuses(&pool, &session, &[101])
-        .await
-        .unwrap()
-    {
-        hub.observe(id, facts.unwrap());
-    }
+    let _acme = acme_subscriber(&pool, &hub, 1).await;
     let rival = hub.outbox(64);
     let joined = hub
         .batches
@@ -274,20 +281,7 @@ async fn grants_revoked_while_a_sub_users_group_fills_are_all_taken_away(pool: P
                 .await
         })
     };
-    eventually("a chunk's states read waiting on the lock", || {
-        let pool = pool.clone();
-        async move {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-            waiting > 0
-        }
-    })
-    .await;
+    until_a_query_waits_for_a_lock(&pool).await;
 
     sqlx::query("DELETE FROM tracker_grants WHERE user_id = 2")
         .execute(&pool)
@@ -359,20 +353,7 @@ async fn no_batch_of_an_ended_session_follows_its_logout() {
     c.send(json!({"action": "subscribe", "hash": RIVAL, "requests": [
         {"type": "state_batch", "target": {"type": "all"}, "rate_limit": "300ms"}]}))
         .await;
-    eventually("the subscribe waiting on the lock", || {
-        let pool = app.pool.clone();
-        async move {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_stat_activity \
-                  WHERE datname = current_database() AND wait_event_type = 'Lock'",
-            )
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-            waiting > 0
-        }
-    })
-    .await;
+    until_a_query_waits_for_a_lock(&app.pool).await;
     // acme's session ends (its `logout` is queued), then a reading changes: the group's next
     // batch, which the witness gets, is queued for the busy socket too.
     app.exec(&format!(
@@ -447,21 +428,7 @@ async fn lifecycle_kinds(outbox: &Outbox, tracker: i64) -> Vec<Lifecycle> {
 )]
 async fn a_resync_unblocks_a_socket_told_a_block_that_a_newer_read_has_passed(pool: PgPool) {
     let hub = Hub::new();
-    let session = queries::session(&pool, ACME).await.unwrap().unwrap();
-    let observe = |hub: std::sync::Arc<Hub>| {
-        let (pool, session) = (pool.clone(), session.clone());
-        async move {
-            for (id, _, facts) in fleetgate::access::statuses(&pool, &session, &[101])
-                .await
-                .unwrap()
-            {
-                hub.observe(id, facts.unwrap());
-            }
-        }
-    };
-    let old = hub.outbox(64);
-    hub.subscribe(1, &old, &[101], variant());
-    observe(hub.clone()).await;
+    let old = acme_subscriber(&pool, &hub, 1).await;
     let blocked = change_of(
         &pool,
         "UPDATE trackers SET blocked = true WHERE id = 101 RETURNING change_no",
@@ -474,9 +441,7 @@ async fn a_resync_unblocks_a_socket_told_a_block_that_a_newer_read_has_passed(po
         .execute(&pool)
         .await
         .unwrap();
-    let new = hub.outbox(64);
-    hub.subscribe(2, &new, &[101], variant());
-    observe(hub.clone()).await;
+    let _new = acme_subscriber(&pool, &hub, 2).await;
     fleetgate::listen::resync_with(&pool, &hub, &mut carried)
         .await
         .unwrap();
