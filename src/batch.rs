@@ -1192,6 +1192,17 @@ mod tests {
         g
     }
 
+    /// What an admission read says of tracker `id` of account 1 (its source id 1000 + `id`).
+    fn read_facts(id: TrackerId, blocked: bool, change_no: i64) -> (TrackerId, TrackerFacts) {
+        let facts = TrackerFacts {
+            source_id: 1000 + id,
+            account_id: 1,
+            blocked,
+            change_no,
+        };
+        (id, facts)
+    }
+
     /// Lifecycle changes that reach a group between its registration in the hub and the end of
     /// the read that admits the trackers are applied at admission when newer than the read.
     #[test]
@@ -1201,18 +1212,8 @@ mod tests {
         g.lifecycle(5, 20, Lifecycle::Block, &frame);
         g.lifecycle(6, 21, Lifecycle::Corrupt, &frame);
         g.lifecycle(7, 5, Lifecycle::Block, &frame); // older than the read: the read wins
-        let facts = |id, change_no| {
-            (
-                id,
-                TrackerFacts {
-                    source_id: 0,
-                    account_id: 1,
-                    blocked: false,
-                    change_no,
-                },
-            )
-        };
-        let gone = g.lock().admit(&[facts(5, 10), facts(6, 10), facts(7, 10)]);
+        let facts = |id| read_facts(id, false, 10);
+        let gone = g.lock().admit(&[facts(5), facts(6), facts(7)]);
         assert_eq!(gone, [6]);
         let st = g.lock();
         let mut trackers: Vec<TrackerId> = st.trackers.keys().copied().collect();
@@ -1235,17 +1236,7 @@ mod tests {
         let frame = ByteString::from_static("lifecycle");
         g.lifecycle(8, 30, Lifecycle::Unblock, &frame);
         g.lifecycle(9, 31, Lifecycle::Block, &frame);
-        let facts = |id, blocked| {
-            (
-                id,
-                TrackerFacts {
-                    source_id: 1000 + id,
-                    account_id: 1,
-                    blocked,
-                    change_no: 10,
-                },
-            )
-        };
+        let facts = |id, blocked| read_facts(id, blocked, 10);
         let read = [
             facts(8, true),
             facts(9, false),

@@ -36,6 +36,22 @@ fn all_of(account_id: i64, sub_user: Option<i64>, rate_ms: u64) -> GroupKey {
     }
 }
 
+/// A dashboard (a fresh outbox, connection `conn`) joining `account`'s `all` batch at 100 ms.
+async fn join_all(
+    pool: &PgPool,
+    hub: &std::sync::Arc<Hub>,
+    account: i64,
+    conn: u64,
+) -> (std::sync::Arc<Outbox>, fleetgate::batch::Joined) {
+    let member = hub.outbox(64);
+    let joined = hub
+        .batches
+        .join(hub, pool, all_of(account, None, 100), conn, &member, 64)
+        .await
+        .unwrap();
+    (member, joined)
+}
+
 /// (tracker_id, speed) of every item of every batch queued in `outbox` within `wait`.
 async fn batch_items(outbox: &Outbox, wait: Duration) -> Vec<(i64, i64)> {
     let deadline = tokio::time::Instant::now() + wait;
@@ -142,12 +158,7 @@ async fn a_stale_block_for_a_remade_entry_does_not_hold_back_states(pool: PgPool
     dropped.add_payload(&format!("t|{unblocked}:101:unblock"), &hub);
     assert!(dropped.lifecycle.is_empty(), "nobody watches 101");
 
-    let member = hub.outbox(64);
-    let joined = hub
-        .batches
-        .join(&hub, &pool, all_of(1, None, 100), 2, &member, 64)
-        .await
-        .unwrap();
+    let (member, joined) = join_all(&pool, &hub, 1, 2).await;
     assert!(joined.statuses.as_str().contains("\"101\":\"normal\""));
     fleetgate::listen::process(&pool, &hub, stale, None)
         .await
@@ -166,12 +177,7 @@ async fn a_stale_block_for_a_remade_entry_does_not_hold_back_states(pool: PgPool
 )]
 async fn a_tracker_removed_and_restored_within_a_round_stays_in_the_all_batch(pool: PgPool) {
     let hub = Hub::new();
-    let member = hub.outbox(64);
-    let joined = hub
-        .batches
-        .join(&hub, &pool, all_of(1, None, 100), 1, &member, 64)
-        .await
-        .unwrap();
+    let (member, joined) = join_all(&pool, &hub, 1, 1).await;
     assert!(joined.group.tracker_ids().contains(&101));
     let removed = change_of(
         &pool,
@@ -204,12 +210,7 @@ async fn a_tracker_removed_and_restored_within_a_round_stays_in_the_all_batch(po
 async fn a_tracker_moved_back_during_a_gap_leaves_the_other_accounts_batch(pool: PgPool) {
     let hub = Hub::new();
     let _acme = acme_subscriber(&pool, &hub, 1).await;
-    let rival = hub.outbox(64);
-    let joined = hub
-        .batches
-        .join(&hub, &pool, all_of(3, None, 100), 2, &rival, 64)
-        .await
-        .unwrap();
+    let (rival, joined) = join_all(&pool, &hub, 3, 2).await;
     let moved = change_of(
         &pool,
         "UPDATE trackers SET account_id = 3 WHERE id = 101 RETURNING change_no",
@@ -233,15 +234,7 @@ async fn a_tracker_moved_back_during_a_gap_leaves_the_other_accounts_batch(pool:
     fleetgate::listen::resync(&pool, &hub).await.unwrap();
     assert!(!joined.group.tracker_ids().contains(&101), "moved away");
     batch_items(&rival, Duration::from_millis(300)).await;
-    sqlx::query("UPDATE tracker_states SET speed = 77 WHERE tracker_id = 101")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let mut p = Pending::default();
-    p.add_payload("s|101", &hub);
-    fleetgate::listen::process(&pool, &hub, p, None)
-        .await
-        .unwrap();
+    new_speed(&pool, &hub, 101, 77).await;
     let got = batch_items(&rival, Duration::from_millis(500)).await;
     assert!(!got.iter().any(|(id, _)| *id == 101), "{got:?}");
 }
