@@ -478,15 +478,37 @@ struct Subscriber {
     slot: u32,
 }
 
+/// A data source id, or none, in one word where an `Option<i64>` takes two (every watched
+/// tracker's entry holds one; see `a_tracker_entry_stays_small`). `i64::MIN` stands for none (ids are database keys; one that was `i64::MIN` would
+/// only be read again with every state).
+#[derive(Clone, Copy)]
+struct SourceId(i64);
+
+impl Default for SourceId {
+    fn default() -> Self {
+        SourceId(i64::MIN)
+    }
+}
+
+impl SourceId {
+    fn of(id: i64) -> SourceId {
+        SourceId(id)
+    }
+
+    fn get(self) -> Option<i64> {
+        (self.0 != i64::MIN).then_some(self.0)
+    }
+}
+
 #[derive(Default)]
 struct TrackerEntry {
     subs: Vec<Subscriber>,
     groups: Vec<Arc<BatchGroup>>,
     /// `readings_batch` groups: fed by [`Hub::offer_readings`], never by state fan-out.
     readings_groups: Vec<Arc<BatchGroup>>,
-    /// The tracker's data source id, once a database read has said it (None before, and after
+    /// The tracker's data source id, once a database read has said it (none before, and after
     /// an `i|` notification said it changed).
-    source_id: Option<i64>,
+    source_id: SourceId,
     /// The tracker's account, as the reads that admitted its subscribers said it (None before,
     /// and after a `corrupt` unless a group of the new account holds the tracker): a resync
     /// that finds it moved sends `corrupt`.
@@ -501,6 +523,9 @@ struct TrackerEntry {
     /// not a tuple, so that the flags share a word: 100,000 entries are 1.6 MB per word.)
     newest_change: i64,
     newest_blocked: bool,
+    /// The account of the newest facts when a read gave them (a later event does not move it):
+    /// the account a `corrupt` older than that read leaves to the read's subscriber.
+    newest_account: Option<NonZeroI64>,
     /// Whether states are held back: `blocked`, unless a read has seen a newer lifecycle than
     /// the last one published (then that read's; see [`Hub::publish_lifecycle`]).
     states_blocked: bool,
@@ -761,13 +786,16 @@ impl Hub {
     /// only spare the processor reading the state of a tracker that is blocked.
     pub fn observe(&self, id: TrackerId, facts: TrackerFacts) {
         if let Some(mut entry) = self.trackers.get_mut(&id) {
-            entry.source_id.get_or_insert(facts.source_id);
+            if entry.source_id.get().is_none() {
+                entry.source_id = SourceId::of(facts.source_id);
+            }
             if entry.account_id.is_none() {
                 entry.account_id = NonZeroI64::new(facts.account_id);
             }
             if facts.change_no > entry.newest_change {
                 entry.newest_change = facts.change_no;
                 entry.newest_blocked = facts.blocked;
+                entry.newest_account = NonZeroI64::new(facts.account_id);
             }
         }
     }
@@ -789,7 +817,7 @@ impl Hub {
         self.trackers
             .get(&id)
             .filter(|e| e.wants_state())
-            .map(|e| e.source_id)
+            .map(|e| e.source_id.get())
     }
 
     /// [`Hub::wanted_source`], and whether every subscriber and group of the tracker takes the
@@ -799,7 +827,7 @@ impl Hub {
         self.trackers
             .get(&id)
             .filter(|e| e.wants_state())
-            .map(|e| (e.source_id, e.compact_only()))
+            .map(|e| (e.source_id.get(), e.compact_only()))
     }
 
     /// Whether some `readings_batch` group watches this tracker (blocked or not: a blocked
@@ -902,7 +930,7 @@ impl Hub {
             return Some(0);
         }
         entry.state_change = state.change_no;
-        entry.source_id = Some(state.source_id);
+        entry.source_id = SourceId::of(state.source_id);
         let notified = self.metrics.round_notified();
         let entry = &mut *entry;
         // Each variant's frame, serialized once for all its subscribers.
@@ -1012,7 +1040,7 @@ impl Hub {
         }
         let frame = ByteString::from(model::lifecycle_event(
             id,
-            entry.source_id.unwrap_or_default(),
+            entry.source_id.get().unwrap_or_default(),
             kind,
         ));
         for sub in &entry.subs {
@@ -1043,9 +1071,10 @@ impl Hub {
             // and filters on it, so the entry stops gating: blocking the whole entry here kept
             // a subscriber of the new account from ever getting a state while an old socket had
             // not yet left, since a subscribe's read does not move the published lifecycle.
-            // The account goes, unless such a group holds the tracker: then it is that group's
-            // (a resync compares it with the database's to find a later move away), else a
-            // tracker moved back and watched again is admitted anew.
+            // The account goes, unless such a group holds the tracker, or a subscribe read it
+            // after the move (the newest facts are a read's, at least as new as this event):
+            // then it is that account (a resync compares it with the database's to find a
+            // later move away), else a tracker moved back and watched again is admitted anew.
             entry
                 .groups
                 .retain(|g| g.lifecycle(id, change, kind, &frame));
@@ -1054,11 +1083,15 @@ impl Hub {
                 .retain(|g| g.lifecycle(id, change, kind, &frame));
             entry.blocked = false;
             entry.states_blocked = false;
+            let read_since = (entry.newest_change >= change)
+                .then_some(entry.newest_account)
+                .flatten();
             entry.account_id = entry
                 .groups
                 .iter()
                 .chain(&entry.readings_groups)
-                .find_map(|g| NonZeroI64::new(g.key.scope.account_id));
+                .find_map(|g| NonZeroI64::new(g.key.scope.account_id))
+                .or(read_since);
             entry.is_idle()
         } else {
             for g in entry.groups.iter().chain(&entry.readings_groups) {
@@ -1147,14 +1180,14 @@ impl Hub {
 
     /// The data source id of a watched tracker, if a database read has said it.
     pub fn source_id(&self, id: TrackerId) -> Option<i64> {
-        self.trackers.get(&id).and_then(|e| e.source_id)
+        self.trackers.get(&id).and_then(|e| e.source_id.get())
     }
 
     /// Sets the data source id of watched trackers (after an `i|` notification).
     pub fn set_source_ids(&self, sources: &[(TrackerId, i64)]) {
         for &(id, source) in sources {
             if let Some(mut entry) = self.trackers.get_mut(&id) {
-                entry.source_id = Some(source);
+                entry.source_id = SourceId::of(source);
             }
         }
     }
@@ -1163,7 +1196,7 @@ impl Hub {
     pub fn forget_source_ids(&self, ids: &[TrackerId]) {
         for id in ids {
             if let Some(mut entry) = self.trackers.get_mut(id) {
-                entry.source_id = None;
+                entry.source_id = SourceId::default();
             }
         }
     }

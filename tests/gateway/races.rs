@@ -93,9 +93,14 @@ async fn until_batch_has(outbox: &Outbox, tracker: i64, speed: i64) -> Vec<(i64,
 /// Subscribes `conn` (with a fresh outbox) to 101 under acme's session, as a socket does:
 /// registered in the hub, then 101 read and its facts observed.
 async fn acme_subscriber(pool: &PgPool, hub: &Hub, conn: u64) -> std::sync::Arc<Outbox> {
+    subscriber(pool, hub, conn, ACME).await
+}
+
+/// [`acme_subscriber`] under the session `hash`.
+async fn subscriber(pool: &PgPool, hub: &Hub, conn: u64, hash: &str) -> std::sync::Arc<Outbox> {
     let outbox = hub.outbox(64);
     hub.subscribe(conn, &outbox, &[101], variant());
-    let session = queries::session(pool, ACME).await.unwrap().unwrap();
+    let session = queries::session(pool, hash).await.unwrap().unwrap();
     for (id, _, facts) in fleetgate::access::statuses(pool, &session, &[101])
         .await
         .unwrap()
@@ -237,6 +242,39 @@ async fn a_tracker_moved_back_during_a_gap_leaves_the_other_accounts_batch(pool:
     new_speed(&pool, &hub, 101, 77).await;
     let got = batch_items(&rival, Duration::from_millis(500)).await;
     assert!(!got.iter().any(|(id, _)| *id == 101), "{got:?}");
+}
+
+/// 101 moves into the rival account and a rival socket subscribes to it before the move's
+/// `corrupt` is processed; then 101 moves back to acme while the LISTEN stream is down. The
+/// resync must tell the rival socket `corrupt`. The hub used to forget 101's account at the
+/// first `corrupt` (the rival's read came before it), so the resync could not tell it moved,
+/// and the rival socket kept getting acme's tracker.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_tracker_moved_back_during_a_gap_leaves_a_socket_that_read_it_moved(pool: PgPool) {
+    let hub = Hub::new();
+    let _acme = acme_subscriber(&pool, &hub, 1).await;
+    let moved = change_of(
+        &pool,
+        "UPDATE trackers SET account_id = 3 WHERE id = 101 RETURNING change_no",
+    )
+    .await;
+    let rival = subscriber(&pool, &hub, 2, RIVAL).await;
+    round(&pool, &hub, &[format!("t|{moved}:101:corrupt")]).await;
+    // The acme socket takes its `corrupt` and leaves; the rival socket drops it (its own read
+    // is as new), as sockets do.
+    hub.unsubscribe(1, &[101]);
+    assert_eq!(lifecycle_kinds(&rival, 101).await, [Lifecycle::Corrupt]);
+
+    // Back to acme while the stream is down (no notification), then the resync.
+    sqlx::query("UPDATE trackers SET account_id = 1 WHERE id = 101")
+        .execute(&pool)
+        .await
+        .unwrap();
+    fleetgate::listen::resync(&pool, &hub).await.unwrap();
+    assert_eq!(lifecycle_kinds(&rival, 101).await, [Lifecycle::Corrupt]);
 }
 
 /// Every grant of sub-user 2 revoked while its `all` group is being filled (the first chunks
