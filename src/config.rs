@@ -149,6 +149,8 @@ pub struct ApiSettings {
     pub login_attempts_per_login: u32,
     pub login_attempts_per_address: u32,
     pub login_window_secs: u64,
+    pub requests_per_second: u32,
+    pub requests_burst: u32,
     pub trust_forwarded_for: bool,
 }
 
@@ -242,6 +244,8 @@ impl Default for ApiSettings {
             login_attempts_per_login: 5,
             login_attempts_per_address: 20,
             login_window_secs: 60,
+            requests_per_second: 20,
+            requests_burst: 100,
             trust_forwarded_for: false,
         }
     }
@@ -457,7 +461,7 @@ impl Settings {
         let d = &self.database;
         let w = &self.websocket;
         let l = &self.listen;
-        let floors: [(&str, u64, u64); 18] = [
+        let floors: [(&str, u64, u64); 20] = [
             ("database.max_connections", d.max_connections.into(), 1),
             ("database.event_connections", d.event_connections.into(), 1),
             ("database.acquire_timeout_secs", d.acquire_timeout_secs, 1),
@@ -494,6 +498,12 @@ impl Settings {
                 1,
             ),
             ("api.login_window_secs", self.api.login_window_secs, 1),
+            (
+                "api.requests_per_second",
+                self.api.requests_per_second.into(),
+                1,
+            ),
+            ("api.requests_burst", self.api.requests_burst.into(), 1),
             ("listen.round_timeout_secs", l.round_timeout_secs, 1),
             (
                 "sessions.expiry_check_ms",

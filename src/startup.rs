@@ -14,7 +14,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Settings;
-use crate::http::limit::LoginLimiter;
+use crate::http::limit::{LoginLimiter, SessionLimiter};
 use crate::hub::Hub;
 use crate::ws::slots::{self, SocketSlots};
 use crate::{db, http, listen, service, ws};
@@ -60,6 +60,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// `user/auth` attempts per login and per address, shared by every worker.
     pub login_limiter: Arc<LoginLimiter>,
+    /// Calls per session hash (`tracker/…`, `user/get_info`, `user/logout`).
+    pub session_limiter: Arc<SessionLimiter>,
     /// The processor's work queue (see [`listen`]): a subscribe whose snapshot could not be
     /// read hands its trackers to the processor, which sends their current states.
     pub inbox: Arc<listen::Inbox>,
@@ -228,6 +230,7 @@ impl Application {
             settings: settings.clone(),
             shutdown: shutdown_rx,
             login_limiter: Arc::new(LoginLimiter::new(&settings.api)),
+            session_limiter: Arc::new(SessionLimiter::new(&settings.api)),
             inbox,
             sockets: SocketSlots::new(
                 socket_limit(&settings),

@@ -1,7 +1,13 @@
-//! The login rate limit: one token bucket per login and one per client address, shared by every
-//! worker. Each `user/auth` attempt takes a token from both (before the password is checked, so
-//! the limit also bounds the hashing work); an empty bucket refuses with code 15. Buckets refill
-//! evenly over `api.login_window_secs`; idle ones are dropped now and then.
+//! Rate limits of the HTTP API, shared by every worker: token buckets keyed by a string, taken
+//! before the work they guard, refused with code 15 (and `Retry-After`) when empty; idle ones
+//! are dropped now and then.
+//!
+//! - [`LoginLimiter`]: one bucket per login and one per client address. Each `user/auth` attempt
+//!   takes a token from both (before the password is checked, so the limit also bounds the
+//!   hashing work); buckets refill evenly over `api.login_window_secs`.
+//! - [`SessionLimiter`]: one bucket per session hash for the calls made with one
+//!   (`api.requests_per_second`, with a burst of `api.requests_burst`), taken before the
+//!   session is looked up.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -26,12 +32,17 @@ struct Buckets {
 }
 
 impl Buckets {
+    /// `capacity` tokens, refilled evenly over `window`.
     fn new(capacity: u32, window: Duration) -> Buckets {
         let capacity = f64::from(capacity.max(1));
+        Buckets::with_rate(capacity, capacity / window.as_secs_f64().max(0.001))
+    }
+
+    fn with_rate(capacity: f64, per_sec: f64) -> Buckets {
         Buckets {
             map: DashMap::new(),
-            capacity,
-            per_sec: capacity / window.as_secs_f64().max(0.001),
+            capacity: capacity.max(1.0),
+            per_sec: per_sec.max(0.001),
         }
     }
 
@@ -60,15 +71,48 @@ impl Buckets {
     }
 }
 
+/// Drops idle buckets when there are many: at most once a second, one pruner at a time.
+struct Pruner {
+    started: Instant,
+    last_prune_ms: AtomicU64,
+    lock: Mutex<()>,
+}
+
+impl Pruner {
+    fn new() -> Pruner {
+        Pruner {
+            started: Instant::now(),
+            last_prune_ms: AtomicU64::new(0),
+            lock: Mutex::new(()),
+        }
+    }
+
+    fn maybe_prune(&self, now: Instant, all: &[&Buckets]) {
+        if all.iter().map(|b| b.map.len()).sum::<usize>() <= PRUNE_ABOVE {
+            return;
+        }
+        let ms = now.saturating_duration_since(self.started).as_millis() as u64;
+        let last = self.last_prune_ms.load(Ordering::Relaxed);
+        if ms < last + 1000 {
+            return;
+        }
+        // One pruner at a time; the others carry on.
+        if let Ok(_guard) = self.lock.try_lock() {
+            self.last_prune_ms.store(ms, Ordering::Relaxed);
+            for b in all {
+                b.prune(now);
+            }
+        }
+    }
+}
+
 pub struct LoginLimiter {
     /// Refusals are logged once a second at most: a client retrying in a loop would flood
     /// the log.
     pub log_gate: crate::telemetry::LogGate,
     by_login: Buckets,
     by_address: Buckets,
-    started: Instant,
-    last_prune_ms: AtomicU64,
-    prune_lock: Mutex<()>,
+    pruner: Pruner,
 }
 
 impl LoginLimiter {
@@ -78,16 +122,15 @@ impl LoginLimiter {
             log_gate: Default::default(),
             by_login: Buckets::new(settings.login_attempts_per_login, window),
             by_address: Buckets::new(settings.login_attempts_per_address, window),
-            started: Instant::now(),
-            last_prune_ms: AtomicU64::new(0),
-            prune_lock: Mutex::new(()),
+            pruner: Pruner::new(),
         }
     }
 
     /// Counts one attempt for `login` from `address`; `Err(seconds)` when either is over its limit.
     pub fn attempt(&self, login: &str, address: &str) -> Result<(), u64> {
         let now = Instant::now();
-        self.maybe_prune(now);
+        self.pruner
+            .maybe_prune(now, &[&self.by_login, &self.by_address]);
         let by_login = self.by_login.take(login, now);
         let by_address = self.by_address.take(address, now);
         match (by_login, by_address) {
@@ -96,22 +139,33 @@ impl LoginLimiter {
             (Err(s), _) | (_, Err(s)) => Err(s),
         }
     }
+}
 
-    fn maybe_prune(&self, now: Instant) {
-        if self.by_login.map.len() + self.by_address.map.len() <= PRUNE_ABOVE {
-            return;
+/// Calls made with a session hash: one bucket per hash.
+pub struct SessionLimiter {
+    /// Refusals are logged once a second at most.
+    pub log_gate: crate::telemetry::LogGate,
+    by_session: Buckets,
+    pruner: Pruner,
+}
+
+impl SessionLimiter {
+    pub fn new(settings: &ApiSettings) -> SessionLimiter {
+        SessionLimiter {
+            log_gate: Default::default(),
+            by_session: Buckets::with_rate(
+                f64::from(settings.requests_burst),
+                f64::from(settings.requests_per_second),
+            ),
+            pruner: Pruner::new(),
         }
-        let ms = now.saturating_duration_since(self.started).as_millis() as u64;
-        let last = self.last_prune_ms.load(Ordering::Relaxed);
-        if ms < last + 1000 {
-            return;
-        }
-        // One pruner at a time; the others carry on.
-        if let Ok(_guard) = self.prune_lock.try_lock() {
-            self.last_prune_ms.store(ms, Ordering::Relaxed);
-            self.by_login.prune(now);
-            self.by_address.prune(now);
-        }
+    }
+
+    /// Counts one call made with `hash`; `Err(seconds)` when it is over its limit.
+    pub fn request(&self, hash: &str) -> Result<(), u64> {
+        let now = Instant::now();
+        self.pruner.maybe_prune(now, &[&self.by_session]);
+        self.by_session.take(hash, now)
     }
 }
 
@@ -151,5 +205,24 @@ mod tests {
         assert!(b.take("k", t0 + Duration::from_millis(1100)).is_ok());
         b.prune(t0 + Duration::from_secs(10));
         assert!(b.map.is_empty());
+    }
+
+    #[test]
+    fn each_session_has_its_own_allowance_refilled_every_second() {
+        let l = SessionLimiter::new(&ApiSettings {
+            requests_per_second: 10,
+            requests_burst: 2,
+            ..ApiSettings::default()
+        });
+        let now = Instant::now();
+        assert!(l.by_session.take("a", now).is_ok());
+        assert!(l.by_session.take("a", now).is_ok());
+        assert_eq!(l.by_session.take("a", now), Err(1));
+        assert!(l.by_session.take("b", now).is_ok());
+        // A tenth of a second brings one call back.
+        let later = now + Duration::from_millis(100);
+        assert!(l.by_session.take("a", later).is_ok());
+        assert!(l.by_session.take("a", later).is_err());
+        assert!(l.request("c").is_ok());
     }
 }

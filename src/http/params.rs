@@ -167,10 +167,21 @@ impl Params {
     }
 }
 
-/// The live session named by the request: code 3 for a missing or malformed hash, 4 for an
-/// unknown or ended session.
+/// The live session named by the request: code 3 for a missing or malformed hash, 15 when the
+/// hash is over its rate limit (`api.requests_per_second`; before the lookup, so that the limit
+/// bounds the database work too), 4 for an unknown or ended session.
 pub async fn session(state: &AppState, params: &Params) -> Result<SessionRow, ApiError> {
     let hash = params.session_hash()?;
+    if let Err(wait) = state.session_limiter.request(hash) {
+        if let Some(also) = state.session_limiter.log_gate.pass() {
+            tracing::warn!(
+                session = crate::telemetry::session_tag(hash),
+                also,
+                "API rate limit exceeded"
+            );
+        }
+        return Err(ApiError::RateLimited(wait));
+    }
     match queries::session(&state.pool, hash).await? {
         Some(s) if s.live => Ok(s),
         _ => Err(ApiError::SessionNotFound),

@@ -98,6 +98,7 @@ pub struct TrackerListResponse {
     responses(
         (status = 200, description = "The trackers, by id", body = TrackerListResponse),
         (status = 400, description = "Code 3: wrong hash; code 4: no such session, or it has ended", body = ErrorBody),
+        (status = 429, description = "Code 15: too many calls with this session (see `Retry-After`)", body = ErrorBody),
     )
 )]
 pub async fn list(state: web::Data<AppState>, params: Params) -> Result<HttpResponse, ApiError> {
@@ -158,6 +159,7 @@ pub struct GetStateResponse {
     responses(
         (status = 200, description = "The state", body = GetStateResponse),
         (status = 400, description = "Code 3 or 4 (session); code 7: `tracker_id` missing or not an integer; code 201: no such tracker in this account (or removed)", body = ErrorBody),
+        (status = 429, description = "Code 15: too many calls with this session (see `Retry-After`)", body = ErrorBody),
         (status = 403, description = "Code 208: the tracker is blocked; code 11: a sub-user without a grant for it", body = ErrorBody),
     )
 )]
@@ -231,6 +233,7 @@ pub struct GetStatesResponse {
     responses(
         (status = 200, description = "The states", body = GetStatesResponse),
         (status = 400, description = "Code 3 or 4 (session); code 7: `trackers` missing or not a list of integers; code 217: some trackers do not exist (without `allow_not_exist`)", body = ErrorBody),
+        (status = 429, description = "Code 15: too many calls with this session (see `Retry-After`)", body = ErrorBody),
         (status = 403, description = "Code 208: some trackers are blocked (without `list_blocked`)", body = ErrorBody),
         (status = 412, description = "Code 9: more trackers than `websocket.max_trackers_per_request`", body = ErrorBody),
     )

@@ -141,6 +141,7 @@ pub async fn auth(
     responses(
         (status = 200, description = "The session ended", body = SuccessResponse),
         (status = 400, description = "Code 3: wrong hash; code 4: no such session, or it has ended", body = ErrorBody),
+        (status = 429, description = "Code 15: too many calls with this session (see `Retry-After`)", body = ErrorBody),
     )
 )]
 pub async fn logout(state: web::Data<AppState>, params: Params) -> Result<HttpResponse, ApiError> {
@@ -163,6 +164,7 @@ pub async fn logout(state: web::Data<AppState>, params: Params) -> Result<HttpRe
     responses(
         (status = 200, description = "The user", body = UserInfoResponse),
         (status = 400, description = "Code 3: wrong hash; code 4: no such session, or it has ended", body = ErrorBody),
+        (status = 429, description = "Code 15: too many calls with this session (see `Retry-After`)", body = ErrorBody),
     )
 )]
 pub async fn get_info(

@@ -1150,6 +1150,57 @@ async fn login_attempts_are_rate_limited_per_login_and_per_address() {
 }
 
 #[tokio::test]
+async fn calls_with_a_session_are_rate_limited_per_session() {
+    let app = spawn_app_with(|s| {
+        s.api.requests_per_second = 1;
+        s.api.requests_burst = 3;
+    })
+    .await;
+    let list = |hash: &'static str| {
+        let app = &app;
+        async move { post(app, "/v2/tracker/list", json!({ "hash": hash })).await }
+    };
+    // The burst is shared by every call made with the session, whatever the route.
+    let started = std::time::Instant::now();
+    list(ACME).await.ok();
+    post(&app, "/v2/user/get_info", json!({ "hash": ACME }))
+        .await
+        .ok();
+    post(
+        &app,
+        "/v2/tracker/get_states",
+        json!({ "hash": ACME, "trackers": [101] }),
+    )
+    .await
+    .ok();
+    // Spent (a slow machine may have earned a call back for each second taken).
+    let mut more = 0;
+    let limited = loop {
+        let r = list(ACME).await;
+        if r.status != 200 {
+            break r;
+        }
+        more += 1;
+        assert!(
+            more <= started.elapsed().as_secs() + 1,
+            "{more} calls past the burst"
+        );
+    };
+    limited.assert_error(15, 429);
+    let retry: u64 = limited
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After");
+    assert!((1..=2).contains(&retry), "{retry}");
+    // Another session of the same user has its own allowance.
+    list(ACME2).await.ok();
+    // A malformed hash is refused for what it is.
+    post(&app, "/v2/tracker/list", json!({ "hash": "short" }))
+        .await
+        .assert_error(3, 400);
+}
+
+#[tokio::test]
 async fn metrics_move_when_events_flow() {
     let app = spawn_app().await;
     let before = metrics(&app).await;
