@@ -589,13 +589,16 @@ pub fn subscribe_response(
     out
 }
 
+/// The answer to `unsubscribe`: `ids` are the `state` trackers named; in the requests form each
+/// type named has its entry, a batch's with no trackers (it left a whole group).
 pub fn unsubscribe_response(form: Form, events: &[String], ids: &[TrackerId]) -> String {
     let data = match form {
         Form::Legacy => json!(ids),
         Form::Requests => {
             let mut m = Map::new();
             for e in events {
-                m.insert(e.clone(), json!({"success": true, "value": ids}));
+                let value: &[TrackerId] = if e == "state" { ids } else { &[] };
+                m.insert(e.clone(), json!({"success": true, "value": value}));
             }
             Value::Object(m)
         }

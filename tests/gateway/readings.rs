@@ -309,9 +309,16 @@ async fn mixed_with_state_batch_and_unsubscribe_one_type() {
     assert_eq!(resp["data"]["state"]["success"], true);
 
     c.send(json!({"action": "unsubscribe", "hash": ACME,
-                  "requests": [{"type": "readings_batch"}]}))
+                  "requests": [{"type": "state", "trackers": [103]}, {"type": "readings_batch"}]}))
         .await;
-    c.recv_until(|v| v["type"] == "response").await;
+    let (resp, _) = c.recv_until(|v| v["type"] == "response").await;
+    // Each entry answers for its own type: the trackers are the `state` entry's.
+    assert_eq!(
+        resp["data"],
+        json!({"state": {"success": true, "value": [103]},
+               "readings_batch": {"success": true, "value": []}}),
+        "{resp}"
+    );
     set_value(&app, 1, 8.0).await;
     app.set_speed(&[101], 34).await;
     let (s, skipped) = c
