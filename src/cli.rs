@@ -125,6 +125,20 @@ pub enum UserAction {
         /// An id or a login (digits are taken as an id).
         user: String,
     },
+    /// Create an API key for a user and print it: a hash that stands in for a session hash
+    /// (socket and HTTP API), never expires and outlives password changes. It ends with
+    /// `session revoke KEY`, or when the user is blocked or removed.
+    ApiKey {
+        /// An id or a login (digits are taken as an id).
+        user: String,
+        /// What the key is for, e.g. the integration using it.
+        name: String,
+    },
+    /// List a user's API keys (revoked ones too).
+    ApiKeys {
+        /// An id or a login (digits are taken as an id).
+        user: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -252,6 +266,34 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
                     let u = service::set_user_blocked(&pool, &UserRef::parse(&user), false).await?;
                     println!("user {} ({}) unblocked", u.id, u.login);
                 }
+                UserAction::ApiKey { user, name } => {
+                    let (u, key) =
+                        service::create_user_api_key(&pool, &UserRef::parse(&user), &name).await?;
+                    eprintln!(
+                        "API key for user {} ({}) created; use it as a session hash:",
+                        u.id, u.login
+                    );
+                    println!("{key}");
+                }
+                UserAction::ApiKeys { user } => {
+                    let (u, keys) =
+                        service::list_user_api_keys(&pool, &UserRef::parse(&user)).await?;
+                    if keys.is_empty() {
+                        eprintln!("user {} ({}) has no API keys", u.id, u.login);
+                    }
+                    for k in keys {
+                        let state = match k.revoked_at {
+                            Some(t) => format!("ended {}", t.format("%Y-%m-%d %H:%M:%S UTC")),
+                            None => "active".into(),
+                        };
+                        println!(
+                            "{}  {:<24}  created {}  {state}",
+                            k.hash,
+                            k.name,
+                            k.created_at.format("%Y-%m-%d %H:%M:%S UTC")
+                        );
+                    }
+                }
             }
             Ok(())
         }
@@ -280,7 +322,13 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
                     println!("operator key {id} revoked");
                 }
                 ApiKeyAction::List => {
-                    for k in service::list_api_keys(&pool).await? {
+                    let keys = service::list_api_keys(&pool).await?;
+                    if keys.is_empty() {
+                        eprintln!(
+                            "no operator keys (create one with `fleetgate api-key create NAME`)"
+                        );
+                    }
+                    for k in keys {
                         let state = match k.revoked_at {
                             Some(t) => format!("revoked {}", t.format("%Y-%m-%d %H:%M:%S UTC")),
                             None => "active".into(),

@@ -332,6 +332,41 @@ pub async fn login(
     Ok(hash)
 }
 
+// --- user API keys ---------------------------------------------------------------------------------
+
+/// Creates an API key for `user`: a hash that stands in for a session hash on the socket and in
+/// the HTTP API, never expires and outlives password changes (it ends when revoked, or when the
+/// user is blocked or removed). Returns the user and the key.
+pub async fn create_user_api_key(
+    pool: &PgPool,
+    user: &UserRef,
+    name: &str,
+) -> Result<(UserRow, String)> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 100 {
+        return Err(ServiceError::Invalid(
+            "a key's name must be 1 to 100 characters".into(),
+        ));
+    }
+    let u = user.resolve(pool).await?;
+    if u.blocked {
+        return Err(ServiceError::UserBlocked);
+    }
+    let hash = commands::new_session_hash();
+    queries::insert_user_api_key(pool, &hash, u.id, name).await?;
+    Ok((u, hash))
+}
+
+/// A user's API keys, revoked ones included.
+pub async fn list_user_api_keys(
+    pool: &PgPool,
+    user: &UserRef,
+) -> Result<(UserRow, Vec<queries::UserApiKeyRow>)> {
+    let u = user.resolve(pool).await?;
+    let keys = queries::user_api_keys(pool, u.id).await?;
+    Ok((u, keys))
+}
+
 // --- operator API keys -----------------------------------------------------------------------------
 
 fn hex(bytes: &[u8]) -> String {

@@ -504,6 +504,48 @@ pub async fn grants_of(pool: &PgPool, users: &[i64]) -> Result<Vec<(i64, Tracker
         .await
 }
 
+/// A user API key (a session with a name that never expires; see the migration
+/// `user_api_keys`).
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UserApiKeyRow {
+    pub hash: String,
+    pub name: String,
+    #[sqlx(try_from = "crate::db::time::PgTime")]
+    pub created_at: DateTime<Utc>,
+    #[sqlx(try_from = "crate::db::time::OptPgTime")]
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+/// Creates a user API key named `name` for `user_id`.
+pub async fn insert_user_api_key(
+    pool: &PgPool,
+    hash: &str,
+    user_id: i64,
+    name: &str,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO sessions (hash, user_id, expires_at, api_key_name) \
+         VALUES ($1, $2, 'infinity', $3)",
+    )
+    .bind(hash)
+    .bind(user_id)
+    .bind(name)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// A user's API keys, the newest first.
+pub async fn user_api_keys(pool: &PgPool, user_id: i64) -> Result<Vec<UserApiKeyRow>, sqlx::Error> {
+    sqlx::query_as::<_, UserApiKeyRow>(
+        "SELECT hash, api_key_name AS name, created_at, revoked_at FROM sessions \
+          WHERE user_id = $1 AND api_key_name IS NOT NULL ORDER BY created_at DESC, hash",
+    )
+    .bind(user_id)
+    .fetch_all(pool)
+    .await
+}
+
 /// An operator API key, without its hash.
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct OperatorKeyRow {

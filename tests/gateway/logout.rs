@@ -337,3 +337,78 @@ async fn a_batch_dashboard_that_logged_in_again_releases_its_old_session() {
     revoke(&app, ACME2).await;
     assert_logout_then_close(&mut c).await;
 }
+
+/// `fleetgate` run against the test's database.
+fn cli(app: &TestApp, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .arg("--config-dir")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+        .args(args)
+        .env("DATABASE_URL", &app.db_url)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run fleetgate")
+}
+
+/// A user API key (from `fleetgate user api-key`) works where a session hash does, outlives the
+/// password change that ends the user's sessions, and ends like a session when revoked.
+#[tokio::test]
+async fn a_user_api_key_stands_in_for_a_session_and_outlives_a_password_change() {
+    let app = spawn_app().await;
+    let out = cli(&app, &["user", "api-key", "acme", "fleet sync"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(key.len(), 32, "{key:?}");
+    let listed = cli(&app, &["user", "api-keys", "1"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains(&key) && listed.contains("fleet sync") && listed.contains("active"),
+        "{listed}"
+    );
+
+    let mut by_key = app.connect().await;
+    let (resp, _) = by_key.subscribe_and_states(&key, &[101], 1).await;
+    assert_eq!(resp["data"]["state"]["101"], "normal", "{resp}");
+    let mut by_session = app.connect().await;
+    by_session.subscribe_and_states(ACME, &[101], 1).await;
+
+    // A new password ends the user's sessions, not its key.
+    app.exec("UPDATE users SET password_hash = 'changed' WHERE id = 1")
+        .await;
+    assert_logout_then_close(&mut by_session).await;
+    app.set_speed(&[101], 61).await;
+    by_key.recv_until(|v| is_state_with_speed(v, 101, 61)).await;
+
+    fleetgate::commands::revoke_session(&app.pool, &key)
+        .await
+        .expect("revoke");
+    assert_logout_then_close(&mut by_key).await;
+    let listed = cli(&app, &["user", "api-keys", "acme"]);
+    assert!(
+        String::from_utf8_lossy(&listed.stdout).contains("ended"),
+        "{listed:?}"
+    );
+}
+
+/// Blocking the user ends its keys too, and a blocked user gets none.
+#[tokio::test]
+async fn blocking_the_user_ends_its_api_keys() {
+    let app = spawn_app().await;
+    let out = cli(&app, &["user", "api-key", "acme", "ops"]);
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let mut c = app.connect().await;
+    c.subscribe_and_states(&key, &[101], 1).await;
+    app.exec("UPDATE users SET blocked = true WHERE id = 1")
+        .await;
+    assert_logout_then_close(&mut c).await;
+    let refused = cli(&app, &["user", "api-key", "acme", "ops"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("blocked"),
+        "{refused:?}"
+    );
+}
