@@ -405,6 +405,12 @@ pub const READINGS_UPSERT: &str = "INSERT INTO sensor_values AS v (tracker_id, s
   ON CONFLICT (tracker_id, sensor_id) DO UPDATE SET value = EXCLUDED.value, \
     converted_value = EXCLUDED.converted_value, update_time = EXCLUDED.update_time";
 
+/// Whether a write failed on a foreign key (SQLSTATE 23503): a row it names is gone.
+fn is_foreign_key_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.code().as_deref() == Some("23503"))
+}
+
 async fn write_batch(pool: &PgPool, batch: &[&Vehicle]) -> Result<(), sqlx::Error> {
     let now = Utc::now();
     let ids: Vec<i64> = batch.iter().map(|v| v.id).collect();
@@ -518,12 +524,21 @@ pub async fn simulate(
             temp: rng.gen_range(20.0..80.0),
         })
         .collect();
-    eprintln!(
-        "simulating {} trackers at {rate} updates/s (Ctrl-C to stop)",
-        fleet.len()
-    );
-    let started = Instant::now();
     let tick = Duration::from_millis(100);
+    // Each tracker moves at most once a tick.
+    let most = fleet.len() as f64 / tick.as_secs_f64();
+    if rate > most {
+        eprintln!(
+            "simulating {} trackers at {most} updates/s, each tracker's most (Ctrl-C to stop)",
+            fleet.len()
+        );
+    } else {
+        eprintln!(
+            "simulating {} trackers at {rate} updates/s (Ctrl-C to stop)",
+            fleet.len()
+        );
+    }
+    let started = Instant::now();
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut owed = 0.0f64;
@@ -556,6 +571,40 @@ pub async fn simulate(
         let batch: Vec<&Vehicle> = picked.iter().map(|&i| &fleet[i]).collect();
         match write_batch(pool, &batch).await {
             Ok(()) => written += n as u64,
+            Err(e) if is_foreign_key_violation(&e) => {
+                // A tracker or a sensor deleted meanwhile: every batch naming it would fail.
+                // Carry on with what is left.
+                let before = fleet.len();
+                let ids: Vec<i64> = fleet.iter().map(|v| v.id).collect();
+                let left: std::collections::HashMap<i64, (Option<i64>, Option<i64>)> = sqlx::query_as(
+                    "SELECT t.id, \
+                       (SELECT min(id) FROM sensors WHERE tracker_id = t.id AND type = 'fuel'), \
+                       (SELECT min(id) FROM sensors WHERE tracker_id = t.id AND type = 'temperature') \
+                       FROM trackers t WHERE t.id = ANY($1)",
+                )
+                .bind(&ids)
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|(id, fuel, temp): (i64, Option<i64>, Option<i64>)| (id, (fuel, temp)))
+                .collect();
+                fleet.retain_mut(|v| match left.get(&v.id) {
+                    Some(&(fuel, temp)) => {
+                        v.fuel_sensor = fuel;
+                        v.temp_sensor = temp;
+                        true
+                    }
+                    None => false,
+                });
+                if fleet.is_empty() {
+                    bail!("every simulated tracker was deleted");
+                }
+                eprintln!(
+                    "a tracker or sensor was deleted ({} tracker(s) gone); simulating {}",
+                    before - fleet.len(),
+                    fleet.len()
+                );
+            }
             Err(e) => eprintln!("write failed (will keep trying): {e}"),
         }
     }

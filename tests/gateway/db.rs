@@ -1488,3 +1488,43 @@ async fn every_timestamp_decodes_clamped(pool: PgPool) {
         Some("2026-12-06T10:00:00Z".parse::<DateTime<Utc>>().unwrap())
     );
 }
+
+/// `simulate` goes on with the rest of its fleet when one of its trackers is deleted: every
+/// batch naming it used to fail on the foreign key, so nothing was written any more.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn simulate_goes_on_when_one_of_its_trackers_is_deleted(pool: PgPool) {
+    let change_of_102 = || {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT change_no FROM tracker_states WHERE tracker_id = 102",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let start = change_of_102().await;
+    // Faster than the fleet allows: every tick moves every tracker, 104 included. (Not Send:
+    // it runs beside the checks in this task.)
+    let sim = fleetgate::commands::simulate(&pool, 1000.0, Some("acme"), Some(30.0));
+    let checks = async {
+        eventually("a first write", || async { change_of_102().await > start }).await;
+        sqlx::query("DELETE FROM trackers WHERE id = 104")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let deleted = change_of_102().await;
+        eventually("102 written after 104 was deleted", || async {
+            change_of_102().await > deleted
+        })
+        .await;
+    };
+    tokio::select! {
+        r = sim => panic!("simulate ended first: {r:?}"),
+        () = checks => {}
+    }
+}
