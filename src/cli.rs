@@ -351,6 +351,9 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
                 let found = if read { "read" } else { "not found" };
                 eprintln!("{}: {found}", path.display());
             }
+            // What serve refuses beyond the files' own checks.
+            crate::config::check_listen("server.listen", &settings.server.listen)
+                .map_err(anyhow::Error::msg)?;
             println!("{settings:#?}");
             if let Some(filter) = std::env::var("RUST_LOG")
                 .ok()
@@ -358,12 +361,19 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
             {
                 eprintln!("RUST_LOG={filter}: overrides log.level");
             }
-            if settings.websocket.max_sockets == 0 {
-                let _ = startup::raise_open_file_limit();
+            let _ = startup::raise_open_file_limit();
+            let automatic = startup::automatic_socket_limit(&settings);
+            let set = settings.websocket.max_sockets;
+            if set == 0 {
                 eprintln!(
-                    "websocket.max_sockets = 0: serve would hold at most {} sockets (from the \
-                     open-file limit)",
-                    startup::socket_limit(&settings)
+                    "websocket.max_sockets = 0: serve would hold at most {automatic} sockets \
+                     (from the open-file limit)"
+                );
+            } else if automatic > 0 && set > automatic {
+                eprintln!(
+                    "warning: websocket.max_sockets = {set} is above the {automatic} sockets the \
+                     open-file limit allows: past that, new connections would fail for want of \
+                     descriptors instead of being refused with code 15"
                 );
             }
             Ok(())

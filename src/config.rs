@@ -2,6 +2,7 @@
 //! `config/local.toml` → `$FLEETGATE_CONFIG` → `FLEETGATE_*` environment variables, with
 //! `DATABASE_URL` overriding `database.url`. Every key is documented in `config/default.toml`.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -169,7 +170,7 @@ impl TryFrom<String> for LogFormat {
         match s.to_ascii_lowercase().as_str() {
             "text" => Ok(LogFormat::Text),
             "json" => Ok(LogFormat::Json),
-            _ => Err(format!("log.format `{s}`: must be `text` or `json`")),
+            _ => Err(format!("`{s}` is not a log format: `text` or `json`")),
         }
     }
 }
@@ -300,11 +301,14 @@ fn unclear_boolean(vars: impl Iterator<Item = (String, String)>) -> Option<Strin
     .next()
 }
 
-/// A config file (`local.toml`, `$FLEETGATE_CONFIG`) giving a true/false setting another kind
-/// of value: the config crate reads any number but 0 as true, so `compression = 2` would pass
-/// as `true` without a word, as in [`unclear_boolean`]. Strings take the same words as there.
-/// (`default.toml` is ours, checked by a test.)
-fn unclear_boolean_in(
+/// What is wrong with a config file on its own, named with the file: a key or section no setting
+/// has (the error of the merged layers cannot say which file gave it), or a true/false setting
+/// given another kind of value: the config crate reads any number but 0 as true, so
+/// `compression = 2` would pass as `true` without a word, as in [`unclear_boolean`]. Strings
+/// take the same words as there.
+/// (Each of `default.toml`, `local.toml` and `$FLEETGATE_CONFIG`: a `default.toml` in another
+/// folder, given with `--config-dir`, is the operator's.)
+fn check_file(
     name: &str,
     file: impl config::Source + Send + Sync + 'static,
 ) -> Result<(), config::ConfigError> {
@@ -315,6 +319,31 @@ fn unclear_boolean_in(
         return Ok(());
     };
     let parsed = config::Config::builder().add_source(file).build()?;
+    // Keys no setting has, named with the file (the merged layers' error cannot say which).
+    if let Ok(table) = parsed
+        .clone()
+        .try_deserialize::<HashMap<String, config::Value>>()
+    {
+        for (section, value) in table {
+            let Some(known) = sections.get(&section).and_then(|v| v.as_object()) else {
+                let names: Vec<String> = sections.keys().map(|k| format!("`{k}`")).collect();
+                return Err(config::ConfigError::Message(format!(
+                    "{name}: unknown section `{section}`, expected one of {}",
+                    names.join(", ")
+                )));
+            };
+            let Ok(keys) = value.into_table() else {
+                continue;
+            };
+            if let Some(key) = keys.keys().find(|k| !known.contains_key(*k)) {
+                let names: Vec<String> = known.keys().map(|k| format!("`{k}`")).collect();
+                return Err(config::ConfigError::Message(format!(
+                    "{name}: unknown key `{key}` in [{section}], expected one of {}",
+                    names.join(", ")
+                )));
+            }
+        }
+    }
     for (section, keys) in sections {
         let Some(keys) = keys.as_object() else {
             continue;
@@ -418,17 +447,20 @@ impl Settings {
         if let Some(e) = unclear_boolean(std::env::vars()) {
             return Err(config::ConfigError::Message(e));
         }
-        let local = dir.join("local.toml");
-        unclear_boolean_in(
-            &local.display().to_string(),
-            config::File::from(local.as_path()).required(false),
-        )?;
+        // default.toml too: the one of another folder (--config-dir) is the operator's.
+        for name in ["default.toml", "local.toml"] {
+            let file = dir.join(name);
+            check_file(
+                &file.display().to_string(),
+                config::File::from(file.as_path()).required(false),
+            )?;
+        }
         let mut builder = config::Config::builder()
             .add_source(config::File::from(dir.join("default.toml")).required(false))
             .add_source(config::File::from(dir.join("local.toml")).required(false));
         if let Ok(extra) = std::env::var("FLEETGATE_CONFIG") {
             builder = builder.add_source(config::File::with_name(&extra).required(true));
-            unclear_boolean_in(&extra, config::File::with_name(&extra).required(true))?;
+            check_file(&extra, config::File::with_name(&extra).required(true))?;
         }
         builder = builder.add_source(env_source(std::env::vars()));
         if let Ok(url) = std::env::var("DATABASE_URL") {
@@ -522,6 +554,14 @@ impl Settings {
                 l.reconnect_max_ms, l.reconnect_min_ms
             ));
         }
+        let w = &self.websocket;
+        if w.heartbeat_ms >= w.idle_timeout_ms {
+            return Err(format!(
+                "websocket.heartbeat_ms = {} is not below websocket.idle_timeout_ms = {}: a \
+                 client that only answers the gateway's pings would be closed as idle",
+                w.heartbeat_ms, w.idle_timeout_ms
+            ));
+        }
         if self.api.max_body_bytes < 1024 {
             return Err(format!(
                 "api.max_body_bytes = {}: must be at least 1024",
@@ -605,6 +645,15 @@ mod tests {
         let mut s = Settings::default();
         s.websocket.heartbeat_ms = 0;
         assert!(s.validate().is_err());
+        // Pings no more often than the idle timeout: every quiet client would be closed.
+        let mut s = Settings::default();
+        s.websocket.idle_timeout_ms = 2000;
+        s.websocket.heartbeat_ms = 2000;
+        assert!(s
+            .validate()
+            .is_err_and(|e| e.starts_with("websocket.heartbeat_ms = 2000 is not below")));
+        s.websocket.heartbeat_ms = 1999;
+        assert_eq!(s.validate(), Ok(()));
         // Zeros the code used to raise to one without a word.
         let mut s = Settings::default();
         s.api.login_window_secs = 0;
@@ -661,9 +710,32 @@ mod tests {
     }
 
     #[test]
+    fn a_config_file_with_a_key_no_setting_has_is_refused_naming_the_file() {
+        let check = |text: &str| {
+            check_file(
+                "extra.toml",
+                config::File::from_str(text, config::FileFormat::Toml),
+            )
+            .map_err(|e| e.to_string())
+        };
+        assert!(check("[websocket]\nheartbeat_ms = 5000").is_ok());
+        let e = check("[websocket]\nheartbeat = 5000").unwrap_err();
+        assert!(
+            e.starts_with("extra.toml: unknown key `heartbeat` in [websocket], expected one of")
+                && e.contains("`heartbeat_ms`"),
+            "{e}"
+        );
+        let e = check("[websockets]\nheartbeat_ms = 5000").unwrap_err();
+        assert!(
+            e.starts_with("extra.toml: unknown section `websockets`"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_config_file_giving_a_true_false_setting_a_number_is_refused() {
         let check = |text: &str| {
-            unclear_boolean_in(
+            check_file(
                 "local.toml",
                 config::File::from_str(text, config::FileFormat::Toml),
             )

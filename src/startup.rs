@@ -93,15 +93,7 @@ fn connections_per_worker(max_sockets: usize) -> usize {
 /// The process's socket limit: `websocket.max_sockets`, or for 0 the open-file limit less a
 /// reserve (see [`slots::automatic_max`]); no limit if the open-file limit cannot be read.
 pub fn socket_limit(settings: &Settings) -> usize {
-    let db = settings.database.max_connections + settings.database.event_connections + 1;
-    let automatic = match rlimit::Resource::NOFILE.get() {
-        Ok((soft, _)) if soft != rlimit::INFINITY => slots::automatic_max(soft, u64::from(db)),
-        Ok(_) => 0,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not read the open-file limit: sockets not limited");
-            0
-        }
-    };
+    let automatic = automatic_socket_limit(settings);
     let set = settings.websocket.max_sockets;
     if set > 0 {
         if automatic > 0 && set > automatic {
@@ -116,6 +108,20 @@ pub fn socket_limit(settings: &Settings) -> usize {
         return set;
     }
     automatic
+}
+
+/// The sockets the open-file limit leaves room for (see [`slots::automatic_max`]); 0 (no
+/// limit) if it cannot be read or is unlimited.
+pub fn automatic_socket_limit(settings: &Settings) -> usize {
+    let db = settings.database.max_connections + settings.database.event_connections + 1;
+    match rlimit::Resource::NOFILE.get() {
+        Ok((soft, _)) if soft != rlimit::INFINITY => slots::automatic_max(soft, u64::from(db)),
+        Ok(_) => 0,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read the open-file limit: sockets not limited");
+            0
+        }
+    }
 }
 
 /// Below this open-file limit the gateway warns at start-up: each socket takes a descriptor.

@@ -41,8 +41,7 @@ impl Params {
             None => self
                 .authorization
                 .as_deref()
-                .and_then(|a| a.strip_prefix("NVX "))
-                .map(str::trim),
+                .and_then(|a| credential_of(a, "NVX")),
         };
         match hash {
             Some(h) if h.chars().count() == 32 => Ok(h),
@@ -231,9 +230,15 @@ impl FromRequest for OperatorParams {
 
 /// The key of an `Authorization: Bearer <key>` value.
 fn bearer_of(authorization: &str) -> Option<&str> {
-    let (scheme, key) = authorization.split_once(' ')?;
-    let key = key.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
+    credential_of(authorization, "bearer")
+}
+
+/// The credential of an `Authorization` value with this scheme (named in any case, as HTTP's
+/// schemes are).
+fn credential_of<'a>(authorization: &'a str, scheme: &str) -> Option<&'a str> {
+    let (given, credential) = authorization.trim_start().split_once(' ')?;
+    let credential = credential.trim();
+    (given.eq_ignore_ascii_case(scheme) && !credential.is_empty()).then_some(credential)
 }
 
 /// Lenient field readers for `#[serde(deserialize_with = …)]`: JSON values as such, and the
@@ -394,6 +399,9 @@ mod tests {
         let mut p = Params::default();
         assert_eq!(p.session_hash(), Err(ApiError::WrongHash));
         p.authorization = Some(format!("NVX {}", "a".repeat(32)));
+        assert_eq!(p.session_hash().map(str::len), Ok(32));
+        // Schemes are case-insensitive in HTTP.
+        p.authorization = Some(format!("nvx  {} ", "a".repeat(32)));
         assert_eq!(p.session_hash().map(str::len), Ok(32));
         p.map.insert("hash".into(), json!("short"));
         assert_eq!(p.session_hash(), Err(ApiError::WrongHash));

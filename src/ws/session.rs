@@ -85,7 +85,10 @@ pub async fn subscription(
     };
     // actix-http checks the handshake; the client's frames are read by `reader` and what the
     // gateway writes goes through its own byte-bounded queue (`writer`).
-    let mut response = actix_http::ws::handshake(req.head())?;
+    let mut response = match handshake(&req) {
+        Ok(r) => r,
+        Err(refused) => return Ok(*refused),
+    };
     let accepted = settings
         .compression
         .then(|| {
@@ -118,6 +121,34 @@ pub async fn subscription(
     let conn = Connection::new(conn_id, state.get_ref().clone(), transport, session, slot);
     actix_web::rt::spawn(conn.run(stream).instrument(span));
     Ok(response)
+}
+
+/// Checks the upgrade request (RFC 6455 §4.2.1: HTTP/1.1 or later, GET, the upgrade headers,
+/// version 13, a key). A refusal keeps the status and headers actix-http gives it (405 with
+/// `Allow`, 426 with `Sec-WebSocket-Version`, 400) with the API's JSON error body (code 5; a
+/// method other than GET, code 112), so that a browser or `curl` pointed at the socket's URL
+/// learns what is wrong.
+fn handshake(req: &HttpRequest) -> Result<actix_http::ResponseBuilder, Box<HttpResponse>> {
+    use actix_http::ws::HandshakeError;
+    if req.version() < actix_web::http::Version::HTTP_11 {
+        let e = ApiError::BadFormat("not a WebSocket handshake: it needs HTTP/1.1 or later".into());
+        return Err(Box::new(actix_web::ResponseError::error_response(&e)));
+    }
+    let error = match actix_http::ws::handshake(req.head()) {
+        Ok(r) => return Ok(r),
+        Err(e) => e,
+    };
+    let api = match error {
+        HandshakeError::GetMethodRequired => ApiError::WrongMethod,
+        ref e => ApiError::BadFormat(format!("not a WebSocket handshake: {e}")),
+    };
+    let refused: actix_http::Response<actix_http::body::BoxBody> = error.into();
+    let mut response = actix_web::ResponseError::error_response(&api);
+    *response.status_mut() = refused.status();
+    for (name, value) in refused.headers() {
+        response.headers_mut().insert(name.clone(), value.clone());
+    }
+    Err(Box::new(response))
 }
 
 /// Queues one frame within `limit` (the idle timeout): a frame waits while the socket's write

@@ -1149,6 +1149,42 @@ async fn login_attempts_are_rate_limited_per_login_and_per_address() {
     attempt("acme-ops", "wrong").await.assert_error(15, 429);
 }
 
+/// The socket's URL asked for something that is no WebSocket handshake answers with the API's
+/// JSON error body, keeping the status and headers the handshake's rules give.
+#[tokio::test]
+async fn what_is_no_websocket_handshake_gets_a_json_error() {
+    let app = spawn_app().await;
+    let path = "/v2/event/subscription";
+    http(&app, "GET", path, &[], None)
+        .await
+        .assert_error(5, 400);
+    // An upgrade as given (the helper above adds `Connection: close`), whole response as text.
+    let upgrade = |http_version: &'static str, ws_version: &'static str| async move {
+        let mut s = TcpStream::connect(("127.0.0.1", app.port))
+            .await
+            .expect("connect");
+        let req = format!(
+            "GET {path} HTTP/{http_version}\r\nHost: localhost\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: {ws_version}\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.expect("write");
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+            .await
+            .expect("response in time");
+        String::from_utf8_lossy(&buf).to_lowercase()
+    };
+    let old = upgrade("1.1", "8").await;
+    assert!(old.starts_with("http/1.1 426"), "{old}");
+    assert!(old.contains("sec-websocket-version: 13"), "{old}");
+    assert!(old.contains(r#""code":5"#), "{old}");
+    // HTTP/1.0 cannot upgrade (RFC 6455 §4.1).
+    let ancient = upgrade("1.0", "13").await;
+    assert!(ancient.contains(" 400 "), "{ancient}");
+    assert!(ancient.contains("needs http/1.1"), "{ancient}");
+}
+
 #[tokio::test]
 async fn calls_with_a_session_are_rate_limited_per_session() {
     let app = spawn_app_with(|s| {

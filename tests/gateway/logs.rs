@@ -176,6 +176,38 @@ fn a_rust_log_that_would_log_nothing_is_warned_about() {
     assert!(stderr.contains("warning: RUST_LOG `inf`"), "{stderr}");
 }
 
+/// `check-config` refuses what `serve` refuses and warns where it warns.
+#[test]
+fn check_config_judges_the_settings_as_serve_does() {
+    let run = |var: &str, value: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+            .arg("--config-dir")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+            .arg("check-config")
+            .env(var, value)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run fleetgate check-config")
+    };
+    let out = run("FLEETGATE_SERVER__LISTEN", "foo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("server.listen `foo`"), "{stderr}");
+
+    let out = run("FLEETGATE_WEBSOCKET__MAX_SOCKETS", "4000000000");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    // (Where the open-file limit is unlimited there is nothing to warn about.)
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let unlimited = limits
+        .lines()
+        .any(|l| l.starts_with("Max open files") && l.contains("unlimited"));
+    assert!(
+        unlimited || stderr.contains("warning: websocket.max_sockets = 4000000000 is above"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn a_client_subscribing_in_a_loop_does_not_grow_its_log_lines() {
     let app = spawn_app().await;
