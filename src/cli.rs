@@ -157,11 +157,20 @@ pub enum ApiKeyAction {
 #[derive(Debug, Subcommand)]
 pub enum TrackerAction {
     /// Block a tracker: subscribers get a `block` lifecycle event and no more states.
-    Block { id: i64 },
+    Block {
+        #[arg(allow_negative_numbers = true)]
+        id: i64,
+    },
     /// Unblock a tracker: subscribers get `unblock` and then its current state.
-    Unblock { id: i64 },
+    Unblock {
+        #[arg(allow_negative_numbers = true)]
+        id: i64,
+    },
     /// Remove a tracker: subscribers get a `corrupt` lifecycle event.
-    Remove { id: i64 },
+    Remove {
+        #[arg(allow_negative_numbers = true)]
+        id: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,19 +182,23 @@ pub enum SessionAction {
 pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { listen } => {
-            match listen {
+            let from = match listen {
                 Some(addr) => {
                     crate::config::check_listen("--listen", &addr).map_err(anyhow::Error::msg)?;
                     settings.server.listen = addr;
+                    "--listen"
                 }
-                None => crate::config::check_listen("server.listen", &settings.server.listen)
-                    .map_err(anyhow::Error::msg)?,
-            }
+                None => {
+                    crate::config::check_listen("server.listen", &settings.server.listen)
+                        .map_err(anyhow::Error::msg)?;
+                    "server.listen"
+                }
+            };
             log_config_files(&cli.config_dir);
             startup::log_open_file_limit();
             startup::tune_process(&settings.server);
             let listener = TcpListener::bind(&settings.server.listen)
-                .with_context(|| format!("binding server.listen {}", settings.server.listen))?;
+                .with_context(|| format!("binding {from} {}", settings.server.listen))?;
             let app = Application::build(settings, listener).await?;
             tracing::info!(port = app.port(), "fleetgate listening");
             let stop = app.shutdown_handle();
@@ -265,6 +278,16 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
                 UserAction::Unblock { user } => {
                     let u = service::set_user_blocked(&pool, &UserRef::parse(&user), false).await?;
                     println!("user {} ({}) unblocked", u.id, u.login);
+                    if let Some(master) = u.master_id {
+                        let m = UserRef::Id(master).resolve(&pool).await?;
+                        if m.blocked {
+                            eprintln!(
+                                "note: its master account {} ({}) is blocked: the sub-user cannot \
+                                 log in until that is unblocked too",
+                                m.id, m.login
+                            );
+                        }
+                    }
                 }
                 UserAction::ApiKey { user, name } => {
                     let (u, key) =

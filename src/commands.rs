@@ -101,16 +101,28 @@ impl DemoFleet {
 const DEMO_PASSWORD: &str = "demo";
 const DEMO_TRACKERS: usize = 12;
 
+/// A demo user: its id, and its time zone and password as the demo may print them.
+struct Seeded {
+    id: i64,
+    time_zone: String,
+    password: String,
+}
+
+/// What `seed-demo` prints as the password of a user that existed with another one.
+const PASSWORD_KEPT: &str = "(kept: not demo)";
+
 async fn ensure_user(
     tx: &mut sqlx::PgConnection,
     login: &str,
     master: Option<i64>,
     tz: &str,
-) -> anyhow::Result<i64> {
-    if let Some(id) = sqlx::query_scalar::<_, i64>("SELECT id FROM users WHERE login = $1")
-        .bind(login)
-        .fetch_optional(&mut *tx)
-        .await?
+) -> anyhow::Result<Seeded> {
+    if let Some((id, time_zone, stored)) = sqlx::query_as::<_, (i64, String, String)>(
+        "SELECT id, time_zone, password_hash FROM users WHERE login = $1",
+    )
+    .bind(login)
+    .fetch_optional(&mut *tx)
+    .await?
     {
         // A demo user someone blocked or removed is restored, so the demo works again.
         sqlx::query(
@@ -119,7 +131,17 @@ async fn ensure_user(
         .bind(id)
         .execute(&mut *tx)
         .await?;
-        return Ok(id);
+        // Its zone and password are left as they are, and told as they are.
+        let password = if crate::service::verify_password(DEMO_PASSWORD, Some(&stored)) {
+            DEMO_PASSWORD
+        } else {
+            PASSWORD_KEPT
+        };
+        return Ok(Seeded {
+            id,
+            time_zone,
+            password: password.into(),
+        });
     }
     let id = sqlx::query_scalar(
         "INSERT INTO users (login, password_hash, master_id, time_zone) VALUES ($1, $2, $3, $4) RETURNING id",
@@ -130,7 +152,11 @@ async fn ensure_user(
     .bind(tz)
     .fetch_one(&mut *tx)
     .await?;
-    Ok(id)
+    Ok(Seeded {
+        id,
+        time_zone: tz.into(),
+        password: DEMO_PASSWORD.into(),
+    })
 }
 
 async fn ensure_session(tx: &mut sqlx::PgConnection, user_id: i64) -> anyhow::Result<String> {
@@ -220,9 +246,12 @@ pub async fn seed_demo(pool: &PgPool) -> anyhow::Result<DemoFleet> {
     sqlx::query("SELECT pg_advisory_xact_lock(727274)")
         .execute(&mut *tx)
         .await?;
-    let master = ensure_user(&mut tx, "demo", None, "Europe/Berlin").await?;
-    let sub = ensure_user(&mut tx, "demo-sub", Some(master), "Europe/Berlin").await?;
-    let other = ensure_user(&mut tx, "other", None, "America/New_York").await?;
+    let master_user = ensure_user(&mut tx, "demo", None, "Europe/Berlin").await?;
+    let master = master_user.id;
+    let sub_user = ensure_user(&mut tx, "demo-sub", Some(master), "Europe/Berlin").await?;
+    let sub = sub_user.id;
+    let other_user = ensure_user(&mut tx, "other", None, "America/New_York").await?;
+    let other = other_user.id;
     let trackers = ensure_trackers(
         &mut tx,
         master,
@@ -286,32 +315,17 @@ pub async fn seed_demo(pool: &PgPool) -> anyhow::Result<DemoFleet> {
         .bind(blocked)
         .execute(&mut *tx)
         .await?;
-    let user = |login: &str, id: i64, session: String, tz: &str| DemoUser {
+    let user = |login: &str, seeded: Seeded, session: String| DemoUser {
         login: login.into(),
-        password: DEMO_PASSWORD.into(),
+        password: seeded.password,
         session,
-        user_id: id,
-        time_zone: tz.into(),
+        user_id: seeded.id,
+        time_zone: seeded.time_zone,
     };
     let fleet = DemoFleet {
-        master: user(
-            "demo",
-            master,
-            ensure_session(&mut tx, master).await?,
-            "Europe/Berlin",
-        ),
-        sub_user: user(
-            "demo-sub",
-            sub,
-            ensure_session(&mut tx, sub).await?,
-            "Europe/Berlin",
-        ),
-        other: user(
-            "other",
-            other,
-            ensure_session(&mut tx, other).await?,
-            "America/New_York",
-        ),
+        master: user("demo", master_user, ensure_session(&mut tx, master).await?),
+        sub_user: user("demo-sub", sub_user, ensure_session(&mut tx, sub).await?),
+        other: user("other", other_user, ensure_session(&mut tx, other).await?),
         trackers,
         sub_user_trackers: granted,
         other_account_tracker: others[0],

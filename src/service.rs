@@ -293,7 +293,7 @@ async fn password_work<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'sta
 
 /// Checks a password against a stored argon2 PHC string. An empty or unreadable stored hash never
 /// matches, but costs the same as a real one.
-fn verify_password(password: &str, stored: Option<&str>) -> bool {
+pub(crate) fn verify_password(password: &str, stored: Option<&str>) -> bool {
     let argon = argon2::Argon2::default();
     match stored.and_then(|s| PasswordHash::new(s).ok()) {
         Some(parsed) => argon.verify_password(password.as_bytes(), &parsed).is_ok(),

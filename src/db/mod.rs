@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::Context;
 
 use sqlx::migrate::{MigrateDatabase, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::Connection;
 use sqlx::{PgPool, Postgres};
 
 use crate::config::DatabaseSettings;
@@ -49,10 +50,23 @@ pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
 
 pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = settings.url.parse().with_context(|| at(&settings.url))?;
-    let connect = PgPoolOptions::new()
-        .max_connections(settings.max_connections.max(1))
-        .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs.max(1)))
-        .connect_with(options.application_name("fleetgate"));
+    let options = options.application_name("fleetgate");
+    let connect = async {
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections.max(1))
+            .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs.max(1)))
+            .connect_with(options.clone())
+            .await;
+        match pool {
+            // The pool retries until its acquire timeout and then says only that: one
+            // connection of our own tells why (refused, unknown host, authentication).
+            Err(sqlx::Error::PoolTimedOut) => match PgConnection::connect_with(&options).await {
+                Err(e) => Err(e),
+                Ok(_) => Err(sqlx::Error::PoolTimedOut),
+            },
+            other => other,
+        }
+    };
     match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Ok(r) => r.with_context(|| at(&settings.url)),
         Err(_) => anyhow::bail!(

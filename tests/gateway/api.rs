@@ -1364,10 +1364,37 @@ async fn the_openapi_document_describes_every_endpoint() {
 async fn seed_demo_reuses_its_fleet_and_replaces_a_removed_tracker() {
     let app = spawn_app().await;
     let seed = || fleetgate::commands::seed_demo(&app.pool);
+    // A `demo` user made before, with its own password and zone: they are kept, and told.
+    service::create_user(
+        &app.pool,
+        NewUser {
+            login: "demo".into(),
+            password: "secret".into(),
+            time_zone: Some("Asia/Tokyo".into()),
+            master: None,
+        },
+    )
+    .await
+    .expect("user");
     let first = seed().await.expect("seed");
+    assert_eq!(
+        (
+            first.master.time_zone.as_str(),
+            first.master.password.as_str()
+        ),
+        ("Asia/Tokyo", "(kept: not demo)")
+    );
+    assert_eq!(
+        (
+            first.sub_user.time_zone.as_str(),
+            first.sub_user.password.as_str()
+        ),
+        ("Europe/Berlin", "demo")
+    );
     let again = seed().await.expect("seed again");
     assert_eq!(first.trackers, again.trackers);
     assert_eq!(first.master.session, again.master.session);
+    assert_eq!(again.sub_user.password, "demo");
     let labels = |account: i64| {
         sqlx::query_scalar::<_, String>(
             "SELECT label FROM trackers WHERE account_id = $1 AND NOT removed ORDER BY label",

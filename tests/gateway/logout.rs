@@ -412,3 +412,17 @@ async fn blocking_the_user_ends_its_api_keys() {
         "{refused:?}"
     );
 }
+
+/// Unblocking a sub-user whose master is blocked says that it still cannot log in.
+#[tokio::test]
+async fn unblocking_a_sub_user_of_a_blocked_master_says_so() {
+    let app = spawn_app().await;
+    assert!(cli(&app, &["user", "block", "acme"]).status.success());
+    let out = cli(&app, &["user", "unblock", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("its master account 1 (acme) is blocked"),
+        "{stderr}"
+    );
+}

@@ -176,6 +176,32 @@ fn a_rust_log_that_would_log_nothing_is_warned_about() {
     assert!(stderr.contains("warning: RUST_LOG `inf`"), "{stderr}");
 }
 
+/// An operator command whose database refuses connections says so, not only that its pool
+/// timed out.
+#[test]
+fn a_command_tells_why_it_could_not_connect() {
+    // A port nothing listens on: bind one, note it, close it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .arg("--config-dir")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+        .args(["tracker", "block", "1"])
+        .env(
+            "DATABASE_URL",
+            format!("postgres://postgres@127.0.0.1:{port}/x"),
+        )
+        .env("FLEETGATE_DATABASE__ACQUIRE_TIMEOUT_SECS", "1")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("run fleetgate tracker block");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+}
+
 /// `check-config` refuses what `serve` refuses and warns where it warns.
 #[test]
 fn check_config_judges_the_settings_as_serve_does() {
