@@ -1,5 +1,6 @@
 //! The operator API under `/v2/admin/`: block, unblock and remove trackers, revoke sessions, block
-//! and unblock users, create users and sub-users, grant and revoke a sub-user's trackers. Every
+//! and unblock users, create users and sub-users, grant and revoke a sub-user's trackers, create
+//! and list users' API keys. Every
 //! call needs an operator key (`Authorization: Bearer <key>`, created with
 //! `fleetgate api-key create`): none is code 2, a wrong or revoked one code 11, and nothing is
 //! read or written before the key is accepted. The actions are [`service`]'s, shared with the
@@ -290,6 +291,113 @@ pub async fn user_create(
         "operator API: user created"
     );
     Ok(HttpResponse::Ok().json(UserCreateResponse { success: true, id }))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UserApiKeyRequest {
+    /// The user, by id…
+    #[serde(default, deserialize_with = "de::opt_int")]
+    pub user_id: Option<i64>,
+    /// …or by login.
+    #[serde(default, deserialize_with = "de::opt_string")]
+    pub login: Option<String>,
+    /// What the key is for (1 to 100 characters), e.g. the integration using it.
+    #[serde(deserialize_with = "de::string")]
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserApiKeyResponse {
+    pub success: bool,
+    /// The key: use it as a session hash (`hash`, or `Authorization: NVX <key>`).
+    pub hash: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserApiKey {
+    pub hash: String,
+    pub name: String,
+    /// `YYYY-MM-DD HH:MM:SS`, UTC.
+    pub created: String,
+    /// When it ended (revoked, or its user blocked or removed), UTC; absent while it works.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserApiKeysResponse {
+    pub success: bool,
+    /// The user's keys, the newest first.
+    pub list: Vec<UserApiKey>,
+}
+
+/// Creates an API key for a user: a hash that stands in for a session hash on the socket and in
+/// the HTTP API. It never expires and outlives password changes; it ends when revoked
+/// (`session/revoke`) or when its user is blocked or removed.
+#[utoipa::path(
+    post, path = "/v2/admin/user/api_key", tag = "admin",
+    security(("operator_key" = [])),
+    request_body(content = UserApiKeyRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Created", body = UserApiKeyResponse),
+        (status = 400, description = "Code 7: neither or both of `user_id` and `login`, or a name that is empty or over 100 characters; code 201: no such user", body = ErrorBody),
+        (status = 403, description = "Code 2: no operator key; code 11: wrong or revoked key, or the user is blocked", body = ErrorBody),
+    )
+)]
+pub async fn user_api_key(
+    state: web::Data<AppState>,
+    OperatorParams(params, key): OperatorParams,
+) -> Result<HttpResponse, ApiError> {
+    let p: UserApiKeyRequest = params.parse()?;
+    let user = UserRequest {
+        user_id: p.user_id,
+        login: p.login,
+    }
+    .user()?;
+    let (u, hash) = service::create_user_api_key(&state.pool, &user, &p.name).await?;
+    tracing::info!(
+        operator_key = key.0,
+        user = u.id,
+        "operator API: user API key created"
+    );
+    Ok(HttpResponse::Ok().json(UserApiKeyResponse {
+        success: true,
+        hash,
+    }))
+}
+
+/// Lists a user's API keys, ended ones included.
+#[utoipa::path(
+    post, path = "/v2/admin/user/api_keys", tag = "admin",
+    security(("operator_key" = [])),
+    request_body(content = UserRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The keys", body = UserApiKeysResponse),
+        (status = 400, description = "Code 7: neither or both of `user_id` and `login`; code 201: no such user", body = ErrorBody),
+        (status = 403, description = "Code 2: no operator key; code 11: wrong or revoked key", body = ErrorBody),
+    )
+)]
+pub async fn user_api_keys(
+    state: web::Data<AppState>,
+    OperatorParams(params, _key): OperatorParams,
+) -> Result<HttpResponse, ApiError> {
+    let p: UserRequest = params.parse()?;
+    let (_, keys) = service::list_user_api_keys(&state.pool, &p.user()?).await?;
+    let time = |t: chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M:%S").to_string();
+    let list = keys
+        .into_iter()
+        .map(|k| UserApiKey {
+            hash: k.hash,
+            name: k.name,
+            created: time(k.created_at),
+            ended: k.revoked_at.map(time),
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(UserApiKeysResponse {
+        success: true,
+        list,
+    }))
 }
 
 fn grant_user(p: &GrantRequest) -> Result<UserRef, ApiError> {

@@ -78,6 +78,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     admin!("/v2/admin/user/create", admin::user_create);
     admin!("/v2/admin/user/grant", admin::user_grant);
     admin!("/v2/admin/user/revoke_grant", admin::user_revoke_grant);
+    admin!("/v2/admin/user/api_key", admin::user_api_key);
+    admin!("/v2/admin/user/api_keys", admin::user_api_keys);
 }
 
 /// Code 111 for a path no route serves: HTTP 400 under `/v2/` as Navixy answers an unknown API

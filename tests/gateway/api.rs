@@ -1149,6 +1149,73 @@ async fn login_attempts_are_rate_limited_per_login_and_per_address() {
     attempt("acme-ops", "wrong").await.assert_error(15, 429);
 }
 
+/// A user API key from the operator API works as a session hash in the HTTP API, is listed,
+/// and ends with `session/revoke`.
+#[tokio::test]
+async fn an_operator_creates_a_user_api_key_that_works_as_a_session_hash() {
+    let app = spawn_app().await;
+    let key = api_key(&app).await;
+    let made = admin(
+        &app,
+        Some(&key),
+        "/v2/admin/user/api_key",
+        json!({"login": "acme", "name": "fleet sync"}),
+    )
+    .await
+    .ok();
+    let hash = made["hash"].as_str().expect("hash").to_string();
+    assert_eq!(hash.len(), 32);
+    let states = post(
+        &app,
+        "/v2/tracker/get_states",
+        json!({"hash": hash, "trackers": [101]}),
+    )
+    .await
+    .ok();
+    assert!(states["states"]["101"].is_object(), "{states}");
+    let listed = admin(
+        &app,
+        Some(&key),
+        "/v2/admin/user/api_keys",
+        json!({"user_id": 1}),
+    )
+    .await
+    .ok();
+    assert_eq!(listed["list"][0]["hash"], json!(hash), "{listed}");
+    assert_eq!(listed["list"][0]["name"], "fleet sync", "{listed}");
+    assert!(listed["list"][0].get("ended").is_none(), "{listed}");
+    admin(
+        &app,
+        Some(&key),
+        "/v2/admin/session/revoke",
+        json!({"session_hash": hash}),
+    )
+    .await
+    .ok();
+    post(&app, "/v2/tracker/list", json!({"hash": hash}))
+        .await
+        .assert_error(4, 400);
+    // A name is required, and no key goes to a blocked user.
+    admin(
+        &app,
+        Some(&key),
+        "/v2/admin/user/api_key",
+        json!({"login": "acme", "name": " "}),
+    )
+    .await
+    .assert_error(7, 400);
+    app.exec("UPDATE users SET blocked = true WHERE id = 1")
+        .await;
+    admin(
+        &app,
+        Some(&key),
+        "/v2/admin/user/api_key",
+        json!({"login": "acme", "name": "x"}),
+    )
+    .await
+    .assert_error(11, 403);
+}
+
 /// The socket's URL asked for something that is no WebSocket handshake answers with the API's
 /// JSON error body, keeping the status and headers the handshake's rules give.
 #[tokio::test]
