@@ -555,6 +555,16 @@ impl TrackerEntry {
     fn is_idle(&self) -> bool {
         self.subs.is_empty() && self.groups.is_empty() && self.readings_groups.is_empty()
     }
+
+    /// The account of a read newer than every change published, where it is not the entry's:
+    /// a subscriber admitted after a move whose event has not been published, beside those
+    /// admitted before it. (An older read's account was settled by the events since.)
+    fn read_account(&self) -> Option<i64> {
+        (self.newest_change > self.lifecycle_change && self.newest_account != self.account_id)
+            .then_some(self.newest_account)
+            .flatten()
+            .map(NonZeroI64::get)
+    }
 }
 
 struct SessionEntry {
@@ -593,6 +603,9 @@ pub struct LifecycleMark {
     /// subscribers may have been told that one instead.
     pub newest_blocked: bool,
     pub account_id: Option<i64>,
+    /// The account of a read newer than the last change published, if it differs from
+    /// `account_id` (subscribers admitted on both sides of a move whose event has not come).
+    pub read_account: Option<i64>,
 }
 
 /// Counters the hub keeps for logs, `/ready` and metrics.
@@ -878,15 +891,18 @@ impl Hub {
                 blocked: e.blocked,
                 newest_blocked: e.newest_blocked,
                 account_id: e.account_id.map(NonZeroI64::get),
+                read_account: e.read_account(),
             })
             .collect()
     }
 
-    /// The account a watched tracker's subscribers were admitted under, if known.
-    pub fn account_of(&self, id: TrackerId) -> Option<i64> {
-        self.trackers
-            .get(&id)
-            .and_then(|e| e.account_id.map(NonZeroI64::get))
+    /// The accounts a watched tracker's subscribers were admitted under, as far as known: the
+    /// entry's, and that of a read newer than the last change published if it differs (see
+    /// [`LifecycleMark::read_account`]). A row in neither account is a move for someone.
+    pub fn accounts_of(&self, id: TrackerId) -> [Option<i64>; 2] {
+        self.trackers.get(&id).map_or([None, None], |e| {
+            [e.account_id.map(NonZeroI64::get), e.read_account()]
+        })
     }
 
     pub fn tracker_count(&self) -> usize {

@@ -558,10 +558,13 @@ enum Step {
     Forced(TrackerState),
 }
 
-/// The lifecycle event a tracker row stands for, to subscribers admitted under `account` (the
-/// hub's record of it, if any): a tracker removed, or moved to another account, is `corrupt`.
-fn lifecycle_of(row: &queries::TrackerLifecycleRow, account: Option<i64>) -> Lifecycle {
-    if row.removed || account.is_some_and(|a| a != row.account_id) {
+/// The lifecycle event a tracker row stands for, to subscribers admitted under `accounts` (the
+/// hub's record of them, if any; see [`Hub::accounts_of`]): a tracker removed, or in another
+/// account than any of them, is `corrupt`. (For subscribers on both sides of a move that the
+/// gateway never saw published, as normal processing would have told them: the old account's
+/// at the move, the new one's at the move back.)
+fn lifecycle_of(row: &queries::TrackerLifecycleRow, accounts: [Option<i64>; 2]) -> Lifecycle {
+    if row.removed || accounts.iter().flatten().any(|&a| a != row.account_id) {
         Lifecycle::Corrupt
     } else if row.blocked {
         Lifecycle::Block
@@ -607,7 +610,7 @@ pub async fn process_with(
     for (lo, hi) in p.lifecycle_ranges {
         for row in queries::trackers_by_range(pool, lo, hi).await? {
             if hub.is_watched(row.id) {
-                let kind = lifecycle_of(&row, hub.account_of(row.id));
+                let kind = lifecycle_of(&row, hub.accounts_of(row.id));
                 lifecycle.push((row.change_no, row.id, kind));
             }
         }
@@ -928,7 +931,7 @@ pub async fn resync_with(
         for &(lo, hi) in &carried.lifecycle_ranges {
             for row in queries::trackers_by_range(pool, lo, hi).await? {
                 if hub.is_watched(row.id) {
-                    let kind = lifecycle_of(&row, hub.account_of(row.id));
+                    let kind = lifecycle_of(&row, hub.accounts_of(row.id));
                     lifecycle.push((row.change_no, row.id, kind));
                 }
             }
@@ -964,7 +967,7 @@ pub async fn resync_with(
                     }
                 }
                 Some(row) if row.change_no > m.change => {
-                    let kind = lifecycle_of(row, m.account_id);
+                    let kind = lifecycle_of(row, [m.account_id, m.read_account]);
                     // Subscribers know the published facts or those of their own read (see
                     // `Hub::observe`): the event goes out if either differs, and those that
                     // know it already drop it by its change number.

@@ -277,6 +277,33 @@ async fn a_tracker_moved_back_during_a_gap_leaves_a_socket_that_read_it_moved(po
     assert_eq!(lifecycle_kinds(&rival, 101).await, [Lifecycle::Corrupt]);
 }
 
+/// 101 moves into the rival account and a rival socket reads it there, then the stream goes
+/// down before the move's `corrupt` is processed, and 101 moves back to acme. The resync must
+/// tell both sockets `corrupt`, as the two moves' events would have: the acme socket at the
+/// move, the rival one at the move back. The hub used to compare the database with the acme
+/// account alone, saw no move, and the rival socket kept getting acme's tracker.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_move_and_its_return_both_lost_still_reach_the_socket_that_read_it_moved(pool: PgPool) {
+    let hub = Hub::new();
+    let acme = acme_subscriber(&pool, &hub, 1).await;
+    sqlx::query("UPDATE trackers SET account_id = 3 WHERE id = 101")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let rival = subscriber(&pool, &hub, 2, RIVAL).await;
+    // The stream goes down: neither move's notification is processed.
+    sqlx::query("UPDATE trackers SET account_id = 1 WHERE id = 101")
+        .execute(&pool)
+        .await
+        .unwrap();
+    fleetgate::listen::resync(&pool, &hub).await.unwrap();
+    assert_eq!(lifecycle_kinds(&rival, 101).await, [Lifecycle::Corrupt]);
+    assert_eq!(lifecycle_kinds(&acme, 101).await, [Lifecycle::Corrupt]);
+}
+
 /// Every grant of sub-user 2 revoked while its `all` group is being filled (the first chunks
 /// admitted and waiting on their states, the last one not yet read): the group must end with
 /// none of them. The revocation used to reach only the trackers already admitted.
