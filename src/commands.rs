@@ -162,7 +162,8 @@ async fn ensure_user(
 async fn ensure_session(tx: &mut sqlx::PgConnection, user_id: i64) -> anyhow::Result<String> {
     let live: Option<String> = sqlx::query_scalar(
         "SELECT hash FROM sessions WHERE user_id = $1 AND revoked_at IS NULL \
-           AND expires_at > now() + interval '1 day' ORDER BY created_at DESC LIMIT 1",
+           AND api_key_name IS NULL AND expires_at > now() + interval '1 day' \
+         ORDER BY created_at DESC LIMIT 1",
     )
     .bind(user_id)
     .fetch_optional(&mut *tx)
@@ -590,7 +591,7 @@ pub async fn simulate(
                 // Carry on with what is left.
                 let before = fleet.len();
                 let ids: Vec<i64> = fleet.iter().map(|v| v.id).collect();
-                let left: std::collections::HashMap<i64, (Option<i64>, Option<i64>)> = sqlx::query_as(
+                let left: Vec<(i64, Option<i64>, Option<i64>)> = match sqlx::query_as(
                     "SELECT t.id, \
                        (SELECT min(id) FROM sensors WHERE tracker_id = t.id AND type = 'fuel'), \
                        (SELECT min(id) FROM sensors WHERE tracker_id = t.id AND type = 'temperature') \
@@ -598,10 +599,18 @@ pub async fn simulate(
                 )
                 .bind(&ids)
                 .fetch_all(pool)
-                .await?
-                .into_iter()
-                .map(|(id, fuel, temp): (i64, Option<i64>, Option<i64>)| (id, (fuel, temp)))
-                .collect();
+                .await
+                {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        eprintln!("write failed (will keep trying): {e}");
+                        continue;
+                    }
+                };
+                let left: std::collections::HashMap<i64, (Option<i64>, Option<i64>)> = left
+                    .into_iter()
+                    .map(|(id, fuel, temp): (i64, Option<i64>, Option<i64>)| (id, (fuel, temp)))
+                    .collect();
                 fleet.retain_mut(|v| match left.get(&v.id) {
                     Some(&(fuel, temp)) => {
                         v.fuel_sensor = fuel;

@@ -555,10 +555,11 @@ impl Settings {
             ));
         }
         let w = &self.websocket;
-        if w.heartbeat_ms >= w.idle_timeout_ms {
+        if w.heartbeat_ms.saturating_mul(2) > w.idle_timeout_ms {
             return Err(format!(
-                "websocket.heartbeat_ms = {} is not below websocket.idle_timeout_ms = {}: a \
-                 client that only answers the gateway's pings would be closed as idle",
+                "websocket.heartbeat_ms = {} is more than half of websocket.idle_timeout_ms = \
+                 {}: a client that only answers the gateway's pings (a round trip after each) \
+                 would be closed as idle",
                 w.heartbeat_ms, w.idle_timeout_ms
             ));
         }
@@ -648,11 +649,11 @@ mod tests {
         // Pings no more often than the idle timeout: every quiet client would be closed.
         let mut s = Settings::default();
         s.websocket.idle_timeout_ms = 2000;
-        s.websocket.heartbeat_ms = 2000;
+        s.websocket.heartbeat_ms = 1999;
         assert!(s
             .validate()
-            .is_err_and(|e| e.starts_with("websocket.heartbeat_ms = 2000 is not below")));
-        s.websocket.heartbeat_ms = 1999;
+            .is_err_and(|e| e.starts_with("websocket.heartbeat_ms = 1999 is more than half")));
+        s.websocket.heartbeat_ms = 1000;
         assert_eq!(s.validate(), Ok(()));
         // Zeros the code used to raise to one without a word.
         let mut s = Settings::default();

@@ -349,7 +349,12 @@ pub async fn create_user_api_key(
         ));
     }
     let u = user.resolve(pool).await?;
-    if u.blocked {
+    // A sub-user of a blocked master is blocked too (its key would come alive at the unblock).
+    let master_blocked = match u.master_id {
+        Some(m) => UserRef::Id(m).resolve(pool).await?.blocked,
+        None => false,
+    };
+    if u.blocked || master_blocked {
         return Err(ServiceError::UserBlocked);
     }
     let hash = commands::new_session_hash();

@@ -167,8 +167,8 @@ impl Params {
 }
 
 /// The live session named by the request: code 3 for a missing or malformed hash, 15 when the
-/// hash is over its rate limit (`api.requests_per_second`; before the lookup, so that the limit
-/// bounds the database work too), 4 for an unknown or ended session.
+/// hash is over its rate limit (`api.requests_per_second`; before the lookup, so that a hash
+/// over it costs no query), 4 for an unknown or ended session.
 pub async fn session(state: &AppState, params: &Params) -> Result<SessionRow, ApiError> {
     let hash = params.session_hash()?;
     if let Err(wait) = state.session_limiter.request(hash) {

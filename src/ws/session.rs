@@ -66,6 +66,13 @@ pub async fn subscription(
     let transport = Transport::from_query(req.query_string());
     let settings = &state.settings.websocket;
     let address = crate::http::user::client_address(&req, state.settings.api.trust_forwarded_for);
+    // The handshake is checked first, so that a request that is none is told so rather than
+    // counted against the socket limits; the client's frames are read by `reader` and what the
+    // gateway writes goes through its own byte-bounded queue (`writer`).
+    let mut response = match handshake(&req) {
+        Ok(r) => r,
+        Err(refused) => return Ok(*refused),
+    };
     let slot = match state.sockets.take(&address) {
         Ok(slot) => slot,
         Err(refused) => {
@@ -82,12 +89,6 @@ pub async fn subscription(
             }
             return Err(ApiError::TooManySockets(refused).into());
         }
-    };
-    // actix-http checks the handshake; the client's frames are read by `reader` and what the
-    // gateway writes goes through its own byte-bounded queue (`writer`).
-    let mut response = match handshake(&req) {
-        Ok(r) => r,
-        Err(refused) => return Ok(*refused),
     };
     let accepted = settings
         .compression

@@ -1458,6 +1458,10 @@ async fn seed_demo_reuses_its_fleet_and_replaces_a_removed_tracker() {
         ),
         ("Europe/Berlin", "demo")
     );
+    // An API key made since is no session of the demo's (a demo logout would end it).
+    service::create_user_api_key(&app.pool, &UserRef::Login("demo".into()), "sync")
+        .await
+        .expect("key");
     let again = seed().await.expect("seed again");
     assert_eq!(first.trackers, again.trackers);
     assert_eq!(first.master.session, again.master.session);

@@ -405,12 +405,15 @@ async fn blocking_the_user_ends_its_api_keys() {
     app.exec("UPDATE users SET blocked = true WHERE id = 1")
         .await;
     assert_logout_then_close(&mut c).await;
-    let refused = cli(&app, &["user", "api-key", "acme", "ops"]);
-    assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("blocked"),
-        "{refused:?}"
-    );
+    // Neither to it nor to its sub-user (the key would come alive at the master's unblock).
+    for user in ["acme", "2"] {
+        let refused = cli(&app, &["user", "api-key", user, "ops"]);
+        assert!(!refused.status.success());
+        assert!(
+            String::from_utf8_lossy(&refused.stderr).contains("blocked"),
+            "{refused:?}"
+        );
+    }
 }
 
 /// Unblocking a sub-user whose master is blocked says that it still cannot log in.
