@@ -305,15 +305,12 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
                         eprintln!("user {} ({}) has no API keys", u.id, u.login);
                     }
                     for k in keys {
-                        let state = match k.revoked_at {
-                            Some(t) => format!("ended {}", t.format("%Y-%m-%d %H:%M:%S UTC")),
-                            None => "active".into(),
-                        };
                         println!(
-                            "{}  {:<24}  created {}  {state}",
+                            "{}  {:<24}  created {}  {}",
                             k.hash,
                             k.name,
-                            k.created_at.format("%Y-%m-%d %H:%M:%S UTC")
+                            utc(k.created_at),
+                            key_state(k.revoked_at, "ended")
                         );
                     }
                 }
@@ -352,15 +349,12 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
                         );
                     }
                     for k in keys {
-                        let state = match k.revoked_at {
-                            Some(t) => format!("revoked {}", t.format("%Y-%m-%d %H:%M:%S UTC")),
-                            None => "active".into(),
-                        };
                         println!(
-                            "{:>4}  {:<24}  created {}  {state}",
+                            "{:>4}  {:<24}  created {}  {}",
                             k.id,
                             k.name,
-                            k.created_at.format("%Y-%m-%d %H:%M:%S UTC")
+                            utc(k.created_at),
+                            key_state(k.revoked_at, "revoked")
                         );
                     }
                 }
@@ -402,6 +396,16 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// A time as the key listings print it.
+fn utc(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+/// `active`, or `<ended> <when>` for a key that ended then.
+fn key_state(ended_at: Option<chrono::DateTime<chrono::Utc>>, ended: &str) -> String {
+    ended_at.map_or_else(|| "active".into(), |t| format!("{ended} {}", utc(t)))
 }
 
 /// The configuration files layered from `dir` (and `FLEETGATE_CONFIG`), and whether each was
