@@ -301,6 +301,14 @@ fn unclear_boolean(vars: impl Iterator<Item = (String, String)>) -> Option<Strin
     .next()
 }
 
+/// `a`, `b`, `c`: names for an error message.
+fn quoted<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    names
+        .map(|k| format!("`{k}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// What is wrong with a config file on its own, named with the file: a key or section no setting
 /// has (the error of the merged layers cannot say which file gave it), or a true/false setting
 /// given another kind of value: the config crate reads any number but 0 as true, so
@@ -326,20 +334,18 @@ fn check_file(
     {
         for (section, value) in table {
             let Some(known) = sections.get(&section).and_then(|v| v.as_object()) else {
-                let names: Vec<String> = sections.keys().map(|k| format!("`{k}`")).collect();
                 return Err(config::ConfigError::Message(format!(
                     "{name}: unknown section `{section}`, expected one of {}",
-                    names.join(", ")
+                    quoted(sections.keys())
                 )));
             };
             let Ok(keys) = value.into_table() else {
                 continue;
             };
             if let Some(key) = keys.keys().find(|k| !known.contains_key(*k)) {
-                let names: Vec<String> = known.keys().map(|k| format!("`{k}`")).collect();
                 return Err(config::ConfigError::Message(format!(
                     "{name}: unknown key `{key}` in [{section}], expected one of {}",
-                    names.join(", ")
+                    quoted(known.keys())
                 )));
             }
         }
@@ -710,15 +716,14 @@ mod tests {
         }
     }
 
+    /// [`check_file`] of a TOML text named `name`.
+    fn check_text(name: &str, text: &str) -> Result<(), config::ConfigError> {
+        check_file(name, config::File::from_str(text, config::FileFormat::Toml))
+    }
+
     #[test]
     fn a_config_file_with_a_key_no_setting_has_is_refused_naming_the_file() {
-        let check = |text: &str| {
-            check_file(
-                "extra.toml",
-                config::File::from_str(text, config::FileFormat::Toml),
-            )
-            .map_err(|e| e.to_string())
-        };
+        let check = |text: &str| check_text("extra.toml", text).map_err(|e| e.to_string());
         assert!(check("[websocket]\nheartbeat_ms = 5000").is_ok());
         let e = check("[websocket]\nheartbeat = 5000").unwrap_err();
         assert!(
@@ -735,12 +740,7 @@ mod tests {
 
     #[test]
     fn a_config_file_giving_a_true_false_setting_a_number_is_refused() {
-        let check = |text: &str| {
-            check_file(
-                "local.toml",
-                config::File::from_str(text, config::FileFormat::Toml),
-            )
-        };
+        let check = |text: &str| check_text("local.toml", text);
         for ok in [
             "[websocket]\ncompression = false",
             "[websocket]\ncompression = \"on\"",

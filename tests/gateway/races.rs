@@ -114,6 +114,15 @@ async fn change_of(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
+/// Moves 101 into `account`; returns the move's change number.
+async fn move_101(pool: &PgPool, account: i64) -> i64 {
+    sqlx::query_scalar("UPDATE trackers SET account_id = $1 WHERE id = 101 RETURNING change_no")
+        .bind(account)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 async fn round(pool: &PgPool, hub: &std::sync::Arc<Hub>, payloads: &[String]) {
     let mut p = Pending::default();
     for payload in payloads {
@@ -216,11 +225,7 @@ async fn a_tracker_moved_back_during_a_gap_leaves_the_other_accounts_batch(pool:
     let hub = Hub::new();
     let _acme = acme_subscriber(&pool, &hub, 1).await;
     let (rival, joined) = join_all(&pool, &hub, 3, 2).await;
-    let moved = change_of(
-        &pool,
-        "UPDATE trackers SET account_id = 3 WHERE id = 101 RETURNING change_no",
-    )
-    .await;
+    let moved = move_101(&pool, 3).await;
     round(
         &pool,
         &hub,
@@ -232,10 +237,7 @@ async fn a_tracker_moved_back_during_a_gap_leaves_the_other_accounts_batch(pool:
     hub.unsubscribe(1, &[101]);
 
     // Back to acme while the stream is down (no notification), then the resync.
-    sqlx::query("UPDATE trackers SET account_id = 1 WHERE id = 101")
-        .execute(&pool)
-        .await
-        .unwrap();
+    move_101(&pool, 1).await;
     fleetgate::listen::resync(&pool, &hub).await.unwrap();
     assert!(!joined.group.tracker_ids().contains(&101), "moved away");
     batch_items(&rival, Duration::from_millis(300)).await;
@@ -256,11 +258,7 @@ async fn a_tracker_moved_back_during_a_gap_leaves_the_other_accounts_batch(pool:
 async fn a_tracker_moved_back_during_a_gap_leaves_a_socket_that_read_it_moved(pool: PgPool) {
     let hub = Hub::new();
     let _acme = acme_subscriber(&pool, &hub, 1).await;
-    let moved = change_of(
-        &pool,
-        "UPDATE trackers SET account_id = 3 WHERE id = 101 RETURNING change_no",
-    )
-    .await;
+    let moved = move_101(&pool, 3).await;
     let rival = subscriber(&pool, &hub, 2, RIVAL).await;
     round(&pool, &hub, &[format!("t|{moved}:101:corrupt")]).await;
     // The acme socket takes its `corrupt` and leaves; the rival socket drops it (its own read
@@ -269,10 +267,7 @@ async fn a_tracker_moved_back_during_a_gap_leaves_a_socket_that_read_it_moved(po
     assert_eq!(lifecycle_kinds(&rival, 101).await, [Lifecycle::Corrupt]);
 
     // Back to acme while the stream is down (no notification), then the resync.
-    sqlx::query("UPDATE trackers SET account_id = 1 WHERE id = 101")
-        .execute(&pool)
-        .await
-        .unwrap();
+    move_101(&pool, 1).await;
     fleetgate::listen::resync(&pool, &hub).await.unwrap();
     assert_eq!(lifecycle_kinds(&rival, 101).await, [Lifecycle::Corrupt]);
 }
@@ -289,16 +284,10 @@ async fn a_tracker_moved_back_during_a_gap_leaves_a_socket_that_read_it_moved(po
 async fn a_move_and_its_return_both_lost_still_reach_the_socket_that_read_it_moved(pool: PgPool) {
     let hub = Hub::new();
     let acme = acme_subscriber(&pool, &hub, 1).await;
-    sqlx::query("UPDATE trackers SET account_id = 3 WHERE id = 101")
-        .execute(&pool)
-        .await
-        .unwrap();
+    move_101(&pool, 3).await;
     let rival = subscriber(&pool, &hub, 2, RIVAL).await;
     // The stream goes down: neither move's notification is processed.
-    sqlx::query("UPDATE trackers SET account_id = 1 WHERE id = 101")
-        .execute(&pool)
-        .await
-        .unwrap();
+    move_101(&pool, 1).await;
     fleetgate::listen::resync(&pool, &hub).await.unwrap();
     assert_eq!(lifecycle_kinds(&rival, 101).await, [Lifecycle::Corrupt]);
     assert_eq!(lifecycle_kinds(&acme, 101).await, [Lifecycle::Corrupt]);
