@@ -348,8 +348,9 @@ pub fn parse(text: &str) -> Result<ClientMessage, Box<Rejection>> {
     };
     let wire = Some(format!("subscription/{action_name}"));
     let mut echo = obj.clone();
-    echo.remove("action");
-    echo.remove("hash");
+    // `shift_remove` keeps the request's key order (`remove` swaps the last key into the gap).
+    echo.shift_remove("action");
+    echo.shift_remove("hash");
     let echo = Value::Object(echo);
     let data = (!echo.as_object().is_some_and(|o| o.is_empty())).then(|| echo.clone());
     let action = match action_name.as_str() {
@@ -705,6 +706,8 @@ mod tests {
         assert_eq!(v["action"], "subscription/subscribe");
         assert_eq!(v["status"]["code"], 3);
         assert_eq!(v["data"], json!({"events": ["state"], "trackers": [15564]}));
+        // In the request's order, as seed 004's sample shows it.
+        assert!(rejection_frame(&r).ends_with(r#""data":{"events":["state"],"trackers":[15564]}}"#));
     }
 
     #[test]

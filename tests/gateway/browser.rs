@@ -3,7 +3,7 @@
 //!
 //! The page signs in (session hash, and login + password when `user/auth` exists), lists the
 //! fixture's trackers, moves the right marker when a state is written through SQL, greys a
-//! blocked tracker, drops a removed one, shows the logout banner, reconnects after the gateway
+//! blocked tracker, drops a removed one and one whose grant is revoked, shows the logout banner, reconnects after the gateway
 //! restarts, and stays smooth under `?bench=10000`. Screenshots go to `target/browser/`.
 //!
 //! Chromium and chromedriver come from `/usr/bin` (or `FLEETGATE_CHROMIUM`,
@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
-use crate::common::{spawn_app, spawn_app_with, test_settings, TestApp, ACME};
+use crate::common::{spawn_app, spawn_app_with, test_settings, TestApp, ACME, SUB};
 
 /// How long the page may take to show something (it batches per second in `state_batch` mode).
 const PAGE_WAIT: Duration = Duration::from_secs(20);
@@ -473,6 +473,39 @@ async fn live_page_follows_the_fleet_blocks_removals_and_logout() {
     assert_eq!(banner, json!("Session ended \u{2014} sign in again"));
     assert_eq!(b.js("return fleetgate.status().connection").await, "ended");
     b.screenshot("session-ended").await;
+    b.close().await;
+}
+
+#[tokio::test]
+async fn live_page_drops_a_tracker_whose_grant_is_revoked() {
+    let _one = BROWSER_LOCK.lock().await;
+    let Some(b) = Browser::start("revoked-grant").await else {
+        return;
+    };
+    let app = spawn_app().await;
+    b.goto(&app.http_url("/")).await;
+    sign_in_with_hash(&b, SUB).await;
+    wait_live(&b).await;
+    b.until(
+        "acme-sub's granted trackers",
+        &rows_are("101:normal,102:normal"),
+    )
+    .await;
+    app.exec("DELETE FROM tracker_grants WHERE user_id = 2 AND tracker_id = 102")
+        .await;
+    b.until(
+        "tracker 102 gone",
+        &format!("return fleetgate.tracker(102) === null && {ROWS} === '101:normal'"),
+    )
+    .await;
+    // 101 still flows.
+    app.exec("UPDATE tracker_states SET speed = 61, last_update = now() WHERE tracker_id = 101")
+        .await;
+    b.until(
+        "tracker 101's new speed",
+        "return fleetgate.tracker(101).speed === 61",
+    )
+    .await;
     b.close().await;
 }
 

@@ -193,7 +193,8 @@
       case 'unblock':
         t.status = 'normal'; // the current state follows at once
         break;
-      case 'corrupt':
+      case 'corrupt': // removed, or moved to another account
+      case 'disallowed': // a sub-user's grant revoked (fleetgate extension)
         removeTracker(t.id);
         break;
       default:
