@@ -1033,22 +1033,33 @@ impl Connection {
     }
 
     async fn unsubscribe(&mut self, msg: ClientMessage) -> Result<(), Stop> {
-        let Some(hash) = self.sessions.get(msg.hash.as_str()) else {
-            return self
-                .send_error(
-                    Some(msg.action.wire()),
-                    &ProtoError::session_not_found(),
-                    Some(&msg.echo),
-                )
-                .await;
-        };
-        let hash = hash.clone();
         let mut ids: Vec<TrackerId> = Vec::new();
         for item in &msg.items {
             if let Item::State(req) = item {
                 ids.extend(&req.trackers);
             }
         }
+        let Some(hash) = self.sessions.get(msg.hash.as_str()) else {
+            // Nothing here was subscribed with this hash (or it was released), so nothing is
+            // removed. Code 4 says the session has ended, so it goes only where that is true:
+            // a dashboard that unsubscribes on a fresh connection must not be sent to log in.
+            let error = match queries::session(&self.app.pool, &msg.hash).await {
+                Ok(Some(s)) if s.live => None,
+                Ok(_) => Some(ProtoError::session_not_found()),
+                Err(e) => Some(ProtoError::db("session lookup", &e)),
+            };
+            return match error {
+                Some(e) => {
+                    self.send_error(Some(msg.action.wire()), &e, Some(&msg.echo))
+                        .await
+                }
+                None => {
+                    let response = protocol::unsubscribe_response(msg.form, &msg.events, &ids);
+                    self.send(response.into()).await
+                }
+            };
+        };
+        let hash = hash.clone();
         for item in &msg.items {
             let (target, readings) = match item {
                 Item::StateBatch(req) => (&req.target, false),

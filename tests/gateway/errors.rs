@@ -185,18 +185,38 @@ async fn unknown_expired_and_revoked_sessions_are_code_4() {
 }
 
 #[tokio::test]
-async fn unsubscribe_with_a_session_this_socket_does_not_hold_is_code_4() {
+async fn unsubscribe_with_a_session_this_socket_does_not_hold_is_code_4_only_when_it_has_ended() {
     let app = spawn_app().await;
     let mut c = app.connect().await;
-    rejects(
-        &mut c,
-        &json!({"action": "unsubscribe", "hash": ACME2, "events": ["state"], "trackers": [101]})
-            .to_string(),
-        4,
-        Some("subscription/unsubscribe"),
-        Some(json!({"events": ["state"], "trackers": [101]})),
-    )
-    .await;
+    for hash in [EXPIRED, REVOKED, "0123456789abcdef0123456789abcdef"] {
+        rejects(
+            &mut c,
+            &json!({"action": "unsubscribe", "hash": hash, "events": ["state"], "trackers": [101]})
+                .to_string(),
+            4,
+            Some("subscription/unsubscribe"),
+            Some(json!({"events": ["state"], "trackers": [101]})),
+        )
+        .await;
+    }
+    // A live session this socket never subscribed with: nothing to remove, and no error that
+    // would tell the dashboard its session has ended.
+    let unsubscribe =
+        json!({"action": "unsubscribe", "hash": ACME2, "events": ["state"], "trackers": [101]});
+    c.send(unsubscribe.clone()).await;
+    assert_eq!(
+        c.recv().await,
+        json!({"type": "response", "action": "subscription/unsubscribe", "events": ["state"],
+               "data": [101]})
+    );
+    // Nor does it touch what the socket holds under another session.
+    c.subscribe_and_states(ACME, &[101], 1).await;
+    c.send(unsubscribe).await;
+    assert_eq!(c.recv().await["type"], "response");
+    app.exec("UPDATE tracker_states SET speed = 77 WHERE tracker_id = 101")
+        .await;
+    let ev = c.recv().await;
+    assert!(is_state_with_speed(&ev, 101, 77), "{ev}");
 }
 
 #[tokio::test]
