@@ -754,6 +754,10 @@ impl Connection {
         let mut first_batches: Vec<SharedFrame> = Vec::new();
         // The first group joined, whose slot may share this response (see below).
         let mut shared_slot: Option<Arc<BatchGroup>> = None;
+        // Items of this message by group: one asked again gets the same answer, without joining
+        // again (each join would send the whole first batch once more, and one message of
+        // thousands of copies of an item was thousands of full batches).
+        let mut asked: HashMap<GroupKey, usize> = HashMap::new();
         for item in &msg.items {
             let (target, rate, format, kind) = match item {
                 Item::StateBatch(req) => (&req.target, req.rate, req.format, GroupKind::State),
@@ -785,6 +789,11 @@ impl Connection {
             // Each group reads its target, runs a timer and holds a rendered batch: a socket
             // may be in at most `max_batch_subscriptions` of them. A group it is already in
             // (under any of its sessions) costs nothing more.
+            if let Some(&n) = asked.get(&key) {
+                batch_results.push(batch_results[n].clone());
+                continue;
+            }
+            asked.insert(key.clone(), batch_results.len());
             let held = self.memberships.iter().any(|(g, _)| g.key == key);
             if !held && self.batch_group_count() >= max_batches {
                 batch_results.push(Err(ProtoError::too_many_batches(max_batches)));

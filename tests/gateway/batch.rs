@@ -794,6 +794,42 @@ async fn batch_items_of_one_type_answer_together() {
 }
 
 #[tokio::test]
+async fn an_item_repeated_in_one_message_is_joined_and_sent_once() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    // One message of 2,000 copies of one item (70 KB) had the gateway send 2,000 first batches.
+    let item = batch_request(json!({"type": "all"}), "1h", "compact");
+    let mut requests = vec![item.clone(); 2000];
+    requests.push(batch_request(
+        json!({"type": "selected", "tracker_ids": [101]}),
+        "1h",
+        "compact",
+    ));
+    requests.push(item);
+    c.send(json!({"action": "subscribe", "hash": ACME, "requests": requests}))
+        .await;
+    let resp = c.recv().await;
+    assert_eq!(
+        resp["data"]["state_batch"],
+        json!({"success": true, "value": {
+            "101": "normal", "102": "normal", "103": "normal", "104": "normal", "105": "blocked"}}),
+        "{resp}"
+    );
+    let mut firsts: Vec<Vec<i64>> = Vec::new();
+    for _ in 0..2 {
+        let mut ids: Vec<i64> = items(&c.recv().await).into_keys().collect();
+        ids.sort_unstable();
+        firsts.push(ids);
+    }
+    firsts.sort_unstable();
+    assert_eq!(firsts, [vec![101], vec![101, 102, 103, 104]]);
+    // Nothing more: the next frame is the answer to the next message.
+    let next = c.subscribe(ACME, &[101]).await;
+    assert_eq!(next["type"], "response", "{next}");
+    assert_eq!(app.hub.batches.group_count(), 2);
+}
+
+#[tokio::test]
 async fn each_session_of_a_socket_holds_a_shared_batch_of_its_own() {
     // ACME and ACME2 (one user) ask one socket for the same batch: one group, held by both.
     let app = spawn_app().await;
