@@ -476,6 +476,14 @@ struct Subscriber {
     variant: Variant,
     /// This tracker's slot in the outbox (where a mark goes when the queue is full).
     slot: u32,
+    /// What this subscriber knows of the tracker's lifecycle: from its subscribe's read (see
+    /// [`Hub::observe_for`]) or a later event, whichever is newer; `told_change` is
+    /// `i64::MIN` until then. A resync compares the database with it, since subscribers
+    /// admitted during a gap in the stream each read the tracker at another point.
+    told_blocked: bool,
+    told_change: i64,
+    /// The account its read found the tracker in (0 until then).
+    account: i64,
 }
 
 /// A data source id, or none, in one word where an `Option<i64>` takes two (every watched
@@ -559,6 +567,18 @@ impl TrackerEntry {
     /// The account of a read newer than every change published, where it is not the entry's:
     /// a subscriber admitted after a move whose event has not been published, beside those
     /// admitted before it. (An older read's account was settled by the events since.)
+    /// See [`Hub::accounts_of`].
+    fn accounts(&self) -> Vec<i64> {
+        let mut out: Vec<i64> = [self.account_id.map(NonZeroI64::get), self.read_account()]
+            .into_iter()
+            .flatten()
+            .chain(self.subs.iter().map(|s| s.account).filter(|&a| a != 0))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     fn read_account(&self) -> Option<i64> {
         (self.newest_change > self.lifecycle_change && self.newest_account != self.account_id)
             .then_some(self.newest_account)
@@ -593,7 +613,7 @@ impl From<&crate::db::queries::TrackerLifecycleRow> for TrackerFacts {
 }
 
 /// A watched tracker's lifecycle as the hub last published it (see [`Hub::lifecycle_marks`]).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LifecycleMark {
     pub id: TrackerId,
     /// The last change published, and whether it blocked the tracker.
@@ -602,10 +622,9 @@ pub struct LifecycleMark {
     /// Whether the newest facts known (published, or read by a subscribe) say blocked: some
     /// subscribers may have been told that one instead.
     pub newest_blocked: bool,
-    pub account_id: Option<i64>,
-    /// The account of a read newer than the last change published, if it differs from
-    /// `account_id` (subscribers admitted on both sides of a move whose event has not come).
-    pub read_account: Option<i64>,
+    /// The accounts its subscribers were admitted under (see [`Hub::accounts_of`]):
+    /// subscribers admitted on both sides of moves whose events have not come.
+    pub accounts: Vec<i64>,
 }
 
 /// Counters the hub keeps for logs, `/ready` and metrics.
@@ -723,6 +742,9 @@ impl Hub {
                         outbox: outbox.clone(),
                         variant: v,
                         slot,
+                        told_blocked: false,
+                        told_change: i64::MIN,
+                        account: 0,
                     });
                     slots.push(slot);
                 }
@@ -813,6 +835,32 @@ impl Hub {
         }
     }
 
+    /// [`Hub::observe`] for the subscribe of `conn`, which also records what that subscriber
+    /// now knows of the tracker (see [`Subscriber::told_change`]).
+    pub fn observe_for(&self, conn: ConnId, id: TrackerId, facts: TrackerFacts) {
+        self.observe(id, facts);
+        if let Some(mut entry) = self.trackers.get_mut(&id) {
+            if let Some(sub) = entry.subs.iter_mut().find(|s| s.conn == conn) {
+                sub.account = facts.account_id;
+                if facts.change_no >= sub.told_change {
+                    sub.told_change = facts.change_no;
+                    sub.told_blocked = facts.blocked;
+                }
+            }
+        }
+    }
+
+    /// Whether some subscriber of a watched tracker was told otherwise than `blocked` by
+    /// something older than `change` (its read, or the last event it got): a resync that finds
+    /// the tracker at `change` must then publish it, though the hub's own record agrees.
+    pub fn told_otherwise(&self, id: TrackerId, change: i64, blocked: bool) -> bool {
+        self.trackers.get(&id).is_some_and(|e| {
+            e.subs
+                .iter()
+                .any(|s| s.told_change < change && s.told_blocked != blocked)
+        })
+    }
+
     pub fn is_watched(&self, id: TrackerId) -> bool {
         self.trackers.contains_key(&id)
     }
@@ -890,19 +938,19 @@ impl Hub {
                 change: e.lifecycle_change,
                 blocked: e.blocked,
                 newest_blocked: e.newest_blocked,
-                account_id: e.account_id.map(NonZeroI64::get),
-                read_account: e.read_account(),
+                accounts: e.accounts(),
             })
             .collect()
     }
 
     /// The accounts a watched tracker's subscribers were admitted under, as far as known: the
-    /// entry's, and that of a read newer than the last change published if it differs (see
-    /// [`LifecycleMark::read_account`]). A row in neither account is a move for someone.
-    pub fn accounts_of(&self, id: TrackerId) -> [Option<i64>; 2] {
-        self.trackers.get(&id).map_or([None, None], |e| {
-            [e.account_id.map(NonZeroI64::get), e.read_account()]
-        })
+    /// entry's, that of a read newer than the last change published if it differs, and each
+    /// subscriber's own read's. A row in another
+    /// account than one of them is a move for someone.
+    pub fn accounts_of(&self, id: TrackerId) -> Vec<i64> {
+        self.trackers
+            .get(&id)
+            .map_or_else(Vec::new, |e| e.accounts())
     }
 
     pub fn tracker_count(&self) -> usize {
@@ -1059,6 +1107,12 @@ impl Hub {
             entry.source_id.get().unwrap_or_default(),
             kind,
         ));
+        for sub in entry.subs.iter_mut() {
+            if kind != Lifecycle::Corrupt && change > sub.told_change {
+                sub.told_change = change;
+                sub.told_blocked = kind == Lifecycle::Block;
+            }
+        }
         for sub in &entry.subs {
             sub.outbox.push_lifecycle(
                 sub.slot,

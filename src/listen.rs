@@ -94,6 +94,10 @@ pub struct Pending {
     /// When the earliest notification of this work arrived (for the notify-to-send metric).
     pub notified_at: Option<Instant>,
     pub resync: bool,
+    /// Trackers a resync published an unblock for, whose current state it has yet to send
+    /// (with `carried`, see `resync_with`): kept when the resync fails after the unblock went
+    /// out, for the next one to send (it would find nothing changed and send no state).
+    reopened: HashSet<TrackerId>,
 }
 
 impl Pending {
@@ -563,8 +567,8 @@ enum Step {
 /// account than any of them, is `corrupt`. (For subscribers on both sides of a move that the
 /// gateway never saw published, as normal processing would have told them: the old account's
 /// at the move, the new one's at the move back.)
-fn lifecycle_of(row: &queries::TrackerLifecycleRow, accounts: [Option<i64>; 2]) -> Lifecycle {
-    if row.removed || accounts.iter().flatten().any(|&a| a != row.account_id) {
+fn lifecycle_of(row: &queries::TrackerLifecycleRow, accounts: &[i64]) -> Lifecycle {
+    if row.removed || accounts.iter().any(|&a| a != row.account_id) {
         Lifecycle::Corrupt
     } else if row.blocked {
         Lifecycle::Block
@@ -610,7 +614,7 @@ pub async fn process_with(
     for (lo, hi) in p.lifecycle_ranges {
         for row in queries::trackers_by_range(pool, lo, hi).await? {
             if hub.is_watched(row.id) {
-                let kind = lifecycle_of(&row, hub.accounts_of(row.id));
+                let kind = lifecycle_of(&row, &hub.accounts_of(row.id));
                 lifecycle.push((row.change_no, row.id, kind));
             }
         }
@@ -916,8 +920,9 @@ pub async fn resync(pool: &PgPool, hub: &Arc<Hub>) -> Result<(), sqlx::Error> {
 /// failed or were given up, or with the resync's own request) in change order, as the rounds
 /// would have: lifecycle events only, as the comparison below publishes its own; the current
 /// state of a tracker they reopen follows with the other states, after sessions and grants.
-/// `carried` is emptied once they are published (the hub skips a change number it has seen,
-/// so a retry would publish nothing anew).
+/// `carried`'s lifecycle changes are emptied once they are published (the hub skips a change
+/// number it has seen, so a retry would publish nothing anew); the trackers they reopened stay
+/// in it until their states are sent.
 pub async fn resync_with(
     pool: &PgPool,
     hub: &Arc<Hub>,
@@ -925,13 +930,12 @@ pub async fn resync_with(
 ) -> Result<(), sqlx::Error> {
     let started = Instant::now();
     let mut events = 0usize;
-    let mut reopened: HashSet<TrackerId> = HashSet::new();
     if carried.has_lifecycle() {
         let mut lifecycle = carried.lifecycle.clone();
         for &(lo, hi) in &carried.lifecycle_ranges {
             for row in queries::trackers_by_range(pool, lo, hi).await? {
                 if hub.is_watched(row.id) {
-                    let kind = lifecycle_of(&row, hub.accounts_of(row.id));
+                    let kind = lifecycle_of(&row, &hub.accounts_of(row.id));
                     lifecycle.push((row.change_no, row.id, kind));
                 }
             }
@@ -941,13 +945,14 @@ pub async fn resync_with(
             if hub.publish_lifecycle(id, change, kind) {
                 events += 1;
                 if kind == Lifecycle::Unblock {
-                    reopened.insert(id);
+                    carried.reopened.insert(id);
                 } else {
-                    reopened.remove(&id);
+                    carried.reopened.remove(&id);
                 }
             }
         }
-        *carried = Pending::default();
+        carried.lifecycle.clear();
+        carried.lifecycle_ranges.clear();
     }
     let marks = hub.lifecycle_marks();
     for chunk in marks.chunks(RESYNC_CHUNK) {
@@ -967,18 +972,19 @@ pub async fn resync_with(
                     }
                 }
                 Some(row) if row.change_no > m.change => {
-                    let kind = lifecycle_of(row, [m.account_id, m.read_account]);
+                    let kind = lifecycle_of(row, &m.accounts);
                     // Subscribers know the published facts or those of their own read (see
-                    // `Hub::observe`): the event goes out if either differs, and those that
+                    // `Hub::observe_for`): the event goes out if any differs, and those that
                     // know it already drop it by its change number.
                     let changed = kind == Lifecycle::Corrupt
                         || row.blocked != m.blocked
-                        || row.blocked != m.newest_blocked;
+                        || row.blocked != m.newest_blocked
+                        || hub.told_otherwise(m.id, row.change_no, row.blocked);
                     if changed {
                         hub.publish_lifecycle(m.id, row.change_no, kind);
                         events += 1;
                         if kind == Lifecycle::Unblock {
-                            reopened.insert(m.id);
+                            carried.reopened.insert(m.id);
                         }
                     } else {
                         hub.observe(m.id, TrackerFacts::from(*row));
@@ -999,12 +1005,13 @@ pub async fn resync_with(
     let watched = hub.watched_trackers();
     for chunk in watched.chunks(RESYNC_CHUNK) {
         for s in queries::states_by_ids(pool, chunk).await? {
-            let resend = reopened.contains(&s.tracker_id);
+            let resend = carried.reopened.contains(&s.tracker_id);
             if hub.publish_state(s, resend, now) > 0 {
                 events += 1;
             }
         }
     }
+    carried.reopened.clear();
     for chunk in hub.readings_trackers().chunks(RESYNC_CHUNK) {
         hub.offer_readings(crate::readings::readings_by_ids(pool, chunk).await?);
     }

@@ -726,7 +726,7 @@ impl Connection {
         for (id, status, facts) in &statuses {
             match (*status, facts) {
                 ("normal" | "blocked", Some(f)) => {
-                    hub.observe(*id, *f);
+                    hub.observe_for(self.id, *id, *f);
                     let Some(&slot) = slot_of.get(id) else {
                         continue;
                     };

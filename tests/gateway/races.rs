@@ -105,7 +105,7 @@ async fn subscriber(pool: &PgPool, hub: &Hub, conn: u64, hash: &str) -> std::syn
         .await
         .unwrap()
     {
-        hub.observe(id, facts.unwrap());
+        hub.observe_for(conn, id, facts.unwrap());
     }
     outbox
 }
@@ -494,4 +494,119 @@ async fn a_resync_unblocks_a_socket_told_a_block_that_a_newer_read_has_passed(po
         .unwrap();
     let kinds = lifecycle_kinds(&old, 101).await;
     assert_eq!(kinds, [Lifecycle::Block, Lifecycle::Unblock]);
+}
+
+/// What `outbox` holds for `tracker` (within 200 ms of quiet): `state`, or the lifecycle kind.
+async fn steps_of(outbox: &Outbox, tracker: i64) -> Vec<&'static str> {
+    let mut steps = Vec::new();
+    loop {
+        let mut items = Vec::new();
+        if tokio::time::timeout(Duration::from_millis(200), outbox.pop_batch(64, &mut items))
+            .await
+            .is_err()
+        {
+            return steps;
+        }
+        for item in items {
+            match item {
+                Outgoing::State { tracker: t, .. } if t == tracker => steps.push("state"),
+                Outgoing::Lifecycle {
+                    tracker: t, kind, ..
+                } if t == tracker => steps.push(kind.as_str()),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// While the stream is down, 101 moves to the rival account, where a rival socket reads it,
+/// then back to acme, where another acme socket reads it. The resync must tell the rival
+/// socket `corrupt`: the hub used to keep two accounts per tracker (the published one and the
+/// newest read's), the second acme read replaced the rival one, and the rival socket kept
+/// getting acme's tracker.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_socket_that_read_a_tracker_in_another_account_during_a_gap_is_told_corrupt(
+    pool: PgPool,
+) {
+    let hub = Hub::new();
+    let _first = acme_subscriber(&pool, &hub, 1).await;
+    move_101(&pool, 3).await;
+    let rival = subscriber(&pool, &hub, 2, RIVAL).await;
+    move_101(&pool, 1).await;
+    let _last = acme_subscriber(&pool, &hub, 3).await;
+    fleetgate::listen::resync(&pool, &hub).await.unwrap();
+    assert_eq!(lifecycle_kinds(&rival, 101).await, [Lifecycle::Corrupt]);
+}
+
+/// While the stream is down, 101 is blocked and a socket reads it so (`blocked`), then
+/// unblocked and another socket reads it so. The resync must tell the first of them
+/// `unblock`: the hub compared the database with the published lifecycle and the newest
+/// read's only, both unblocked, and that socket never got 101 again.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_socket_told_blocked_during_a_gap_is_told_the_unblock_a_newer_read_saw(pool: PgPool) {
+    let hub = Hub::new();
+    let _first = acme_subscriber(&pool, &hub, 1).await;
+    change_of(
+        &pool,
+        "UPDATE trackers SET blocked = true WHERE id = 101 RETURNING change_no",
+    )
+    .await;
+    let told_blocked = acme_subscriber(&pool, &hub, 2).await;
+    change_of(
+        &pool,
+        "UPDATE trackers SET blocked = false WHERE id = 101 RETURNING change_no",
+    )
+    .await;
+    let _last = acme_subscriber(&pool, &hub, 3).await;
+    fleetgate::listen::resync(&pool, &hub).await.unwrap();
+    let steps = steps_of(&told_blocked, 101).await;
+    assert_eq!(steps.first(), Some(&"unblock"), "{steps:?}");
+    assert!(
+        steps.contains(&"state"),
+        "the current state follows: {steps:?}"
+    );
+}
+
+/// A resync publishes a carried unblock, then fails before it sends the states; the next
+/// resync finds nothing changed. It must still send 101's current state after the unblock,
+/// as the protocol promises: the set of trackers to send again went with the failed resync.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn an_unblock_from_a_failed_resync_still_brings_the_state(pool: PgPool) {
+    let hub = Hub::new();
+    let outbox = acme_subscriber(&pool, &hub, 1).await;
+    new_speed(&pool, &hub, 101, 33).await;
+    let blocked = change_of(
+        &pool,
+        "UPDATE trackers SET blocked = true WHERE id = 101 RETURNING change_no",
+    )
+    .await;
+    round(&pool, &hub, &[format!("t|{blocked}:101:block")]).await;
+    assert_eq!(steps_of(&outbox, 101).await, ["state", "block"]);
+
+    let unblocked = change_of(
+        &pool,
+        "UPDATE trackers SET blocked = false WHERE id = 101 RETURNING change_no",
+    )
+    .await;
+    let mut carried = Pending::default();
+    assert!(carried.add_payload(&format!("t|{unblocked}:101:unblock"), &hub));
+    let closed = PgPool::connect_lazy_with((*pool.connect_options()).clone());
+    closed.close().await;
+    fleetgate::listen::resync_with(&closed, &hub, &mut carried)
+        .await
+        .expect_err("a closed pool fails the resync");
+    assert_eq!(steps_of(&outbox, 101).await, ["unblock"]);
+    fleetgate::listen::resync_with(&pool, &hub, &mut carried)
+        .await
+        .unwrap();
+    assert_eq!(steps_of(&outbox, 101).await, ["state"]);
 }
