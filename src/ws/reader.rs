@@ -73,6 +73,8 @@ pub struct Reader<S> {
     counted: std::time::Instant,
     /// Set while the budget is spent: nothing is read until it fires.
     throttled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// When bytes last came from the peer (a message in many slow pieces is not idleness).
+    received_at: std::time::Instant,
 }
 
 impl<S, E> Reader<S>
@@ -93,7 +95,13 @@ where
             frames_left: FRAMES_PER_SECOND,
             counted: std::time::Instant::now(),
             throttled: None,
+            received_at: std::time::Instant::now(),
         }
+    }
+
+    /// When bytes last came from the peer, whole messages or not.
+    pub fn received_at(&self) -> std::time::Instant {
+        self.received_at
     }
 
     /// Counts a frame read; once the budget is spent, sets the wait before the next one.
@@ -140,7 +148,10 @@ where
                 Ok(None) => {}
             }
             match self.payload.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(bytes))) => self.buf.extend_from_slice(&bytes),
+                Poll::Ready(Some(Ok(bytes))) => {
+                    self.received_at = std::time::Instant::now();
+                    self.buf.extend_from_slice(&bytes);
+                }
                 Poll::Ready(Some(Err(_)) | None) => {
                     self.ended = true;
                     return Poll::Ready(None);

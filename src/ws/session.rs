@@ -446,7 +446,9 @@ impl Connection {
                     }
                 }
                 _ = ticker.tick() => {
-                    if last_seen.elapsed() >= idle {
+                    // Bytes of a message still coming count too: a peer sending a large
+                    // message slowly (in fragments, or one frame in pieces) is not idle.
+                    if last_seen.max(stream.received_at()).elapsed() >= idle {
                         tracing::info!(idle_ms = idle.as_millis() as u64, "peer idle: closing");
                         return Stop::Close(CloseReason {
                             code: CloseCode::Away,

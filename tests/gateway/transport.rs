@@ -308,13 +308,9 @@ async fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     Some((head[0] & 0x0f, payload))
 }
 
-#[tokio::test]
-async fn a_peer_that_never_answers_is_closed_after_the_idle_timeout() {
-    let app = spawn_app_with(|s| {
-        s.websocket.heartbeat_ms = 100;
-        s.websocket.idle_timeout_ms = 400;
-    })
-    .await;
+/// A WebSocket upgrade over a bare TCP stream (the 101 response head read byte by byte, so
+/// no frame byte is consumed with it): the stream and that head.
+async fn raw_upgrade(app: &TestApp) -> (TcpStream, String) {
     let mut s = TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
     let request = format!(
         "GET /v2/event/subscription HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUpgrade: websocket\r\n\
@@ -333,8 +329,69 @@ async fn a_peer_that_never_answers_is_closed_after_the_idle_timeout() {
     })
     .await
     .expect("the upgrade response in time");
+    (s, String::from_utf8(head).expect("an ASCII response head"))
+}
+
+/// A masked client frame (mask key 0, so the payload goes as it is).
+fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126, "short frames only");
+    let mut f = vec![
+        if fin { 0x80 } else { 0 } | opcode,
+        0x80 | payload.len() as u8,
+    ];
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(payload);
+    f
+}
+
+#[tokio::test]
+async fn a_peer_sending_a_message_slowly_is_not_idle() {
+    let app = spawn_app_with(|s| {
+        s.websocket.heartbeat_ms = 100;
+        s.websocket.idle_timeout_ms = 400;
+    })
+    .await;
+    let (mut s, _) = raw_upgrade(&app).await;
+    // A subscribe in 8 fragments, one every 150 ms (1.2 s in all), and no pong: the peer is
+    // sending all along, so it must not be closed as idle mid-message.
+    let msg = json!({"action": "subscribe", "hash": ACME, "events": ["state"], "trackers": [101]})
+        .to_string();
+    let parts: Vec<&[u8]> = msg.as_bytes().chunks(msg.len().div_ceil(8)).collect();
+    let mut pace = tokio::time::interval(Duration::from_millis(150));
+    for (n, part) in parts.iter().enumerate() {
+        pace.tick().await;
+        let opcode = if n == 0 { 0x1 } else { 0x0 };
+        s.write_all(&client_frame(opcode, n + 1 == parts.len(), part))
+            .await
+            .expect("the server still reads");
+    }
+    let response = tokio::time::timeout(WAIT, async {
+        loop {
+            match read_frame(&mut s).await {
+                Some((0x1, payload)) => return serde_json::from_slice::<Value>(&payload).unwrap(),
+                Some((0x9, _)) => continue,
+                other => panic!("closed before the response: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("the response in time");
+    assert_eq!(
+        response["data"]["state"],
+        json!({"101": "normal"}),
+        "{response}"
+    );
+}
+
+#[tokio::test]
+async fn a_peer_that_never_answers_is_closed_after_the_idle_timeout() {
+    let app = spawn_app_with(|s| {
+        s.websocket.heartbeat_ms = 100;
+        s.websocket.idle_timeout_ms = 400;
+    })
+    .await;
+    let (mut s, head) = raw_upgrade(&app).await;
     let upgraded = Instant::now();
-    let head = String::from_utf8(head).unwrap();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert!(
         head.to_ascii_lowercase()
