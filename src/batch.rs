@@ -640,7 +640,10 @@ impl BatchGroup {
     /// The target's statuses (`normal` or `blocked`, by id) as the subscribe response's map:
     /// rendered once and shared by every member that joins while they stay the same.
     pub fn status_map(&self) -> StatusMap {
-        let mut g = self.lock();
+        Self::status_map_of(&mut self.lock())
+    }
+
+    fn status_map_of(g: &mut GroupState) -> StatusMap {
         if let Some(m) = &g.status_map {
             return m.clone();
         }
@@ -710,6 +713,10 @@ pub struct Joined {
     /// The target's statuses. A selected target's response names every id asked for, so the
     /// socket reads those itself and falls back on these only if that read fails.
     pub statuses: StatusMap,
+    /// For a selected target, the trackers the group holds, and whether each is blocked, as
+    /// of the first batch: the answer for those follows the group's view (a status read after
+    /// it may already say `blocked` of a tracker whose state is in the first batch).
+    pub held: HashMap<TrackerId, bool>,
     pub first_batch: Option<SharedFrame>,
 }
 
@@ -754,12 +761,23 @@ impl Batches {
                 continue;
             }
             g.add_member(conn, outbox, capacity);
+            // The statuses of the same view as the first batch, under the same lock: a block
+            // the group takes after it comes to the member as its event, after both.
             let first_batch = group.shared_full(&mut g);
+            let statuses = BatchGroup::status_map_of(&mut g);
+            let held = match &group.key.target {
+                Target::Selected(_) => g
+                    .trackers
+                    .keys()
+                    .map(|&id| (id, g.blocked.contains(&id)))
+                    .collect(),
+                Target::All => HashMap::new(),
+            };
             drop(g);
-            let statuses = group.status_map();
             return Ok(Joined {
                 group,
                 statuses,
+                held,
                 first_batch,
             });
         }

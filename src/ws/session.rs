@@ -815,13 +815,20 @@ impl Connection {
                         self.memberships.push((j.group.clone(), hash.clone()));
                     }
                     // A selected target answers for every id it names, as `state` does.
-                    let statuses = match &j.group.key.target {
-                        Target::Selected(ids) => match self.statuses(&session, ids).await {
-                            Ok(st) => StatusMap::new(st.into_iter().map(|(id, s, _)| (id, s))),
-                            Err(_) => j.statuses,
-                        },
-                        Target::All => j.statuses,
-                    };
+                    let statuses =
+                        match &j.group.key.target {
+                            Target::Selected(ids) => match self.statuses(&session, ids).await {
+                                Ok(st) => StatusMap::new(st.into_iter().map(|(id, s, _)| {
+                                    match j.held.get(&id) {
+                                        Some(true) => (id, access::BLOCKED),
+                                        Some(false) => (id, access::NORMAL),
+                                        None => (id, s),
+                                    }
+                                })),
+                                Err(_) => j.statuses,
+                            },
+                            Target::All => j.statuses,
+                        };
                     batch_results.push(Ok(statuses));
                     shared_slot.get_or_insert_with(|| j.group.clone());
                     first_batches.extend(j.first_batch);

@@ -830,6 +830,53 @@ async fn an_item_repeated_in_one_message_is_joined_and_sent_once() {
 }
 
 #[tokio::test]
+async fn joining_a_shared_selected_batch_answers_from_the_batchs_view() {
+    let app = spawn_app().await;
+    let target = json!({"type": "selected", "tracker_ids": [101, 102]});
+    let mut first = app.connect().await;
+    subscribe_batch(
+        &mut first,
+        ACME,
+        batch_request(target.clone(), "1h", "compact"),
+    )
+    .await;
+    next_batch(&mut first).await;
+    // 101 is blocked while the event processor is stalled on a lock over the states: the
+    // group has not taken the block when a second dashboard joins it.
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE tracker_states IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    app.exec("UPDATE trackers SET blocked = true WHERE id = 101")
+        .await;
+    until_a_query_waits_for_a_lock(&app.pool).await;
+    let mut second = app.connect().await;
+    let resp = subscribe_batch(&mut second, ACME, batch_request(target, "1h", "compact")).await;
+    let batch = second.recv().await;
+    // The answer and the first batch agree (the database already said `blocked`, and the
+    // first batch held 101's state): then the block comes, as to the first dashboard.
+    assert_eq!(
+        resp["data"]["state_batch"]["value"],
+        json!({"101": "normal", "102": "normal"}),
+        "{resp}"
+    );
+    assert!(items(&batch).contains_key(&101), "{batch}");
+    lock.rollback().await.unwrap();
+    for c in [&mut first, &mut second] {
+        let (ev, _) = c.recv_until(|v| v["event"] == "lifecycle").await;
+        assert_eq!(
+            (
+                ev["tracker_id"].as_i64(),
+                ev["data"]["lifecycle_event"].as_str()
+            ),
+            (Some(101), Some("block")),
+            "{ev}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn each_session_of_a_socket_holds_a_shared_batch_of_its_own() {
     // ACME and ACME2 (one user) ask one socket for the same batch: one group, held by both.
     let app = spawn_app().await;
