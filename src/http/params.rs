@@ -123,6 +123,18 @@ impl FromRequest for Params {
             // sends a JSON body as a form, whose one nonsense field then read as a missing hash
             // (code 3) instead of the parameters it holds.
             let json = content_type.ends_with("json") || text.trim_start().starts_with('{');
+            // Anything else is read as a form when it says it is one, or says nothing of
+            // itself (or `text/plain`, which some HTTP clients put on any string): an XML or
+            // multipart body read as a form lost its parameters and answered "wrong hash".
+            let form = content_type.is_empty()
+                || content_type == "application/x-www-form-urlencoded"
+                || content_type == "text/plain";
+            if !json && !form {
+                return Err(ApiError::BadFormat(format!(
+                    "a body of type `{content_type}` is not read: send JSON or \
+                     application/x-www-form-urlencoded"
+                )));
+            }
             if json {
                 match serde_json::from_str::<Value>(text) {
                     Ok(Value::Object(fields)) => params.map.extend(fields),

@@ -676,6 +676,44 @@ async fn get_states_gives_the_subscribe_statuses_and_navixy_errors() {
     )
     .await
     .assert_error(5, 400);
+    // Bodies that are neither JSON nor a form are refused for what they are (they were read
+    // as forms, and the call answered "wrong hash").
+    for (content_type, body) in [
+        ("application/xml", "<hash>x</hash>"),
+        ("multipart/form-data; boundary=b", "--b\r\n\r\nx\r\n--b--"),
+    ] {
+        let r = http(
+            &app,
+            "POST",
+            "/v2/tracker/get_states",
+            &[],
+            Some((content_type, body)),
+        )
+        .await;
+        r.assert_error(5, 400);
+        assert!(r.body.contains("is not read"), "{}", r.body);
+    }
+    // A form says so, or says nothing, or is `text/plain`.
+    for content_type in [
+        "application/x-www-form-urlencoded; charset=UTF-8",
+        "text/plain",
+        "",
+    ] {
+        let form = format!("hash={ACME}&trackers=[101]");
+        let r = http(
+            &app,
+            "POST",
+            "/v2/tracker/get_states",
+            &[],
+            Some((content_type, &form)),
+        )
+        .await;
+        assert_eq!(
+            r.ok()["states"]["101"]["source_id"],
+            10101,
+            "{content_type}"
+        );
+    }
     http(&app, "PUT", "/v2/tracker/get_states", &[], None)
         .await
         .assert_error(112, 400);
