@@ -125,10 +125,10 @@ pub async fn subscription(
 }
 
 /// Checks the upgrade request (RFC 6455 §4.2.1: HTTP/1.1 or later, GET, the upgrade headers,
-/// version 13, a key). A refusal keeps the status and headers actix-http gives it (405 with
-/// `Allow`, 426 with `Sec-WebSocket-Version`, 400) with the API's JSON error body (code 5; a
-/// method other than GET, code 112), so that a browser or `curl` pointed at the socket's URL
-/// learns what is wrong.
+/// version 13, a key). A refusal keeps the status and headers actix-http gives it (426 with
+/// `Sec-WebSocket-Version`, 400) with the API's JSON error body (code 5), so that a browser or
+/// `curl` pointed at the socket's URL learns what is wrong. (A method other than GET does not
+/// get here: the route takes GET alone, and the others get code 112 as on every path.)
 fn handshake(req: &HttpRequest) -> Result<actix_http::ResponseBuilder, Box<HttpResponse>> {
     use actix_http::ws::HandshakeError;
     if req.version() < actix_web::http::Version::HTTP_11 {
