@@ -737,6 +737,11 @@ impl Hub {
                 }
                 None => {
                     let slot = outbox.slot();
+                    if entry.subs.is_empty() {
+                        // Most trackers have one watcher: a first push would make room for
+                        // four (192 bytes, 19 MB over 100,000 trackers).
+                        entry.subs.reserve_exact(1);
+                    }
                     entry.subs.push(Subscriber {
                         conn,
                         outbox: outbox.clone(),
@@ -1397,6 +1402,17 @@ mod tests {
     }
 
     /// Every watched tracker has an entry: 100,000 trackers cost 100,000 of them.
+    #[test]
+    fn a_tracker_with_one_watcher_holds_room_for_one() {
+        let hub = Hub::new();
+        let outbox = hub.outbox(8);
+        hub.subscribe(1, &outbox, &[5], variant());
+        let capacity = hub.trackers.get(&5).map(|e| e.subs.capacity());
+        assert_eq!(capacity, Some(1));
+        hub.subscribe(2, &outbox, &[5], variant());
+        assert_eq!(hub.trackers.get(&5).map(|e| e.subs.len()), Some(2));
+    }
+
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn a_tracker_entry_stays_small() {
