@@ -564,9 +564,21 @@ impl TrackerEntry {
         self.subs.is_empty() && self.groups.is_empty() && self.readings_groups.is_empty()
     }
 
-    /// The account of a read newer than every change published, where it is not the entry's:
-    /// a subscriber admitted after a move whose event has not been published, beside those
-    /// admitted before it. (An older read's account was settled by the events since.)
+    /// See [`Hub::observe`].
+    fn observe(&mut self, facts: TrackerFacts) {
+        if self.source_id.get().is_none() {
+            self.source_id = SourceId::of(facts.source_id);
+        }
+        if self.account_id.is_none() {
+            self.account_id = NonZeroI64::new(facts.account_id);
+        }
+        if facts.change_no > self.newest_change {
+            self.newest_change = facts.change_no;
+            self.newest_blocked = facts.blocked;
+            self.newest_account = NonZeroI64::new(facts.account_id);
+        }
+    }
+
     /// See [`Hub::accounts_of`].
     fn accounts(&self) -> Vec<i64> {
         let mut out: Vec<i64> = [self.account_id.map(NonZeroI64::get), self.read_account()]
@@ -579,6 +591,9 @@ impl TrackerEntry {
         out
     }
 
+    /// The account of a read newer than every change published, where it is not the entry's:
+    /// a subscriber admitted after a move whose event has not been published, beside those
+    /// admitted before it. (An older read's account was settled by the events since.)
     fn read_account(&self) -> Option<i64> {
         (self.newest_change > self.lifecycle_change && self.newest_account != self.account_id)
             .then_some(self.newest_account)
@@ -613,7 +628,7 @@ impl From<&crate::db::queries::TrackerLifecycleRow> for TrackerFacts {
 }
 
 /// A watched tracker's lifecycle as the hub last published it (see [`Hub::lifecycle_marks`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct LifecycleMark {
     pub id: TrackerId,
     /// The last change published, and whether it blocked the tracker.
@@ -622,9 +637,6 @@ pub struct LifecycleMark {
     /// Whether the newest facts known (published, or read by a subscribe) say blocked: some
     /// subscribers may have been told that one instead.
     pub newest_blocked: bool,
-    /// The accounts its subscribers were admitted under (see [`Hub::accounts_of`]):
-    /// subscribers admitted on both sides of moves whose events have not come.
-    pub accounts: Vec<i64>,
 }
 
 /// Counters the hub keeps for logs, `/ready` and metrics.
@@ -739,7 +751,7 @@ impl Hub {
                     let slot = outbox.slot();
                     if entry.subs.is_empty() {
                         // Most trackers have one watcher: a first push would make room for
-                        // four (192 bytes, 19 MB over 100,000 trackers).
+                        // four subscriptions (192 bytes; 14 MB more over 100,000 trackers).
                         entry.subs.reserve_exact(1);
                     }
                     entry.subs.push(Subscriber {
@@ -826,28 +838,20 @@ impl Hub {
     /// only spare the processor reading the state of a tracker that is blocked.
     pub fn observe(&self, id: TrackerId, facts: TrackerFacts) {
         if let Some(mut entry) = self.trackers.get_mut(&id) {
-            if entry.source_id.get().is_none() {
-                entry.source_id = SourceId::of(facts.source_id);
-            }
-            if entry.account_id.is_none() {
-                entry.account_id = NonZeroI64::new(facts.account_id);
-            }
-            if facts.change_no > entry.newest_change {
-                entry.newest_change = facts.change_no;
-                entry.newest_blocked = facts.blocked;
-                entry.newest_account = NonZeroI64::new(facts.account_id);
-            }
+            entry.observe(facts);
         }
     }
 
     /// [`Hub::observe`] for the subscribe of `conn`, which also records what that subscriber
-    /// now knows of the tracker (see [`Subscriber::told_change`]).
+    /// now knows of the tracker (see [`Subscriber::told_change`]), unless an event it has been
+    /// given since is newer. (Under one lock: an event published in between is either before
+    /// it, and older than the read, or after it, and newer.)
     pub fn observe_for(&self, conn: ConnId, id: TrackerId, facts: TrackerFacts) {
-        self.observe(id, facts);
         if let Some(mut entry) = self.trackers.get_mut(&id) {
+            entry.observe(facts);
             if let Some(sub) = entry.subs.iter_mut().find(|s| s.conn == conn) {
-                sub.account = facts.account_id;
                 if facts.change_no >= sub.told_change {
+                    sub.account = facts.account_id;
                     sub.told_change = facts.change_no;
                     sub.told_blocked = facts.blocked;
                 }
@@ -943,15 +947,14 @@ impl Hub {
                 change: e.lifecycle_change,
                 blocked: e.blocked,
                 newest_blocked: e.newest_blocked,
-                accounts: e.accounts(),
             })
             .collect()
     }
 
     /// The accounts a watched tracker's subscribers were admitted under, as far as known: the
     /// entry's, that of a read newer than the last change published if it differs, and each
-    /// subscriber's own read's. A row in another
-    /// account than one of them is a move for someone.
+    /// subscriber's own read's, unless a `corrupt` has been published to it since (it leaves
+    /// when it takes that). A row in another account than one of them is a move for someone.
     pub fn accounts_of(&self, id: TrackerId) -> Vec<i64> {
         self.trackers
             .get(&id)
@@ -1113,9 +1116,14 @@ impl Hub {
             kind,
         ));
         for sub in entry.subs.iter_mut() {
-            if kind != Lifecycle::Corrupt && change > sub.told_change {
+            if change > sub.told_change {
                 sub.told_change = change;
                 sub.told_blocked = kind == Lifecycle::Block;
+                if kind == Lifecycle::Corrupt {
+                    // It leaves when it takes the event: its account no longer counts (a later
+                    // change would be `corrupt` for the new account's subscribers too).
+                    sub.account = 0;
+                }
             }
         }
         for sub in &entry.subs {
@@ -1401,7 +1409,6 @@ mod tests {
         assert_eq!(states(&drain(&b).await), [(7, 11)]);
     }
 
-    /// Every watched tracker has an entry: 100,000 trackers cost 100,000 of them.
     #[test]
     fn a_tracker_with_one_watcher_holds_room_for_one() {
         let hub = Hub::new();
@@ -1413,9 +1420,13 @@ mod tests {
         assert_eq!(hub.trackers.get(&5).map(|e| e.subs.len()), Some(2));
     }
 
+    /// Every watched tracker has an entry: 100,000 trackers cost 100,000 of them; and a
+    /// subscription per watcher.
     #[test]
     #[cfg(target_pointer_width = "64")]
     fn a_tracker_entry_stays_small() {
+        let size = std::mem::size_of::<Subscriber>();
+        assert!(size <= 48, "Subscriber is {size} bytes");
         let size = std::mem::size_of::<TrackerEntry>();
         assert!(size <= 136, "TrackerEntry is {size} bytes");
     }

@@ -972,7 +972,7 @@ pub async fn resync_with(
                     }
                 }
                 Some(row) if row.change_no > m.change => {
-                    let kind = lifecycle_of(row, &m.accounts);
+                    let kind = lifecycle_of(row, &hub.accounts_of(m.id));
                     // Subscribers know the published facts or those of their own read (see
                     // `Hub::observe_for`): the event goes out if any differs, and those that
                     // know it already drop it by its change number.
