@@ -815,20 +815,39 @@ impl Connection {
                         self.memberships.push((j.group.clone(), hash.clone()));
                     }
                     // A selected target answers for every id it names, as `state` does.
-                    let statuses =
-                        match &j.group.key.target {
-                            Target::Selected(ids) => match self.statuses(&session, ids).await {
-                                Ok(st) => StatusMap::new(st.into_iter().map(|(id, s, _)| {
-                                    match j.held.get(&id) {
-                                        Some(true) => (id, access::BLOCKED),
-                                        Some(false) => (id, access::NORMAL),
-                                        None => (id, s),
-                                    }
-                                })),
+                    let statuses = match &j.group.key.target {
+                        // The group's view answers for what it holds; the rest is read.
+                        Target::Selected(ids) => {
+                            let unheld: Vec<TrackerId> = ids
+                                .iter()
+                                .copied()
+                                .filter(|id| !j.held.contains_key(id))
+                                .collect();
+                            let read = if unheld.is_empty() {
+                                Ok(Vec::new())
+                            } else {
+                                self.statuses(&session, &unheld).await
+                            };
+                            match read {
+                                Ok(st) => {
+                                    let read: HashMap<TrackerId, &'static str> =
+                                        st.into_iter().map(|(id, s, _)| (id, s)).collect();
+                                    StatusMap::new(ids.iter().map(|&id| {
+                                        let status = match j.held.get(&id) {
+                                            Some(true) => access::BLOCKED,
+                                            Some(false) => access::NORMAL,
+                                            None => {
+                                                read.get(&id).copied().unwrap_or(access::UNKNOWN)
+                                            }
+                                        };
+                                        (id, status)
+                                    }))
+                                }
                                 Err(_) => j.statuses,
-                            },
-                            Target::All => j.statuses,
-                        };
+                            }
+                        }
+                        Target::All => j.statuses,
+                    };
                     batch_results.push(Ok(statuses));
                     shared_slot.get_or_insert_with(|| j.group.clone());
                     first_batches.extend(j.first_batch);

@@ -193,12 +193,12 @@
       case 'unblock':
         t.status = 'normal'; // the current state follows at once
         break;
-      case 'corrupt': // removed, or moved to another account
-      case 'disallowed': // a sub-user's grant revoked (fleetgate extension)
+      default:
+        // 'corrupt' (removed, or moved to another account), 'disallowed' (a sub-user's grant
+        // revoked; a fleetgate extension), and any value this page does not know: the tracker
+        // is no longer ours to show.
         removeTracker(t.id);
         break;
-      default:
-        return;
     }
     t.version++;
     dirty.map = dirty.table = true;
