@@ -585,6 +585,12 @@ impl TrackerEntry {
             .into_iter()
             .flatten()
             .chain(self.subs.iter().map(|s| s.account).filter(|&a| a != 0))
+            .chain(
+                self.groups
+                    .iter()
+                    .chain(&self.readings_groups)
+                    .map(|g| g.key.scope.account_id),
+            )
             .collect();
         out.sort_unstable();
         out.dedup();
@@ -859,14 +865,19 @@ impl Hub {
         }
     }
 
-    /// Whether some subscriber of a watched tracker was told otherwise than `blocked` by
-    /// something older than `change` (its read, or the last event it got): a resync that finds
-    /// the tracker at `change` must then publish it, though the hub's own record agrees.
+    /// Whether some subscriber or batch group of a watched tracker was told otherwise than
+    /// `blocked` by something older than `change` (its read, or the last event it got): a
+    /// resync that finds the tracker at `change` must then publish it, though the hub's own
+    /// record agrees.
     pub fn told_otherwise(&self, id: TrackerId, change: i64, blocked: bool) -> bool {
         self.trackers.get(&id).is_some_and(|e| {
             e.subs
                 .iter()
                 .any(|s| s.told_change < change && s.told_blocked != blocked)
+                || e.groups
+                    .iter()
+                    .chain(&e.readings_groups)
+                    .any(|g| g.holds_otherwise(id, change, blocked))
         })
     }
 
@@ -954,7 +965,8 @@ impl Hub {
     /// The accounts a watched tracker's subscribers were admitted under, as far as known: the
     /// entry's, that of a read newer than the last change published if it differs, and each
     /// subscriber's own read's, unless a `corrupt` has been published to it since (it leaves
-    /// when it takes that). A row in another account than one of them is a move for someone.
+    /// when it takes that), and the account of each batch group that holds it. A row in
+    /// another account than one of them is a move for someone.
     pub fn accounts_of(&self, id: TrackerId) -> Vec<i64> {
         self.trackers
             .get(&id)

@@ -668,3 +668,59 @@ async fn a_resync_after_a_carried_move_does_not_corrupt_the_new_accounts_socket(
         .collect();
     assert_eq!(after, [Lifecycle::Block]);
 }
+
+/// The batch-group side of `a_socket_that_read_a_tracker_in_another_account_during_a_gap_is_told_corrupt`:
+/// while the stream is down, 101 moves to rival, where a rival `all` batch admits it, then back
+/// to acme, where a socket reads it. The resync must take 101 out of the rival batch: the
+/// groups' accounts were not compared with the database, and the rival dashboard kept getting
+/// acme's tracker. (Found by a second campaign.)
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_batch_that_admitted_a_tracker_in_another_account_during_a_gap_lets_it_go(pool: PgPool) {
+    let hub = Hub::new();
+    let _first = acme_subscriber(&pool, &hub, 1).await;
+    move_101(&pool, 3).await;
+    let (rival, joined) = join_all(&pool, &hub, 3, 2).await;
+    assert!(
+        joined.group.tracker_ids().contains(&101),
+        "admitted in rival"
+    );
+    move_101(&pool, 1).await;
+    let _last = acme_subscriber(&pool, &hub, 3).await;
+    fleetgate::listen::resync(&pool, &hub).await.unwrap();
+    assert!(!joined.group.tracker_ids().contains(&101), "moved away");
+    batch_items(&rival, Duration::from_millis(300)).await;
+    new_speed(&pool, &hub, 101, 78).await;
+    let got = batch_items(&rival, Duration::from_millis(500)).await;
+    assert!(!got.iter().any(|(id, _)| *id == 101), "{got:?}");
+}
+
+/// The batch-group side of `a_socket_told_blocked_during_a_gap_is_told_the_unblock_a_newer_read_saw`:
+/// while the stream is down, 101 is blocked, an acme `all` batch admits it blocked, 101 is
+/// unblocked and a socket reads it so. After the resync the batch must carry 101 again.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_batch_that_admitted_a_tracker_blocked_during_a_gap_gets_its_unblock(pool: PgPool) {
+    let hub = Hub::new();
+    let _first = acme_subscriber(&pool, &hub, 1).await;
+    change_of(
+        &pool,
+        "UPDATE trackers SET blocked = true WHERE id = 101 RETURNING change_no",
+    )
+    .await;
+    let (member, _joined) = join_all(&pool, &hub, 1, 2).await;
+    change_of(
+        &pool,
+        "UPDATE trackers SET blocked = false WHERE id = 101 RETURNING change_no",
+    )
+    .await;
+    let _last = acme_subscriber(&pool, &hub, 3).await;
+    fleetgate::listen::resync(&pool, &hub).await.unwrap();
+    new_speed(&pool, &hub, 101, 79).await;
+    let got = until_batch_has(&member, 101, 79).await;
+    assert!(got.contains(&(101, 79)), "{got:?}");
+}
