@@ -31,6 +31,18 @@ fn items(v: &Value) -> HashMap<i64, i64> {
     out
 }
 
+/// The tracker ids of each of the next `n` batches, sorted (and the batches sorted by them).
+async fn first_batches(c: &mut Client, n: usize) -> Vec<Vec<i64>> {
+    let mut batches = Vec::new();
+    for _ in 0..n {
+        let mut ids: Vec<i64> = items(&c.recv().await).into_keys().collect();
+        ids.sort_unstable();
+        batches.push(ids);
+    }
+    batches.sort_unstable();
+    batches
+}
+
 /// The next response, skipping the batches before it.
 async fn next_response(c: &mut Client) -> Value {
     c.recv_until(|v| v["type"] == "response").await.0
@@ -783,13 +795,7 @@ async fn batch_items_of_one_type_answer_together() {
         json!({"success": true, "value": {"101": "normal", "102": "normal", "105": "blocked"}}),
         "{resp}"
     );
-    let mut firsts: Vec<Vec<i64>> = Vec::new();
-    for _ in 0..2 {
-        let mut ids: Vec<i64> = items(&c.recv().await).into_keys().collect();
-        ids.sort_unstable();
-        firsts.push(ids);
-    }
-    firsts.sort_unstable();
+    let firsts = first_batches(&mut c, 2).await;
     assert_eq!(firsts, [vec![101], vec![102]]);
 }
 
@@ -815,13 +821,7 @@ async fn an_item_repeated_in_one_message_is_joined_and_sent_once() {
             "101": "normal", "102": "normal", "103": "normal", "104": "normal", "105": "blocked"}}),
         "{resp}"
     );
-    let mut firsts: Vec<Vec<i64>> = Vec::new();
-    for _ in 0..2 {
-        let mut ids: Vec<i64> = items(&c.recv().await).into_keys().collect();
-        ids.sort_unstable();
-        firsts.push(ids);
-    }
-    firsts.sort_unstable();
+    let firsts = first_batches(&mut c, 2).await;
     assert_eq!(firsts, [vec![101], vec![101, 102, 103, 104]]);
     // Nothing more: the next frame is the answer to the next message.
     let next = c.subscribe(ACME, &[101]).await;

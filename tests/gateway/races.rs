@@ -90,6 +90,21 @@ async fn until_batch_has(outbox: &Outbox, tracker: i64, speed: i64) -> Vec<(i64,
     got
 }
 
+/// Asserts that the group `joined` no longer holds 101, and that a new state of 101 reaches no
+/// batch of its `member`.
+async fn no_longer_carries_101(
+    pool: &PgPool,
+    hub: &std::sync::Arc<Hub>,
+    member: &Outbox,
+    joined: &fleetgate::batch::Joined,
+) {
+    assert!(!joined.group.tracker_ids().contains(&101), "moved away");
+    batch_items(member, Duration::from_millis(300)).await;
+    new_speed(pool, hub, 101, 77).await;
+    let got = batch_items(member, Duration::from_millis(500)).await;
+    assert!(!got.iter().any(|(id, _)| *id == 101), "{got:?}");
+}
+
 /// Subscribes `conn` (with a fresh outbox) to 101 under acme's session, as a socket does:
 /// registered in the hub, then 101 read and its facts observed.
 async fn acme_subscriber(pool: &PgPool, hub: &Hub, conn: u64) -> std::sync::Arc<Outbox> {
@@ -239,11 +254,7 @@ async fn a_tracker_moved_back_during_a_gap_leaves_the_other_accounts_batch(pool:
     // Back to acme while the stream is down (no notification), then the resync.
     move_101(&pool, 1).await;
     fleetgate::listen::resync(&pool, &hub).await.unwrap();
-    assert!(!joined.group.tracker_ids().contains(&101), "moved away");
-    batch_items(&rival, Duration::from_millis(300)).await;
-    new_speed(&pool, &hub, 101, 77).await;
-    let got = batch_items(&rival, Duration::from_millis(500)).await;
-    assert!(!got.iter().any(|(id, _)| *id == 101), "{got:?}");
+    no_longer_carries_101(&pool, &hub, &rival, &joined).await;
 }
 
 /// 101 moves into the rival account and a rival socket subscribes to it before the move's
@@ -690,11 +701,7 @@ async fn a_batch_that_admitted_a_tracker_in_another_account_during_a_gap_lets_it
     move_101(&pool, 1).await;
     let _last = acme_subscriber(&pool, &hub, 3).await;
     fleetgate::listen::resync(&pool, &hub).await.unwrap();
-    assert!(!joined.group.tracker_ids().contains(&101), "moved away");
-    batch_items(&rival, Duration::from_millis(300)).await;
-    new_speed(&pool, &hub, 101, 78).await;
-    let got = batch_items(&rival, Duration::from_millis(500)).await;
-    assert!(!got.iter().any(|(id, _)| *id == 101), "{got:?}");
+    no_longer_carries_101(&pool, &hub, &rival, &joined).await;
 }
 
 /// The batch-group side of `a_socket_told_blocked_during_a_gap_is_told_the_unblock_a_newer_read_saw`:

@@ -308,6 +308,15 @@ async fn read_frame(s: &mut TcpStream) -> Option<(u8, Vec<u8>)> {
     Some((head[0] & 0x0f, payload))
 }
 
+/// A gateway that pings every 100 ms and closes a peer idle for 400 ms.
+async fn quick_idle_app() -> TestApp {
+    spawn_app_with(|s| {
+        s.websocket.heartbeat_ms = 100;
+        s.websocket.idle_timeout_ms = 400;
+    })
+    .await
+}
+
 /// A WebSocket upgrade over a bare TCP stream (the 101 response head read byte by byte, so
 /// no frame byte is consumed with it): the stream and that head.
 async fn raw_upgrade(app: &TestApp) -> (TcpStream, String) {
@@ -346,11 +355,7 @@ fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
 
 #[tokio::test]
 async fn a_peer_sending_a_message_slowly_is_not_idle() {
-    let app = spawn_app_with(|s| {
-        s.websocket.heartbeat_ms = 100;
-        s.websocket.idle_timeout_ms = 400;
-    })
-    .await;
+    let app = quick_idle_app().await;
     let (mut s, _) = raw_upgrade(&app).await;
     // A subscribe in 8 fragments, one every 150 ms (1.2 s in all), and no pong: the peer is
     // sending all along, so it must not be closed as idle mid-message.
@@ -385,11 +390,7 @@ async fn a_peer_sending_a_message_slowly_is_not_idle() {
 
 #[tokio::test]
 async fn a_peer_that_never_answers_is_closed_after_the_idle_timeout() {
-    let app = spawn_app_with(|s| {
-        s.websocket.heartbeat_ms = 100;
-        s.websocket.idle_timeout_ms = 400;
-    })
-    .await;
+    let app = quick_idle_app().await;
     let (mut s, head) = raw_upgrade(&app).await;
     let upgraded = Instant::now();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
@@ -444,11 +445,7 @@ async fn a_peer_that_never_answers_is_closed_after_the_idle_timeout() {
 
 #[tokio::test]
 async fn a_peer_that_answers_pings_stays_connected_past_the_idle_timeout() {
-    let app = spawn_app_with(|s| {
-        s.websocket.heartbeat_ms = 100;
-        s.websocket.idle_timeout_ms = 400;
-    })
-    .await;
+    let app = quick_idle_app().await;
     let mut c = app.connect().await;
     let (resp, _) = c.subscribe_and_states(ACME, &[101], 1).await;
     assert_eq!(resp["data"]["state"], json!({"101": "normal"}));
