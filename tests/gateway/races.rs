@@ -129,6 +129,15 @@ async fn change_of(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
+/// Blocks or unblocks 101; returns the change number.
+async fn block_101(pool: &PgPool, blocked: bool) -> i64 {
+    sqlx::query_scalar("UPDATE trackers SET blocked = $1 WHERE id = 101 RETURNING change_no")
+        .bind(blocked)
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
 /// Moves 101 into `account`; returns the move's change number.
 async fn move_101(pool: &PgPool, account: i64) -> i64 {
     sqlx::query_scalar("UPDATE trackers SET account_id = $1 WHERE id = 101 RETURNING change_no")
@@ -170,19 +179,11 @@ async fn a_stale_block_for_a_remade_entry_does_not_hold_back_states(pool: PgPool
     let hub = Hub::new();
     let socket = hub.outbox(64);
     hub.subscribe(1, &socket, &[101], variant());
-    let blocked = change_of(
-        &pool,
-        "UPDATE trackers SET blocked = true WHERE id = 101 RETURNING change_no",
-    )
-    .await;
+    let blocked = block_101(&pool, true).await;
     let mut stale = Pending::default();
     assert!(stale.add_payload(&format!("t|{blocked}:101:block"), &hub));
     hub.unsubscribe(1, &[101]);
-    let unblocked = change_of(
-        &pool,
-        "UPDATE trackers SET blocked = false WHERE id = 101 RETURNING change_no",
-    )
-    .await;
+    let unblocked = block_101(&pool, false).await;
     let mut dropped = Pending::default();
     dropped.add_payload(&format!("t|{unblocked}:101:unblock"), &hub);
     assert!(dropped.lifecycle.is_empty(), "nobody watches 101");
@@ -501,11 +502,7 @@ async fn lifecycle_kinds(outbox: &Outbox, tracker: i64) -> Vec<Lifecycle> {
 async fn a_resync_unblocks_a_socket_told_a_block_that_a_newer_read_has_passed(pool: PgPool) {
     let hub = Hub::new();
     let old = acme_subscriber(&pool, &hub, 1).await;
-    let blocked = change_of(
-        &pool,
-        "UPDATE trackers SET blocked = true WHERE id = 101 RETURNING change_no",
-    )
-    .await;
+    let blocked = block_101(&pool, true).await;
     let mut carried = Pending::default();
     assert!(carried.add_payload(&format!("t|{blocked}:101:block"), &hub));
     // The stream goes down: the unblock's notification is lost. A new socket reads 101.
@@ -566,17 +563,9 @@ async fn a_socket_that_read_a_tracker_in_another_account_during_a_gap_is_told_co
 async fn a_socket_told_blocked_during_a_gap_is_told_the_unblock_a_newer_read_saw(pool: PgPool) {
     let hub = Hub::new();
     let _first = acme_subscriber(&pool, &hub, 1).await;
-    change_of(
-        &pool,
-        "UPDATE trackers SET blocked = true WHERE id = 101 RETURNING change_no",
-    )
-    .await;
+    block_101(&pool, true).await;
     let told_blocked = acme_subscriber(&pool, &hub, 2).await;
-    change_of(
-        &pool,
-        "UPDATE trackers SET blocked = false WHERE id = 101 RETURNING change_no",
-    )
-    .await;
+    block_101(&pool, false).await;
     let _last = acme_subscriber(&pool, &hub, 3).await;
     fleetgate::listen::resync(&pool, &hub).await.unwrap();
     let steps = steps_of(&told_blocked, 101).await;
@@ -598,19 +587,11 @@ async fn an_unblock_from_a_failed_resync_still_brings_the_state(pool: PgPool) {
     let hub = Hub::new();
     let outbox = acme_subscriber(&pool, &hub, 1).await;
     new_speed(&pool, &hub, 101, 33).await;
-    let blocked = change_of(
-        &pool,
-        "UPDATE trackers SET blocked = true WHERE id = 101 RETURNING change_no",
-    )
-    .await;
+    let blocked = block_101(&pool, true).await;
     round(&pool, &hub, &[format!("t|{blocked}:101:block")]).await;
     assert_eq!(steps_of(&outbox, 101).await, ["state", "block"]);
 
-    let unblocked = change_of(
-        &pool,
-        "UPDATE trackers SET blocked = false WHERE id = 101 RETURNING change_no",
-    )
-    .await;
+    let unblocked = block_101(&pool, false).await;
     let mut carried = Pending::default();
     assert!(carried.add_payload(&format!("t|{unblocked}:101:unblock"), &hub));
     let closed = PgPool::connect_lazy_with((*pool.connect_options()).clone());
@@ -640,11 +621,7 @@ async fn a_range_after_a_published_move_does_not_corrupt_the_new_accounts_socket
     let moved = move_101(&pool, 3).await;
     round(&pool, &hub, &[format!("t|{moved}:101:corrupt")]).await;
     let rival = subscriber(&pool, &hub, 2, RIVAL).await;
-    let blocked = change_of(
-        &pool,
-        "UPDATE trackers SET blocked = true WHERE id = 101 RETURNING change_no",
-    )
-    .await;
+    let blocked = block_101(&pool, true).await;
     round(&pool, &hub, &[format!("T|{blocked}|{blocked}")]).await;
     assert_eq!(lifecycle_kinds(&rival, 101).await, [Lifecycle::Block]);
 }
@@ -662,11 +639,7 @@ async fn a_resync_after_a_carried_move_does_not_corrupt_the_new_accounts_socket(
     let mut carried = Pending::default();
     assert!(carried.add_payload(&format!("t|{moved}:101:corrupt"), &hub));
     let rival = subscriber(&pool, &hub, 2, RIVAL).await;
-    change_of(
-        &pool,
-        "UPDATE trackers SET blocked = true WHERE id = 101 RETURNING change_no",
-    )
-    .await;
+    block_101(&pool, true).await;
     fleetgate::listen::resync_with(&pool, &hub, &mut carried)
         .await
         .unwrap();
@@ -714,17 +687,9 @@ async fn a_batch_that_admitted_a_tracker_in_another_account_during_a_gap_lets_it
 async fn a_batch_that_admitted_a_tracker_blocked_during_a_gap_gets_its_unblock(pool: PgPool) {
     let hub = Hub::new();
     let _first = acme_subscriber(&pool, &hub, 1).await;
-    change_of(
-        &pool,
-        "UPDATE trackers SET blocked = true WHERE id = 101 RETURNING change_no",
-    )
-    .await;
+    block_101(&pool, true).await;
     let (member, _joined) = join_all(&pool, &hub, 1, 2).await;
-    change_of(
-        &pool,
-        "UPDATE trackers SET blocked = false WHERE id = 101 RETURNING change_no",
-    )
-    .await;
+    block_101(&pool, false).await;
     let _last = acme_subscriber(&pool, &hub, 3).await;
     fleetgate::listen::resync(&pool, &hub).await.unwrap();
     new_speed(&pool, &hub, 101, 79).await;
