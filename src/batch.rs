@@ -317,10 +317,6 @@ impl BatchGroup {
         }
     }
 
-    /// A lifecycle event from the hub: forwarded to every member at once (never batched), unless
-    /// the group already knew it (a block its target read saw, published later; a `corrupt`
-    /// older than the move that brought the tracker in): the members were told that in their
-    /// statuses. Returns whether the group still holds the tracker (or is about to admit it).
     /// Whether this group admitted `id` (or took an event for it) before `change`, and holds it
     /// otherwise than `blocked`: see [`crate::hub::Hub::told_otherwise`].
     pub fn holds_otherwise(&self, id: TrackerId, change: i64, blocked: bool) -> bool {
@@ -330,6 +326,10 @@ impl BatchGroup {
             .is_some_and(|&known| known < change && g.blocked.contains(&id) != blocked)
     }
 
+    /// A lifecycle event from the hub: forwarded to every member at once (never batched), unless
+    /// the group already knew it (a block its target read saw, published later; a `corrupt`
+    /// older than the move that brought the tracker in): the members were told that in their
+    /// statuses. Returns whether the group still holds the tracker (or is about to admit it).
     pub fn lifecycle(
         &self,
         id: TrackerId,

@@ -1137,8 +1137,6 @@ impl Hub {
                     sub.account = 0;
                 }
             }
-        }
-        for sub in &entry.subs {
             sub.outbox.push_lifecycle(
                 sub.slot,
                 (id, sub.variant),

@@ -788,14 +788,14 @@ impl Connection {
                 variant: variant(format),
                 kind,
             };
-            // Each group reads its target, runs a timer and holds a rendered batch: a socket
-            // may be in at most `max_batch_subscriptions` of them. A group it is already in
-            // (under any of its sessions) costs nothing more.
             if let Some(&n) = asked.get(&key) {
                 batch_results.push(batch_results[n].clone());
                 continue;
             }
             asked.insert(key.clone(), batch_results.len());
+            // Each group reads its target, runs a timer and holds a rendered batch: a socket
+            // may be in at most `max_batch_subscriptions` of them. A group it is already in
+            // (under any of its sessions) costs nothing more.
             let held = self.memberships.iter().any(|(g, _)| g.key == key);
             if !held && self.batch_group_count() >= max_batches {
                 batch_results.push(Err(ProtoError::too_many_batches(max_batches)));
@@ -816,36 +816,10 @@ impl Connection {
                     }
                     // A selected target answers for every id it names, as `state` does.
                     let statuses = match &j.group.key.target {
-                        // The group's view answers for what it holds; the rest is read.
-                        Target::Selected(ids) => {
-                            let unheld: Vec<TrackerId> = ids
-                                .iter()
-                                .copied()
-                                .filter(|id| !j.held.contains_key(id))
-                                .collect();
-                            let read = if unheld.is_empty() {
-                                Ok(Vec::new())
-                            } else {
-                                self.statuses(&session, &unheld).await
-                            };
-                            match read {
-                                Ok(st) => {
-                                    let read: HashMap<TrackerId, &'static str> =
-                                        st.into_iter().map(|(id, s, _)| (id, s)).collect();
-                                    StatusMap::new(ids.iter().map(|&id| {
-                                        let status = match j.held.get(&id) {
-                                            Some(true) => access::BLOCKED,
-                                            Some(false) => access::NORMAL,
-                                            None => {
-                                                read.get(&id).copied().unwrap_or(access::UNKNOWN)
-                                            }
-                                        };
-                                        (id, status)
-                                    }))
-                                }
-                                Err(_) => j.statuses,
-                            }
-                        }
+                        Target::Selected(ids) => self
+                            .selected_statuses(&session, ids, &j.held)
+                            .await
+                            .unwrap_or(j.statuses),
                         Target::All => j.statuses,
                     };
                     batch_results.push(Ok(statuses));
@@ -1067,6 +1041,35 @@ impl Connection {
         ids: &[TrackerId],
     ) -> Result<Vec<(TrackerId, &'static str, Option<TrackerFacts>)>, sqlx::Error> {
         access::statuses(&self.app.pool, session, ids).await
+    }
+
+    /// The answer for a selected batch target: the group's view for the trackers it holds
+    /// (`held`, as of the first batch), the session's statuses read for the others.
+    async fn selected_statuses(
+        &self,
+        session: &queries::SessionRow,
+        ids: &[TrackerId],
+        held: &HashMap<TrackerId, bool>,
+    ) -> Result<StatusMap, sqlx::Error> {
+        let unheld: Vec<TrackerId> = ids
+            .iter()
+            .copied()
+            .filter(|id| !held.contains_key(id))
+            .collect();
+        let read: HashMap<TrackerId, &'static str> = if unheld.is_empty() {
+            HashMap::new()
+        } else {
+            let st = self.statuses(session, &unheld).await?;
+            st.into_iter().map(|(id, s, _)| (id, s)).collect()
+        };
+        Ok(StatusMap::new(ids.iter().map(|&id| {
+            let status = match held.get(&id) {
+                Some(true) => access::BLOCKED,
+                Some(false) => access::NORMAL,
+                None => read.get(&id).copied().unwrap_or(access::UNKNOWN),
+            };
+            (id, status)
+        })))
     }
 
     async fn unsubscribe(&mut self, msg: ClientMessage) -> Result<(), Stop> {
