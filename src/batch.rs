@@ -318,7 +318,7 @@ impl BatchGroup {
     }
 
     /// Whether this group admitted `id` (or took an event for it) before `change`, and holds it
-    /// otherwise than `blocked`: see [`crate::hub::Hub::told_otherwise`].
+    /// otherwise than `blocked`: see [`crate::hub::Hub::resync_lifecycle`].
     pub fn holds_otherwise(&self, id: TrackerId, change: i64, blocked: bool) -> bool {
         let g = self.lock();
         g.trackers

@@ -637,12 +637,24 @@ impl From<&crate::db::queries::TrackerLifecycleRow> for TrackerFacts {
 #[derive(Debug, Clone, Copy)]
 pub struct LifecycleMark {
     pub id: TrackerId,
-    /// The last change published, and whether it blocked the tracker.
+    /// The last change published.
     pub change: i64,
-    pub blocked: bool,
-    /// Whether the newest facts known (published, or read by a subscribe) say blocked: some
-    /// subscribers may have been told that one instead.
-    pub newest_blocked: bool,
+}
+
+/// What [`Hub::resync_lifecycle`] told a tracker's subscribers and groups.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Resynced {
+    /// Some event went to a subscriber or a group.
+    pub sent: bool,
+    /// Some were told `unblock`: its current state follows.
+    pub unblocked: bool,
+}
+
+impl Resynced {
+    fn note(&mut self, kind: Lifecycle) {
+        self.sent = true;
+        self.unblocked |= kind == Lifecycle::Unblock;
+    }
 }
 
 /// Counters the hub keeps for logs, `/ready` and metrics.
@@ -865,22 +877,6 @@ impl Hub {
         }
     }
 
-    /// Whether some subscriber or batch group of a watched tracker was told otherwise than
-    /// `blocked` by something older than `change` (its read, or the last event it got): a
-    /// resync that finds the tracker at `change` must then publish it, though the hub's own
-    /// record agrees.
-    pub fn told_otherwise(&self, id: TrackerId, change: i64, blocked: bool) -> bool {
-        self.trackers.get(&id).is_some_and(|e| {
-            e.subs
-                .iter()
-                .any(|s| s.told_change < change && s.told_blocked != blocked)
-                || e.groups
-                    .iter()
-                    .chain(&e.readings_groups)
-                    .any(|g| g.holds_otherwise(id, change, blocked))
-        })
-    }
-
     pub fn is_watched(&self, id: TrackerId) -> bool {
         self.trackers.contains_key(&id)
     }
@@ -949,15 +945,13 @@ impl Hub {
         self.trackers.iter().map(|e| *e.key()).collect()
     }
 
-    /// Per watched tracker: its lifecycle as published, and its account if known.
+    /// Per watched tracker: the last lifecycle change published.
     pub fn lifecycle_marks(&self) -> Vec<LifecycleMark> {
         self.trackers
             .iter()
             .map(|e| LifecycleMark {
                 id: *e.key(),
                 change: e.lifecycle_change,
-                blocked: e.blocked,
-                newest_blocked: e.newest_blocked,
             })
             .collect()
     }
@@ -1198,6 +1192,118 @@ impl Hub {
         }
         self.stats.lifecycle_events.fetch_add(1, Ordering::Relaxed);
         true
+    }
+
+    /// A resync's lifecycle for a watched tracker that the database has at `row` (not removed),
+    /// newer than the last change published: each subscriber and batch group is told what it
+    /// needs, by the account it was admitted under and what it was told or read. Those of
+    /// another account get `corrupt`, those of the tracker's that know otherwise get its
+    /// `block` or `unblock`, the rest nothing. (Subscribers admitted during a gap in the stream
+    /// each read the tracker at another point: one event for all made a tracker moved into an
+    /// account and then blocked `corrupt` for that account's sockets too, and one moved away
+    /// and back `corrupt` for a socket that read it back home.) A subscriber whose read has not
+    /// been recorded yet gets the event that any other account or lifecycle the hub knows of
+    /// calls for (it drops what its read has passed). Then the hub's own record is the row's.
+    pub fn resync_lifecycle(&self, id: TrackerId, row: TrackerFacts) -> Resynced {
+        let mut told = Resynced::default();
+        let Some(mut guard) = self.trackers.get_mut(&id) else {
+            return told;
+        };
+        let entry = &mut *guard;
+        let change = row.change_no;
+        if change <= entry.lifecycle_change {
+            return told;
+        }
+        let own = if row.blocked {
+            Lifecycle::Block
+        } else {
+            Lifecycle::Unblock
+        };
+        // For a subscriber whose read is not recorded: what the hub knows (published, or read
+        // by anyone) that differs from the row, if anything.
+        let unread = if entry.accounts().iter().any(|&a| a != row.account_id) {
+            Some(Lifecycle::Corrupt)
+        } else {
+            (entry.blocked != row.blocked || entry.newest_blocked != row.blocked).then_some(own)
+        };
+        let source = entry.source_id.get().unwrap_or_default();
+        let mut frames: [Option<ByteString>; 3] = Default::default();
+        let mut frame = |kind: Lifecycle| -> ByteString {
+            frames[kind as usize]
+                .get_or_insert_with(|| ByteString::from(model::lifecycle_event(id, source, kind)))
+                .clone()
+        };
+        let held = entry.held.clone();
+        for sub in entry.subs.iter_mut() {
+            let kind = if sub.told_change == i64::MIN {
+                match unread {
+                    Some(kind) => kind,
+                    None => continue,
+                }
+            } else if sub.account == 0 || sub.told_change >= change {
+                // Told `corrupt` (it is leaving), or it read something at least as new.
+                continue;
+            } else if sub.account != row.account_id {
+                Lifecycle::Corrupt
+            } else if sub.told_blocked != row.blocked {
+                own
+            } else {
+                sub.told_change = change;
+                continue;
+            };
+            sub.told_change = sub.told_change.max(change);
+            sub.told_blocked = kind == Lifecycle::Block;
+            if kind == Lifecycle::Corrupt {
+                sub.account = 0;
+            }
+            told.note(kind);
+            sub.outbox.push_lifecycle(
+                sub.slot,
+                (id, sub.variant),
+                held.as_deref(),
+                Outgoing::Lifecycle {
+                    tracker: id,
+                    change,
+                    kind,
+                    frame: frame(kind),
+                },
+            );
+        }
+        let mut keep = |g: &Arc<BatchGroup>| {
+            let kind = if g.key.scope.account_id != row.account_id {
+                Lifecycle::Corrupt
+            } else {
+                own
+            };
+            if kind == Lifecycle::Corrupt || g.holds_otherwise(id, change, row.blocked) {
+                told.note(kind);
+            }
+            g.lifecycle(id, change, kind, &frame(kind))
+        };
+        entry.groups.retain(&mut keep);
+        entry.readings_groups.retain(&mut keep);
+        if entry.held.as_ref().is_some_and(|h| h.outstanding() == 0) {
+            entry.held = None;
+        }
+        entry.lifecycle_change = change;
+        entry.blocked = row.blocked;
+        entry.account_id = NonZeroI64::new(row.account_id);
+        if change >= entry.newest_change {
+            entry.newest_change = change;
+            entry.newest_blocked = row.blocked;
+            entry.newest_account = entry.account_id;
+        }
+        // As in `publish_lifecycle`: a read newer than the row keeps the gate.
+        entry.states_blocked = entry.newest_blocked;
+        let idle = entry.is_idle();
+        drop(guard);
+        if idle {
+            self.trackers.remove_if(&id, |_, e| e.is_idle());
+        }
+        if told.sent {
+            self.stats.lifecycle_events.fetch_add(1, Ordering::Relaxed);
+        }
+        told
     }
 
     // --- sessions ----------------------------------------------------------------------------------

@@ -971,23 +971,21 @@ pub async fn resync_with(
                         events += 1;
                     }
                 }
-                Some(row) if row.change_no > m.change => {
-                    let kind = lifecycle_of(row, &hub.accounts_of(m.id));
-                    // Subscribers know the published facts or those of their own read (see
-                    // `Hub::observe_for`): the event goes out if any differs, and those that
-                    // know it already drop it by its change number.
-                    let changed = kind == Lifecycle::Corrupt
-                        || row.blocked != m.blocked
-                        || row.blocked != m.newest_blocked
-                        || hub.told_otherwise(m.id, row.change_no, row.blocked);
-                    if changed {
-                        hub.publish_lifecycle(m.id, row.change_no, kind);
+                Some(row) if row.change_no > m.change && row.removed => {
+                    if hub.publish_lifecycle(m.id, row.change_no, Lifecycle::Corrupt) {
                         events += 1;
-                        if kind == Lifecycle::Unblock {
-                            carried.reopened.insert(m.id);
-                        }
-                    } else {
-                        hub.observe(m.id, TrackerFacts::from(*row));
+                    }
+                }
+                Some(row) if row.change_no > m.change => {
+                    // Subscribers know the published facts or those of their own read (see
+                    // `Hub::observe_for`), each in the account it read: each is told what
+                    // differs for it.
+                    let told = hub.resync_lifecycle(m.id, TrackerFacts::from(*row));
+                    if told.sent {
+                        events += 1;
+                    }
+                    if told.unblocked {
+                        carried.reopened.insert(m.id);
                     }
                 }
                 Some(_) => {}

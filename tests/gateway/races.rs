@@ -286,9 +286,10 @@ async fn a_tracker_moved_back_during_a_gap_leaves_a_socket_that_read_it_moved(po
 
 /// 101 moves into the rival account and a rival socket reads it there, then the stream goes
 /// down before the move's `corrupt` is processed, and 101 moves back to acme. The resync must
-/// tell both sockets `corrupt`, as the two moves' events would have: the acme socket at the
-/// move, the rival one at the move back. The hub used to compare the database with the acme
-/// account alone, saw no move, and the rival socket kept getting acme's tracker.
+/// tell the rival socket `corrupt`: the hub used to compare the database with the acme account
+/// alone, saw no move, and the rival socket kept getting acme's tracker. The acme socket is
+/// told nothing: for it the move and its return fold into where things stand, as a block and
+/// its unblock do (PROTOCOL.md §5), and 101 is still its to see.
 #[sqlx::test(
     migrations = "./migrations",
     fixtures(path = "../fixtures", scripts("fleet"))
@@ -302,7 +303,7 @@ async fn a_move_and_its_return_both_lost_still_reach_the_socket_that_read_it_mov
     move_101(&pool, 1).await;
     fleetgate::listen::resync(&pool, &hub).await.unwrap();
     assert_eq!(lifecycle_kinds(&rival, 101).await, [Lifecycle::Corrupt]);
-    assert_eq!(lifecycle_kinds(&acme, 101).await, [Lifecycle::Corrupt]);
+    assert_eq!(steps_of(&acme, 101).await, ["state"]);
 }
 
 /// Every grant of sub-user 2 revoked while its `all` group is being filled (the first chunks
@@ -455,6 +456,20 @@ async fn no_batch_of_an_ended_session_follows_its_logout() {
 
 /// The state and lifecycle items queued in `outbox` for `tracker` (within 200 ms of quiet).
 async fn queued_for(outbox: &Outbox, tracker: i64) -> Vec<Outgoing> {
+    let items = queued(outbox).await;
+    items
+        .into_iter()
+        .filter(|item| match item {
+            Outgoing::State { tracker: t, .. } | Outgoing::Lifecycle { tracker: t, .. } => {
+                *t == tracker
+            }
+            _ => false,
+        })
+        .collect()
+}
+
+/// Everything queued in `outbox` until nothing more comes for 200 ms.
+async fn queued(outbox: &Outbox) -> Vec<Outgoing> {
     let mut out = Vec::new();
     loop {
         let mut items = Vec::new();
@@ -464,12 +479,7 @@ async fn queued_for(outbox: &Outbox, tracker: i64) -> Vec<Outgoing> {
         {
             return out;
         }
-        out.extend(items.into_iter().filter(|item| match item {
-            Outgoing::State { tracker: t, .. } | Outgoing::Lifecycle { tracker: t, .. } => {
-                *t == tracker
-            }
-            _ => false,
-        }));
+        out.extend(items);
     }
 }
 
@@ -695,4 +705,85 @@ async fn a_batch_that_admitted_a_tracker_blocked_during_a_gap_gets_its_unblock(p
     new_speed(&pool, &hub, 101, 79).await;
     let got = until_batch_has(&member, 101, 79).await;
     assert!(got.contains(&(101, 79)), "{got:?}");
+}
+
+/// While the stream is down, 101 moves to rival, where a rival socket reads it, and is then
+/// blocked there. The resync must tell the acme socket `corrupt` and the rival socket `block`:
+/// one event for every subscriber, chosen by the account it was admitted under, made it
+/// `corrupt` for both, and the rival dashboard dropped a tracker it may see.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_resync_tells_each_account_its_own_event_for_a_tracker_moved_and_blocked(pool: PgPool) {
+    let hub = Hub::new();
+    let acme = acme_subscriber(&pool, &hub, 1).await;
+    move_101(&pool, 3).await;
+    let rival = subscriber(&pool, &hub, 2, RIVAL).await;
+    block_101(&pool, true).await;
+    fleetgate::listen::resync(&pool, &hub).await.unwrap();
+    assert_eq!(lifecycle_kinds(&acme, 101).await, [Lifecycle::Corrupt]);
+    assert_eq!(lifecycle_kinds(&rival, 101).await, [Lifecycle::Block]);
+}
+
+/// While the stream is down, 101 moves to rival and back to acme, and an acme socket reads it
+/// after its return. The resync must tell that socket nothing (it read what is true), where it
+/// used to get the `corrupt` meant for the rival socket and drop 101.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_socket_that_read_a_tracker_back_in_its_account_is_not_told_corrupt(pool: PgPool) {
+    let hub = Hub::new();
+    let _first = acme_subscriber(&pool, &hub, 1).await;
+    move_101(&pool, 3).await;
+    let rival = subscriber(&pool, &hub, 2, RIVAL).await;
+    move_101(&pool, 1).await;
+    let last = acme_subscriber(&pool, &hub, 3).await;
+    fleetgate::listen::resync(&pool, &hub).await.unwrap();
+    assert_eq!(lifecycle_kinds(&rival, 101).await, [Lifecycle::Corrupt]);
+    let steps = steps_of(&last, 101).await;
+    assert!(!steps.contains(&"corrupt"), "{steps:?}");
+}
+
+/// The batch-group side of the two above: while the stream is down, 101 moves to rival, where
+/// a rival `all` batch admits it, and is blocked there. The batch must keep 101 (blocked, and
+/// carrying it again once unblocked), where the `corrupt` meant for the acme socket took it out.
+#[sqlx::test(
+    migrations = "./migrations",
+    fixtures(path = "../fixtures", scripts("fleet"))
+)]
+async fn a_batch_that_admitted_a_tracker_moved_into_its_account_keeps_it_through_a_block(
+    pool: PgPool,
+) {
+    let hub = Hub::new();
+    let acme = acme_subscriber(&pool, &hub, 1).await;
+    move_101(&pool, 3).await;
+    let (rival, joined) = join_all(&pool, &hub, 3, 2).await;
+    assert!(joined.group.tracker_ids().contains(&101), "admitted");
+    block_101(&pool, true).await;
+    fleetgate::listen::resync(&pool, &hub).await.unwrap();
+    assert_eq!(lifecycle_kinds(&acme, 101).await, [Lifecycle::Corrupt]);
+    // (The resync reads every `all` target again, which would bring 101 back after a
+    // `corrupt`: the dashboard must not have been told one.)
+    let told: Vec<String> = queued(&rival)
+        .await
+        .into_iter()
+        .filter_map(|item| match item {
+            Outgoing::GroupLifecycle {
+                tracker: 101,
+                frame,
+                ..
+            } => Some(frame.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(told.len(), 1, "{told:?}");
+    assert!(told[0].contains(r#""lifecycle_event":"block""#), "{told:?}");
+    assert!(joined.group.tracker_ids().contains(&101), "kept");
+    let unblocked = block_101(&pool, false).await;
+    round(&pool, &hub, &[format!("t|{unblocked}:101:unblock")]).await;
+    new_speed(&pool, &hub, 101, 81).await;
+    let got = until_batch_has(&rival, 101, 81).await;
+    assert!(got.contains(&(101, 81)), "{got:?}");
 }
