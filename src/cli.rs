@@ -70,7 +70,7 @@ pub enum Command {
         #[command(subcommand)]
         action: SessionAction,
     },
-    /// Operator actions on users: create, block, unblock.
+    /// Operator actions on users: create, block, unblock, API keys.
     User {
         #[command(subcommand)]
         action: UserAction,
@@ -149,7 +149,10 @@ pub enum ApiKeyAction {
         name: String,
     },
     /// Revoke a key by id: it is refused from now on (code 11).
-    Revoke { id: i64 },
+    Revoke {
+        /// The key's id, as `api-key list` shows it.
+        id: i64,
+    },
     /// List keys (ids, names, dates; never the keys).
     List,
 }
@@ -158,16 +161,19 @@ pub enum ApiKeyAction {
 pub enum TrackerAction {
     /// Block a tracker: subscribers get a `block` lifecycle event and no more states.
     Block {
+        /// The tracker's id.
         #[arg(allow_negative_numbers = true)]
         id: i64,
     },
     /// Unblock a tracker: subscribers get `unblock` and then its current state.
     Unblock {
+        /// The tracker's id.
         #[arg(allow_negative_numbers = true)]
         id: i64,
     },
     /// Remove a tracker: subscribers get a `corrupt` lifecycle event.
     Remove {
+        /// The tracker's id.
         #[arg(allow_negative_numbers = true)]
         id: i64,
     },
@@ -176,7 +182,10 @@ pub enum TrackerAction {
 #[derive(Debug, Subcommand)]
 pub enum SessionAction {
     /// End a session: its sockets get `logout` and are closed.
-    Revoke { hash: String },
+    Revoke {
+        /// The session hash (or a user's API key).
+        hash: String,
+    },
 }
 
 pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
@@ -362,6 +371,7 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckConfig => {
+            use crate::telemetry::RustLog;
             // Which files were layered, then the result (the database password redacted), then
             // what serve works out beyond the files.
             for (path, read) in config_files(&cli.config_dir) {
@@ -372,11 +382,12 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
             crate::config::check_listen("server.listen", &settings.server.listen)
                 .map_err(anyhow::Error::msg)?;
             println!("{settings:#?}");
-            if let Some(filter) = std::env::var("RUST_LOG")
-                .ok()
-                .filter(|v| !v.trim().is_empty())
+            // (A warning about RUST_LOG, if any, went out at start: see main.)
+            let rust_log = crate::telemetry::rust_log();
+            if let (spec, RustLog::Used(_)) =
+                crate::telemetry::filter_spec(&settings.log.level, rust_log.as_deref())
             {
-                eprintln!("RUST_LOG={filter}: overrides log.level");
+                eprintln!("RUST_LOG overrides log.level: logs go through `{spec}`");
             }
             let _ = startup::raise_open_file_limit();
             let automatic = startup::automatic_socket_limit(&settings);
@@ -420,12 +431,12 @@ fn config_files(dir: &std::path::Path) -> Vec<(std::path::PathBuf, bool)> {
         })
         .collect();
     // Required when named (loading fails without it), and may be given without its extension.
-    files.extend(std::env::var_os("FLEETGATE_CONFIG").map(|p| (p.into(), true)));
+    files.extend(crate::config::extra_file().map(|p| (p.into(), true)));
     files
 }
 
-/// Logs the files `serve` read its settings from, and warns when the default folder is not
-/// there (run from another directory, the gateway would otherwise run on built-in defaults
+/// Logs the files `serve` read its settings from, and warns when the folder or its
+/// `default.toml` is not there (run from another directory, the gateway would otherwise run on built-in defaults
 /// without a word).
 fn log_config_files(dir: &std::path::Path) {
     let read: Vec<String> = config_files(dir)
@@ -433,8 +444,17 @@ fn log_config_files(dir: &std::path::Path) {
         .filter(|(_, read)| *read)
         .map(|(p, _)| p.display().to_string())
         .collect();
-    if dir.is_dir() {
+    if dir.join("default.toml").is_file() {
         tracing::info!(files = ?read, "configuration read");
+    } else if dir.is_dir() {
+        // A folder without the defaults file (a copy of config/ that left it out): every
+        // setting the others do not set is at its built-in default.
+        tracing::warn!(
+            folder = %dir.display(),
+            files = ?read,
+            "no default.toml in the config folder: built-in defaults for every setting the \
+             files read and the environment do not set"
+        );
     } else {
         let cwd = std::env::current_dir().unwrap_or_default();
         tracing::warn!(

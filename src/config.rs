@@ -286,17 +286,41 @@ fn env_source(vars: impl Iterator<Item = (String, String)>) -> config::Environme
 /// The words a true/false setting takes (case aside) from the environment or a string.
 const BOOLEAN_WORDS: [&str; 8] = ["true", "false", "1", "0", "yes", "no", "on", "off"];
 
-/// A `FLEETGATE_<SECTION>__<KEY>` variable for a true/false setting whose value is neither: the
-/// config crate reads any number but 0 as true, so `=2` would pass as `true` without a word.
-fn unclear_boolean(vars: impl Iterator<Item = (String, String)>) -> Option<String> {
+/// A `FLEETGATE_<SECTION>__<KEY>` variable that the environment layer would take wrongly or
+/// reject without naming it: a section or key no setting has (the config crate's error names
+/// neither the variable nor the environment), a true/false setting given anything but a
+/// true/false word (the config crate reads any number but 0 as true, so `=2` would pass as
+/// `true` without a word), or a whole-number setting given anything else (it rounds `2.5` to 3).
+fn unclear_variable(vars: impl Iterator<Item = (String, String)>) -> Option<String> {
     let defaults = serde_json::to_value(Settings::default()).ok()?;
+    let sections = defaults.as_object()?;
     vars.filter_map(|(name, value)| {
         let rest = name.strip_prefix("FLEETGATE_")?.to_ascii_lowercase();
         let (section, key) = rest.split_once("__")?;
-        defaults.get(section)?.get(key)?.as_bool()?;
+        let Some(keys) = sections.get(section).and_then(|v| v.as_object()) else {
+            return Some(format!(
+                "{name}: no section `{section}`, expected one of {}",
+                quoted(sections.keys())
+            ));
+        };
+        let Some(default) = keys.get(key) else {
+            return Some(format!(
+                "{name}: no key `{key}` in [{section}], expected one of {}",
+                quoted(keys.keys())
+            ));
+        };
         let word = value.trim().to_ascii_lowercase();
-        (!BOOLEAN_WORDS.contains(&word.as_str()))
-            .then(|| format!("{name} = `{value}`: {section}.{key} takes true or false"))
+        if default.is_boolean() && !BOOLEAN_WORDS.contains(&word.as_str()) {
+            return Some(format!(
+                "{name} = `{value}`: {section}.{key} takes true or false"
+            ));
+        }
+        if (default.is_u64() || default.is_i64()) && word.parse::<i64>().is_err() {
+            return Some(format!(
+                "{name} = `{value}`: {section}.{key} takes a whole number"
+            ));
+        }
+        None
     })
     .next()
 }
@@ -310,10 +334,11 @@ fn quoted<'a>(names: impl Iterator<Item = &'a String>) -> String {
 }
 
 /// What is wrong with a config file on its own, named with the file: a key or section no setting
-/// has (the error of the merged layers cannot say which file gave it), or a true/false setting
-/// given another kind of value: the config crate reads any number but 0 as true, so
-/// `compression = 2` would pass as `true` without a word, as in [`unclear_boolean`]. Strings
-/// take the same words as there.
+/// has (the error of the merged layers cannot say which file gave it), a setting above every
+/// section header, or a true/false or whole-number setting given another kind of value: the
+/// config crate reads any number but 0 as true, so `compression = 2` would pass as `true`
+/// without a word, and rounds `queue_capacity = 1.5` to 2, as in [`unclear_variable`]. Strings
+/// take the same words (or digits) as there.
 /// (Each of `default.toml`, `local.toml` and `$FLEETGATE_CONFIG`: a `default.toml` in another
 /// folder, given with `--config-dir`, is the operator's.)
 fn check_file(
@@ -333,14 +358,32 @@ fn check_file(
         .try_deserialize::<HashMap<String, config::Value>>()
     {
         for (section, value) in table {
+            // A setting written above every section header (`listen = "0.0.0.0:8080"`, meant
+            // for [server]): where it belongs.
+            let owners: Vec<String> = sections
+                .iter()
+                .filter(|(_, keys)| keys.get(&section).is_some())
+                .map(|(owner, _)| format!("[{owner}]"))
+                .collect();
+            let hint = if owners.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; the setting `{section}` goes under {}",
+                    owners.join(" or ")
+                )
+            };
             let Some(known) = sections.get(&section).and_then(|v| v.as_object()) else {
                 return Err(config::ConfigError::Message(format!(
-                    "{name}: unknown section `{section}`, expected one of {}",
+                    "{name}: unknown section `{section}`, expected one of {}{hint}",
                     quoted(sections.keys())
                 )));
             };
             let Ok(keys) = value.into_table() else {
-                continue;
+                return Err(config::ConfigError::Message(format!(
+                    "{name}: `{section}` is a section, not a setting: its settings go under a \
+                     [{section}] header{hint}"
+                )));
             };
             if let Some(key) = keys.keys().find(|k| !known.contains_key(*k)) {
                 return Err(config::ConfigError::Message(format!(
@@ -355,12 +398,29 @@ fn check_file(
             continue;
         };
         for (key, default) in keys {
-            if !default.is_boolean() {
-                continue;
-            }
             let Ok(value) = parsed.get::<config::Value>(&format!("{section}.{key}")) else {
                 continue;
             };
+            if default.is_u64() || default.is_i64() {
+                // The config crate rounds `2.5` to 3 (and `0.4` to 0, then refused as 0).
+                let whole = match &value.kind {
+                    config::ValueKind::I64(_)
+                    | config::ValueKind::U64(_)
+                    | config::ValueKind::I128(_)
+                    | config::ValueKind::U128(_) => true,
+                    config::ValueKind::String(s) => s.trim().parse::<i64>().is_ok(),
+                    _ => false,
+                };
+                if !whole {
+                    return Err(config::ConfigError::Message(format!(
+                        "{name}: {section}.{key} = {value}: takes a whole number"
+                    )));
+                }
+                continue;
+            }
+            if !default.is_boolean() {
+                continue;
+            }
             let clear = match &value.kind {
                 // 0 and 1 as the environment takes them.
                 config::ValueKind::Boolean(_)
@@ -381,8 +441,8 @@ fn check_file(
     Ok(())
 }
 
-/// A `FLEETGATE_<SECTION>_<KEY>` variable naming a setting with one underscore where the
-/// environment layer takes two: it would be ignored, the setting left at its value, so it is
+/// A `FLEETGATE_<SECTION>_<KEY>` variable naming a setting with one underscore (or none) where
+/// the environment layer takes two: it would be ignored, the setting left at its value, so it is
 /// an error naming the variable meant. (Other `FLEETGATE_*` variables are not settings.)
 fn misspelt_variable(vars: impl Iterator<Item = (String, String)>) -> Option<String> {
     let sections = serde_json::to_value(Settings::default()).ok()?;
@@ -393,7 +453,9 @@ fn misspelt_variable(vars: impl Iterator<Item = (String, String)>) -> Option<Str
             return None;
         }
         sections.iter().find_map(|(section, keys)| {
-            let key = rest.strip_prefix(section.as_str())?.strip_prefix('_')?;
+            // One underscore, or none (`FLEETGATE_LOGFORMAT`).
+            let key = rest.strip_prefix(section.as_str())?;
+            let key = key.strip_prefix('_').unwrap_or(key);
             keys.get(key)?;
             Some(format!(
                 "{name} is not read: a setting takes two underscores after its section, \
@@ -444,13 +506,21 @@ pub fn check_listen(name: &str, value: &str) -> Result<(), String> {
     }
 }
 
+/// The file `FLEETGATE_CONFIG` names, unless it is unset or empty (an empty one, easily left in
+/// a systemd `EnvironmentFile`, is no file, as an empty `RUST_LOG` is no filter).
+pub fn extra_file() -> Option<String> {
+    std::env::var("FLEETGATE_CONFIG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
 impl Settings {
     /// Loads the layered configuration from `dir` (normally `config/`) and the environment.
     pub fn load(dir: &Path) -> Result<Settings, config::ConfigError> {
         if let Some(e) = misspelt_variable(std::env::vars()) {
             return Err(config::ConfigError::Message(e));
         }
-        if let Some(e) = unclear_boolean(std::env::vars()) {
+        if let Some(e) = unclear_variable(std::env::vars()) {
             return Err(config::ConfigError::Message(e));
         }
         // default.toml too: the one of another folder (--config-dir) is the operator's.
@@ -464,7 +534,15 @@ impl Settings {
         let mut builder = config::Config::builder()
             .add_source(config::File::from(dir.join("default.toml")).required(false))
             .add_source(config::File::from(dir.join("local.toml")).required(false));
-        if let Ok(extra) = std::env::var("FLEETGATE_CONFIG") {
+        if let Some(extra) = extra_file() {
+            // The config crate names the format by the extension, and reads TOML alone here.
+            let ext = Path::new(&extra).extension().and_then(|e| e.to_str());
+            if ext.is_some_and(|e| !e.eq_ignore_ascii_case("toml")) {
+                return Err(config::ConfigError::Message(format!(
+                    "FLEETGATE_CONFIG={extra}: settings files are TOML, named *.toml (or given \
+                     without the extension)"
+                )));
+            }
             builder = builder.add_source(config::File::with_name(&extra).required(true));
             check_file(&extra, config::File::with_name(&extra).required(true))?;
         }
@@ -499,7 +577,12 @@ impl Settings {
         let d = &self.database;
         let w = &self.websocket;
         let l = &self.listen;
-        let floors: [(&str, u64, u64); 20] = [
+        let floors: [(&str, u64, u64); 21] = [
+            (
+                "server.shutdown_timeout_secs",
+                self.server.shutdown_timeout_secs,
+                1,
+            ),
             ("database.max_connections", d.max_connections.into(), 1),
             ("database.event_connections", d.event_connections.into(), 1),
             ("database.acquire_timeout_secs", d.acquire_timeout_secs, 1),
@@ -705,10 +788,10 @@ mod tests {
             .into_iter()
         };
         for ok in ["true", "FALSE", "1", "0", "yes", "off"] {
-            assert_eq!(unclear_boolean(vars(ok)), None, "{ok}");
+            assert_eq!(unclear_variable(vars(ok)), None, "{ok}");
         }
         for bad in ["2", "maybe", ""] {
-            let e = unclear_boolean(vars(bad)).expect(bad);
+            let e = unclear_variable(vars(bad)).expect(bad);
             assert!(
                 e.contains("websocket.compression takes true or false"),
                 "{e}"
@@ -734,6 +817,76 @@ mod tests {
         let e = check("[websockets]\nheartbeat_ms = 5000").unwrap_err();
         assert!(
             e.starts_with("extra.toml: unknown section `websockets`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_whole_number_setting_given_a_fraction_or_a_word_is_refused() {
+        let check = |text: &str| check_text("local.toml", text).map_err(|e| e.to_string());
+        for ok in [
+            "[websocket]\nqueue_capacity = 2",
+            "[websocket]\nqueue_capacity = \"12\"",
+        ] {
+            assert!(check(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "[websocket]\nqueue_capacity = 1.5",
+            "[websocket]\nqueue_capacity = 0.4",
+            "[server]\nshutdown_timeout_secs = \"soon\"",
+        ] {
+            let e = check(bad).expect_err(bad);
+            assert!(e.starts_with("local.toml: "), "{e}");
+            assert!(e.ends_with("takes a whole number"), "{e}");
+        }
+        let vars = |v: &str| {
+            vec![(
+                "FLEETGATE_WEBSOCKET__QUEUE_CAPACITY".to_string(),
+                v.to_string(),
+            )]
+            .into_iter()
+        };
+        assert_eq!(unclear_variable(vars("2048")), None);
+        let e = unclear_variable(vars("2.5")).expect("2.5");
+        assert!(
+            e.starts_with("FLEETGATE_WEBSOCKET__QUEUE_CAPACITY = `2.5`")
+                && e.ends_with("takes a whole number"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_variable_for_no_setting_is_refused_naming_it() {
+        let var = |name: &str| vec![(name.to_string(), "5".to_string())].into_iter();
+        let e = unclear_variable(var("FLEETGATE_WEBSOCKET__QUEUE_CAPACTY")).expect("key");
+        assert!(
+            e.starts_with(
+                "FLEETGATE_WEBSOCKET__QUEUE_CAPACTY: no key `queue_capacty` in [websocket]"
+            ) && e.contains("`queue_capacity`"),
+            "{e}"
+        );
+        let e = unclear_variable(var("FLEETGATE_WEBSOCKT__QUEUE_CAPACITY")).expect("section");
+        assert!(
+            e.starts_with("FLEETGATE_WEBSOCKT__QUEUE_CAPACITY: no section `websockt`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_setting_above_every_section_is_refused_naming_its_section() {
+        let e = check_text("local.toml", "listen = \"0.0.0.0:8080\"")
+            .expect_err("listen")
+            .to_string();
+        assert!(
+            e.starts_with("local.toml: `listen` is a section, not a setting")
+                && e.ends_with("the setting `listen` goes under [server]"),
+            "{e}"
+        );
+        let e = check_text("local.toml", "url = \"postgres://x/y\"")
+            .expect_err("url")
+            .to_string();
+        assert!(
+            e.ends_with("the setting `url` goes under [database]"),
             "{e}"
         );
     }
@@ -852,6 +1005,8 @@ mod tests {
         assert!(e.contains("FLEETGATE_LOG__FORMAT"), "{e}");
         let e = misspelt_variable(vars(&["FLEETGATE_WEB_TILE_URL"])).expect("an error");
         assert!(e.contains("FLEETGATE_WEB__TILE_URL"), "{e}");
+        let e = misspelt_variable(vars(&["FLEETGATE_LOGFORMAT"])).expect("an error");
+        assert!(e.contains("FLEETGATE_LOG__FORMAT"), "{e}");
         // The scripts' and tools' own variables, and settings spelt right, are not settings
         // misspelt.
         assert_eq!(

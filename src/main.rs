@@ -5,7 +5,20 @@ use fleetgate::{cli, config::Settings, telemetry};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> anyhow::Result<()> {
+/// Errors go out as one `error: …` line with their causes, never with a stack trace (which
+/// `anyhow` adds to a returned error when `RUST_BACKTRACE` is set): an operator's mistake is
+/// not a bug.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
     // A folder named on purpose (--config-dir, FLEETGATE_CONFIG_DIR) must be there: its files
     // would otherwise be left out without a word. The default one may be missing (built-in
@@ -18,15 +31,13 @@ fn main() -> anyhow::Result<()> {
     }
     let settings = Settings::load(&cli.config_dir)?;
     // RUST_LOG overrides log.level and gets the same check, but only a warning: a bare target
-    // name (`RUST_LOG=fleetgate`) is valid filter syntax, however little it logs. Written to
-    // stderr directly, since the filter in question may hide it.
-    if let Some(filter) = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|v| !v.trim().is_empty())
-    {
-        if let Err(e) = fleetgate::config::check_filter("RUST_LOG", &filter) {
-            eprintln!("warning: {e}; it may log nothing at all");
+    // name (`RUST_LOG=fleetgate`) is valid filter syntax. Written to stderr directly, since the
+    // filter in question may hide it.
+    match telemetry::filter_spec(&settings.log.level, telemetry::rust_log().as_deref()).1 {
+        telemetry::RustLog::Used(Some(warning)) | telemetry::RustLog::Ignored(warning) => {
+            eprintln!("warning: {warning}")
         }
+        _ => {}
     }
     telemetry::init(&settings.log, std::io::stderr);
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -9,14 +9,8 @@ pub fn init<W>(settings: &LogSettings, sink: W)
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    // An empty RUST_LOG counts as unset (as a filter it would log nothing).
-    let env = std::env::var("RUST_LOG")
-        .ok()
-        .filter(|v| !v.trim().is_empty());
-    let filter = env
-        .map_or_else(|| Err(()), |v| EnvFilter::try_new(v).map_err(drop))
-        .or_else(|_| EnvFilter::try_new(format!("{},sqlx::postgres::notice=warn", settings.level)))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let (spec, _) = filter_spec(&settings.level, rust_log().as_deref());
+    let filter = EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only for a terminal: in a file or the journal the escape codes are noise.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
@@ -27,6 +21,52 @@ where
         LogFormat::Json => builder.json().with_current_span(true).try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// `RUST_LOG`, unless unset or empty (as a filter, an empty one would log nothing).
+pub fn rust_log() -> Option<String> {
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
+/// What became of `RUST_LOG` (see [`filter_spec`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum RustLog {
+    Unset,
+    /// It overrides `log.level`, with a warning if it has a bare word that is no level.
+    Used(Option<String>),
+    /// It does not parse: `log.level` is used, and this says so.
+    Ignored(String),
+}
+
+/// The filter logs go through, and what became of `rust_log` (`RUST_LOG`, which overrides
+/// `level`): a filter that does not parse is ignored for `level`, and one with a bare word that
+/// is no level (a target name to the filter) is taken with a warning. sqlx's notices
+/// (`relation … already exists` at every start) stay at `warn` unless the filter names sqlx.
+pub fn filter_spec(level: &str, rust_log: Option<&str>) -> (String, RustLog) {
+    let quiet = |spec: &str| {
+        if spec.contains("sqlx") {
+            spec.to_string()
+        } else {
+            format!("{spec},sqlx::postgres::notice=warn")
+        }
+    };
+    let Some(env) = rust_log else {
+        return (quiet(level), RustLog::Unset);
+    };
+    if let Err(e) = EnvFilter::try_new(env) {
+        return (
+            quiet(level),
+            RustLog::Ignored(format!(
+                "RUST_LOG `{env}` is not a filter ({e}): ignored, logging at log.level `{level}`"
+            )),
+        );
+    }
+    let warning = crate::config::check_filter("RUST_LOG", env)
+        .err()
+        .map(|e| format!("{e} (as it is, it turns on every level of a target by that name)"));
+    (quiet(env), RustLog::Used(warning))
 }
 
 /// How logs name a session: its hash's first six characters, never the whole hash (which is a
@@ -80,6 +120,39 @@ impl LogGate {
 #[cfg(test)]
 mod tests {
     use super::LogGate;
+
+    #[test]
+    fn rust_log_overrides_the_level_unless_it_does_not_parse() {
+        use super::{filter_spec, RustLog};
+        assert_eq!(
+            filter_spec("warn", None),
+            ("warn,sqlx::postgres::notice=warn".into(), RustLog::Unset)
+        );
+        assert_eq!(
+            filter_spec("warn", Some("debug")),
+            (
+                "debug,sqlx::postgres::notice=warn".into(),
+                RustLog::Used(None)
+            )
+        );
+        // A filter that names sqlx is the operator's to the letter.
+        assert_eq!(
+            filter_spec("warn", Some("info,sqlx=debug")).0,
+            "info,sqlx=debug"
+        );
+        let (spec, said) = filter_spec("warn", Some("debug,fleetgate=loud"));
+        assert_eq!(spec, "warn,sqlx::postgres::notice=warn");
+        assert!(
+            matches!(&said, RustLog::Ignored(w) if w.ends_with("ignored, logging at log.level `warn`")),
+            "{said:?}"
+        );
+        let (spec, said) = filter_spec("warn", Some("fleetgate"));
+        assert_eq!(spec, "fleetgate,sqlx::postgres::notice=warn");
+        assert!(
+            matches!(&said, RustLog::Used(Some(w)) if w.contains("`fleetgate` is not a level")),
+            "{said:?}"
+        );
+    }
 
     #[test]
     fn a_session_tag_is_six_characters_of_any_width() {

@@ -68,11 +68,21 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         }
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Ok(r) => r.with_context(|| at(&settings.url)),
         Err(_) => anyhow::bail!(
             "{}: no answer within {CONNECT_TIMEOUT:?}",
             at(&settings.url)
         ),
+        Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("3D000") => {
+            // The paths that do not create the database (operator commands, `serve` with
+            // `database.migrate_on_start = false`) say how to.
+            anyhow::bail!(
+                "{}: {}: run `fleetgate migrate` (it creates the database), or check \
+                 database.url / DATABASE_URL",
+                at(&settings.url),
+                e.message()
+            )
+        }
+        Ok(r) => r.with_context(|| at(&settings.url)),
     }
 }
 

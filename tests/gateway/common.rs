@@ -47,7 +47,7 @@ pub fn server_url() -> String {
 }
 
 /// The server URL with another database name.
-fn with_database(url: &str, name: &str) -> String {
+pub fn with_database(url: &str, name: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, format!("?{q}")),
         None => (url, String::new()),

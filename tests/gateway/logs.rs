@@ -202,6 +202,33 @@ fn a_command_tells_why_it_could_not_connect() {
     assert!(stderr.contains("Connection refused"), "{stderr}");
 }
 
+/// An operator's mistake is one `error:` line, also with `RUST_BACKTRACE` set (the error used
+/// to come with a stack trace of sixty lines), and a database that does not exist is answered
+/// with how to make it.
+#[test]
+fn an_operator_error_is_one_line_that_says_what_to_do() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .arg("--config-dir")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+        .args(["tracker", "block", "1"])
+        .env(
+            "DATABASE_URL",
+            with_database(&server_url(), "fleetgate_no_such_database"),
+        )
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("run fleetgate tracker block");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(
+        lines[0].contains("does not exist: run `fleetgate migrate`"),
+        "{stderr}"
+    );
+}
+
 /// `check-config` refuses what `serve` refuses and warns where it warns.
 #[test]
 fn check_config_judges_the_settings_as_serve_does() {
