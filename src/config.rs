@@ -535,9 +535,11 @@ impl Settings {
             .add_source(config::File::from(dir.join("default.toml")).required(false))
             .add_source(config::File::from(dir.join("local.toml")).required(false));
         if let Some(extra) = extra_file() {
-            // The config crate names the format by the extension, and reads TOML alone here.
-            let ext = Path::new(&extra).extension().and_then(|e| e.to_str());
-            if ext.is_some_and(|e| !e.eq_ignore_ascii_case("toml")) {
+            // The config crate names the format by the extension, and reads TOML alone here. (A
+            // name without it may have a dot of its own: `gw.eu` for `gw.eu.toml`.)
+            let path = Path::new(&extra);
+            let ext = path.extension().and_then(|e| e.to_str());
+            if path.is_file() && ext.is_some_and(|e| !e.eq_ignore_ascii_case("toml")) {
                 return Err(config::ConfigError::Message(format!(
                     "FLEETGATE_CONFIG={extra}: settings files are TOML, named *.toml (or given \
                      without the extension)"
@@ -577,12 +579,7 @@ impl Settings {
         let d = &self.database;
         let w = &self.websocket;
         let l = &self.listen;
-        let floors: [(&str, u64, u64); 21] = [
-            (
-                "server.shutdown_timeout_secs",
-                self.server.shutdown_timeout_secs,
-                1,
-            ),
+        let floors: [(&str, u64, u64); 20] = [
             ("database.max_connections", d.max_connections.into(), 1),
             ("database.event_connections", d.event_connections.into(), 1),
             ("database.acquire_timeout_secs", d.acquire_timeout_secs, 1),

@@ -763,6 +763,10 @@ impl Hub {
             match entry.subs.iter_mut().find(|s| s.conn == conn) {
                 Some(sub) => {
                     sub.variant = v;
+                    // Subscribed again: its new read is on its way, and what it was told before
+                    // no longer says what it will know (a resync sends it the database's
+                    // lifecycle, see `resync_lifecycle`).
+                    sub.told_change = i64::MIN;
                     slots.push(sub.slot);
                 }
                 None => {
@@ -1202,8 +1206,9 @@ impl Hub {
     /// each read the tracker at another point: one event for all made a tracker moved into an
     /// account and then blocked `corrupt` for that account's sockets too, and one moved away
     /// and back `corrupt` for a socket that read it back home.) A subscriber whose read has not
-    /// been recorded yet gets the event that any other account or lifecycle the hub knows of
-    /// calls for (it drops what its read has passed). Then the hub's own record is the row's.
+    /// been recorded yet (a subscribe on its way, a first or a repeated one) gets the row's
+    /// event, or `corrupt` if any account known differs: it drops what its read has passed.
+    /// Then the hub's own record is the row's.
     pub fn resync_lifecycle(&self, id: TrackerId, row: TrackerFacts) -> Resynced {
         let mut told = Resynced::default();
         let Some(mut guard) = self.trackers.get_mut(&id) else {
@@ -1219,12 +1224,13 @@ impl Hub {
         } else {
             Lifecycle::Unblock
         };
-        // For a subscriber whose read is not recorded: what the hub knows (published, or read
-        // by anyone) that differs from the row, if anything.
+        // For a subscriber whose read is not recorded (on its way, and it may have seen an
+        // older lifecycle than the row's): the row's event, `corrupt` if any account known
+        // differs from the row's. It drops the event if its read is as new.
         let unread = if entry.accounts().iter().any(|&a| a != row.account_id) {
-            Some(Lifecycle::Corrupt)
+            Lifecycle::Corrupt
         } else {
-            (entry.blocked != row.blocked || entry.newest_blocked != row.blocked).then_some(own)
+            own
         };
         let source = entry.source_id.get().unwrap_or_default();
         let mut frames: [Option<ByteString>; 3] = Default::default();
@@ -1236,10 +1242,7 @@ impl Hub {
         let held = entry.held.clone();
         for sub in entry.subs.iter_mut() {
             let kind = if sub.told_change == i64::MIN {
-                match unread {
-                    Some(kind) => kind,
-                    None => continue,
-                }
+                unread
             } else if sub.account == 0 || sub.told_change >= change {
                 // Told `corrupt` (it is leaving), or it read something at least as new.
                 continue;
@@ -1248,7 +1251,6 @@ impl Hub {
             } else if sub.told_blocked != row.blocked {
                 own
             } else {
-                sub.told_change = change;
                 continue;
             };
             sub.told_change = sub.told_change.max(change);

@@ -940,8 +940,42 @@ pub async fn resync_with(
                 }
             }
         }
+        // A block or unblock notified one by one speaks of the viewers of the account the
+        // tracker was in then. A subscriber of another account that the hub still counts was
+        // admitted before a move whose `corrupt` never reached the gateway: for such a tracker
+        // the comparison below tells each subscriber what it needs (`corrupt` to the old
+        // account's) instead; the trigger's kind would have told them `block`.
+        let mut accounts: HashMap<TrackerId, i64> = HashMap::new();
+        let named: Vec<TrackerId> = carried
+            .lifecycle
+            .iter()
+            .filter(|(_, _, kind)| *kind != Lifecycle::Corrupt)
+            .map(|(_, id, _)| *id)
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        for chunk in named.chunks(RESYNC_CHUNK) {
+            // If the database cannot say, the events go out as notified (and the resync fails
+            // below): a block must not wait for the database to come back.
+            let Ok(rows) = queries::trackers_by_ids(pool, chunk).await else {
+                accounts.clear();
+                break;
+            };
+            for row in rows {
+                if !row.removed {
+                    accounts.insert(row.id, row.account_id);
+                }
+            }
+        }
         lifecycle.sort_by_key(|(c, _, _)| *c);
         for (change, id, kind) in lifecycle {
+            let moved_unseen = kind != Lifecycle::Corrupt
+                && accounts
+                    .get(&id)
+                    .is_some_and(|&now| hub.accounts_of(id).iter().any(|&a| a != now));
+            if moved_unseen {
+                continue;
+            }
             if hub.publish_lifecycle(id, change, kind) {
                 events += 1;
                 if kind == Lifecycle::Unblock {

@@ -45,8 +45,13 @@ pub enum RustLog {
 /// is no level (a target name to the filter) is taken with a warning. sqlx's notices
 /// (`relation … already exists` at every start) stay at `warn` unless the filter names sqlx.
 pub fn filter_spec(level: &str, rust_log: Option<&str>) -> (String, RustLog) {
+    // (Not under a filter that names sqlx, nor one quieter than `warn` for everything, which
+    // the directive would raise.)
     let quiet = |spec: &str| {
-        if spec.contains("sqlx") {
+        let hushed = spec
+            .split(',')
+            .any(|d| matches!(d.trim().to_ascii_lowercase().as_str(), "off" | "error"));
+        if spec.contains("sqlx") || hushed {
             spec.to_string()
         } else {
             format!("{spec},sqlx::postgres::notice=warn")
@@ -135,11 +140,13 @@ mod tests {
                 RustLog::Used(None)
             )
         );
-        // A filter that names sqlx is the operator's to the letter.
+        // A filter that names sqlx, or is quieter than `warn`, is the operator's to the letter.
         assert_eq!(
             filter_spec("warn", Some("info,sqlx=debug")).0,
             "info,sqlx=debug"
         );
+        assert_eq!(filter_spec("warn", Some("off")).0, "off");
+        assert_eq!(filter_spec("error", None).0, "error");
         let (spec, said) = filter_spec("warn", Some("debug,fleetgate=loud"));
         assert_eq!(spec, "warn,sqlx::postgres::notice=warn");
         assert!(

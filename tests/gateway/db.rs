@@ -1091,7 +1091,8 @@ async fn a_resync_sends_corrupt_for_a_tracker_moved_away(pool: PgPool) {
         .await
         .unwrap()
     {
-        hub.observe(id, facts.expect("visible"));
+        // As a socket records its read.
+        hub.observe_for(1, id, facts.expect("visible"));
     }
     sqlx::query("UPDATE trackers SET account_id = 3 WHERE id = 101")
         .execute(&pool)
