@@ -342,9 +342,7 @@ async fn a_batch_dashboard_that_logged_in_again_releases_its_old_session() {
 
 /// `fleetgate` run against the test's database.
 fn cli(app: &TestApp, args: &[&str]) -> std::process::Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-        .arg("--config-dir")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+    fleetgate_command()
         .args(args)
         .env("DATABASE_URL", &app.db_url)
         .env("RUST_BACKTRACE", "0")

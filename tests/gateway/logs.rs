@@ -164,9 +164,7 @@ async fn operator_calls_are_logged_with_their_key() {
 
 #[test]
 fn a_rust_log_that_would_log_nothing_is_warned_about() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-        .arg("--config-dir")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+    let out = fleetgate_command()
         .arg("check-config")
         .env("RUST_LOG", "inf")
         .output()
@@ -185,9 +183,7 @@ fn a_command_tells_why_it_could_not_connect() {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-        .arg("--config-dir")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+    let out = fleetgate_command()
         .args(["tracker", "block", "1"])
         .env(
             "DATABASE_URL",
@@ -207,9 +203,7 @@ fn a_command_tells_why_it_could_not_connect() {
 /// with how to make it.
 #[test]
 fn an_operator_error_is_one_line_that_says_what_to_do() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-        .arg("--config-dir")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+    let out = fleetgate_command()
         .args(["tracker", "block", "1"])
         .env(
             "DATABASE_URL",
@@ -233,9 +227,7 @@ fn an_operator_error_is_one_line_that_says_what_to_do() {
 #[test]
 fn check_config_judges_the_settings_as_serve_does() {
     let run = |var: &str, value: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_fleetgate"))
-            .arg("--config-dir")
-            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/config"))
+        fleetgate_command()
             .arg("check-config")
             .env(var, value)
             .env("RUST_BACKTRACE", "0")
