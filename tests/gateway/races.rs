@@ -495,6 +495,13 @@ async fn lifecycle_changes(outbox: &Outbox, tracker: i64) -> Vec<(i64, Lifecycle
         .collect()
 }
 
+/// The lifecycle events queued in `outbox` for `tracker` with a change number above `change`
+/// (those a socket that read the tracker at `change` takes).
+async fn lifecycle_after(outbox: &Outbox, tracker: i64, change: i64) -> Vec<(i64, Lifecycle)> {
+    let changes = lifecycle_changes(outbox, tracker).await;
+    changes.into_iter().filter(|&(c, _)| c > change).collect()
+}
+
 /// The lifecycle events queued in `outbox` for `tracker`.
 async fn lifecycle_kinds(outbox: &Outbox, tracker: i64) -> Vec<Lifecycle> {
     let changes = lifecycle_changes(outbox, tracker).await;
@@ -654,13 +661,9 @@ async fn a_resync_after_a_carried_move_does_not_corrupt_the_new_accounts_socket(
         .await
         .unwrap();
     // The rival socket read the move: it drops the move's `corrupt` by its change number.
-    let after: Vec<Lifecycle> = lifecycle_changes(&rival, 101)
-        .await
-        .into_iter()
-        .filter(|&(c, _)| c > moved)
-        .map(|(_, k)| k)
-        .collect();
-    assert_eq!(after, [Lifecycle::Block]);
+    let after = lifecycle_after(&rival, 101, moved).await;
+    assert_eq!(after.len(), 1, "{after:?}");
+    assert_eq!(after[0].1, Lifecycle::Block);
 }
 
 /// The batch-group side of `a_socket_that_read_a_tracker_in_another_account_during_a_gap_is_told_corrupt`:
@@ -811,11 +814,7 @@ async fn a_subscribe_read_in_flight_during_a_resync_gets_the_unblock_it_has_not_
     fleetgate::listen::resync(&pool, &hub).await.unwrap();
     // Its read arrives: the socket's watch is `blocked` as of that read.
     hub.observe_for(3, 101, facts);
-    let after: Vec<(i64, Lifecycle)> = lifecycle_changes(&in_flight, 101)
-        .await
-        .into_iter()
-        .filter(|&(c, _)| c > facts.change_no)
-        .collect();
+    let after = lifecycle_after(&in_flight, 101, facts.change_no).await;
     assert_eq!(after, [(unblocked, Lifecycle::Unblock)]);
 }
 
@@ -836,11 +835,7 @@ async fn a_second_subscribe_read_in_flight_during_a_resync_gets_the_unblock(pool
     let unblocked = block_101(&pool, false).await;
     fleetgate::listen::resync(&pool, &hub).await.unwrap();
     hub.observe_for(1, 101, facts);
-    let after: Vec<(i64, Lifecycle)> = lifecycle_changes(&again, 101)
-        .await
-        .into_iter()
-        .filter(|&(c, _)| c > facts.change_no)
-        .collect();
+    let after = lifecycle_after(&again, 101, facts.change_no).await;
     assert_eq!(after, [(unblocked, Lifecycle::Unblock)]);
 }
 
