@@ -231,6 +231,15 @@ impl GroupState {
     }
 }
 
+/// What [`BatchGroup::apply_lifecycle`] did with an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupLifecycle {
+    /// The group still holds the tracker (or is about to admit it).
+    pub keeps: bool,
+    /// The event was news to the group and went to its members.
+    pub sent: bool,
+}
+
 pub struct BatchGroup {
     pub key: GroupKey,
     /// Unique in the process: the items a group queues carry it, so that a socket that has
@@ -317,15 +326,6 @@ impl BatchGroup {
         }
     }
 
-    /// Whether this group admitted `id` (or took an event for it) before `change`, and holds it
-    /// otherwise than `blocked`: see [`crate::hub::Hub::resync_lifecycle`].
-    pub fn holds_otherwise(&self, id: TrackerId, change: i64, blocked: bool) -> bool {
-        let g = self.lock();
-        g.trackers
-            .get(&id)
-            .is_some_and(|&known| known < change && g.blocked.contains(&id) != blocked)
-    }
-
     /// A lifecycle event from the hub: forwarded to every member at once (never batched), unless
     /// the group already knew it (a block its target read saw, published later; a `corrupt`
     /// older than the move that brought the tracker in): the members were told that in their
@@ -337,6 +337,23 @@ impl BatchGroup {
         kind: Lifecycle,
         frame: &ByteString,
     ) -> bool {
+        self.apply_lifecycle(id, change, kind, frame).keeps
+    }
+
+    /// As [`BatchGroup::lifecycle`], saying also whether the members were sent the event. The
+    /// decision and the sending are made under one lock: a resync that judged first and sent
+    /// after could see an admission in between (see [`crate::hub::Hub::resync_lifecycle`]).
+    pub fn apply_lifecycle(
+        &self,
+        id: TrackerId,
+        change: i64,
+        kind: Lifecycle,
+        frame: &ByteString,
+    ) -> GroupLifecycle {
+        let kept = GroupLifecycle {
+            keeps: true,
+            sent: false,
+        };
         let mut g = self.lock();
         let Some(known) = g.trackers.get_mut(&id) else {
             // Registered in the hub, not yet admitted: keep the newest for the admission.
@@ -344,10 +361,10 @@ impl BatchGroup {
             if change > e.0 {
                 *e = (change, kind);
             }
-            return true;
+            return kept;
         };
         if change <= *known {
-            return true;
+            return kept;
         }
         *known = change;
         let news = match kind {
@@ -356,7 +373,7 @@ impl BatchGroup {
             Lifecycle::Corrupt => true,
         };
         if !news {
-            return true;
+            return kept;
         }
         // A member joining later must not get a full batch, or statuses, that predate this
         // event.
@@ -390,7 +407,10 @@ impl BatchGroup {
                 frame: frame.clone(),
             });
         }
-        kind != Lifecycle::Corrupt
+        GroupLifecycle {
+            keeps: kind != Lifecycle::Corrupt,
+            sent: true,
+        }
     }
 
     /// A readings batch: per tracker (sorted, blocked ones left out), the readings named by
@@ -1301,6 +1321,47 @@ mod tests {
         assert!(g.lifecycle(5, 11, Lifecycle::Block, &frame));
         assert!(g.lock().blocked.contains(&5));
         assert!(!g.lifecycle(5, 12, Lifecycle::Corrupt, &frame), "forgotten");
+        assert!(g.tracker_ids().is_empty());
+    }
+
+    /// What a resync counts and follows with a state: whether the event went to the members,
+    /// decided under the lock that applies it.
+    #[test]
+    fn apply_lifecycle_says_whether_the_members_were_told() {
+        let g = group(GroupKind::State, []);
+        let facts = TrackerFacts {
+            source_id: 0,
+            account_id: 3,
+            blocked: true,
+            change_no: 10,
+        };
+        assert!(g.lock().admit(&[(5, facts)]).is_empty());
+        let frame = ByteString::from_static("lifecycle");
+        let told = |keeps, sent| GroupLifecycle { keeps, sent };
+        // Older than the admission, or what the group already holds: nothing is sent.
+        assert_eq!(
+            g.apply_lifecycle(5, 9, Lifecycle::Corrupt, &frame),
+            told(true, false)
+        );
+        assert_eq!(
+            g.apply_lifecycle(5, 11, Lifecycle::Block, &frame),
+            told(true, false)
+        );
+        // Not admitted yet: kept for the admission, not sent.
+        assert_eq!(
+            g.apply_lifecycle(6, 11, Lifecycle::Unblock, &frame),
+            told(true, false)
+        );
+        // News.
+        assert_eq!(
+            g.apply_lifecycle(5, 12, Lifecycle::Unblock, &frame),
+            told(true, true)
+        );
+        assert!(!g.lock().blocked.contains(&5));
+        assert_eq!(
+            g.apply_lifecycle(5, 13, Lifecycle::Corrupt, &frame),
+            told(false, true)
+        );
         assert!(g.tracker_ids().is_empty());
     }
 

@@ -1277,10 +1277,11 @@ impl Hub {
             } else {
                 own
             };
-            if kind == Lifecycle::Corrupt || g.holds_otherwise(id, change, row.blocked) {
+            let applied = g.apply_lifecycle(id, change, kind, &frame(kind));
+            if applied.sent {
                 told.note(kind);
             }
-            g.lifecycle(id, change, kind, &frame(kind))
+            applied.keeps
         };
         entry.groups.retain(&mut keep);
         entry.readings_groups.retain(&mut keep);
