@@ -381,7 +381,7 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
             // What serve refuses beyond the files' own checks.
             crate::config::check_listen("server.listen", &settings.server.listen)
                 .map_err(anyhow::Error::msg)?;
-            println!("{settings:#?}");
+            println!("{}", settings.to_toml()?.trim_end());
             // (A warning about RUST_LOG, if any, went out at start: see main.)
             let rust_log = crate::telemetry::rust_log();
             if let (spec, RustLog::Used(_)) =

@@ -557,6 +557,14 @@ impl Settings {
         Ok(settings)
     }
 
+    /// The settings as a TOML file (sections in the order of default.toml), the database
+    /// password redacted: what `check-config` prints, readable back as local.toml.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        let mut shown = self.clone();
+        shown.database.url = redact_password(&shown.database.url);
+        toml::to_string(&shown)
+    }
+
     /// Refuses values that would be accepted and then fail quietly: a log level that turns off
     /// every line, a URL of another database, sessions that expire as they are made.
     pub fn validate(&self) -> Result<(), String> {
@@ -961,6 +969,32 @@ mod tests {
             .expect("config/default.toml parses");
         let built_in = Settings::default();
         assert_eq!(format!("{file:?}"), format!("{built_in:?}"));
+    }
+
+    /// `check-config` prints a file an operator can copy: every setting, read back as the same
+    /// settings by the checks and the loader, the password left out.
+    #[test]
+    fn the_printed_settings_read_back_as_the_same_settings() {
+        let mut s = load_with(&[
+            ("FLEETGATE_WEBSOCKET__QUEUE_CAPACITY", "77"),
+            ("FLEETGATE_LOG__FORMAT", "json"),
+            (
+                "FLEETGATE_WEB__TILE_URL",
+                "https://tile.example/{z}/{x}/{y}.png?k=\"a\"",
+            ),
+        ]);
+        s.database.url = "postgres://app:s3cret@db:5432/fleet".into();
+        let text = s.to_toml().expect("settings print as TOML");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("[websocket]\n") && text.contains("queue_capacity = 77\n"));
+        check_text("printed.toml", &text).expect("the printed file passes the file checks");
+        let back: Settings = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .expect("the printed file loads");
+        s.database.url = redact_password(&s.database.url);
+        assert_eq!(format!("{back:?}"), format!("{s:?}"));
     }
 
     #[test]

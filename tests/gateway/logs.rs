@@ -256,6 +256,44 @@ fn check_config_judges_the_settings_as_serve_does() {
     );
 }
 
+/// What `check-config` prints is a settings file: saved as another folder's local.toml, it
+/// gives the same settings without the variables that made them.
+#[test]
+fn check_config_prints_a_file_that_reads_back_the_same() {
+    let out = fleetgate_command()
+        .arg("check-config")
+        .env("FLEETGATE_WEBSOCKET__QUEUE_CAPACITY", "77")
+        .env("FLEETGATE_LOG__FORMAT", "json")
+        .output()
+        .expect("run fleetgate check-config");
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        printed.starts_with("[server]\n") && printed.contains("\nqueue_capacity = 77\n"),
+        "{printed}"
+    );
+    let dir = std::env::temp_dir().join(format!("fleetgate-check-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a temporary config folder");
+    std::fs::write(dir.join("local.toml"), &printed).expect("write local.toml");
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .arg("--config-dir")
+        .arg(&dir)
+        .arg("check-config")
+        .output()
+        .expect("run fleetgate check-config on the printed file");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&again.stdout), printed);
+}
+
 #[tokio::test]
 async fn a_client_subscribing_in_a_loop_does_not_grow_its_log_lines() {
     let app = spawn_app().await;
