@@ -167,7 +167,13 @@ impl GroupState {
     /// of them once the group has retired (its last member left while a target that grew was
     /// being read: the group's task has already taken it out of the hub, and trackers admitted
     /// now would stay registered for good).
-    fn admit(&mut self, facts: &[(TrackerId, TrackerFacts)]) -> Vec<TrackerId> {
+    ///
+    /// Members hold the target's statuses (their response's, and events since): a tracker that
+    /// joins a target they share blocked (added, moved in or granted that way) is announced
+    /// with `block`, and one whose status this read changes with its event, which the event
+    /// processor's own, no newer, then leaves out. One that joins unblocked simply appears in
+    /// the next batch. (A group being filled has no members yet.)
+    fn admit(&mut self, group: u64, facts: &[(TrackerId, TrackerFacts)]) -> Vec<TrackerId> {
         if self.retired {
             return facts.iter().map(|(id, _)| *id).collect();
         }
@@ -187,14 +193,38 @@ impl GroupState {
             };
             // Held already with facts at least as new (two subscribes picking up the same
             // tracker, or the processor's lifecycle change after this read): kept as it is.
-            if self.trackers.get(id).is_some_and(|held| *held >= change) {
+            let held = self.trackers.get(id).copied();
+            if held.is_some_and(|held| held >= change) {
                 continue;
             }
             self.trackers.insert(*id, change);
-            if blocked {
-                self.blocked.insert(*id);
+            let was_blocked = if blocked {
+                self.dirty.remove(id);
+                self.readings_dirty.remove(id);
+                !self.blocked.insert(*id)
             } else {
-                self.blocked.remove(id);
+                self.blocked.remove(id)
+            };
+            let news = if held.is_some() {
+                blocked != was_blocked
+            } else {
+                blocked
+            };
+            if news && !self.members.is_empty() {
+                let kind = if blocked {
+                    Lifecycle::Block
+                } else {
+                    Lifecycle::Unblock
+                };
+                let frame = ByteString::from(model::lifecycle_event(*id, f.source_id, kind));
+                for m in &self.members {
+                    m.outbox.push(Outgoing::GroupLifecycle {
+                        group,
+                        tracker: *id,
+                        change,
+                        frame: frame.clone(),
+                    });
+                }
             }
         }
         gone
@@ -233,7 +263,7 @@ impl GroupState {
 
 /// What [`BatchGroup::apply_lifecycle`] did with an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GroupLifecycle {
+pub struct LifecycleApplied {
     /// The group still holds the tracker (or is about to admit it).
     pub keeps: bool,
     /// The event was news to the group and went to its members.
@@ -349,8 +379,8 @@ impl BatchGroup {
         change: i64,
         kind: Lifecycle,
         frame: &ByteString,
-    ) -> GroupLifecycle {
-        let kept = GroupLifecycle {
+    ) -> LifecycleApplied {
+        let kept = LifecycleApplied {
             keeps: true,
             sent: false,
         };
@@ -407,7 +437,7 @@ impl BatchGroup {
                 frame: frame.clone(),
             });
         }
-        GroupLifecycle {
+        LifecycleApplied {
             keeps: kind != Lifecycle::Corrupt,
             sent: true,
         }
@@ -1082,7 +1112,7 @@ async fn fill_chunk(
         let facts = recheck(&pool, group.key.scope, candidates.clone()).await?;
         let mut g = group.lock();
         if g.grants_epoch == epoch {
-            let gone = g.admit(&facts);
+            let gone = g.admit(group.id, &facts);
             break (facts, gone);
         }
     };
@@ -1260,7 +1290,7 @@ mod tests {
         g.lifecycle(6, 21, Lifecycle::Corrupt, &frame);
         g.lifecycle(7, 5, Lifecycle::Block, &frame); // older than the read: the read wins
         let facts = |id| read_facts(id, false, 10);
-        let gone = g.lock().admit(&[facts(5), facts(6), facts(7)]);
+        let gone = g.lock().admit(0, &[facts(5), facts(6), facts(7)]);
         assert_eq!(gone, [6]);
         let st = g.lock();
         let mut trackers: Vec<TrackerId> = st.trackers.keys().copied().collect();
@@ -1291,7 +1321,7 @@ mod tests {
             facts(11, true),
         ];
         let mut st = g.lock();
-        assert!(st.admit(&read).is_empty());
+        assert!(st.admit(0, &read).is_empty());
         let open = st.open_among(&read);
         let mut ids: Vec<TrackerId> = open.keys().copied().collect();
         ids.sort_unstable();
@@ -1311,7 +1341,7 @@ mod tests {
             blocked: false,
             change_no: 10,
         };
-        assert!(g.lock().admit(&[(5, facts)]).is_empty());
+        assert!(g.lock().admit(0, &[(5, facts)]).is_empty());
         let frame = ByteString::from_static("lifecycle");
         assert!(g.lifecycle(5, 10, Lifecycle::Corrupt, &frame), "kept");
         assert!(g.lifecycle(5, 9, Lifecycle::Block, &frame));
@@ -1335,9 +1365,9 @@ mod tests {
             blocked: true,
             change_no: 10,
         };
-        assert!(g.lock().admit(&[(5, facts)]).is_empty());
+        assert!(g.lock().admit(0, &[(5, facts)]).is_empty());
         let frame = ByteString::from_static("lifecycle");
-        let told = |keeps, sent| GroupLifecycle { keeps, sent };
+        let told = |keeps, sent| LifecycleApplied { keeps, sent };
         // Older than the admission, or what the group already holds: nothing is sent.
         assert_eq!(
             g.apply_lifecycle(5, 9, Lifecycle::Corrupt, &frame),
@@ -1379,7 +1409,7 @@ mod tests {
             blocked: false,
             change_no: 1,
         };
-        assert_eq!(g.lock().admit(&[(5, facts)]), [5]);
+        assert_eq!(g.lock().admit(0, &[(5, facts)]), [5]);
         unregister(&hub, &g, &[5]);
         assert!(g.tracker_ids().is_empty());
         assert!(!hub.is_watched(5));
@@ -1440,10 +1470,55 @@ mod tests {
             blocked: false,
             change_no: 10,
         };
-        g.lock().admit(&[(4, facts)]);
+        g.lock().admit(0, &[(4, facts)]);
         assert_eq!(
             g.status_map().as_str(),
             r#"{"1":"normal","2":"blocked","4":"normal"}"#
+        );
+    }
+
+    /// Members are told what an admission changes in the statuses they hold: a tracker that
+    /// joins blocked, or a held one whose status the read changed; not one that joins open.
+    #[tokio::test]
+    async fn an_admission_tells_the_members_what_it_changes() {
+        let g = group(GroupKind::State, []);
+        g.lock().admit(g.id, &[read_facts(1, false, 5)]);
+        let (outbox, _) = join(&g, 1, 16);
+        let first = g.lock().admit(
+            g.id,
+            &[
+                read_facts(2, false, 6), // joins open: appears in the next batch
+                read_facts(3, true, 7),  // joins blocked
+                read_facts(1, true, 4),  // older than what the group holds: nothing
+            ],
+        );
+        assert!(first.is_empty());
+        g.lock()
+            .admit(g.id, &[read_facts(1, true, 8), read_facts(3, true, 9)]);
+        let mut told = Vec::new();
+        while !outbox.is_empty() {
+            let mut items = Vec::new();
+            outbox.pop_batch(64, &mut items).await;
+            for item in items {
+                if let Outgoing::GroupLifecycle {
+                    group,
+                    tracker,
+                    change,
+                    frame,
+                } = item
+                {
+                    assert_eq!(group, g.id);
+                    let v: serde_json::Value = serde_json::from_str(&frame).unwrap_or_default();
+                    assert_eq!(v["data"]["source_id"], 1000 + tracker, "{v}");
+                    let kind = v["data"]["lifecycle_event"].as_str().map(str::to_owned);
+                    told.push((tracker, change, kind.unwrap_or_default()));
+                }
+            }
+        }
+        assert_eq!(told, [(3, 7, "block".into()), (1, 8, "block".into())]);
+        assert_eq!(
+            g.status_map().as_str(),
+            r#"{"1":"blocked","2":"normal","3":"blocked"}"#
         );
     }
 

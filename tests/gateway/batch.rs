@@ -252,6 +252,50 @@ async fn a_tracker_moved_in_joins_all_and_only_its_old_viewers_get_corrupt() {
     assert!(quiet.is_err(), "nothing for the old viewer: {quiet:?}");
 }
 
+/// A tracker that joins an `all` target blocked (here moved in and blocked in one
+/// transaction) is announced to the dashboards with `block`: a fresh subscribe would answer it
+/// `blocked`, and its later `unblock` must not name a tracker the dashboard never heard of.
+#[tokio::test]
+async fn a_tracker_that_joins_all_blocked_is_announced_with_block() {
+    let app = spawn_app().await;
+    let mut new = app.connect().await;
+    subscribe_batch(
+        &mut new,
+        RIVAL,
+        batch_request(json!({"type": "all"}), "200ms", "compact"),
+    )
+    .await;
+    assert_eq!(
+        items(&new.recv().await).into_keys().collect::<Vec<_>>(),
+        [201]
+    );
+
+    app.exec("UPDATE trackers SET account_id = 3, blocked = true WHERE id = 101")
+        .await;
+    let (block, _) = new.recv_until(|v| v["event"] == "lifecycle").await;
+    assert_eq!(block["tracker_id"], 101, "{block}");
+    assert_eq!(block["data"]["lifecycle_event"], "block", "{block}");
+    let mut fresh = app.connect().await;
+    let resp = subscribe_batch(
+        &mut fresh,
+        RIVAL,
+        batch_request(json!({"type": "all"}), "200ms", "compact"),
+    )
+    .await;
+    assert_eq!(
+        resp["data"]["state_batch"]["value"]["101"], "blocked",
+        "{resp}"
+    );
+
+    // Its unblock follows, and then its state in a batch.
+    app.exec("UPDATE trackers SET blocked = false WHERE id = 101")
+        .await;
+    let (unblock, _) = new.recv_until(|v| v["event"] == "lifecycle").await;
+    assert_eq!(unblock["data"]["lifecycle_event"], "unblock", "{unblock}");
+    new.recv_until(|v| v["event"] == "state_batch" && items(v).contains_key(&101))
+        .await;
+}
+
 #[tokio::test]
 async fn a_sub_user_batch_covers_its_grants_and_new_grants() {
     let app = spawn_app().await;

@@ -85,6 +85,34 @@ async fn blocks_and_ended_sessions_during_the_gap_take_effect() {
     );
 }
 
+/// A tracker moved into an account and blocked there during the gap joins that account's `all`
+/// batch as `block` (PROTOCOL.md §5), and its old account's viewer gets `corrupt`.
+#[tokio::test]
+async fn a_tracker_moved_in_and_blocked_during_the_gap_is_block_for_its_new_batches() {
+    let app = spawn_app().await;
+    let mut old = app.connect().await;
+    old.subscribe_and_states(ACME, &[101], 1).await;
+    let mut dashboard = app.connect().await;
+    dashboard
+        .send(
+            serde_json::json!({"action": "subscribe", "hash": RIVAL, "requests": [
+            {"type": "state_batch", "target": {"type": "all"}, "rate_limit": "200ms"}]}),
+        )
+        .await;
+    dashboard.recv_until(|v| v["event"] == "state_batch").await;
+    terminate_listener_then(
+        &app,
+        "UPDATE trackers SET account_id = 3 WHERE id = 101;          UPDATE trackers SET blocked = true WHERE id = 101",
+    )
+    .await;
+    let (block, _) = dashboard
+        .recv_until(|v| v["event"] == "lifecycle" && v["tracker_id"] == 101)
+        .await;
+    assert_eq!(block["data"]["lifecycle_event"], "block", "{block}");
+    let (corrupt, _) = old.recv_until(|v| v["event"] == "lifecycle").await;
+    assert_eq!(corrupt["data"]["lifecycle_event"], "corrupt", "{corrupt}");
+}
+
 #[tokio::test]
 async fn ready_reports_the_stream_down_during_the_gap() {
     let app = spawn_app_with(|s| s.listen.reconnect_min_ms = 1500).await;
