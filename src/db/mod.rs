@@ -184,17 +184,24 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
 
 /// SQLSTATEs of a server that cannot serve now: connection exceptions (08), operator
 /// intervention such as a shutdown or a cancelled statement (57), insufficient resources such as
-/// too many connections (53); and (in `is_unavailable`) a database that does not accept
-/// connections (`ALLOW_CONNECTIONS false`, 55000).
+/// too many connections (53), a login refused (28: a `pg_hba.conf` rule, a password rotated,
+/// a role without LOGIN, a pooler refusing during a failover); and (in `is_unavailable`) a
+/// database that does not accept connections (`ALLOW_CONNECTIONS false`, 55000). A refused
+/// login is the operator's to mend, and the logs say why; to a client it is a database it
+/// cannot reach now (code 14, retry), not a server error, and sessions are not ended on a
+/// guess meanwhile.
 fn unavailable_code(code: &str) -> bool {
-    code.starts_with("08") || code.starts_with("57") || code.starts_with("53")
+    code.starts_with("08")
+        || code.starts_with("57")
+        || code.starts_with("53")
+        || code.starts_with("28")
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn a_server_that_cannot_serve_now_is_unavailable_not_an_error() {
-        for code in ["08006", "57P01", "57P03", "53300"] {
+        for code in ["08006", "57P01", "57P03", "53300", "28000", "28P01"] {
             assert!(super::unavailable_code(code), "{code}");
         }
         for code in ["23505", "42P01", "22007", "40001", "55000"] {

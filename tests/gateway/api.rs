@@ -335,6 +335,104 @@ async fn auth_accepts_json_form_and_query_and_refuses_wrong_credentials() {
         .assert_error(4, 400);
 }
 
+/// A role of the test cluster, dropped when this goes (after the app declared after it, whose
+/// database it owns).
+struct TestRole {
+    name: String,
+}
+
+impl TestRole {
+    async fn create() -> TestRole {
+        let name = format!("fg_role_{}", uuid::Uuid::new_v4().simple());
+        let pool = sqlx::PgPool::connect(&server_url()).await.expect("connect");
+        sqlx::query(&format!("CREATE ROLE {name} LOGIN SUPERUSER"))
+            .execute(&pool)
+            .await
+            .expect("create a role");
+        TestRole { name }
+    }
+
+    /// The server's URL with this role as the user.
+    fn url(&self) -> String {
+        let url = server_url();
+        let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", &url));
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://{}@{host}", self.name)
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        let (admin, name) = (server_url(), self.name.clone());
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                    let _ = sqlx::query(&format!("DROP ROLE IF EXISTS {name}"))
+                        .execute(&pool)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A database that refuses the gateway's login (a `pg_hba.conf` rule, a rotated password, a
+/// role without LOGIN: SQLSTATE class 28) is one the gateway cannot reach now: code 14 (retry)
+/// on the socket and over HTTP (503), not an unexpected error.
+#[tokio::test]
+async fn a_database_that_refuses_the_login_is_unavailable_not_an_error() {
+    let role = TestRole::create().await;
+    let url = role.url();
+    let app = spawn_app_with(|s| {
+        let base = s.database.url.split('?').next().unwrap_or_default();
+        let db = base.rsplit('/').next().unwrap_or_default().to_owned();
+        s.database.url = with_database(&url, &db);
+        s.database.acquire_timeout_secs = 2;
+    })
+    .await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101], 1).await;
+    let admin = sqlx::PgPool::connect(&server_url()).await.expect("connect");
+    let exec = |sql: String| {
+        let admin = admin.clone();
+        async move {
+            sqlx::raw_sql(&sql)
+                .execute(&admin)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        }
+    };
+    exec(format!(
+        "ALTER ROLE {0} NOLOGIN; \
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{0}'",
+        role.name
+    ))
+    .await;
+    let mut fresh = app.connect().await;
+    let resp = fresh.subscribe(ACME, &[102]).await;
+    assert_eq!(resp["type"], "error", "{resp}");
+    assert_eq!(resp["status"]["code"], 14, "{resp}");
+    let r = post(
+        &app,
+        "/v2/tracker/get_state",
+        json!({"hash": ACME, "tracker_id": 101}),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains(r#""code":14"#), "{}", r.body);
+    // Once the login is allowed again, the socket serves.
+    exec(format!("ALTER ROLE {} LOGIN", role.name)).await;
+    let resp = fresh.subscribe(ACME, &[102]).await;
+    assert_eq!(resp["data"]["state"]["102"], "normal", "{resp}");
+}
+
 #[tokio::test]
 async fn an_unknown_login_costs_as_much_as_a_wrong_password() {
     let app = spawn_app_with(|s| {
