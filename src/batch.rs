@@ -131,6 +131,12 @@ struct GroupState {
     /// The full batch rendered in the current period, shared by every member that joins or
     /// catches up before the next tick (see [`BatchGroup::shared_full`]).
     full: Option<Option<SharedFrame>>,
+    /// What changed since `full` was rendered (trackers; reading keys, for readings groups),
+    /// and the batch of it a member joining now gets after `full`, rendered once until the
+    /// next change (see [`BatchGroup::first_batch`]). Kept only while `full` is.
+    since_full: HashSet<TrackerId>,
+    readings_since_full: HashMap<TrackerId, HashSet<ReadingKey>>,
+    since_full_batch: Option<Option<SharedFrame>>,
     /// Lifecycle changes of trackers the group is registered for in the hub but has not yet
     /// admitted (between [`add_trackers`]'s registration and the end of its read): applied,
     /// if newer than what the read said, when they are admitted.
@@ -177,7 +183,7 @@ impl GroupState {
         if self.retired {
             return facts.iter().map(|(id, _)| *id).collect();
         }
-        self.full = None;
+        self.drop_full();
         self.statuses_changed();
         let mut gone = Vec::new();
         for (id, f) in facts {
@@ -240,6 +246,14 @@ impl GroupState {
             .collect()
     }
 
+    /// Drops the shared full batch and what changed since it was rendered.
+    fn drop_full(&mut self) {
+        self.full = None;
+        self.since_full.clear();
+        self.readings_since_full.clear();
+        self.since_full_batch = None;
+    }
+
     fn statuses_changed(&mut self) {
         self.status_epoch += 1;
         self.status_map = None;
@@ -247,7 +261,7 @@ impl GroupState {
     }
 
     fn forget(&mut self, id: &TrackerId) {
-        self.full = None;
+        self.drop_full();
         self.statuses_changed();
         self.early.remove(id);
         self.trackers.remove(id);
@@ -324,6 +338,10 @@ impl BatchGroup {
             }
         }
         g.dirty.insert(id);
+        if g.full.is_some() {
+            g.since_full.insert(id);
+            g.since_full_batch = None;
+        }
     }
 
     /// A reading from the hub (readings groups): kept if it passes the filter and is newer than
@@ -349,6 +367,13 @@ impl BatchGroup {
         }
         held.insert(key.clone(), r.clone());
         if !g.blocked.contains(&r.tracker_id) {
+            if g.full.is_some() {
+                g.readings_since_full
+                    .entry(r.tracker_id)
+                    .or_default()
+                    .insert(key.clone());
+                g.since_full_batch = None;
+            }
             g.readings_dirty
                 .entry(r.tracker_id)
                 .or_default()
@@ -407,7 +432,7 @@ impl BatchGroup {
         }
         // A member joining later must not get a full batch, or statuses, that predate this
         // event.
-        g.full = None;
+        g.drop_full();
         g.statuses_changed();
         match kind {
             Lifecycle::Block => {
@@ -547,7 +572,8 @@ impl BatchGroup {
 
     /// The full batch, rendered at most once per period: every member joining (or catching up)
     /// until the next tick gets the same bytes. It stays valid until then because whatever
-    /// changes after it was rendered is marked dirty and so goes out in the next delta; a
+    /// changes after it was rendered is marked dirty and so goes out in the next delta, and a
+    /// member joining meanwhile gets that too, at once ([`BatchGroup::first_batch`]); a
     /// lifecycle change or a change of target drops it. Rendering it once per join cost a
     /// hundred renders of 100,000 trackers (and gigabytes of frames) when a hundred dashboards
     /// joined at once in the benchmark.
@@ -558,6 +584,42 @@ impl BatchGroup {
         let f = self.full_frame(g).map(SharedFrame::new);
         g.full = Some(f.clone());
         f
+    }
+
+    /// What a member joining now gets: the period's shared full batch, then a batch of what
+    /// changed since it was rendered, so that the member starts at the latest states (not at
+    /// those of the period's first join, up to a period old, and older than states its socket
+    /// may already have had as `state` events). When that is a quarter of the target or more,
+    /// a new full batch instead, shared from then on.
+    fn first_batch(&self, g: &mut GroupState) -> Vec<SharedFrame> {
+        let full = self.shared_full(g);
+        let (changed, held) = if self.key.is_readings() {
+            (g.readings_since_full.len(), g.readings.len())
+        } else {
+            (g.since_full.len(), g.latest.len())
+        };
+        if changed == 0 {
+            return full.into_iter().collect();
+        }
+        if changed * 4 >= held {
+            g.drop_full();
+            return self.shared_full(g).into_iter().collect();
+        }
+        if g.since_full_batch.is_none() {
+            let batch = if self.key.is_readings() {
+                let keys = std::mem::take(&mut g.readings_since_full);
+                let batch = self.render_readings(g, keys.keys().copied().collect(), Some(&keys));
+                g.readings_since_full = keys;
+                batch
+            } else {
+                let mut ids: Vec<TrackerId> = g.since_full.iter().copied().collect();
+                ids.sort_unstable();
+                self.render(g, &mut ids.into_iter())
+            };
+            g.since_full_batch = Some(batch.map(SharedFrame::new));
+        }
+        let since = g.since_full_batch.clone().flatten();
+        full.into_iter().chain(since).collect()
     }
 
     /// A catch-up batch for a member that holds every change up to tick `since`: every tracker
@@ -628,7 +690,7 @@ impl BatchGroup {
                     at.insert(key.clone(), now);
                 }
             }
-            g.full = None;
+            g.drop_full();
             self.render_readings(&g, dirty.keys().copied().collect(), Some(&dirty))
         } else {
             let mut changed: Vec<TrackerId> = g.dirty.drain().collect();
@@ -637,7 +699,7 @@ impl BatchGroup {
             }
             changed.sort_unstable();
             // A new period starts: the dirty set was just drained into the delta.
-            g.full = None;
+            g.drop_full();
             // The delta is rendered from a snapshot with the lock released: rendering 50,000
             // entries took 50-380 ms, and the event processor's offers (every state event of
             // the process) waited for it. Whatever comes meanwhile is dirty for the next
@@ -776,7 +838,9 @@ pub struct Joined {
     /// of the first batch: the answer for those follows the group's view (a status read after
     /// it may already say `blocked` of a tracker whose state is in the first batch).
     pub held: HashMap<TrackerId, bool>,
-    pub first_batch: Option<SharedFrame>,
+    /// The period's shared full batch and, if anything changed since it was rendered, a batch
+    /// of that (see [`BatchGroup::first_batch`]).
+    pub first_batch: Vec<SharedFrame>,
 }
 
 impl Batches {
@@ -822,7 +886,7 @@ impl Batches {
             g.add_member(conn, outbox, capacity);
             // The statuses of the same view as the first batch, under the same lock: a block
             // the group takes after it comes to the member as its event, after both.
-            let first_batch = group.shared_full(&mut g);
+            let first_batch = group.first_batch(&mut g);
             let statuses = BatchGroup::status_map_of(&mut g);
             let held = match &group.key.target {
                 Target::Selected(_) => g
@@ -1520,6 +1584,52 @@ mod tests {
             g.status_map().as_str(),
             r#"{"1":"blocked","2":"normal","3":"blocked"}"#
         );
+    }
+
+    /// A member joining after the period's full batch was rendered starts at the latest states:
+    /// the shared full batch, then one of what changed since (shared until the next change);
+    /// once that is a quarter of the target, a new full batch.
+    #[test]
+    fn a_member_joining_later_in_the_period_gets_what_changed_since_the_full_batch() {
+        let g = state_group(16);
+        let first = |g: &BatchGroup| -> Vec<Vec<(i64, String)>> {
+            let frames = g.first_batch(&mut g.lock());
+            frames.iter().map(|f| items_of(f.text())).collect()
+        };
+        let ids = |batch: &Vec<(i64, String)>| -> Vec<i64> { batch.iter().map(|i| i.0).collect() };
+        let a_frame = g.first_batch(&mut g.lock())[0].text().as_ptr();
+        let a = first(&g);
+        assert_eq!(a.len(), 1);
+        assert_eq!(ids(&a[0]), (1..=16).collect::<Vec<_>>());
+        offer(&g, 2, 5);
+        let b = first(&g);
+        assert_eq!(b.len(), 2, "{b:?}");
+        assert_eq!(b[0], a[0], "the shared full batch");
+        assert_eq!(ids(&b[1]), [2]);
+        let shared = g.first_batch(&mut g.lock());
+        let again = g.first_batch(&mut g.lock());
+        assert!(
+            shared[1].text().as_ptr() == again[1].text().as_ptr(),
+            "rendered once"
+        );
+        offer(&g, 3, 5);
+        assert_eq!(ids(&first(&g)[1]), [2, 3]);
+        // A quarter of the target: a new full batch, alone.
+        offer(&g, 4, 5);
+        offer(&g, 5, 5);
+        let c = g.first_batch(&mut g.lock());
+        assert_eq!(c.len(), 1);
+        assert!(c[0].text().as_ptr() != a_frame, "rendered again");
+        let d = g.first_batch(&mut g.lock());
+        assert!(
+            d.len() == 1 && d[0].text().as_ptr() == c[0].text().as_ptr(),
+            "shared"
+        );
+        // A tick starts the period afresh.
+        let _member = join(&g, 1, 16);
+        offer(&g, 6, 5);
+        g.tick();
+        assert_eq!(first(&g).len(), 1);
     }
 
     /// A state group of trackers 1..=n, each at change 1, filled.

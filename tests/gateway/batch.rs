@@ -296,6 +296,34 @@ async fn a_tracker_that_joins_all_blocked_is_announced_with_block() {
         .await;
 }
 
+/// A dashboard joining a batch another already shares, later in the period, gets the latest
+/// states right away: not only those of the period's first join (an hour old here, at worst,
+/// and older than a state its socket already had as a `state` event).
+#[tokio::test]
+async fn joining_a_shared_batch_later_in_its_period_starts_at_the_latest_states() {
+    let app = spawn_app().await;
+    let req = batch_request(
+        json!({"type": "selected", "tracker_ids": [101, 102]}),
+        "1h",
+        "full",
+    );
+    let mut first = app.connect().await;
+    subscribe_batch(&mut first, ACME, req.clone()).await;
+    first.recv_until(|v| v["event"] == "state_batch").await;
+
+    let mut late = app.connect().await;
+    late.subscribe_and_states(ACME, &[101], 1).await;
+    app.set_speed(&[101], 77).await;
+    late.recv_until(|v| is_state_with_speed(v, 101, 77)).await;
+    late.send(json!({"action": "subscribe", "hash": ACME, "requests": [req]}))
+        .await;
+    late.recv_until(|v| v["event"] == "state_batch" && items(v).get(&101) == Some(&77))
+        .await;
+    // And the dashboard that was there first gets it at its next period, not before.
+    let quiet = tokio::time::timeout(Duration::from_millis(300), first.next()).await;
+    assert!(quiet.is_err(), "{quiet:?}");
+}
+
 #[tokio::test]
 async fn a_sub_user_batch_covers_its_grants_and_new_grants() {
     let app = spawn_app().await;

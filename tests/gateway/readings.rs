@@ -379,3 +379,33 @@ async fn a_reading_dated_infinity_stops_neither_events_nor_batches() {
     app.set_speed(&[102], 45).await;
     states.recv_until(|v| is_state_with_speed(v, 102, 45)).await;
 }
+
+/// A dashboard joining a readings batch another already shares, later in the period, gets the
+/// readings changed since the period's first join at once, not at the next period (an hour
+/// away here).
+#[tokio::test]
+async fn joining_a_shared_readings_batch_later_in_its_period_gets_what_changed() {
+    let app = seeded_app().await;
+    let mut first = app.connect().await;
+    subscribe(&mut first, request(json!({"type": "all"}), "1h")).await;
+    next_readings(&mut first).await;
+    // A faster batch of the same readings tells when the change has reached the groups.
+    let mut probe = app.connect().await;
+    subscribe(&mut probe, request(json!({"type": "all"}), "200ms")).await;
+    next_readings(&mut probe).await;
+    set_value(&app, 2, 22.5).await;
+    let changed = |v: &Value| {
+        v["event"] == "readings_batch"
+            && items(v).get(&101).is_some_and(|item| {
+                item["inputs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|s| s["sensor_id"] == 2 && s["value"] == 22.5)
+            })
+    };
+    probe.recv_until(changed).await;
+    let mut late = app.connect().await;
+    subscribe(&mut late, request(json!({"type": "all"}), "1h")).await;
+    late.recv_until(changed).await;
+}
