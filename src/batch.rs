@@ -209,7 +209,19 @@ impl GroupState {
                 self.readings_dirty.remove(id);
                 !self.blocked.insert(*id)
             } else {
-                self.blocked.remove(id)
+                let was_blocked = self.blocked.remove(id);
+                if was_blocked {
+                    // Reopened by this read: what the group holds goes out in the next batch
+                    // (a newer state this admission reads replaces it).
+                    if self.latest.contains_key(id) {
+                        self.dirty.insert(*id);
+                    }
+                    if let Some(held) = self.readings.get(id) {
+                        let keys: HashSet<ReadingKey> = held.keys().cloned().collect();
+                        self.readings_dirty.entry(*id).or_default().extend(keys);
+                    }
+                }
+                was_blocked
             };
             let news = if held.is_some() {
                 blocked != was_blocked
@@ -1547,6 +1559,8 @@ mod tests {
     async fn an_admission_tells_the_members_what_it_changes() {
         let g = group(GroupKind::State, []);
         g.lock().admit(g.id, &[read_facts(1, false, 5)]);
+        offer(&g, 1, 5);
+        filled(&g);
         let (outbox, _) = join(&g, 1, 16);
         let first = g.lock().admit(
             g.id,
@@ -1559,6 +1573,11 @@ mod tests {
         assert!(first.is_empty());
         g.lock()
             .admit(g.id, &[read_facts(1, true, 8), read_facts(3, true, 9)]);
+        assert!(!g.lock().dirty.contains(&1));
+        // Reopened by a read: its state goes out in the next batch.
+        g.lock().admit(g.id, &[read_facts(1, false, 10)]);
+        assert!(g.lock().dirty.contains(&1));
+        g.lock().admit(g.id, &[read_facts(1, true, 11)]);
         let mut told = Vec::new();
         while !outbox.is_empty() {
             let mut items = Vec::new();
@@ -1579,7 +1598,15 @@ mod tests {
                 }
             }
         }
-        assert_eq!(told, [(3, 7, "block".into()), (1, 8, "block".into())]);
+        assert_eq!(
+            told,
+            [
+                (3, 7, "block".into()),
+                (1, 8, "block".into()),
+                (1, 10, "unblock".into()),
+                (1, 11, "block".into())
+            ]
+        );
         assert_eq!(
             g.status_map().as_str(),
             r#"{"1":"blocked","2":"normal","3":"blocked"}"#
