@@ -241,6 +241,7 @@ impl GroupState {
                         tracker: *id,
                         change,
                         frame: frame.clone(),
+                        announced: true,
                     });
                 }
             }
@@ -294,6 +295,27 @@ pub struct LifecycleApplied {
     pub keeps: bool,
     /// The event was news to the group and went to its members.
     pub sent: bool,
+}
+
+/// A joining member's first batch: frames ready to send, and the states changed since the
+/// shared one was rendered, to render without the group's lock.
+pub struct FirstBatch {
+    frames: Vec<SharedFrame>,
+    since: Vec<Arc<TrackerState>>,
+}
+
+impl FirstBatch {
+    /// The frames, in order (the changes last).
+    fn frames(self, group: &BatchGroup) -> Vec<SharedFrame> {
+        let mut frames = self.frames;
+        let n = self.since.len();
+        frames.extend(
+            group
+                .render_states(self.since.iter().map(|s| &**s), n)
+                .map(SharedFrame::new),
+        );
+        frames
+    }
 }
 
 pub struct BatchGroup {
@@ -352,7 +374,11 @@ impl BatchGroup {
         g.dirty.insert(id);
         if g.full.is_some() {
             g.since_full.insert(id);
-            g.since_full_batch = None;
+            // A quarter of the target changed: the next join renders a new full batch anyway
+            // (see `first_batch`), so stop keeping track.
+            if g.since_full.len() * 4 >= g.latest.len() {
+                g.drop_full();
+            }
         }
     }
 
@@ -385,6 +411,9 @@ impl BatchGroup {
                     .or_default()
                     .insert(key.clone());
                 g.since_full_batch = None;
+                if g.readings_since_full.len() * 4 >= g.readings.len() {
+                    g.drop_full();
+                }
             }
             g.readings_dirty
                 .entry(r.tracker_id)
@@ -472,6 +501,7 @@ impl BatchGroup {
                 tracker: id,
                 change,
                 frame: frame.clone(),
+                announced: false,
             });
         }
         LifecycleApplied {
@@ -598,40 +628,42 @@ impl BatchGroup {
         f
     }
 
-    /// What a member joining now gets: the period's shared full batch, then a batch of what
-    /// changed since it was rendered, so that the member starts at the latest states (not at
-    /// those of the period's first join, up to a period old, and older than states its socket
-    /// may already have had as `state` events). When that is a quarter of the target or more,
-    /// a new full batch instead, shared from then on.
-    fn first_batch(&self, g: &mut GroupState) -> Vec<SharedFrame> {
+    /// What a member joining now gets: the period's shared full batch, then what changed since
+    /// it was rendered, so that the member starts at the latest states (not at those of the
+    /// period's first join, up to a period old, and older than states its socket may already
+    /// have had as `state` events). Once a quarter of the target changed, a new full batch
+    /// instead, shared from then on (`offer` drops the old one then). A state group's changes
+    /// come as a snapshot, rendered by [`FirstBatch::frames`] once the lock is released: with
+    /// live traffic nearly every join has its own, and rendering it under the lock held up the
+    /// event processor's offers. A readings group's are rendered here, once until the next
+    /// change.
+    fn first_batch(&self, g: &mut GroupState) -> FirstBatch {
         let full = self.shared_full(g);
-        let (changed, held) = if self.key.is_readings() {
-            (g.readings_since_full.len(), g.readings.len())
-        } else {
-            (g.since_full.len(), g.latest.len())
+        let mut first = FirstBatch {
+            frames: full.into_iter().collect(),
+            since: Vec::new(),
         };
-        if changed == 0 {
-            return full.into_iter().collect();
-        }
-        if changed * 4 >= held {
-            g.drop_full();
-            return self.shared_full(g).into_iter().collect();
-        }
-        if g.since_full_batch.is_none() {
-            let batch = if self.key.is_readings() {
+        if self.key.is_readings() {
+            if g.readings_since_full.is_empty() {
+                return first;
+            }
+            if g.since_full_batch.is_none() {
                 let keys = std::mem::take(&mut g.readings_since_full);
                 let batch = self.render_readings(g, keys.keys().copied().collect(), Some(&keys));
                 g.readings_since_full = keys;
-                batch
-            } else {
-                let mut ids: Vec<TrackerId> = g.since_full.iter().copied().collect();
-                ids.sort_unstable();
-                self.render(g, &mut ids.into_iter())
-            };
-            g.since_full_batch = Some(batch.map(SharedFrame::new));
+                g.since_full_batch = Some(batch.map(SharedFrame::new));
+            }
+            first.frames.extend(g.since_full_batch.clone().flatten());
+            return first;
         }
-        let since = g.since_full_batch.clone().flatten();
-        full.into_iter().chain(since).collect()
+        let mut ids: Vec<TrackerId> = g.since_full.iter().copied().collect();
+        ids.sort_unstable();
+        first.since = ids
+            .iter()
+            .filter(|id| !g.blocked.contains(id))
+            .filter_map(|id| g.latest.get(id).cloned())
+            .collect();
+        first
     }
 
     /// A catch-up batch for a member that holds every change up to tick `since`: every tracker
@@ -898,7 +930,7 @@ impl Batches {
             g.add_member(conn, outbox, capacity);
             // The statuses of the same view as the first batch, under the same lock: a block
             // the group takes after it comes to the member as its event, after both.
-            let first_batch = group.first_batch(&mut g);
+            let first = group.first_batch(&mut g);
             let statuses = BatchGroup::status_map_of(&mut g);
             let held = match &group.key.target {
                 Target::Selected(_) => g
@@ -909,6 +941,7 @@ impl Batches {
                 Target::All => HashMap::new(),
             };
             drop(g);
+            let first_batch = first.frames(&group);
             return Ok(Joined {
                 group,
                 statuses,
@@ -1588,9 +1621,11 @@ mod tests {
                     tracker,
                     change,
                     frame,
+                    announced,
                 } = item
                 {
                     assert_eq!(group, g.id);
+                    assert!(announced, "an admission's own");
                     let v: serde_json::Value = serde_json::from_str(&frame).unwrap_or_default();
                     assert_eq!(v["data"]["source_id"], 1000 + tracker, "{v}");
                     let kind = v["data"]["lifecycle_event"].as_str().map(str::to_owned);
@@ -1614,49 +1649,100 @@ mod tests {
     }
 
     /// A member joining after the period's full batch was rendered starts at the latest states:
-    /// the shared full batch, then one of what changed since (shared until the next change);
-    /// once that is a quarter of the target, a new full batch.
+    /// the shared full batch, then one of what changed since; once that is a quarter of the
+    /// target, a new full batch (and the group stops keeping track until then).
     #[test]
     fn a_member_joining_later_in_the_period_gets_what_changed_since_the_full_batch() {
         let g = state_group(16);
-        let first = |g: &BatchGroup| -> Vec<Vec<(i64, String)>> {
-            let frames = g.first_batch(&mut g.lock());
-            frames.iter().map(|f| items_of(f.text())).collect()
+        let frames = |g: &BatchGroup| -> Vec<SharedFrame> {
+            let first = g.first_batch(&mut g.lock());
+            first.frames(g)
         };
-        let ids = |batch: &Vec<(i64, String)>| -> Vec<i64> { batch.iter().map(|i| i.0).collect() };
-        let a_frame = g.first_batch(&mut g.lock())[0].text().as_ptr();
-        let a = first(&g);
+        let ids =
+            |f: &SharedFrame| -> Vec<i64> { items_of(f.text()).iter().map(|i| i.0).collect() };
+        let a = frames(&g);
         assert_eq!(a.len(), 1);
         assert_eq!(ids(&a[0]), (1..=16).collect::<Vec<_>>());
         offer(&g, 2, 5);
-        let b = first(&g);
-        assert_eq!(b.len(), 2, "{b:?}");
-        assert_eq!(b[0], a[0], "the shared full batch");
-        assert_eq!(ids(&b[1]), [2]);
-        let shared = g.first_batch(&mut g.lock());
-        let again = g.first_batch(&mut g.lock());
+        let b = frames(&g);
+        assert_eq!(b.len(), 2);
         assert!(
-            shared[1].text().as_ptr() == again[1].text().as_ptr(),
-            "rendered once"
+            b[0].text().as_ptr() == a[0].text().as_ptr(),
+            "the shared full batch"
         );
+        assert_eq!(ids(&b[1]), [2]);
         offer(&g, 3, 5);
-        assert_eq!(ids(&first(&g)[1]), [2, 3]);
-        // A quarter of the target: a new full batch, alone.
+        assert_eq!(ids(&frames(&g)[1]), [2, 3]);
+        // A quarter of the target: the shared batch goes, and so does the record of changes.
         offer(&g, 4, 5);
         offer(&g, 5, 5);
-        let c = g.first_batch(&mut g.lock());
+        assert!(g.lock().full.is_none() && g.lock().since_full.is_empty());
+        let c = frames(&g);
         assert_eq!(c.len(), 1);
-        assert!(c[0].text().as_ptr() != a_frame, "rendered again");
-        let d = g.first_batch(&mut g.lock());
+        assert!(
+            c[0].text().as_ptr() != a[0].text().as_ptr(),
+            "rendered again"
+        );
+        let d = frames(&g);
         assert!(
             d.len() == 1 && d[0].text().as_ptr() == c[0].text().as_ptr(),
             "shared"
         );
+        // A blocked tracker's change is not in a joiner's batch.
+        offer(&g, 6, 5);
+        let frame = ByteString::from_static("lifecycle");
+        g.lifecycle(6, 9, Lifecycle::Block, &frame);
+        assert_eq!(frames(&g).len(), 1, "a block drops the shared batch");
+        offer(&g, 7, 5);
+        g.lock().since_full.insert(6);
+        assert_eq!(ids(&frames(&g)[1]), [7]);
         // A tick starts the period afresh.
         let _member = join(&g, 1, 16);
-        offer(&g, 6, 5);
+        offer(&g, 8, 5);
         g.tick();
-        assert_eq!(first(&g).len(), 1);
+        assert_eq!(frames(&g).len(), 1);
+    }
+
+    /// Two groups of one socket, admitted from reads on either side of a block: the one that
+    /// read it announces `block`, the other still batches the state before it, and then takes
+    /// the processor's `block`. The announcement is marked as such, so the socket (which sends a
+    /// processor's event of a change once) still sends that last `block`.
+    #[tokio::test]
+    async fn an_announced_block_does_not_hide_the_processors_from_another_group() {
+        let (g1, g2) = (group(GroupKind::State, []), group(GroupKind::State, []));
+        let outbox = Outbox::new(64);
+        for g in [&g1, &g2] {
+            g.lock().add_member(1, &outbox, 64);
+        }
+        g1.lock().admit(g1.id, &[read_facts(9, false, 5)]);
+        offer(&g1, 9, 4);
+        g2.lock().admit(g2.id, &[read_facts(9, true, 6)]);
+        g1.tick();
+        let frame = ByteString::from(model::lifecycle_event(9, 0, Lifecycle::Block));
+        g1.lifecycle(9, 6, Lifecycle::Block, &frame);
+        g2.lifecycle(9, 6, Lifecycle::Block, &frame);
+        let mut seen = Vec::new();
+        while !outbox.is_empty() {
+            let mut items = Vec::new();
+            outbox.pop_batch(64, &mut items).await;
+            for item in items {
+                seen.push(match item {
+                    Outgoing::GroupLifecycle {
+                        group, announced, ..
+                    } => format!("block from {} announced {announced}", group == g1.id),
+                    Outgoing::Frame { group, .. } => format!("batch from {}", group == g1.id),
+                    _ => "other".into(),
+                });
+            }
+        }
+        assert_eq!(
+            seen,
+            [
+                "block from false announced true",
+                "batch from true",
+                "block from true announced false"
+            ]
+        );
     }
 
     /// A state group of trackers 1..=n, each at change 1, filled.

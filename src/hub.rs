@@ -58,6 +58,12 @@ pub enum Outgoing {
         tracker: TrackerId,
         change: i64,
         frame: ByteString,
+        /// Sent by the group's admission of the tracker (see `GroupState::admit`), not by the
+        /// event processor: written as is and not recorded, so that the processor's event of
+        /// the same change through another watch or group of the socket still goes out (a
+        /// `corrupt` for the old account's watch and the new account's `block` share the move's
+        /// change number; another group may still batch the tracker's state before its block).
+        announced: bool,
     },
     /// A ready frame (a batch); never coalesced (a group skips members whose queue is full).
     Frame { group: u64, frame: SharedFrame },

@@ -1313,9 +1313,13 @@ impl Connection {
                 tracker,
                 change,
                 frame,
+                announced,
             } => {
                 if !self.member_of(group) {
                     return Ok(());
+                }
+                if announced {
+                    return self.send(frame).await;
                 }
                 self.send_lifecycle(tracker, change, frame).await
             }

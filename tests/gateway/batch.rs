@@ -324,6 +324,39 @@ async fn joining_a_shared_batch_later_in_its_period_starts_at_the_latest_states(
     assert!(quiet.is_err(), "{quiet:?}");
 }
 
+/// One socket watching a tracker with its old account's session and in its new account's `all`
+/// batch: the move (and block, in one transaction) is `corrupt` for the watch and `block` for
+/// the batch, both at the move's change number, and the socket sends both.
+#[tokio::test]
+async fn a_socket_of_both_accounts_gets_the_moves_corrupt_and_the_batchs_block() {
+    let app = spawn_app().await;
+    let mut c = app.connect().await;
+    c.subscribe_and_states(ACME, &[101], 1).await;
+    subscribe_batch(
+        &mut c,
+        RIVAL,
+        batch_request(json!({"type": "all"}), "200ms", "compact"),
+    )
+    .await;
+    c.recv_until(|v| v["event"] == "state_batch").await;
+    app.exec("UPDATE trackers SET account_id = 3, blocked = true WHERE id = 101")
+        .await;
+    let mut kinds = Vec::new();
+    while kinds.len() < 2 {
+        let (v, _) = c
+            .recv_until(|v| v["event"] == "lifecycle" && v["tracker_id"] == 101)
+            .await;
+        kinds.push(
+            v["data"]["lifecycle_event"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned(),
+        );
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["block", "corrupt"]);
+}
+
 #[tokio::test]
 async fn a_sub_user_batch_covers_its_grants_and_new_grants() {
     let app = spawn_app().await;
