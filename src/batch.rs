@@ -1745,6 +1745,363 @@ mod tests {
         );
     }
 
+    // A randomized model of a state group and its members' views (from a review): offers,
+    // blocks and unblocks, admissions that read a change before the processor publishes it,
+    // joins, ticks with all of these inside the unlocked render, members that fall behind.
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    #[derive(Default, Clone)]
+    struct View {
+        blocked: HashSet<TrackerId>,
+        state: HashMap<TrackerId, i64>,
+        lifecycle_sent: HashMap<TrackerId, i64>,
+    }
+
+    struct Db {
+        c: i64,
+        state: HashMap<TrackerId, i64>,
+        blocked: HashMap<TrackerId, bool>,
+        lc: HashMap<TrackerId, i64>,
+    }
+
+    fn st(id: TrackerId, change: i64) -> Arc<TrackerState> {
+        let mut s = model::test_state(id, change);
+        s.speed = change as i32;
+        Arc::new(s)
+    }
+
+    fn batch_items(frame: &str) -> Vec<(i64, i64)> {
+        let v: serde_json::Value = serde_json::from_str(frame).unwrap();
+        v["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|i| {
+                (
+                    i["tracker_id"].as_i64().unwrap(),
+                    i["state"]["gps"]["speed"].as_i64().unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn apply_frame(view: &mut View, frame: &str, what: &str, errs: &mut Vec<String>) {
+        for (id, ch) in batch_items(frame) {
+            if view.blocked.contains(&id) {
+                errs.push(format!("{what}: item of blocked {id} (change {ch})"));
+            }
+            if let Some(&old) = view.state.get(&id) {
+                if ch < old && what != "first" {
+                    errs.push(format!("{what}: {id} went back from {old} to {ch}"));
+                }
+            }
+            view.state.insert(id, ch);
+        }
+    }
+
+    async fn drain(members: &mut [(Arc<Outbox>, View)], errs: &mut Vec<String>) {
+        drain_some(members, errs, &mut Rng(1), false).await
+    }
+
+    async fn drain_some(
+        members: &mut [(Arc<Outbox>, View)],
+        errs: &mut Vec<String>,
+        rng: &mut Rng,
+        some: bool,
+    ) {
+        for (outbox, view) in members.iter_mut() {
+            if some && rng.below(3) == 0 {
+                continue;
+            }
+            let mut items = Vec::new();
+            while !outbox.is_empty() {
+                outbox.pop_batch(64, &mut items).await;
+            }
+            for item in items {
+                match item {
+                    Outgoing::Frame { frame, .. } => apply_frame(view, frame.text(), "batch", errs),
+                    Outgoing::GroupLifecycle {
+                        tracker,
+                        change,
+                        frame,
+                        announced,
+                        ..
+                    } => {
+                        // As the socket does (see `Connection::deliver`).
+                        if !announced {
+                            let sent = view.lifecycle_sent.entry(tracker).or_insert(0);
+                            if change <= *sent {
+                                continue;
+                            }
+                            *sent = change;
+                        }
+                        let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
+                        let kind = v["data"]["lifecycle_event"].as_str().unwrap_or_default();
+                        let news = match kind {
+                            "block" => view.blocked.insert(tracker),
+                            "unblock" => view.blocked.remove(&tracker),
+                            _ => true,
+                        };
+                        if !news {
+                            errs.push(format!("{kind} of {tracker} at {change}: no news"));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn do_join(g: &BatchGroup, conn: ConnId, errs: &mut Vec<String>) -> (Arc<Outbox>, View) {
+        let outbox = Outbox::new(1 << 20);
+        let mut st_ = g.lock();
+        st_.add_member(conn, &outbox, 1 << 20);
+        let first = g.first_batch(&mut st_);
+        let statuses = BatchGroup::status_map_of(&mut st_);
+        let expect: Vec<(TrackerId, i64)> = st_
+            .latest
+            .iter()
+            .filter(|(id, _)| !st_.blocked.contains(id))
+            .map(|(id, s)| (*id, s.change_no))
+            .collect();
+        drop(st_);
+        let first = first.frames(g);
+        let mut view = View::default();
+        let m: serde_json::Value = serde_json::from_str(statuses.as_str()).unwrap();
+        for (k, v) in m.as_object().unwrap() {
+            if v == "blocked" {
+                view.blocked.insert(k.parse().unwrap());
+            }
+        }
+        for f in &first {
+            apply_frame(&mut view, f.text(), "first", errs);
+        }
+        for (id, c) in expect {
+            if view.state.get(&id) != Some(&c) {
+                errs.push(format!(
+                    "joined at {:?} for {id}, latest {c}",
+                    view.state.get(&id)
+                ));
+            }
+        }
+        (outbox, view)
+    }
+
+    /// One processor-like step on `db` and the group (no join, no tick).
+    fn step(
+        g: &BatchGroup,
+        db: &mut Db,
+        rng: &mut Rng,
+        pending: &mut Vec<(TrackerId, i64, Lifecycle)>,
+        n: TrackerId,
+    ) {
+        let frame = ByteString::from_static("{}");
+        let id = 1 + rng.below(n as u64) as TrackerId;
+        let flush = |g: &BatchGroup, db: &Db, pending: &mut Vec<(TrackerId, i64, Lifecycle)>| {
+            for (id, c, kind) in pending.drain(..) {
+                g.lifecycle(
+                    id,
+                    c,
+                    kind,
+                    &ByteString::from(model::lifecycle_event(id, 0, kind)),
+                );
+                if kind == Lifecycle::Unblock {
+                    if let Some(&s) = db.state.get(&id) {
+                        g.offer(&st(id, s), true);
+                    }
+                }
+            }
+        };
+        let _ = &frame;
+        match rng.below(4) {
+            0 => {
+                flush(g, db, pending);
+                db.c += 1;
+                db.state.insert(id, db.c);
+                g.offer(&st(id, db.c), false);
+            }
+            1 | 2 => {
+                flush(g, db, pending);
+                let b = db.blocked[&id];
+                db.c += 1;
+                db.blocked.insert(id, !b);
+                db.lc.insert(id, db.c);
+                let kind = if b {
+                    Lifecycle::Unblock
+                } else {
+                    Lifecycle::Block
+                };
+                pending.push((id, db.c, kind));
+                flush(g, db, pending);
+            }
+            _ => {
+                // A lifecycle change an admission reads before the processor publishes it.
+                flush(g, db, pending);
+                let b = db.blocked[&id];
+                db.c += 1;
+                db.blocked.insert(id, !b);
+                db.lc.insert(id, db.c);
+                let kind = if b {
+                    Lifecycle::Unblock
+                } else {
+                    Lifecycle::Block
+                };
+                let facts = TrackerFacts {
+                    source_id: 0,
+                    account_id: 1,
+                    blocked: !b,
+                    change_no: db.c,
+                };
+                g.lock().admit(g.id, &[(id, facts)]);
+                let open = g.lock().open_among(&[(id, facts)]);
+                if open.contains_key(&id) {
+                    if let Some(&s) = db.state.get(&id) {
+                        g.offer(&st(id, s), false);
+                    }
+                }
+                pending.push((id, db.c, kind));
+            }
+        }
+    }
+
+    async fn fuzz_once(seed: u64) -> Vec<String> {
+        let n: TrackerId = 16;
+        let mut rng = Rng(seed * 2654435761 + 1);
+        let g = group(GroupKind::State, []);
+        let mut db = Db {
+            c: 0,
+            state: HashMap::new(),
+            blocked: HashMap::new(),
+            lc: HashMap::new(),
+        };
+        let mut facts = Vec::new();
+        for id in 1..=n {
+            db.c += 1;
+            let b = rng.below(4) == 0;
+            db.blocked.insert(id, b);
+            db.lc.insert(id, db.c);
+            db.state.insert(id, db.c);
+            facts.push((
+                id,
+                TrackerFacts {
+                    source_id: 0,
+                    account_id: 1,
+                    blocked: b,
+                    change_no: db.c,
+                },
+            ));
+        }
+        g.lock().admit(g.id, &facts);
+        for id in 1..=n {
+            if !db.blocked[&id] {
+                g.offer(&st(id, db.state[&id]), false);
+            }
+        }
+        filled(&g);
+        let mut errs = Vec::new();
+        let mut members: Vec<(Arc<Outbox>, View)> = Vec::new();
+        let mut pending = Vec::new();
+        let mut conn = 0;
+        for _ in 0..120 {
+            match rng.below(6) {
+                0 => {
+                    conn += 1;
+                    let m = do_join(&g, conn, &mut errs);
+                    members.push(m);
+                }
+                1 => {
+                    let k = rng.below(3);
+                    let mut joined = Vec::new();
+                    {
+                        let gr = &g;
+                        let db_ = &mut db;
+                        let rng_ = &mut rng;
+                        let p = &mut pending;
+                        let j = &mut joined;
+                        let e = &mut errs;
+                        let c = &mut conn;
+                        g.tick_with(move || {
+                            for _ in 0..k {
+                                if rng_.below(4) == 0 {
+                                    *c += 1;
+                                    j.push(do_join(gr, *c, e));
+                                } else {
+                                    step(gr, db_, rng_, p, n);
+                                }
+                            }
+                        });
+                    }
+                    members.extend(joined);
+                }
+                _ => step(&g, &mut db, &mut rng, &mut pending, n),
+            }
+            drain_some(&mut members, &mut errs, &mut rng, true).await;
+        }
+        drain(&mut members, &mut errs).await;
+        // Settle: the processor's events, then two periods.
+        {
+            let frame_of = |id, kind| ByteString::from(model::lifecycle_event(id, 0, kind));
+            for (id, c, kind) in pending.drain(..) {
+                g.lifecycle(id, c, kind, &frame_of(id, kind));
+                if kind == Lifecycle::Unblock {
+                    if let Some(&s) = db.state.get(&id) {
+                        g.offer(&st(id, s), true);
+                    }
+                }
+            }
+        }
+        g.tick();
+        drain(&mut members, &mut errs).await;
+        g.tick();
+        drain(&mut members, &mut errs).await;
+        for (i, (_, view)) in members.iter().enumerate() {
+            for id in 1..=n {
+                let b = db.blocked[&id];
+                if view.blocked.contains(&id) != b {
+                    errs.push(format!(
+                        "member {i}: {id} blocked={} in view, {b} in db",
+                        !b
+                    ));
+                }
+                if !b && view.state.get(&id) != db.state.get(&id) {
+                    errs.push(format!(
+                        "member {i}: {id} ends at {:?}, db has {:?}",
+                        view.state.get(&id),
+                        db.state.get(&id)
+                    ));
+                }
+            }
+        }
+        errs
+    }
+
+    #[tokio::test]
+    async fn every_members_view_ends_at_the_database_under_random_interleavings() {
+        let mut failed = 0;
+        for seed in 1..=300u64 {
+            let errs = fuzz_once(seed).await;
+            if !errs.is_empty() {
+                failed += 1;
+                if failed <= 8 {
+                    eprintln!("seed {seed}: {errs:?}");
+                }
+            }
+        }
+        assert_eq!(failed, 0);
+    }
+
     /// A state group of trackers 1..=n, each at change 1, filled.
     fn state_group(n: TrackerId) -> BatchGroup {
         let g = group(GroupKind::State, 1..=n);
