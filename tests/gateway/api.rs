@@ -363,23 +363,7 @@ impl TestRole {
 
 impl Drop for TestRole {
     fn drop(&mut self) {
-        let (admin, name) = (server_url(), self.name.clone());
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
-                    let _ = sqlx::query(&format!("DROP ROLE IF EXISTS {name}"))
-                        .execute(&pool)
-                        .await;
-                }
-            });
-        })
-        .join();
+        exec_on_server_from_drop(format!("DROP ROLE IF EXISTS {}", self.name));
     }
 }
 

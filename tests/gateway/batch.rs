@@ -48,6 +48,22 @@ async fn next_response(c: &mut Client) -> Value {
     c.recv_until(|v| v["type"] == "response").await.0
 }
 
+/// A dashboard of RIVAL's `all` batch (compact, 200 ms), past its first batch (tracker 201).
+async fn rival_all_dashboard(app: &TestApp) -> Client {
+    let mut c = app.connect().await;
+    subscribe_batch(
+        &mut c,
+        RIVAL,
+        batch_request(json!({"type": "all"}), "200ms", "compact"),
+    )
+    .await;
+    assert_eq!(
+        items(&c.recv().await).into_keys().collect::<Vec<_>>(),
+        [201]
+    );
+    c
+}
+
 async fn next_batch(c: &mut Client) -> Value {
     c.recv_until(|v| v["event"] == "state_batch").await.0
 }
@@ -209,17 +225,7 @@ async fn a_tracker_moved_in_joins_all_and_only_its_old_viewers_get_corrupt() {
     let mut old = app.connect().await;
     old.subscribe(ACME, &[101]).await;
     old.recv_until(|v| v["event"] == "state").await;
-    let mut new = app.connect().await;
-    subscribe_batch(
-        &mut new,
-        RIVAL,
-        batch_request(json!({"type": "all"}), "200ms", "compact"),
-    )
-    .await;
-    assert_eq!(
-        items(&new.recv().await).into_keys().collect::<Vec<_>>(),
-        [201]
-    );
+    let mut new = rival_all_dashboard(&app).await;
 
     app.exec("UPDATE trackers SET account_id = 3 WHERE id = 101")
         .await;
@@ -258,17 +264,7 @@ async fn a_tracker_moved_in_joins_all_and_only_its_old_viewers_get_corrupt() {
 #[tokio::test]
 async fn a_tracker_that_joins_all_blocked_is_announced_with_block() {
     let app = spawn_app().await;
-    let mut new = app.connect().await;
-    subscribe_batch(
-        &mut new,
-        RIVAL,
-        batch_request(json!({"type": "all"}), "200ms", "compact"),
-    )
-    .await;
-    assert_eq!(
-        items(&new.recv().await).into_keys().collect::<Vec<_>>(),
-        [201]
-    );
+    let mut new = rival_all_dashboard(&app).await;
 
     app.exec("UPDATE trackers SET account_id = 3, blocked = true WHERE id = 101")
         .await;

@@ -243,26 +243,31 @@ impl TestApp {
 impl Drop for TestApp {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
-        let admin = server_url();
-        let name = self.db_name.clone();
-        // Drop the database from a thread of its own: Drop cannot await.
-        let _ = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
-            rt.block_on(async move {
-                if let Ok(pool) = PgPool::connect(&admin).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&pool)
-                        .await;
-                }
-            });
-        })
-        .join();
+        exec_on_server_from_drop(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            self.db_name
+        ));
     }
+}
+
+/// Runs `sql` on the server's own database, from a thread of its own (`Drop` cannot await),
+/// ignoring errors: the clean-up of what a test created on the server.
+pub fn exec_on_server_from_drop(sql: String) {
+    let admin = server_url();
+    let _ = std::thread::spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async move {
+            if let Ok(pool) = PgPool::connect(&admin).await {
+                let _ = sqlx::query(&sql).execute(&pool).await;
+            }
+        });
+    })
+    .join();
 }
 
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
