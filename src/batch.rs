@@ -132,8 +132,9 @@ struct GroupState {
     /// catches up before the next tick (see [`BatchGroup::shared_full`]).
     full: Option<Option<SharedFrame>>,
     /// What changed since `full` was rendered (trackers; reading keys, for readings groups),
-    /// and the batch of it a member joining now gets after `full`, rendered once until the
-    /// next change (see [`BatchGroup::first_batch`]). Kept only while `full` is.
+    /// for members joining now (see [`BatchGroup::first_batch`]), and for a readings group the
+    /// batch of it, rendered once until the next change. Kept only while `full` is, and at
+    /// most a quarter of the target.
     since_full: HashSet<TrackerId>,
     readings_since_full: HashMap<TrackerId, HashSet<ReadingKey>>,
     since_full_batch: Option<Option<SharedFrame>>,
