@@ -4,6 +4,7 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -208,7 +209,7 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
             startup::tune_process(&settings.server);
             let listener = TcpListener::bind(&settings.server.listen)
                 .with_context(|| format!("binding {from} {}", settings.server.listen))?;
-            let app = Application::build(settings, listener).await?;
+            let app = build_waiting_for_database(settings, listener).await?;
             tracing::info!(port = app.port(), "fleetgate listening");
             let stop = app.shutdown_handle();
             tokio::spawn(async move {
@@ -468,6 +469,45 @@ fn log_config_files(dir: &std::path::Path) {
 }
 
 /// Resolves at the first SIGINT (Ctrl-C) or SIGTERM.
+/// `serve`'s start: builds the application, waiting up to `database.startup_wait_secs` while
+/// the database cannot be reached yet ([`db::worth_waiting_for`]), so that a gateway started
+/// before its database comes up with it instead of exiting. The address stays bound meanwhile
+/// (clients are refused nothing they could have had: nothing is served before the database).
+async fn build_waiting_for_database(
+    settings: Settings,
+    listener: TcpListener,
+) -> anyhow::Result<Application> {
+    let wait = Duration::from_secs(settings.database.startup_wait_secs);
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(settings.listen.reconnect_min_ms.max(100));
+    let longest = Duration::from_millis(settings.listen.reconnect_max_ms).max(delay);
+    loop {
+        let attempt = listener
+            .try_clone()
+            .context("duplicating the listening socket")?;
+        let e = match Application::build(settings.clone(), attempt).await {
+            Ok(app) => return Ok(app),
+            Err(e) => e,
+        };
+        if !db::worth_waiting_for(&e) || started.elapsed() + delay > wait {
+            return Err(e);
+        }
+        tracing::warn!(
+            error = format!("{e:#}"),
+            retry_in_ms = delay.as_millis() as u64,
+            waited_s = started.elapsed().as_secs(),
+            "the database cannot be reached yet: waiting for it (database.startup_wait_secs)"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = wait_for_signal() => {
+                return Err(e.context("stopped while waiting for the database"));
+            }
+        }
+        delay = (delay * 2).min(longest);
+    }
+}
+
 pub(crate) async fn wait_for_signal() {
     #[cfg(unix)]
     {

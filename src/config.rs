@@ -39,6 +39,8 @@ pub struct DatabaseSettings {
     pub event_connections: u32,
     pub acquire_timeout_secs: u64,
     pub migrate_on_start: bool,
+    /// How long `serve` waits at start for a database it cannot reach yet (0: not at all).
+    pub startup_wait_secs: u64,
 }
 
 /// `url` with its password (in the user info or a `password=` parameter) replaced, so that
@@ -78,6 +80,7 @@ impl std::fmt::Debug for DatabaseSettings {
             .field("event_connections", &self.event_connections)
             .field("acquire_timeout_secs", &self.acquire_timeout_secs)
             .field("migrate_on_start", &self.migrate_on_start)
+            .field("startup_wait_secs", &self.startup_wait_secs)
             .finish()
     }
 }
@@ -194,6 +197,7 @@ impl Default for DatabaseSettings {
             event_connections: 4,
             acquire_timeout_secs: 5,
             migrate_on_start: true,
+            startup_wait_secs: 60,
         }
     }
 }

@@ -44,7 +44,27 @@ pub async fn ensure_database(url: &str) -> anyhow::Result<()> {
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, ensure).await {
         Ok(r) => r.with_context(|| at(url)),
-        Err(_) => anyhow::bail!("{}: no answer within {CONNECT_TIMEOUT:?}", at(url)),
+        Err(_) => Err(NoAnswer(at(url)).into()),
+    }
+}
+
+/// A server that did not answer within the connect timeout (unreachable, or a host that drops
+/// packets): as unavailable as one that refuses, but with no `sqlx::Error` to say so.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: no answer within {CONNECT_TIMEOUT:?}")]
+pub struct NoAnswer(String);
+
+/// Whether `serve` should wait for the database rather than give up at start: it is down,
+/// starting up, out of connections or not answering. Not a refused login (class 28, which
+/// [`is_unavailable`] counts in for clients): at start that is a setting to mend.
+pub fn worth_waiting_for(e: &anyhow::Error) -> bool {
+    if e.downcast_ref::<NoAnswer>().is_some() {
+        return true;
+    }
+    match e.downcast_ref::<sqlx::Error>() {
+        Some(sqlx::Error::Database(d)) if d.code().is_some_and(|c| c.starts_with("28")) => false,
+        Some(e) => is_unavailable(e),
+        None => false,
     }
 }
 
@@ -68,10 +88,7 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
         }
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
-        Err(_) => anyhow::bail!(
-            "{}: no answer within {CONNECT_TIMEOUT:?}",
-            at(&settings.url)
-        ),
+        Err(_) => Err(NoAnswer(at(&settings.url)).into()),
         Ok(Err(sqlx::Error::Database(e))) if e.code().as_deref() == Some("3D000") => {
             // The paths that do not create the database (operator commands, `serve` with
             // `database.migrate_on_start = false`) say how to.
@@ -199,6 +216,22 @@ fn unavailable_code(code: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn serve_waits_for_a_server_that_is_not_there_yet_not_for_a_wrong_setting() {
+        use anyhow::Context;
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let waits = |e: anyhow::Error| super::worth_waiting_for(&e);
+        assert!(waits(
+            Err::<(), _>(sqlx::Error::Io(refused))
+                .context("PostgreSQL at h")
+                .unwrap_err()
+        ));
+        assert!(waits(sqlx::Error::PoolTimedOut.into()));
+        assert!(waits(super::NoAnswer("PostgreSQL at h".into()).into()));
+        assert!(!waits(anyhow::anyhow!("the database lacks migration(s) 6")));
+        assert!(!waits(sqlx::Error::RowNotFound.into()));
+    }
+
     #[test]
     fn a_server_that_cannot_serve_now_is_unavailable_not_an_error() {
         for code in ["08006", "57P01", "57P03", "53300", "28000", "28P01"] {

@@ -570,3 +570,55 @@ async fn the_event_processors_statements_end_on_the_server_after_the_longest_rou
     assert_eq!(shown, "4min");
     pool.close().await;
 }
+
+/// `serve` started before its database waits for it (`database.startup_wait_secs`) and comes
+/// up with it, instead of exiting: here the database's port answers nothing until a proxy to
+/// the real server starts listening on it.
+#[tokio::test]
+async fn serve_started_before_its_database_comes_up_with_it() {
+    let Some(upstream) = tcp_upstream() else {
+        return;
+    };
+    let app = spawn_app().await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let mut s = test_settings();
+    s.database.url = app.db_url.clone();
+    through_proxy(&mut s, &upstream, port);
+    let log = std::env::temp_dir().join(format!("fleetgate-startup-wait-{}.log", app.port));
+    let log_path = log.to_string_lossy().into_owned();
+    let server = Server::start(
+        &app,
+        &[
+            ("DATABASE_URL", &s.database.url),
+            ("FLEETGATE_DATABASE__STARTUP_WAIT_SECS", "120"),
+            ("FLEETGATE_LISTEN__RECONNECT_MAX_MS", "500"),
+            ("FLEETGATE_TEST_LOG", &log_path),
+        ],
+    );
+    eventually("serve to say it waits for the database", || async {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("waiting for it"))
+    })
+    .await;
+    // The database comes up.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind the database's port");
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    server.wait_started().await;
+    let mut c = Client::connect(&server.ws_url()).await;
+    c.subscribe_and_states(ACME, &[101], 1).await;
+    drop(server);
+    let _ = std::fs::remove_file(&log);
+}
