@@ -1469,13 +1469,7 @@ mod tests {
     #[test]
     fn apply_lifecycle_says_whether_the_members_were_told() {
         let g = group(GroupKind::State, []);
-        let facts = TrackerFacts {
-            source_id: 0,
-            account_id: 3,
-            blocked: true,
-            change_no: 10,
-        };
-        assert!(g.lock().admit(0, &[(5, facts)]).is_empty());
+        assert!(g.lock().admit(0, &[read_facts(5, true, 10)]).is_empty());
         let frame = ByteString::from_static("lifecycle");
         let told = |keeps, sent| LifecycleApplied { keeps, sent };
         // Older than the admission, or what the group already holds: nothing is sent.
