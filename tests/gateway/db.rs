@@ -1223,7 +1223,10 @@ fn pending_keeps_only_what_the_hub_watches() {
     assert!(p.add_payload("s|101,102,103,105,999", &hub));
     // State ids are kept as notified; `process` reads only the wanted ones: 103 and 999 are not
     // watched, 105 is blocked, so its state is not wanted.
-    assert_eq!(p.state_ids, HashSet::from([101, 102, 103, 105, 999]));
+    assert_eq!(
+        p.state_ids.iter().copied().collect::<HashSet<_>>(),
+        HashSet::from([101, 102, 103, 105, 999])
+    );
     let wanted: HashSet<i64> = p
         .state_ids
         .iter()
@@ -1396,26 +1399,7 @@ async fn read_cost_per_row(pool: PgPool) {
         .connect_with((*pool.connect_options()).clone())
         .await
         .unwrap();
-    // The benchmark's fleet (bench/src/db.rs), states included.
-    for sql in [
-        "INSERT INTO users (id, login, time_zone) VALUES (1, 'bench', 'Europe/Berlin')",
-        "INSERT INTO trackers (id, account_id, source_id, label) \
-         SELECT g, 1, 1000000 + g, 'bench ' || g FROM generate_series(1, 100000) g",
-        "INSERT INTO tracker_states (tracker_id, gps_updated, gps_signal_level, lat, lng, \
-           heading, speed, alt, connection_status, movement_status, movement_status_update, \
-           ignition, ignition_update, gsm_updated, gsm_signal_level, gsm_network_name, \
-           gsm_roaming, last_update, battery_level, battery_update, inputs, inputs_update, \
-           outputs, outputs_update, additional) \
-         SELECT g, now(), 100, 52.4 + (g % 1000) * 0.0002, 13.3 + (g / 1000) * 0.0002, \
-           (g % 360)::int2, 0, 0, 'active', 'parked', now(), false, now(), now(), 80, \
-           'Bench GSM', false, now(), 97, now(), '{false,false,true}', now(), \
-           '{true,false}', now(), \
-           jsonb_build_object('hardware_key', jsonb_build_object('value', g::text, 'updated', now())) \
-         FROM generate_series(1, 100000) g",
-        "VACUUM ANALYZE tracker_states",
-    ] {
-        sqlx::query(sql).execute(&one).await.unwrap();
-    }
+    bench_fleet(&one).await;
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&one)
         .await
@@ -1464,6 +1448,136 @@ async fn read_cost_per_row(pool: PgPool) {
             );
         }
     }
+}
+
+/// The benchmark's fleet (bench/src/db.rs) of 100,000 trackers in account 1, states included.
+async fn bench_fleet(pool: &PgPool) {
+    for sql in [
+        "INSERT INTO users (id, login, time_zone) VALUES (1, 'bench', 'Europe/Berlin')",
+        "INSERT INTO trackers (id, account_id, source_id, label) \
+         SELECT g, 1, 1000000 + g, 'bench ' || g FROM generate_series(1, 100000) g",
+        "INSERT INTO tracker_states (tracker_id, gps_updated, gps_signal_level, lat, lng, \
+           heading, speed, alt, connection_status, movement_status, movement_status_update, \
+           ignition, ignition_update, gsm_updated, gsm_signal_level, gsm_network_name, \
+           gsm_roaming, last_update, battery_level, battery_update, inputs, inputs_update, \
+           outputs, outputs_update, additional) \
+         SELECT g, now(), 100, 52.4 + (g % 1000) * 0.0002, 13.3 + (g / 1000) * 0.0002, \
+           (g % 360)::int2, 0, 0, 'active', 'parked', now(), false, now(), now(), 80, \
+           'Bench GSM', false, now(), 97, now(), '{false,false,true}', now(), \
+           '{true,false}', now(), \
+           jsonb_build_object('hardware_key', jsonb_build_object('value', g::text, 'updated', now())) \
+         FROM generate_series(1, 100000) g",
+        "VACUUM ANALYZE tracker_states",
+    ] {
+        sqlx::query(sql).execute(pool).await.unwrap();
+    }
+}
+
+/// What the event processor costs per state on the benchmark's `ingest` fleet, for comparing
+/// changes to it: `ingest` cannot tell apart a few percent, as the writers share the cores with
+/// the gateway and the baseline moves by a quarter from run to run. 100,000 trackers watched by
+/// 1,000 outboxes of 100 (full format, source ids known, as after a subscribe); each round,
+/// 1,000 random trackers' states are written and `listen::process` reads and publishes them, as
+/// for one notification of the bench's writers. Prints the gateway's CPU (the whole process's,
+/// taken around each round: PostgreSQL's backends are other processes) per state published,
+/// and the rounds' wall time. Draining the outboxes (the sockets' work) is not counted.
+/// `cargo test --release --test gateway processor_cost -- --ignored --nocapture` (`SECS` sets
+/// the seconds of the measured part, default 5). The CPU time of a 2-core virtual machine moves
+/// by a tenth from run to run; instructions do not: `ROUNDS=20` runs that many rounds, to be
+/// counted by callgrind (`valgrind --tool=callgrind --toggle-collect='*listen::process_with*'
+/// <test binary> processor_cost --ignored`: instructions per state are the total over 20,000).
+#[cfg(target_os = "linux")]
+#[sqlx::test(migrations = "./migrations")]
+#[ignore]
+async fn processor_cost_per_state(pool: PgPool) {
+    use rand::seq::SliceRandom;
+    const TRACKERS: i64 = 100_000;
+    const ROUND: usize = 1_000;
+    // As the processor's pool (`db::events_pool`): not tested before use.
+    let events = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .test_before_acquire(false)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    bench_fleet(&pool).await;
+    let hub = Hub::new();
+    let all: Vec<i64> = (1..=TRACKERS).collect();
+    let outboxes: Vec<_> = all
+        .chunks(100)
+        .enumerate()
+        .map(|(conn, ids)| {
+            let outbox = hub.outbox(100);
+            hub.subscribe(conn as u64 + 1, &outbox, ids, variant());
+            outbox
+        })
+        .collect();
+    let sources: Vec<(i64, i64)> = all.iter().map(|&id| (id, 1_000_000 + id)).collect();
+    hub.set_source_ids(&sources);
+    let cpu = || {
+        let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+        let usage = unsafe {
+            libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr());
+            usage.assume_init()
+        };
+        let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        secs(usage.ru_utime) + secs(usage.ru_stime)
+    };
+    let secs: f64 = std::env::var("SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5.0);
+    let mut ids = all.clone();
+    let mut rng = rand::thread_rng();
+    let mut items = Vec::new();
+    let max_rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(usize::MAX);
+    let (mut spent, mut wall, mut published, mut rounds) = (0.0, 0.0, 0usize, 0usize);
+    let started = std::time::Instant::now();
+    // The first second warms the caches, the index and the connections up, and is not counted.
+    for _ in 0..max_rounds {
+        if started.elapsed().as_secs_f64() >= secs + 1.0 {
+            break;
+        }
+        ids.shuffle(&mut rng);
+        let round = &ids[..ROUND];
+        sqlx::query("UPDATE tracker_states SET speed = speed + 1 WHERE tracker_id = ANY($1)")
+            .bind(round)
+            .execute(&pool)
+            .await
+            .unwrap();
+        let mut p = Pending::default();
+        p.state_ids.extend(round.iter().copied());
+        let (cpu_before, wall_before) = (cpu(), std::time::Instant::now());
+        fleetgate::listen::process(&events, &hub, p, None)
+            .await
+            .unwrap();
+        let (cpu_after, wall_after) = (cpu(), wall_before.elapsed().as_secs_f64());
+        let mut queued = 0;
+        for outbox in &outboxes {
+            if !outbox.is_empty() {
+                items.clear();
+                outbox.pop_batch(usize::MAX, &mut items).await;
+                queued += items.len();
+            }
+        }
+        assert_eq!(queued, ROUND, "every state read is published");
+        if started.elapsed().as_secs_f64() > 1.0 || max_rounds != usize::MAX {
+            spent += cpu_after - cpu_before;
+            wall += wall_after;
+            published += queued;
+            rounds += 1;
+        }
+    }
+    println!(
+        "{rounds} rounds of {ROUND} states: the gateway's CPU {:.2} µs per state, \
+         {:.2} ms a round",
+        spent * 1e6 / published as f64,
+        wall * 1e3 / rounds as f64
+    );
 }
 
 /// Timestamps any writer may store decode without panicking (sqlx's own decoding panicked on
