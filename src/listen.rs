@@ -28,6 +28,15 @@ use crate::model::{Lifecycle, TrackerId, TrackerState};
 
 pub const CHANNEL: &str = "fleetgate";
 
+/// A set of tracker ids, hashed with foldhash rather than std's SipHash: the listener and the
+/// processor insert and look up every notified tracker several times a round (parsed, kept if
+/// wanted, read, published), and SipHash was a tenth of the processor's thread in the
+/// benchmark's `ingest` profile. (The ids come from the database; foldhash is randomly seeded.)
+pub type IdSet = HashSet<TrackerId, foldhash::fast::RandomState>;
+
+/// A map keyed by tracker id, hashed as [`IdSet`].
+pub type IdMap<V> = HashMap<TrackerId, V, foldhash::fast::RandomState>;
+
 /// The `application_name` of the LISTEN connection, as seen in `pg_stat_activity`.
 pub const LISTEN_APPLICATION_NAME: &str = "fleetgate-listen";
 
@@ -77,7 +86,7 @@ const STATE_FETCHES_IN_FLIGHT: usize = 4;
 /// Work the listener has collected for the processor.
 #[derive(Debug, Default)]
 pub struct Pending {
-    pub state_ids: HashSet<TrackerId>,
+    pub state_ids: IdSet,
     /// Trackers whose readings changed (`r|` payloads), for those a readings group watches.
     pub readings_ids: HashSet<TrackerId>,
     pub state_ranges: Vec<(i64, i64)>,
@@ -625,8 +634,8 @@ pub async fn process_with(
     // its data source id if the hub knows it (see `read_states`). Those whose subscribers and
     // groups all take the compact format are read with its columns alone (`compact`), unless
     // the round has a lifecycle change or a range of them.
-    let mut compact: HashSet<TrackerId> = HashSet::new();
-    let mut ids: HashMap<TrackerId, Option<i64>> = p
+    let mut compact = IdSet::default();
+    let mut ids: IdMap<Option<i64>> = p
         .state_ids
         .into_iter()
         .filter_map(|id| {
@@ -637,8 +646,8 @@ pub async fn process_with(
             Some((id, source))
         })
         .collect();
-    let mut unblocked_at: HashMap<TrackerId, i64> = HashMap::new();
-    let mut lifecycle_of_id: HashMap<TrackerId, Vec<(i64, Lifecycle)>> = HashMap::new();
+    let mut unblocked_at: IdMap<i64> = IdMap::default();
+    let mut lifecycle_of_id: IdMap<Vec<(i64, Lifecycle)>> = IdMap::default();
     for (c, id, kind) in lifecycle {
         ids.entry(id).or_insert_with(|| hub.source_id(id));
         compact.remove(&id);
@@ -649,7 +658,7 @@ pub async fn process_with(
         lifecycle_of_id.entry(id).or_default().push((c, kind));
     }
     // Overflow payloads name change-number ranges: rare, read whole.
-    let mut ranged: HashMap<TrackerId, Vec<TrackerState>> = HashMap::new();
+    let mut ranged: IdMap<Vec<TrackerState>> = IdMap::default();
     for (lo, hi) in p.state_ranges {
         for s in queries::states_by_range(pool, lo, hi).await? {
             if hub.is_watched(s.tracker_id) {
@@ -732,7 +741,7 @@ pub async fn process_with(
         );
         steps.sort_by_key(|(k, _)| *k);
         let now = Utc::now();
-        let mut reopened: HashSet<TrackerId> = HashSet::new();
+        let mut reopened = IdSet::default();
         let mut read_again: Vec<TrackerId> = Vec::new();
         for (_, step) in steps {
             match step {
@@ -761,7 +770,7 @@ pub async fn process_with(
         // Trackers that gained a full-format subscriber or group since the round began: their
         // state read in full (the current one, so at least as new) and published after all.
         if !read_again.is_empty() {
-            let (states, _) = read_states(pool, ids, &HashSet::new(), &read_again).await?;
+            let (states, _) = read_states(pool, ids, &IdSet::default(), &read_again).await?;
             for s in states {
                 hub.publish_state(s, false, now);
             }
@@ -840,8 +849,8 @@ async fn end_sessions_and_grants(pool: &PgPool, hub: &Hub, ends: Ends) -> Result
 /// PostgreSQL spent on these reads in the bench's `batch`.
 async fn read_states(
     pool: &PgPool,
-    sources: &HashMap<TrackerId, Option<i64>>,
-    compact: &HashSet<TrackerId>,
+    sources: &IdMap<Option<i64>>,
+    compact: &IdSet,
     fetch: &[TrackerId],
 ) -> Result<(Vec<TrackerState>, Vec<TrackerState>), sqlx::Error> {
     let mut known: Vec<TrackerId> = Vec::new();
