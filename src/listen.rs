@@ -30,8 +30,9 @@ pub const CHANNEL: &str = "fleetgate";
 
 /// A set of tracker ids, hashed with foldhash rather than std's SipHash: the listener and the
 /// processor insert and look up every notified tracker several times a round (parsed, kept if
-/// wanted, read, published), and SipHash was a tenth of the processor's thread in the
-/// benchmark's `ingest` profile. (The ids come from the database; foldhash is randomly seeded.)
+/// wanted, read, published): with SipHash, about a twentieth of the processor's instructions
+/// per state (`processor_cost_per_state` in `tests/gateway/db.rs`, under callgrind). (The ids
+/// come from the database; foldhash is randomly seeded.)
 pub type IdSet = HashSet<TrackerId, foldhash::fast::RandomState>;
 
 /// A map keyed by tracker id, hashed as [`IdSet`].
