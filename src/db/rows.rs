@@ -168,19 +168,13 @@ fn status(i: usize, bytes: &[u8]) -> Result<Cow<'static, str>, Bad> {
     text(i, bytes).map(model::status_word)
 }
 
-/// Clamped to years 0001–9999 (`infinity` included): see [`super::time`].
-fn timestamp(i: usize, bytes: &[u8]) -> Result<DateTime<Utc>, Bad> {
-    Ok(super::time::from_pg_micros(i64::from_be_bytes(fixed(
-        i, bytes,
-    )?)))
-}
-
 /// One row being decoded, its columns already checked by a [`Layout`]: each column's bytes
 /// (`None` for NULL), taken from the row in one pass. Taking them column by column as each
 /// field was decoded (`try_get_raw`, a `Result` of sqlx's error through every field) was a
 /// sixth of the event processor's instructions per state.
 struct Columns<'r> {
     values: [Option<&'r [u8]>; STATE_FIELDS.len()],
+    days: super::time::RowDays,
 }
 
 impl<'r> Columns<'r> {
@@ -192,7 +186,10 @@ impl<'r> Columns<'r> {
                 *v = Some(value.as_bytes().map_err(|e| bad(i, e))?);
             }
         }
-        Ok(Columns { values })
+        Ok(Columns {
+            values,
+            days: Default::default(),
+        })
     }
 
     /// The bytes of column `i`, or `None` for NULL.
@@ -202,6 +199,14 @@ impl<'r> Columns<'r> {
             .get(i)
             .copied()
             .ok_or_else(|| bad(i, "no such column"))
+    }
+
+    /// A `timestamptz`, clamped to years 0001–9999 (`infinity` included): see [`super::time`]
+    /// (through the row's [`super::time::RowDays`]).
+    fn time(&self, i: usize, bytes: &[u8]) -> Result<DateTime<Utc>, Bad> {
+        Ok(self
+            .days
+            .from_pg_micros(i64::from_be_bytes(fixed(i, bytes)?)))
     }
 
     fn required(&self, i: usize) -> Result<&'r [u8], Bad> {
@@ -291,7 +296,7 @@ impl<'r> Columns<'r> {
             tracker_id: self.req(0, int8)?,
             source_id: self.req(1, int8)?,
             change_no: self.req(2, int8)?,
-            gps_updated: self.opt(3, timestamp)?,
+            gps_updated: self.opt(3, |i, b| self.time(i, b))?,
             gps_signal_level: self.opt(4, int2)?,
             lat: self.req(5, float8)?,
             lng: self.req(6, float8)?,
@@ -302,22 +307,22 @@ impl<'r> Columns<'r> {
             gsm_lbs: self.opt(11, boolean)?,
             connection_status: self.req(12, status)?,
             movement_status: self.req(13, status)?,
-            movement_status_update: self.opt(14, timestamp)?,
+            movement_status_update: self.opt(14, |i, b| self.time(i, b))?,
             ignition: self.req(15, boolean)?,
-            ignition_update: self.opt(16, timestamp)?,
-            gsm_updated: self.opt(17, timestamp)?,
+            ignition_update: self.opt(16, |i, b| self.time(i, b))?,
+            gsm_updated: self.opt(17, |i, b| self.time(i, b))?,
             gsm_signal_level: self.opt(18, int2)?,
             gsm_network_name: self.opt(19, string)?,
             gsm_roaming: self.opt(20, boolean)?,
-            last_update: self.req(21, timestamp)?,
+            last_update: self.req(21, |i, b| self.time(i, b))?,
             battery_level: self.opt(22, int2)?,
-            battery_update: self.opt(23, timestamp)?,
+            battery_update: self.opt(23, |i, b| self.time(i, b))?,
             inputs: self.bools(24)?,
-            inputs_update: self.opt(25, timestamp)?,
+            inputs_update: self.opt(25, |i, b| self.time(i, b))?,
             outputs: self.bools(26)?,
-            outputs_update: self.opt(27, timestamp)?,
+            outputs_update: self.opt(27, |i, b| self.time(i, b))?,
             additional: self.json(28, layout.additional_is_jsonb)?,
-            actual_track_update: self.opt(29, timestamp)?,
+            actual_track_update: self.opt(29, |i, b| self.time(i, b))?,
         })
     }
 }
