@@ -1894,6 +1894,19 @@ mod tests {
         (outbox, view)
     }
 
+    /// Blocks or unblocks `id` in `db` at a new change number; the event's kind.
+    fn toggle(db: &mut Db, id: TrackerId) -> Lifecycle {
+        let was_blocked = db.blocked[&id];
+        db.c += 1;
+        db.blocked.insert(id, !was_blocked);
+        db.lc.insert(id, db.c);
+        if was_blocked {
+            Lifecycle::Unblock
+        } else {
+            Lifecycle::Block
+        }
+    }
+
     /// One processor-like step on `db` and the group (no join, no tick).
     fn step(
         g: &BatchGroup,
@@ -1902,7 +1915,6 @@ mod tests {
         pending: &mut Vec<(TrackerId, i64, Lifecycle)>,
         n: TrackerId,
     ) {
-        let frame = ByteString::from_static("{}");
         let id = 1 + rng.below(n as u64) as TrackerId;
         let flush = |g: &BatchGroup, db: &Db, pending: &mut Vec<(TrackerId, i64, Lifecycle)>| {
             for (id, c, kind) in pending.drain(..) {
@@ -1919,7 +1931,6 @@ mod tests {
                 }
             }
         };
-        let _ = &frame;
         match rng.below(4) {
             0 => {
                 flush(g, db, pending);
@@ -1929,34 +1940,18 @@ mod tests {
             }
             1 | 2 => {
                 flush(g, db, pending);
-                let b = db.blocked[&id];
-                db.c += 1;
-                db.blocked.insert(id, !b);
-                db.lc.insert(id, db.c);
-                let kind = if b {
-                    Lifecycle::Unblock
-                } else {
-                    Lifecycle::Block
-                };
+                let kind = toggle(db, id);
                 pending.push((id, db.c, kind));
                 flush(g, db, pending);
             }
             _ => {
                 // A lifecycle change an admission reads before the processor publishes it.
                 flush(g, db, pending);
-                let b = db.blocked[&id];
-                db.c += 1;
-                db.blocked.insert(id, !b);
-                db.lc.insert(id, db.c);
-                let kind = if b {
-                    Lifecycle::Unblock
-                } else {
-                    Lifecycle::Block
-                };
+                let kind = toggle(db, id);
                 let facts = TrackerFacts {
                     source_id: 0,
                     account_id: 1,
-                    blocked: !b,
+                    blocked: kind == Lifecycle::Block,
                     change_no: db.c,
                 };
                 g.lock().admit(g.id, &[(id, facts)]);

@@ -1391,14 +1391,8 @@ async fn restoring_a_removed_tracker_announces_its_account(pool: PgPool) {
 async fn read_cost_per_row(pool: PgPool) {
     use rand::seq::SliceRandom;
     const TRACKERS: i64 = 100_000;
-    // One connection, so that every read runs on the backend whose CPU is counted; not tested
-    // before use, as the processor's (`db::events_pool`).
-    let one = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .test_before_acquire(false)
-        .connect_with((*pool.connect_options()).clone())
-        .await
-        .unwrap();
+    // One connection, so that every read runs on the backend whose CPU is counted.
+    let one = untested_pool(&pool, 1).await;
     bench_fleet(&one).await;
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&one)
@@ -1450,6 +1444,17 @@ async fn read_cost_per_row(pool: PgPool) {
     }
 }
 
+/// A pool on `pool`'s database whose connections are not tested before use, as the event
+/// processor's (`db::events_pool`), for the cost harnesses.
+async fn untested_pool(pool: &PgPool, connections: u32) -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(connections)
+        .test_before_acquire(false)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap()
+}
+
 /// The benchmark's fleet (bench/src/db.rs) of 100,000 trackers in account 1, states included.
 async fn bench_fleet(pool: &PgPool) {
     for sql in [
@@ -1493,13 +1498,7 @@ async fn processor_cost_per_state(pool: PgPool) {
     use rand::seq::SliceRandom;
     const TRACKERS: i64 = 100_000;
     const ROUND: usize = 1_000;
-    // As the processor's pool (`db::events_pool`): not tested before use.
-    let events = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(4)
-        .test_before_acquire(false)
-        .connect_with((*pool.connect_options()).clone())
-        .await
-        .unwrap();
+    let events = untested_pool(&pool, 4).await;
     bench_fleet(&pool).await;
     let hub = Hub::new();
     let all: Vec<i64> = (1..=TRACKERS).collect();
