@@ -596,15 +596,33 @@ pub fn subscribe_response(
 }
 
 /// The answer to `unsubscribe`: `ids` are the `state` trackers named; in the requests form each
-/// type named has its entry, a batch's with no trackers (it left a whole group).
-pub fn unsubscribe_response(form: Form, events: &[String], ids: &[TrackerId]) -> String {
+/// type named has its entry, a batch's with no trackers (it left a whole group). A type whose
+/// items all failed to parse (`items`) left nothing: its entry is the first one's error, as in
+/// the subscribe response (a type with one good item is a success, as there).
+pub fn unsubscribe_response(
+    form: Form,
+    events: &[String],
+    items: &[Item],
+    ids: &[TrackerId],
+) -> String {
     let data = match form {
         Form::Legacy => json!(ids),
         Form::Requests => {
             let mut m = Map::new();
             for e in events {
-                let value: &[TrackerId] = if e == "state" { ids } else { &[] };
-                m.insert(e.clone(), json!({"success": true, "value": value}));
+                let of_kind: Vec<&Item> = items.iter().filter(|i| i.kind() == e).collect();
+                let all_failed = of_kind.iter().all(|i| matches!(i, Item::Failed { .. }));
+                let entry = match of_kind.first() {
+                    Some(Item::Failed { error, .. }) if all_failed => json!({
+                        "success": false,
+                        "status": {"code": error.code, "description": error.description}
+                    }),
+                    _ => {
+                        let value: &[TrackerId] = if e == "state" { ids } else { &[] };
+                        json!({"success": true, "value": value})
+                    }
+                };
+                m.insert(e.clone(), entry);
             }
             Value::Object(m)
         }
@@ -623,6 +641,28 @@ mod tests {
     use super::*;
 
     const HASH: &str = "f4bf1b75403d851653dad99c78c4b237";
+
+    #[test]
+    fn an_unsubscribe_item_that_failed_is_answered_with_its_error() {
+        let m = parse(&format!(
+            r#"{{"action":"unsubscribe","hash":"{HASH}","requests":[{{"type":"state","trackers":[2]}},{{"type":"state_batch","target":{{"type":"selected","tracker_ids":"oops"}}}},{{"type":"iot_monitor"}}]}}"#
+        ))
+        .unwrap();
+        let r: Value =
+            serde_json::from_str(&unsubscribe_response(m.form, &m.events, &m.items, &[2])).unwrap();
+        assert_eq!(r["data"]["state"], json!({"success": true, "value": [2]}));
+        assert_eq!(r["data"]["state_batch"]["success"], json!(false), "{r}");
+        assert_eq!(r["data"]["state_batch"]["status"]["code"], json!(7), "{r}");
+        assert_eq!(r["data"]["iot_monitor"]["success"], json!(false), "{r}");
+        // One good item of a type makes its entry a success, as in the subscribe response.
+        let m = parse(&format!(
+            r#"{{"action":"unsubscribe","hash":"{HASH}","requests":[{{"type":"state","trackers":"x"}},{{"type":"state","trackers":[3]}}]}}"#
+        ))
+        .unwrap();
+        let r: Value =
+            serde_json::from_str(&unsubscribe_response(m.form, &m.events, &m.items, &[3])).unwrap();
+        assert_eq!(r["data"]["state"], json!({"success": true, "value": [3]}));
+    }
 
     #[test]
     fn legacy_subscribe_from_seed_004() {

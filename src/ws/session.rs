@@ -1094,7 +1094,8 @@ impl Connection {
                         .await
                 }
                 None => {
-                    let response = protocol::unsubscribe_response(msg.form, &msg.events, &ids);
+                    let response =
+                        protocol::unsubscribe_response(msg.form, &msg.events, &msg.items, &ids);
                     self.send(response.into()).await
                 }
             };
@@ -1123,7 +1124,7 @@ impl Connection {
         self.app.hub.unsubscribe(self.id, &mine);
         self.release_idle_sessions();
         let events = msg.events.clone();
-        self.send(protocol::unsubscribe_response(msg.form, &events, &ids).into())
+        self.send(protocol::unsubscribe_response(msg.form, &events, &msg.items, &ids).into())
             .await
     }
 
