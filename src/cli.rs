@@ -205,11 +205,21 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
                 }
             };
             log_config_files(&cli.config_dir);
+            if from == "server.listen" {
+                let demo = std::env::var("FLEETGATE_LISTEN").ok();
+                if let Some(w) =
+                    crate::config::listen_variable_ignored(demo.as_deref(), &settings.server.listen)
+                {
+                    tracing::warn!("{w}");
+                }
+            }
             startup::log_open_file_limit();
             startup::tune_process(&settings.server);
             let listener = TcpListener::bind(&settings.server.listen)
                 .with_context(|| format!("binding {from} {}", settings.server.listen))?;
-            let app = build_waiting_for_database(settings, listener).await?;
+            let Some(app) = build_waiting_for_database(settings, listener).await? else {
+                return Ok(());
+            };
             tracing::info!(port = app.port(), "fleetgate listening");
             let stop = app.shutdown_handle();
             tokio::spawn(async move {
@@ -471,41 +481,83 @@ fn log_config_files(dir: &std::path::Path) {
 /// Resolves at the first SIGINT (Ctrl-C) or SIGTERM.
 /// `serve`'s start: builds the application, waiting up to `database.startup_wait_secs` while
 /// the database cannot be reached yet ([`db::worth_waiting_for`]), so that a gateway started
-/// before its database comes up with it instead of exiting. The address stays bound meanwhile
-/// (clients are refused nothing they could have had: nothing is served before the database).
+/// before its database comes up with it instead of exiting. Meanwhile the address answers
+/// `/health` (200), `/ready` (503) and anything else with code 14 ([`startup::waiting_server`]).
+/// The last try is made when the wait is up (a try can take up to the connect timeout, 15 s, on
+/// a server that does not answer). `None`: stopped by a signal while waiting.
 async fn build_waiting_for_database(
     settings: Settings,
     listener: TcpListener,
-) -> anyhow::Result<Application> {
+) -> anyhow::Result<Option<Application>> {
     let wait = Duration::from_secs(settings.database.startup_wait_secs);
     let started = Instant::now();
     let mut delay = Duration::from_millis(settings.listen.reconnect_min_ms.max(100));
     let longest = Duration::from_millis(settings.listen.reconnect_max_ms).max(delay);
+    let mut waiting: Option<actix_web::dev::ServerHandle> = None;
+    let stop_waiting = |waiting: Option<actix_web::dev::ServerHandle>| async move {
+        if let Some(handle) = waiting {
+            handle.stop(true).await;
+        }
+    };
     loop {
         let attempt = listener
             .try_clone()
             .context("duplicating the listening socket")?;
         let e = match Application::build(settings.clone(), attempt).await {
-            Ok(app) => return Ok(app),
+            Ok(app) => {
+                stop_waiting(waiting).await;
+                return Ok(Some(app));
+            }
             Err(e) => e,
         };
-        if !db::worth_waiting_for(&e) || started.elapsed() + delay > wait {
+        let left = wait.saturating_sub(started.elapsed());
+        if !db::worth_waiting_for(&e) || left.is_zero() {
+            stop_waiting(waiting).await;
             return Err(e);
         }
+        if waiting.is_none() {
+            let server = startup::waiting_server(
+                listener
+                    .try_clone()
+                    .context("duplicating the listening socket")?,
+            )?;
+            waiting = Some(server.handle());
+            tokio::spawn(server);
+        }
+        let pause = delay.min(left);
         tracing::warn!(
-            error = format!("{e:#}"),
-            retry_in_ms = delay.as_millis() as u64,
+            error = error_line(&e),
+            retry_in_ms = pause.as_millis() as u64,
             waited_s = started.elapsed().as_secs(),
             "the database cannot be reached yet: waiting for it (database.startup_wait_secs)"
         );
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = wait_for_signal() => {
-                return Err(e.context("stopped while waiting for the database"));
+                tracing::info!("stopped while waiting for the database");
+                stop_waiting(waiting).await;
+                return Ok(None);
             }
         }
         delay = (delay * 2).min(longest);
     }
+}
+
+/// An error and its causes on one line, as `{:#}` writes them, less a cause whose text its
+/// error already ends with (sqlx's I/O error writes its source into its own message, which
+/// read `Connection refused (os error 111): Connection refused (os error 111)`).
+pub fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 pub(crate) async fn wait_for_signal() {
@@ -521,4 +573,21 @@ pub(crate) async fn wait_for_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    #[test]
+    fn an_error_line_leaves_out_a_cause_its_error_already_ends_with() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let e = anyhow::Error::from(sqlx::Error::Io(io)).context("PostgreSQL at postgres://x");
+        assert_eq!(
+            error_line(&e),
+            "PostgreSQL at postgres://x: error communicating with database: Connection refused"
+        );
+        let e = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(error_line(&e), "outer: middle: inner");
+    }
 }

@@ -446,30 +446,58 @@ fn check_file(
 }
 
 /// A `FLEETGATE_<SECTION>_<KEY>` variable naming a setting with one underscore (or none) where
-/// the environment layer takes two: it would be ignored, the setting left at its value, so it is
-/// an error naming the variable meant. (Other `FLEETGATE_*` variables are not settings.)
+/// the environment layer takes two, or a `FLEETGATE_<KEY>` naming a setting without its section
+/// (`FLEETGATE_WORKERS`): it would be ignored, the setting left at its value, so it is an error
+/// naming the variable meant. (Other `FLEETGATE_*` variables are not settings; nor is
+/// `FLEETGATE_LISTEN`, the address `scripts/demo.sh` serves on, which `serve` warns about
+/// instead: see [`listen_variable_ignored`].)
 fn misspelt_variable(vars: impl Iterator<Item = (String, String)>) -> Option<String> {
     let sections = serde_json::to_value(Settings::default()).ok()?;
     let sections = sections.as_object()?;
+    let meant = |name: &str, section: &str, key: &str| {
+        format!(
+            "{name} is not read: a setting is named by its section and key with two \
+             underscores between them, FLEETGATE_{}__{}",
+            section.to_ascii_uppercase(),
+            key.to_ascii_uppercase()
+        )
+    };
     vars.filter_map(|(name, _)| {
         let rest = name.strip_prefix("FLEETGATE_")?.to_ascii_lowercase();
-        if rest.contains("__") {
+        if rest.contains("__") || rest == "listen" {
             return None;
         }
-        sections.iter().find_map(|(section, keys)| {
-            // One underscore, or none (`FLEETGATE_LOGFORMAT`).
-            let key = rest.strip_prefix(section.as_str())?;
-            let key = key.strip_prefix('_').unwrap_or(key);
-            keys.get(key)?;
-            Some(format!(
-                "{name} is not read: a setting takes two underscores after its section, \
-                 FLEETGATE_{}__{}",
-                section.to_ascii_uppercase(),
-                key.to_ascii_uppercase()
-            ))
-        })
+        sections
+            .iter()
+            .find_map(|(section, keys)| {
+                // One underscore, or none (`FLEETGATE_LOGFORMAT`).
+                let key = rest.strip_prefix(section.as_str())?;
+                let key = key.strip_prefix('_').unwrap_or(key);
+                keys.get(key)?;
+                Some(meant(&name, section, key))
+            })
+            .or_else(|| {
+                // No section at all: the first section with such a key.
+                sections.iter().find_map(|(section, keys)| {
+                    keys.get(rest.as_str())?;
+                    Some(meant(&name, section, &rest))
+                })
+            })
     })
     .next()
+}
+
+/// The warning `serve` logs when `FLEETGATE_LISTEN` (the variable of `scripts/demo.sh`, which
+/// passes it on as `--listen`) is set to another address than the one served, without
+/// `--listen`: the setting is `server.listen` (`FLEETGATE_SERVER__LISTEN`).
+pub fn listen_variable_ignored(value: Option<&str>, serving: &str) -> Option<String> {
+    let value = value?.trim();
+    (!value.is_empty() && value != serving).then(|| {
+        format!(
+            "FLEETGATE_LISTEN={value} is not read by serve (it is scripts/demo.sh's): serving on \
+             {serving}; set server.listen (FLEETGATE_SERVER__LISTEN) or pass --listen"
+        )
+    })
 }
 
 /// Refuses a log filter (`log.level`, or `RUST_LOG` which overrides it) that would quietly log
@@ -579,6 +607,19 @@ impl Settings {
                 "database.url (or DATABASE_URL) must start with postgres:// or postgresql://"
                     .into(),
             );
+        }
+        let tiles = self.web.tile_url.trim();
+        if !(tiles.is_empty() || tiles.starts_with('/') || crate::web::tile_origin(tiles).is_some())
+        {
+            return Err(format!(
+                "web.tile_url = {tiles:?}: must be empty, a path on the gateway (/tiles/{{z}}/{{x}}/{{y}}.png) \
+                 or an http(s) URL such as https://tile.example/{{z}}/{{x}}/{{y}}.png"
+            ));
+        }
+        if !tiles.is_empty() && !["{z}", "{x}", "{y}"].iter().all(|p| tiles.contains(p)) {
+            return Err(format!(
+                "web.tile_url = {tiles:?}: must hold the placeholders {{z}}, {{x}} and {{y}}"
+            ));
         }
         if !(60..=10 * 365 * 24 * 3600).contains(&self.api.session_lifetime_secs) {
             return Err(format!(
@@ -727,6 +768,27 @@ mod tests {
         let mut s = Settings::default();
         s.database.url = "mysql://root@127.0.0.1/x".into();
         assert!(s.validate().is_err());
+        for ok in [
+            "",
+            "https://tile.example/{z}/{x}/{y}.png",
+            "https://{s}.tile.example/{z}/{x}/{y}.png?key=k",
+            "/tiles/{z}/{x}/{y}.png",
+        ] {
+            let mut s = Settings::default();
+            s.web.tile_url = ok.into();
+            assert_eq!(s.validate(), Ok(()), "{ok}");
+        }
+        for bad in [
+            "foo",
+            "javascript:alert(1)",
+            "ftp://tile.example/{z}/{x}/{y}.png",
+            "https://tile.example/tiles.png",
+        ] {
+            let mut s = Settings::default();
+            s.web.tile_url = bad.into();
+            let e = s.validate().expect_err(bad);
+            assert!(e.contains("web.tile_url"), "{e}");
+        }
         let mut s = Settings::default();
         s.api.session_lifetime_secs = -5;
         assert!(s.validate().is_err());
@@ -1042,6 +1104,11 @@ mod tests {
         assert!(e.contains("FLEETGATE_WEB__TILE_URL"), "{e}");
         let e = misspelt_variable(vars(&["FLEETGATE_LOGFORMAT"])).expect("an error");
         assert!(e.contains("FLEETGATE_LOG__FORMAT"), "{e}");
+        // A key without its section.
+        let e = misspelt_variable(vars(&["FLEETGATE_WORKERS"])).expect("an error");
+        assert!(e.contains("FLEETGATE_SERVER__WORKERS"), "{e}");
+        let e = misspelt_variable(vars(&["FLEETGATE_MAX_SOCKETS"])).expect("an error");
+        assert!(e.contains("__MAX_SOCKETS"), "{e}");
         // The scripts' and tools' own variables, and settings spelt right, are not settings
         // misspelt.
         assert_eq!(
@@ -1055,8 +1122,35 @@ mod tests {
                 "FLEETGATE_BENCH_GATEWAY_LOG",
                 "FLEETGATE_LOG__FORMAT",
                 "FLEETGATE_LISTEN_ADDRESS",
+                "FLEETGATE_PG_DIR",
+                "FLEETGATE_PG_BINDIR",
+                "FLEETGATE_PG_DB",
+                "FLEETGATE_PG_FORCE_PRIVATE",
+                "FLEETGATE_CHROMIUM",
+                "FLEETGATE_CHROMEDRIVER",
+                "FLEETGATE_TEST_LOG",
+                "FLEETGATE_TEST_GATEWAY",
+                "FLEETGATE_USER_PASSWORD",
+                "FLEETGATE_DEMO_READY_TIMEOUT",
+                "FLEETGATE_BENCH_GATEWAY",
+                "FLEETGATE_BENCH_EPOCH_NS",
             ])),
             None
+        );
+    }
+
+    #[test]
+    fn serve_warns_of_the_demo_scripts_listen_variable_only_when_it_would_differ() {
+        assert_eq!(listen_variable_ignored(None, "127.0.0.1:8080"), None);
+        assert_eq!(listen_variable_ignored(Some(""), "127.0.0.1:8080"), None);
+        assert_eq!(
+            listen_variable_ignored(Some("127.0.0.1:8080"), "127.0.0.1:8080"),
+            None
+        );
+        let w = listen_variable_ignored(Some("0.0.0.0:9000"), "127.0.0.1:8080").expect("a warning");
+        assert!(
+            w.contains("FLEETGATE_SERVER__LISTEN") && w.contains("127.0.0.1:8080"),
+            "{w}"
         );
     }
 }

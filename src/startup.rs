@@ -328,6 +328,19 @@ impl Application {
     }
 }
 
+/// The server `serve` runs on `listener` while it waits for its database at start
+/// ([`http::configure_waiting`]): one worker, stopped as soon as the application is built.
+pub fn waiting_server(listener: TcpListener) -> std::io::Result<Server> {
+    Ok(
+        HttpServer::new(|| App::new().configure(http::configure_waiting))
+            .disable_signals()
+            .workers(1)
+            .shutdown_timeout(1)
+            .listen(listener)?
+            .run(),
+    )
+}
+
 /// The event tasks: the LISTEN connection and the event processor, each named for the log.
 type EventTasks = Vec<(&'static str, BoxFuture<'static, ()>)>;
 

@@ -72,6 +72,10 @@ pub async fn connect(settings: &DatabaseSettings) -> anyhow::Result<PgPool> {
     let options: PgConnectOptions = settings.url.parse().with_context(|| at(&settings.url))?;
     let options = options.application_name("fleetgate");
     let connect = async {
+        // One connection of our own first: a server that refuses connections, an unknown host
+        // or a refused login is reported at once, where the pool retries until its acquire
+        // timeout (an operator command waited 5 s to say `Connection refused`).
+        PgConnection::connect_with(&options).await?.close().await?;
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections.max(1))
             .acquire_timeout(Duration::from_secs(settings.acquire_timeout_secs.max(1)))

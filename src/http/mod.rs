@@ -37,6 +37,29 @@ where
         .default_service(web::to(wrong_method))
 }
 
+/// What `serve` answers while it waits for its database at start (`database.startup_wait_secs`):
+/// `/health` 200 (the process is up), `/ready` 503 with everything down, and every other
+/// request code 14 with HTTP 503 (a WebSocket client's handshake fails with it), so that probes
+/// and clients get an answer instead of a connection that hangs.
+pub fn configure_waiting(cfg: &mut web::ServiceConfig) {
+    async fn not_ready() -> HttpResponse {
+        HttpResponse::ServiceUnavailable().json(ReadyBody {
+            ready: false,
+            database: false,
+            listen_stream: false,
+            events_current: false,
+            sockets_sessions: 0,
+            watched_trackers: 0,
+        })
+    }
+    async fn unavailable() -> Result<HttpResponse, ApiError> {
+        Err(ApiError::DbUnavailable)
+    }
+    cfg.service(get_only("/health", health))
+        .service(get_only("/ready", not_ready))
+        .default_service(web::to(unavailable));
+}
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(get_only("/health", health))
         .service(get_only("/ready", ready))

@@ -137,7 +137,7 @@ fn content_security_policy(tile_url: &str) -> String {
 /// `scheme://host[:port]` of an absolute http(s) tile URL, as a CSP source; a `{s}.` subdomain
 /// placeholder becomes a `*.` wildcard. `None` for a relative URL (covered by `'self'`) or
 /// anything that does not look like a plain origin.
-fn tile_origin(url: &str) -> Option<String> {
+pub(crate) fn tile_origin(url: &str) -> Option<String> {
     let (scheme, rest) = url.split_once("://")?;
     if scheme != "http" && scheme != "https" {
         return None;

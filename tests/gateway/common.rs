@@ -160,25 +160,7 @@ impl TestApp {
 
     /// Plain HTTP GET, returning the status code and body (no HTTP client crate needed).
     pub async fn get(&self, path: &str) -> (u16, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .expect("connect");
-        let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.expect("write");
-        let mut buf = Vec::new();
-        tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
-            .await
-            .expect("response in time")
-            .expect("read");
-        let text = String::from_utf8_lossy(&buf).to_string();
-        let code = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-        (code, body)
+        http_get(self.port, path).await
     }
 
     pub async fn wait_ready(&self) {
@@ -430,6 +412,15 @@ impl Server {
         self.child.id()
     }
 
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.port, path).await
+    }
+
+    /// Its exit status, once it has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     pub fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}/v2/event/subscription", self.port)
     }
@@ -449,4 +440,27 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Plain HTTP GET to the gateway on `port`, returning the status code and body.
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("response in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
 }

@@ -602,6 +602,15 @@ async fn serve_started_before_its_database_comes_up_with_it() {
         std::fs::read_to_string(&log).is_ok_and(|t| t.contains("waiting for it"))
     })
     .await;
+    // Meanwhile the address answers: alive, not ready, anything else code 14.
+    let (code, body) = server.get("/health").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = server.get("/ready").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains(r#""database":false"#), "{body}");
+    let (code, body) = server.get("/v2/tracker/list?hash=x").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains(r#""code":14"#), "{body}");
     // The database comes up.
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await
@@ -620,5 +629,67 @@ async fn serve_started_before_its_database_comes_up_with_it() {
     let mut c = Client::connect(&server.ws_url()).await;
     c.subscribe_and_states(ACME, &[101], 1).await;
     drop(server);
+    let _ = std::fs::remove_file(&log);
+}
+
+/// `serve` gives up on a database that stays down once `database.startup_wait_secs` is up (not
+/// before: the last try is made at the deadline), with an error; stopped by a signal while it
+/// waits, it exits cleanly.
+#[cfg(unix)]
+#[tokio::test]
+async fn serve_waits_for_its_database_until_the_deadline_or_a_signal() {
+    let app = spawn_app().await;
+    let down = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{down}/nothing");
+    let started = std::time::Instant::now();
+    let mut server = Server::start(
+        &app,
+        &[
+            ("DATABASE_URL", &url),
+            ("FLEETGATE_DATABASE__STARTUP_WAIT_SECS", "3"),
+            ("FLEETGATE_LISTEN__RECONNECT_MAX_MS", "10000"),
+        ],
+    );
+    let mut status = None;
+    eventually("serve to give up on its database", || {
+        status = status.or_else(|| server.exited());
+        let done = status.is_some();
+        async move { done }
+    })
+    .await;
+    assert!(!status.is_some_and(|s| s.success()), "{status:?}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(3),
+        "gave up after {:?}",
+        started.elapsed()
+    );
+
+    let log = std::env::temp_dir().join(format!("fleetgate-startup-signal-{}.log", app.port));
+    let log_path = log.to_string_lossy().into_owned();
+    let mut server = Server::start(
+        &app,
+        &[
+            ("DATABASE_URL", &url),
+            ("FLEETGATE_DATABASE__STARTUP_WAIT_SECS", "120"),
+            ("FLEETGATE_TEST_LOG", &log_path),
+        ],
+    );
+    eventually("serve to say it waits for the database", || async {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("waiting for it"))
+    })
+    .await;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
+    let mut status = None;
+    eventually("serve to stop on SIGTERM", || {
+        status = status.or_else(|| server.exited());
+        let done = status.is_some();
+        async move { done }
+    })
+    .await;
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
     let _ = std::fs::remove_file(&log);
 }
