@@ -217,10 +217,13 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
             startup::tune_process(&settings.server);
             let listener = TcpListener::bind(&settings.server.listen)
                 .with_context(|| format!("binding {from} {}", settings.server.listen))?;
+            let address = listener
+                .local_addr()
+                .map_or_else(|_| settings.server.listen.clone(), |a| a.to_string());
             let Some(app) = build_waiting_for_database(settings, listener).await? else {
                 return Ok(());
             };
-            tracing::info!(port = app.port(), "fleetgate listening");
+            tracing::info!(address = %address, port = app.port(), "fleetgate listening");
             let stop = app.shutdown_handle();
             tokio::spawn(async move {
                 wait_for_signal().await;

@@ -324,6 +324,11 @@ fn unclear_variable(vars: impl Iterator<Item = (String, String)>) -> Option<Stri
                 "{name} = `{value}`: {section}.{key} takes a whole number"
             ));
         }
+        if default.is_u64() && word.parse::<i64>().is_ok_and(|n| n < 0) {
+            return Some(format!(
+                "{name} = `{value}`: {section}.{key} takes a whole number of 0 or more"
+            ));
+        }
         None
     })
     .next()
@@ -687,6 +692,23 @@ impl Settings {
                 return Err(format!("{name} = {value}: must be at least {floor}"));
             }
         }
+        // Values no deployment means, which fail later and far from the setting: eight round
+        // timeouts are the event connections' `statement_timeout`, which PostgreSQL caps at
+        // about 24 days (it refused the setting, and reads were left unbounded).
+        let ceilings: [(&str, u64, u64); 3] = [
+            ("listen.round_timeout_secs", l.round_timeout_secs, 86_400),
+            (
+                "database.acquire_timeout_secs",
+                d.acquire_timeout_secs,
+                86_400,
+            ),
+            ("server.workers", self.server.workers as u64, 1_024),
+        ];
+        for (name, value, ceiling) in ceilings {
+            if value > ceiling {
+                return Err(format!("{name} = {value}: must be at most {ceiling}"));
+            }
+        }
         if l.reconnect_max_ms < l.reconnect_min_ms {
             return Err(format!(
                 "listen.reconnect_max_ms = {} is below listen.reconnect_min_ms = {}",
@@ -796,6 +818,16 @@ mod tests {
         assert!(s.validate().is_err());
         let mut s = Settings::default();
         s.api.max_body_bytes = 0;
+        assert!(s.validate().is_err());
+        let mut s = Settings::default();
+        s.listen.round_timeout_secs = 99_999_999_999;
+        let e = s.validate().expect_err("a ceiling");
+        assert!(
+            e.contains("listen.round_timeout_secs") && e.contains("at most"),
+            "{e}"
+        );
+        let mut s = Settings::default();
+        s.server.workers = 100_000;
         assert!(s.validate().is_err());
         let mut s = Settings::default();
         s.database.max_connections = 0;
@@ -918,6 +950,11 @@ mod tests {
             .into_iter()
         };
         assert_eq!(unclear_variable(vars("2048")), None);
+        let e = unclear_variable(vars("-1")).expect("-1");
+        assert!(
+            e.starts_with("FLEETGATE_WEBSOCKET__QUEUE_CAPACITY = `-1`") && e.contains("0 or more"),
+            "{e}"
+        );
         let e = unclear_variable(vars("2.5")).expect("2.5");
         assert!(
             e.starts_with("FLEETGATE_WEBSOCKET__QUEUE_CAPACITY = `2.5`")
