@@ -139,16 +139,19 @@ pub fn raise_open_file_limit() -> std::io::Result<(u64, u64)> {
 /// [`raise_open_file_limit`], logged: raised, or too low for many sockets.
 pub fn log_open_file_limit() {
     match raise_open_file_limit() {
-        Ok((_, after)) if after < OPEN_FILES_WARN => tracing::warn!(
-            limit = after,
-            "the open-file limit caps the sockets this process can hold (one descriptor each); \
-             raise the hard limit (`ulimit -Hn`, `LimitNOFILE=` under systemd) or run several \
-             processes"
-        ),
-        Ok((before, after)) if after > before => {
-            tracing::info!(from = before, to = after, "open-file limit raised")
+        Ok((before, after)) => {
+            if after > before {
+                tracing::info!(from = before, to = after, "open-file limit raised");
+            }
+            if after < OPEN_FILES_WARN {
+                tracing::warn!(
+                    limit = after,
+                    "the open-file limit caps the sockets this process can hold (one descriptor \
+                     each); raise the hard limit (`ulimit -Hn`, `LimitNOFILE=` under systemd) or \
+                     run several processes"
+                );
+            }
         }
-        Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
     }
 }
