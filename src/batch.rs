@@ -893,6 +893,15 @@ impl Batches {
         self.groups.len()
     }
 
+    /// Calls `f` with every member's connection and outbox (for `/metrics`' queue gauges).
+    pub fn for_each_member(&self, mut f: impl FnMut(ConnId, &Arc<Outbox>)) {
+        for group in self.groups.iter() {
+            for m in &group.lock().members {
+                f(m.conn, &m.outbox);
+            }
+        }
+    }
+
     /// Joins (creating and filling if needed) the group for `key`.
     pub async fn join(
         &self,

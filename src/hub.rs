@@ -1419,16 +1419,28 @@ impl Hub {
             coalesced: self.stats.coalesced.load(Ordering::Relaxed),
             ..Sample::default()
         };
+        // Every socket's outbox, found through its sessions, its subscriptions and its batch
+        // groups: a socket whose session ended holds no session entry until it has read its
+        // `logout`, which one that stopped reading may not do before its idle timeout, and its
+        // queue is then the one to see.
+        let mut outboxes: HashMap<ConnId, Arc<Outbox>> = HashMap::new();
         for e in self.trackers.iter() {
             sample.subscriptions +=
                 (e.subs.len() + e.groups.len() + e.readings_groups.len()) as u64;
+            for sub in &e.subs {
+                outboxes
+                    .entry(sub.conn)
+                    .or_insert_with(|| sub.outbox.clone());
+            }
         }
-        let mut outboxes: HashMap<ConnId, Arc<Outbox>> = HashMap::new();
         for e in self.sessions.iter() {
             for (conn, outbox) in &e.conns {
                 outboxes.entry(*conn).or_insert_with(|| outbox.clone());
             }
         }
+        self.batches.for_each_member(|conn, outbox| {
+            outboxes.entry(conn).or_insert_with(|| outbox.clone());
+        });
         for outbox in outboxes.values() {
             let n = outbox.len() as u64;
             sample.queue_depth += n;
@@ -1532,6 +1544,23 @@ mod tests {
         publish(&hub, 7, 11);
         assert_eq!(states(&drain(&a).await), [(7, 11)]);
         assert_eq!(states(&drain(&b).await), [(7, 11)]);
+    }
+
+    /// A socket whose session ended still counts in the queue gauges until it has taken its
+    /// `logout` (one that stopped reading may not for up to its idle timeout).
+    #[test]
+    fn the_queue_gauges_see_a_socket_whose_session_ended() {
+        let hub = Hub::new();
+        let outbox = hub.outbox(8);
+        let hash: Arc<str> = Arc::from("f4bf1b75403d851653dad99c78c4b237");
+        hub.register_session(&hash, 1, &outbox, Utc::now() + chrono::Duration::hours(1));
+        hub.subscribe(1, &outbox, &[5, 6], variant());
+        publish(&hub, 5, 10);
+        publish(&hub, 6, 10);
+        assert_eq!(hub.sample().queue_depth, 2);
+        assert_eq!(hub.logout(&hash), 1);
+        let s = hub.sample();
+        assert_eq!((s.sessions, s.queue_depth, s.queue_depth_max), (0, 3, 3));
     }
 
     #[test]
