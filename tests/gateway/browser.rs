@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
-use crate::common::{spawn_app, spawn_app_with, test_settings, TestApp, ACME, SUB};
+use crate::common::{http_request, spawn_app, spawn_app_with, test_settings, TestApp, ACME, SUB};
 
 /// How long the page may take to show something (it batches per second in `state_batch` mode).
 const PAGE_WAIT: Duration = Duration::from_secs(20);
@@ -764,28 +764,5 @@ async fn http(
     path: &str,
     body: Option<&str>,
 ) -> (u16, String, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
-        .await
-        .expect("connect");
-    let body = body.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    tokio::time::timeout(PAGE_WAIT, s.read_to_end(&mut buf))
-        .await
-        .expect("response in time")
-        .expect("read");
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (code, head.to_ascii_lowercase(), body.to_string())
+    http_request(app.port, method, path, Some(body.unwrap_or(""))).await
 }

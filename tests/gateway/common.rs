@@ -416,9 +416,16 @@ impl Server {
         http_get(self.port, path).await
     }
 
-    /// Its exit status, once it has exited.
-    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().ok().flatten()
+    /// Waits for it to exit (`what` names the wait), and returns its exit status.
+    pub async fn exit_status(&mut self, what: &str) -> std::process::ExitStatus {
+        let mut status = None;
+        eventually(what, || {
+            status = status.or_else(|| self.child.try_wait().ok().flatten());
+            let done = status.is_some();
+            async move { done }
+        })
+        .await;
+        status.expect("it exited")
     }
 
     pub fn ws_url(&self) -> String {
@@ -444,14 +451,33 @@ impl Drop for Server {
 
 /// Plain HTTP GET to the gateway on `port`, returning the status code and body.
 pub async fn http_get(port: u16, path: &str) -> (u16, String) {
+    let (code, _, body) = http_request(port, "GET", path, None).await;
+    (code, body)
+}
+
+/// A plain HTTP/1.1 request to the gateway on `port` (a JSON body when given, with its length;
+/// no HTTP client crate needed): the status code, the head (lower-cased) and the body.
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(("127.0.0.1", port))
         .await
         .expect("connect");
-    let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let req = match body {
+        Some(body) => format!(
+            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+        None => format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
+    };
     s.write_all(req.as_bytes()).await.expect("write");
     let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+    tokio::time::timeout(2 * WAIT, s.read_to_end(&mut buf))
         .await
         .expect("response in time")
         .expect("read");
@@ -461,6 +487,6 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    (code, body)
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (code, head.to_ascii_lowercase(), body.to_string())
 }

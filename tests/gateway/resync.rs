@@ -653,14 +653,8 @@ async fn serve_waits_for_its_database_until_the_deadline_or_a_signal() {
             ("FLEETGATE_LISTEN__RECONNECT_MAX_MS", "10000"),
         ],
     );
-    let mut status = None;
-    eventually("serve to give up on its database", || {
-        status = status.or_else(|| server.exited());
-        let done = status.is_some();
-        async move { done }
-    })
-    .await;
-    assert!(!status.is_some_and(|s| s.success()), "{status:?}");
+    let status = server.exit_status("serve to give up on its database").await;
+    assert!(!status.success(), "{status:?}");
     assert!(
         started.elapsed() >= std::time::Duration::from_secs(3),
         "gave up after {:?}",
@@ -683,13 +677,7 @@ async fn serve_waits_for_its_database_until_the_deadline_or_a_signal() {
     .await;
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
-    let mut status = None;
-    eventually("serve to stop on SIGTERM", || {
-        status = status.or_else(|| server.exited());
-        let done = status.is_some();
-        async move { done }
-    })
-    .await;
-    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let status = server.exit_status("serve to stop on SIGTERM").await;
+    assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_file(&log);
 }
