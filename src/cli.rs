@@ -481,7 +481,6 @@ fn log_config_files(dir: &std::path::Path) {
     }
 }
 
-/// Resolves at the first SIGINT (Ctrl-C) or SIGTERM.
 /// `serve`'s start: builds the application, waiting up to `database.startup_wait_secs` while
 /// the database cannot be reached yet ([`db::worth_waiting_for`]), so that a gateway started
 /// before its database comes up with it instead of exiting. Meanwhile the address answers
@@ -563,6 +562,7 @@ pub fn error_line(e: &anyhow::Error) -> String {
     line
 }
 
+/// Resolves at the first SIGINT (Ctrl-C) or SIGTERM.
 pub(crate) async fn wait_for_signal() {
     #[cfg(unix)]
     {
