@@ -790,15 +790,18 @@ mod tests {
         let mut s = Settings::default();
         s.database.url = "mysql://root@127.0.0.1/x".into();
         assert!(s.validate().is_err());
+        let with_tiles = |url: &str| {
+            let mut s = Settings::default();
+            s.web.tile_url = url.into();
+            s.validate()
+        };
         for ok in [
             "",
             "https://tile.example/{z}/{x}/{y}.png",
             "https://{s}.tile.example/{z}/{x}/{y}.png?key=k",
             "/tiles/{z}/{x}/{y}.png",
         ] {
-            let mut s = Settings::default();
-            s.web.tile_url = ok.into();
-            assert_eq!(s.validate(), Ok(()), "{ok}");
+            assert_eq!(with_tiles(ok), Ok(()), "{ok}");
         }
         for bad in [
             "foo",
@@ -806,9 +809,7 @@ mod tests {
             "ftp://tile.example/{z}/{x}/{y}.png",
             "https://tile.example/tiles.png",
         ] {
-            let mut s = Settings::default();
-            s.web.tile_url = bad.into();
-            let e = s.validate().expect_err(bad);
+            let e = with_tiles(bad).expect_err(bad);
             assert!(e.contains("web.tile_url"), "{e}");
         }
         let mut s = Settings::default();
