@@ -481,12 +481,17 @@ fn log_config_files(dir: &std::path::Path) {
     }
 }
 
+/// How long the first try to build the application may take before the address starts
+/// answering `/health` (200) and `/ready` (503) while it goes on.
+const SLOW_TRY: Duration = Duration::from_secs(1);
+
 /// `serve`'s start: builds the application, waiting up to `database.startup_wait_secs` while
 /// the database cannot be reached yet ([`db::worth_waiting_for`]), so that a gateway started
 /// before its database comes up with it instead of exiting. Meanwhile the address answers
 /// `/health` (200), `/ready` (503) and anything else with code 14 ([`startup::waiting_server`]).
 /// The last try is made when the wait is up (a try can take up to the connect timeout, 15 s, on
-/// a server that does not answer). `None`: stopped by a signal while waiting.
+/// a server that does not answer; the address answers as above once a try has taken
+/// [`SLOW_TRY`]). `None`: stopped by a signal while waiting.
 async fn build_waiting_for_database(
     settings: Settings,
     listener: TcpListener,
@@ -501,11 +506,47 @@ async fn build_waiting_for_database(
             handle.stop(true).await;
         }
     };
+    let answer_meanwhile = || -> anyhow::Result<actix_web::dev::ServerHandle> {
+        let server = startup::waiting_server(
+            listener
+                .try_clone()
+                .context("duplicating the listening socket")?,
+        )?;
+        let handle = server.handle();
+        tokio::spawn(server);
+        Ok(handle)
+    };
     loop {
         let attempt = listener
             .try_clone()
             .context("duplicating the listening socket")?;
-        let e = match Application::build(settings.clone(), attempt).await {
+        let build = Application::build(settings.clone(), attempt);
+        tokio::pin!(build);
+        // A try on a server that does not answer takes up to 15 s: the address answers
+        // /health meanwhile once a try is slow, not only after the first one failed.
+        let first = waiting.is_none() && !wait.is_zero();
+        let slow = async move {
+            if first {
+                tokio::time::sleep(SLOW_TRY).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        let built = tokio::select! {
+            built = &mut build => built,
+            _ = slow => {
+                waiting = Some(answer_meanwhile()?);
+                tokio::select! {
+                    built = &mut build => built,
+                    _ = wait_for_signal() => {
+                        tracing::info!("stopped while waiting for the database");
+                        stop_waiting(waiting).await;
+                        return Ok(None);
+                    }
+                }
+            }
+        };
+        let e = match built {
             Ok(app) => {
                 stop_waiting(waiting).await;
                 return Ok(Some(app));
@@ -518,13 +559,7 @@ async fn build_waiting_for_database(
             return Err(e);
         }
         if waiting.is_none() {
-            let server = startup::waiting_server(
-                listener
-                    .try_clone()
-                    .context("duplicating the listening socket")?,
-            )?;
-            waiting = Some(server.handle());
-            tokio::spawn(server);
+            waiting = Some(answer_meanwhile()?);
         }
         let pause = delay.min(left);
         tracing::warn!(

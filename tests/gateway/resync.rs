@@ -634,7 +634,8 @@ async fn serve_started_before_its_database_comes_up_with_it() {
 
 /// `serve` gives up on a database that stays down once `database.startup_wait_secs` is up (not
 /// before: the last try is made at the deadline), with an error; stopped by a signal while it
-/// waits, it exits cleanly.
+/// waits, it exits cleanly. On a database that never answers, its address answers `/health`
+/// while the first try is still running.
 #[cfg(unix)]
 #[tokio::test]
 async fn serve_waits_for_its_database_until_the_deadline_or_a_signal() {
@@ -679,5 +680,45 @@ async fn serve_waits_for_its_database_until_the_deadline_or_a_signal() {
     unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
     let status = server.exit_status("serve to stop on SIGTERM").await;
     assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_file(&log);
+
+    // A database that takes connections and never answers (a listener nobody accepts from: the
+    // kernel completes the handshakes): a try fails only at the connect timeout, 15 s. The
+    // address answers before that, and a signal stops the try.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let silent_port = silent.local_addr().expect("its address").port();
+    let url = format!("postgres://postgres@127.0.0.1:{silent_port}/nothing");
+    let mut server = Server::start(
+        &app,
+        &[
+            ("DATABASE_URL", &url),
+            ("FLEETGATE_DATABASE__STARTUP_WAIT_SECS", "120"),
+            ("FLEETGATE_TEST_LOG", &log_path),
+        ],
+    );
+    // Asked as soon as the address is bound, the request waits in the listening socket's
+    // queue until something serves it.
+    eventually("serve to bind its address", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", server.port))
+            .await
+            .is_ok()
+    })
+    .await;
+    let (code, body) = server.get("/health").await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = server.get("/ready").await;
+    assert_eq!(code, 503, "{body}");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        !text.contains("waiting for it"),
+        "the first try was over before /health answered: {text}"
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
+    let status = server
+        .exit_status("serve to stop on SIGTERM during a try")
+        .await;
+    assert!(status.success(), "{status:?}");
+    drop(silent);
     let _ = std::fs::remove_file(&log);
 }
