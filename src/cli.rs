@@ -213,6 +213,9 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
                     tracing::warn!("{w}");
                 }
             }
+            if let Some(w) = crate::config::frame_limit_warning(&settings.websocket) {
+                tracing::warn!("{w}");
+            }
             startup::log_open_file_limit();
             startup::tune_process(&settings.server);
             let listener = TcpListener::bind(&settings.server.listen)
@@ -402,6 +405,9 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
                 crate::telemetry::filter_spec(&settings.log.level, rust_log.as_deref())
             {
                 eprintln!("RUST_LOG overrides log.level: logs go through `{spec}`");
+            }
+            if let Some(w) = crate::config::frame_limit_warning(&settings.websocket) {
+                eprintln!("warning: {w}");
             }
             let _ = startup::raise_open_file_limit();
             let automatic = startup::automatic_socket_limit(&settings);

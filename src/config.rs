@@ -492,6 +492,27 @@ fn misspelt_variable(vars: impl Iterator<Item = (String, String)>) -> Option<Str
     .next()
 }
 
+/// The bytes a subscribe naming `ids` tracker ids of up to 19 digits takes at most: each id
+/// with its comma, and the message around them.
+fn largest_subscribe_bytes(ids: usize) -> usize {
+    ids.saturating_mul(20).saturating_add(512)
+}
+
+/// The warning `serve` logs and `check-config` prints when `websocket.max_frame_bytes` cannot
+/// hold a subscribe naming `websocket.max_trackers_per_request` ids of up to 19 digits: such a
+/// subscribe, allowed by the one limit, is refused with error 9 by the other.
+pub fn frame_limit_warning(ws: &WebSocketSettings) -> Option<String> {
+    let needed = largest_subscribe_bytes(ws.max_trackers_per_request);
+    (ws.max_frame_bytes < needed).then(|| {
+        format!(
+            "websocket.max_frame_bytes = {} may not hold a subscribe naming \
+             websocket.max_trackers_per_request = {} tracker ids (up to {needed} bytes with \
+             19-digit ids): such a subscribe would get error 9; raise max_frame_bytes to {needed}",
+            ws.max_frame_bytes, ws.max_trackers_per_request
+        )
+    })
+}
+
 /// The warning `serve` logs when `FLEETGATE_LISTEN` (the variable of `scripts/demo.sh`, which
 /// passes it on as `--listen`) is set to another address than the one served, without
 /// `--listen`: the setting is `server.listen` (`FLEETGATE_SERVER__LISTEN`).
@@ -1038,11 +1059,25 @@ mod tests {
         // as the test above checks).
         let ws = WebSocketSettings::default();
         assert!(
-            ws.max_frame_bytes >= ws.max_trackers_per_request * 20 + 512,
+            ws.max_frame_bytes >= largest_subscribe_bytes(ws.max_trackers_per_request),
             "{} bytes for {} ids",
             ws.max_frame_bytes,
             ws.max_trackers_per_request
         );
+        assert_eq!(frame_limit_warning(&ws), None);
+        // More ids allowed without a larger frame: said, with the size that would do.
+        let more = WebSocketSettings {
+            max_trackers_per_request: 20_000,
+            ..WebSocketSettings::default()
+        };
+        let w = frame_limit_warning(&more).expect("a warning");
+        assert!(w.contains("max_trackers_per_request = 20000"), "{w}");
+        assert!(w.contains("raise max_frame_bytes to 400512"), "{w}");
+        let both = WebSocketSettings {
+            max_frame_bytes: 400_512,
+            ..more
+        };
+        assert_eq!(frame_limit_warning(&both), None);
     }
 
     #[test]

@@ -254,6 +254,15 @@ fn check_config_judges_the_settings_as_serve_does() {
         unlimited || stderr.contains("warning: websocket.max_sockets = 4000000000 is above"),
         "{stderr}"
     );
+
+    // More ids a request than the frame limit can hold: said, not refused.
+    let out = run("FLEETGATE_WEBSOCKET__MAX_TRACKERS_PER_REQUEST", "20000");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("warning: websocket.max_frame_bytes = 262144 may not hold a subscribe"),
+        "{stderr}"
+    );
 }
 
 /// What `check-config` prints is a settings file: saved as another folder's local.toml, it
