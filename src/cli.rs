@@ -522,6 +522,10 @@ async fn build_waiting_for_database(
         tokio::spawn(server);
         Ok(handle)
     };
+    // One signal future for the whole wait: a signal that came during a try is not lost before
+    // the next select (tokio installs its handler at the first poll, for good).
+    let signal = wait_for_signal();
+    tokio::pin!(signal);
     loop {
         let attempt = listener
             .try_clone()
@@ -530,27 +534,24 @@ async fn build_waiting_for_database(
         tokio::pin!(build);
         // A try on a server that does not answer takes up to 15 s: the address answers
         // /health meanwhile once a try is slow, not only after the first one failed.
-        let first = waiting.is_none() && !wait.is_zero();
-        let slow = async move {
-            if first {
-                tokio::time::sleep(SLOW_TRY).await
-            } else {
-                std::future::pending().await
+        let mut built = None;
+        if waiting.is_none() && !wait.is_zero() {
+            tokio::select! {
+                b = &mut build => built = Some(b),
+                _ = tokio::time::sleep(SLOW_TRY) => waiting = Some(answer_meanwhile()?),
             }
-        };
-        let built = tokio::select! {
-            built = &mut build => built,
-            _ = slow => {
-                waiting = Some(answer_meanwhile()?);
-                tokio::select! {
-                    built = &mut build => built,
-                    _ = wait_for_signal() => {
-                        tracing::info!("stopped while waiting for the database");
-                        stop_waiting(waiting).await;
-                        return Ok(None);
-                    }
+        }
+        let built = match built {
+            Some(b) => b,
+            None if waiting.is_some() => tokio::select! {
+                b = &mut build => b,
+                _ = &mut signal => {
+                    tracing::info!("stopped while waiting for the database");
+                    stop_waiting(waiting).await;
+                    return Ok(None);
                 }
-            }
+            },
+            None => build.await,
         };
         let e = match built {
             Ok(app) => {
@@ -576,7 +577,7 @@ async fn build_waiting_for_database(
         );
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = wait_for_signal() => {
+            _ = &mut signal => {
                 tracing::info!("stopped while waiting for the database");
                 stop_waiting(waiting).await;
                 return Ok(None);

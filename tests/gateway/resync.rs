@@ -721,4 +721,46 @@ async fn serve_waits_for_its_database_until_the_deadline_or_a_signal() {
     assert!(status.success(), "{status:?}");
     drop(silent);
     let _ = std::fs::remove_file(&log);
+
+    // A later try hangs the same way (the database's port refused, then takes connections and
+    // says nothing): a signal during it stops serve too, rather than being lost until the wait
+    // is up.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/nothing");
+    let mut server = Server::start(
+        &app,
+        &[
+            ("DATABASE_URL", &url),
+            ("FLEETGATE_DATABASE__STARTUP_WAIT_SECS", "120"),
+            ("FLEETGATE_LISTEN__RECONNECT_MAX_MS", "200"),
+            ("FLEETGATE_TEST_LOG", &log_path),
+        ],
+    );
+    eventually("serve to say it waits for the database", || async {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("waiting for it"))
+    })
+    .await;
+    let silent = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the port again");
+    silent
+        .set_nonblocking(true)
+        .expect("a non-blocking listener");
+    let mut held = Vec::new();
+    eventually("a try to connect to the silent database", || {
+        if let Ok((stream, _)) = silent.accept() {
+            held.push(stream);
+        }
+        let connected = !held.is_empty();
+        async move { connected }
+    })
+    .await;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
+    let status = server
+        .exit_status("serve to stop on SIGTERM during a later try")
+        .await;
+    assert!(status.success(), "{status:?}");
+    let _ = std::fs::remove_file(&log);
 }
