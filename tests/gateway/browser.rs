@@ -23,7 +23,9 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Mutex};
 use tokio::task::JoinHandle;
 
-use crate::common::{http_request, spawn_app, spawn_app_with, test_settings, TestApp, ACME, SUB};
+use crate::common::{
+    free_port, http_request, spawn_app, spawn_app_with, test_settings, TestApp, ACME, SUB,
+};
 
 /// How long the page may take to show something (it batches per second in `state_batch` mode).
 const PAGE_WAIT: Duration = Duration::from_secs(20);
@@ -73,13 +75,6 @@ fn find_binary(env: &str, default: &str, package: &str) -> PathBuf {
         path.display()
     );
     path
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 /// A chromedriver (in its own process group, with the Chromium it starts) and a WebDriver

@@ -380,10 +380,7 @@ impl Server {
     /// [`Server::wait_started`].
     pub fn start(app: &TestApp, env: &[(&str, &str)]) -> Server {
         use std::process::{Command, Stdio};
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let bin = std::env::var("FLEETGATE_TEST_GATEWAY")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fleetgate").to_string());
         let mut cmd = Command::new(bin);
@@ -428,6 +425,14 @@ impl Server {
         status.expect("it exited")
     }
 
+    /// Sends it SIGTERM and returns its exit status (`what` names the wait).
+    #[cfg(unix)]
+    pub async fn terminate(&mut self, what: &str) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+        self.exit_status(what).await
+    }
+
     pub fn ws_url(&self) -> String {
         format!("ws://127.0.0.1:{}/v2/event/subscription", self.port)
     }
@@ -447,6 +452,14 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A loopback port nothing listens on now (bound, noted, closed).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// Plain HTTP GET to the gateway on `port`, returning the status code and body.

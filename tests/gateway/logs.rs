@@ -179,10 +179,7 @@ fn a_rust_log_that_would_log_nothing_is_warned_about() {
 #[test]
 fn a_command_tells_why_it_could_not_connect() {
     // A port nothing listens on: bind one, note it, close it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
+    let port = free_port();
     let out = fleetgate_command()
         .args(["tracker", "block", "1"])
         .env(

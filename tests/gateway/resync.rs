@@ -580,10 +580,7 @@ async fn serve_started_before_its_database_comes_up_with_it() {
         return;
     };
     let app = spawn_app().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port();
     let mut s = test_settings();
     s.database.url = app.db_url.clone();
     through_proxy(&mut s, &upstream, port);
@@ -640,10 +637,7 @@ async fn serve_started_before_its_database_comes_up_with_it() {
 #[tokio::test]
 async fn serve_waits_for_its_database_until_the_deadline_or_a_signal() {
     let app = spawn_app().await;
-    let down = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
+    let down = free_port();
     let url = format!("postgres://postgres@127.0.0.1:{down}/nothing");
     let started = std::time::Instant::now();
     let mut server = Server::start(
@@ -664,37 +658,35 @@ async fn serve_waits_for_its_database_until_the_deadline_or_a_signal() {
 
     let log = std::env::temp_dir().join(format!("fleetgate-startup-signal-{}.log", app.port));
     let log_path = log.to_string_lossy().into_owned();
-    let mut server = Server::start(
-        &app,
-        &[
-            ("DATABASE_URL", &url),
+    // Started with two minutes to wait, logging to `log`.
+    let waiting = |url: &str, more: &[(&str, &str)]| {
+        let mut env = vec![
+            ("DATABASE_URL", url),
             ("FLEETGATE_DATABASE__STARTUP_WAIT_SECS", "120"),
-            ("FLEETGATE_TEST_LOG", &log_path),
-        ],
-    );
+            ("FLEETGATE_TEST_LOG", log_path.as_str()),
+        ];
+        env.extend_from_slice(more);
+        Server::start(&app, &env)
+    };
+    let said_it_waits =
+        || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("waiting for it"));
+
+    let mut server = waiting(&url, &[]);
     eventually("serve to say it waits for the database", || async {
-        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("waiting for it"))
+        said_it_waits()
     })
     .await;
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
-    let status = server.exit_status("serve to stop on SIGTERM").await;
+    let status = server.terminate("serve to stop on SIGTERM").await;
     assert!(status.success(), "{status:?}");
-    let _ = std::fs::remove_file(&log);
 
     // A database that takes connections and never answers (a listener nobody accepts from: the
     // kernel completes the handshakes): a try fails only at the connect timeout, 15 s. The
     // address answers before that, and a signal stops the try.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
     let silent_port = silent.local_addr().expect("its address").port();
-    let url = format!("postgres://postgres@127.0.0.1:{silent_port}/nothing");
-    let mut server = Server::start(
-        &app,
-        &[
-            ("DATABASE_URL", &url),
-            ("FLEETGATE_DATABASE__STARTUP_WAIT_SECS", "120"),
-            ("FLEETGATE_TEST_LOG", &log_path),
-        ],
+    let mut server = waiting(
+        &format!("postgres://postgres@127.0.0.1:{silent_port}/nothing"),
+        &[],
     );
     // Asked as soon as the address is bound, the request waits in the listening socket's
     // queue until something serves it.
@@ -708,39 +700,27 @@ async fn serve_waits_for_its_database_until_the_deadline_or_a_signal() {
     assert_eq!(code, 200, "{body}");
     let (code, body) = server.get("/ready").await;
     assert_eq!(code, 503, "{body}");
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        !text.contains("waiting for it"),
-        "the first try was over before /health answered: {text}"
+        !said_it_waits(),
+        "the first try was over before /health answered: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
     );
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
     let status = server
-        .exit_status("serve to stop on SIGTERM during a try")
+        .terminate("serve to stop on SIGTERM during a try")
         .await;
     assert!(status.success(), "{status:?}");
     drop(silent);
-    let _ = std::fs::remove_file(&log);
 
     // A later try hangs the same way (the database's port refused, then takes connections and
     // says nothing): a signal during it stops serve too, rather than being lost until the wait
     // is up.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let url = format!("postgres://postgres@127.0.0.1:{port}/nothing");
-    let mut server = Server::start(
-        &app,
-        &[
-            ("DATABASE_URL", &url),
-            ("FLEETGATE_DATABASE__STARTUP_WAIT_SECS", "120"),
-            ("FLEETGATE_LISTEN__RECONNECT_MAX_MS", "200"),
-            ("FLEETGATE_TEST_LOG", &log_path),
-        ],
+    let port = free_port();
+    let mut server = waiting(
+        &format!("postgres://postgres@127.0.0.1:{port}/nothing"),
+        &[("FLEETGATE_LISTEN__RECONNECT_MAX_MS", "200")],
     );
     eventually("serve to say it waits for the database", || async {
-        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("waiting for it"))
+        said_it_waits()
     })
     .await;
     let silent = std::net::TcpListener::bind(("127.0.0.1", port)).expect("bind the port again");
@@ -756,10 +736,8 @@ async fn serve_waits_for_its_database_until_the_deadline_or_a_signal() {
         async move { connected }
     })
     .await;
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(server.pid() as i32, libc::SIGTERM) };
     let status = server
-        .exit_status("serve to stop on SIGTERM during a later try")
+        .terminate("serve to stop on SIGTERM during a later try")
         .await;
     assert!(status.success(), "{status:?}");
     let _ = std::fs::remove_file(&log);
