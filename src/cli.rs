@@ -223,13 +223,17 @@ pub async fn run(cli: Cli, mut settings: Settings) -> anyhow::Result<()> {
             let address = listener
                 .local_addr()
                 .map_or_else(|_| settings.server.listen.clone(), |a| a.to_string());
-            let Some(app) = build_waiting_for_database(settings, listener).await? else {
+            // One signal future from start to stop: tokio keeps its handler once installed, so
+            // a signal between two futures would be lost, not the default kill.
+            let mut signal = Box::pin(wait_for_signal());
+            let Some(app) = build_waiting_for_database(settings, listener, &mut signal).await?
+            else {
                 return Ok(());
             };
             tracing::info!(address = %address, port = app.port(), "fleetgate listening");
             let stop = app.shutdown_handle();
             tokio::spawn(async move {
-                wait_for_signal().await;
+                signal.await;
                 let _ = stop.send(true);
             });
             app.run_until_stopped().await?;
@@ -497,10 +501,12 @@ const SLOW_TRY: Duration = Duration::from_secs(1);
 /// `/health` (200), `/ready` (503) and anything else with code 14 ([`startup::waiting_server`]).
 /// The last try is made when the wait is up (a try can take up to the connect timeout, 15 s, on
 /// a server that does not answer; the address answers as above once a try has taken
-/// [`SLOW_TRY`]). `None`: stopped by a signal while waiting.
+/// [`SLOW_TRY`]). `None`: stopped by `signal` (serve's, which it goes on using once started)
+/// before the application was built.
 async fn build_waiting_for_database(
     settings: Settings,
     listener: TcpListener,
+    signal: &mut (impl std::future::Future<Output = ()> + Unpin),
 ) -> anyhow::Result<Option<Application>> {
     let wait = Duration::from_secs(settings.database.startup_wait_secs);
     let started = Instant::now();
@@ -522,10 +528,11 @@ async fn build_waiting_for_database(
         tokio::spawn(server);
         Ok(handle)
     };
-    // One signal future for the whole wait: a signal that came during a try is not lost before
-    // the next select (tokio installs its handler at the first poll, for good).
-    let signal = wait_for_signal();
-    tokio::pin!(signal);
+    let stopped = |waiting| async move {
+        tracing::info!("stopped while waiting for the database");
+        stop_waiting(waiting).await;
+        Ok(None)
+    };
     loop {
         let attempt = listener
             .try_clone()
@@ -539,19 +546,15 @@ async fn build_waiting_for_database(
             tokio::select! {
                 b = &mut build => built = Some(b),
                 _ = tokio::time::sleep(SLOW_TRY) => waiting = Some(answer_meanwhile()?),
+                _ = &mut *signal => return stopped(waiting).await,
             }
         }
         let built = match built {
             Some(b) => b,
-            None if waiting.is_some() => tokio::select! {
+            None => tokio::select! {
                 b = &mut build => b,
-                _ = &mut signal => {
-                    tracing::info!("stopped while waiting for the database");
-                    stop_waiting(waiting).await;
-                    return Ok(None);
-                }
+                _ = &mut *signal => return stopped(waiting).await,
             },
-            None => build.await,
         };
         let e = match built {
             Ok(app) => {
@@ -577,11 +580,7 @@ async fn build_waiting_for_database(
         );
         tokio::select! {
             _ = tokio::time::sleep(pause) => {}
-            _ = &mut signal => {
-                tracing::info!("stopped while waiting for the database");
-                stop_waiting(waiting).await;
-                return Ok(None);
-            }
+            _ = &mut *signal => return stopped(waiting).await,
         }
         delay = (delay * 2).min(longest);
     }
