@@ -326,7 +326,7 @@ fn unclear_variable(vars: impl Iterator<Item = (String, String)>) -> Option<Stri
         }
         if default.is_u64() && word.parse::<i64>().is_ok_and(|n| n < 0) {
             return Some(format!(
-                "{name} = `{value}`: {section}.{key} takes a whole number of 0 or more"
+                "{name} = `{value}`: {section}.{key} takes a whole number, not a negative one"
             ));
         }
         None
@@ -468,6 +468,23 @@ fn misspelt_variable(vars: impl Iterator<Item = (String, String)>) -> Option<Str
         )
     };
     vars.filter_map(|(name, _)| {
+        if !name.starts_with("FLEETGATE_") {
+            // The prefix in other letters (`fleetgate_server__workers`): section and key take
+            // any case, the prefix only capitals.
+            let rest = name
+                .get(..10)
+                .filter(|p| p.eq_ignore_ascii_case("FLEETGATE_"))
+                .and(name.get(10..))?
+                .to_ascii_lowercase();
+            let (section, key) = rest.split_once("__")?;
+            sections.get(section)?.get(key)?;
+            return Some(format!(
+                "{name} is not read: the prefix of a setting's variable is FLEETGATE_ in \
+                 capitals, FLEETGATE_{}__{}",
+                section.to_ascii_uppercase(),
+                key.to_ascii_uppercase()
+            ));
+        }
         let rest = name.strip_prefix("FLEETGATE_")?.to_ascii_lowercase();
         if rest.contains("__") || rest == "listen" {
             return None;
@@ -607,7 +624,12 @@ impl Settings {
             check_file(&extra, config::File::with_name(&extra).required(true))?;
         }
         builder = builder.add_source(env_source(std::env::vars()));
-        if let Ok(url) = std::env::var("DATABASE_URL") {
+        // An empty one (easily left in a unit or compose file) counts as unset, as an empty
+        // FLEETGATE_CONFIG or RUST_LOG does.
+        if let Some(url) = std::env::var("DATABASE_URL")
+            .ok()
+            .filter(|u| !u.trim().is_empty())
+        {
             builder = builder.set_override("database.url", url)?;
         }
         let settings: Settings = builder.build()?.try_deserialize()?;
@@ -974,7 +996,8 @@ mod tests {
         assert_eq!(unclear_variable(vars("2048")), None);
         let e = unclear_variable(vars("-1")).expect("-1");
         assert!(
-            e.starts_with("FLEETGATE_WEBSOCKET__QUEUE_CAPACITY = `-1`") && e.contains("0 or more"),
+            e.starts_with("FLEETGATE_WEBSOCKET__QUEUE_CAPACITY = `-1`")
+                && e.contains("not a negative one"),
             "{e}"
         );
         let e = unclear_variable(vars("2.5")).expect("2.5");
@@ -1182,6 +1205,19 @@ mod tests {
         assert!(e.contains("FLEETGATE_SERVER__WORKERS"), "{e}");
         let e = misspelt_variable(vars(&["FLEETGATE_MAX_SOCKETS"])).expect("an error");
         assert!(e.contains("__MAX_SOCKETS"), "{e}");
+        // The prefix in other letters: read as nothing, so an error naming the variable meant;
+        // not for a variable naming no setting.
+        for name in ["fleetgate_server__workers", "Fleetgate_SERVER__WORKERS"] {
+            let e = misspelt_variable(vars(&[name])).expect(name);
+            assert!(
+                e.starts_with(name) && e.ends_with("FLEETGATE_SERVER__WORKERS"),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            misspelt_variable(vars(&["fleetgate_pg_port", "fleetgate_server__nothing"])),
+            None
+        );
         // The scripts' and tools' own variables, and settings spelt right, are not settings
         // misspelt.
         assert_eq!(

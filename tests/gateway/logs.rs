@@ -252,6 +252,22 @@ fn check_config_judges_the_settings_as_serve_does() {
         "{stderr}"
     );
 
+    // An empty DATABASE_URL counts as unset: the file's URL stands.
+    let out = run("DATABASE_URL", " ");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("url = \"postgres://postgres@127.0.0.1:5432/fleetgate\""),
+        "{stdout}"
+    );
+
+    // The prefix in small letters is an error naming the variable meant.
+    let out = run("fleetgate_server__workers", "3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("FLEETGATE_SERVER__WORKERS"), "{stderr}");
+
     // More ids a request than the frame limit can hold: said, not refused.
     let out = run("FLEETGATE_WEBSOCKET__MAX_TRACKERS_PER_REQUEST", "20000");
     let stderr = String::from_utf8_lossy(&out.stderr);
