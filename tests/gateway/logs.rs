@@ -223,22 +223,26 @@ fn an_operator_error_is_one_line_that_says_what_to_do() {
 /// `check-config` refuses what `serve` refuses and warns where it warns.
 #[test]
 fn check_config_judges_the_settings_as_serve_does() {
+    // check-config with one variable set: whether it succeeded, its stdout and its stderr.
     let run = |var: &str, value: &str| {
-        fleetgate_command()
+        let out = fleetgate_command()
             .arg("check-config")
             .env(var, value)
             .env("RUST_BACKTRACE", "0")
             .output()
-            .expect("run fleetgate check-config")
+            .expect("run fleetgate check-config");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
-    let out = run("FLEETGATE_SERVER__LISTEN", "foo");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let (ok, _, stderr) = run("FLEETGATE_SERVER__LISTEN", "foo");
+    assert!(!ok, "{stderr}");
     assert!(stderr.contains("server.listen `foo`"), "{stderr}");
 
-    let out = run("FLEETGATE_WEBSOCKET__MAX_SOCKETS", "4000000000");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let (ok, _, stderr) = run("FLEETGATE_WEBSOCKET__MAX_SOCKETS", "4000000000");
+    assert!(ok, "{stderr}");
     // (Where the hard open-file limit, which serve raises its soft one to, is unlimited there is
     // nothing to warn about.)
     let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
@@ -253,25 +257,21 @@ fn check_config_judges_the_settings_as_serve_does() {
     );
 
     // An empty DATABASE_URL counts as unset: the file's URL stands.
-    let out = run("DATABASE_URL", " ");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (ok, stdout, stderr) = run("DATABASE_URL", " ");
+    assert!(ok, "{stderr}");
     assert!(
         stdout.contains("url = \"postgres://postgres@127.0.0.1:5432/fleetgate\""),
         "{stdout}"
     );
 
     // The prefix in small letters is an error naming the variable meant.
-    let out = run("fleetgate_server__workers", "3");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+    let (ok, _, stderr) = run("fleetgate_server__workers", "3");
+    assert!(!ok, "{stderr}");
     assert!(stderr.contains("FLEETGATE_SERVER__WORKERS"), "{stderr}");
 
     // More ids a request than the frame limit can hold: said, not refused.
-    let out = run("FLEETGATE_WEBSOCKET__MAX_TRACKERS_PER_REQUEST", "20000");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
+    let (ok, _, stderr) = run("FLEETGATE_WEBSOCKET__MAX_TRACKERS_PER_REQUEST", "20000");
+    assert!(ok, "{stderr}");
     assert!(
         stderr.contains("warning: websocket.max_frame_bytes = 262144 may not hold a subscribe"),
         "{stderr}"
