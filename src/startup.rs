@@ -79,6 +79,28 @@ fn limit_unacked(io: &dyn std::any::Any, limit: Duration) {
     }
 }
 
+/// The connections the HTTP server holds (sockets and plain requests alike), counted by a guard
+/// in each connection's data, which actix drops with the connection. Shutdown waits for this
+/// count rather than for actix's own: that one is looked at once a second, so every stop with a
+/// socket open took a second, whatever `server.shutdown_timeout_secs` said.
+#[derive(Clone)]
+struct OpenConnections(Arc<watch::Sender<usize>>);
+
+struct Open(Arc<watch::Sender<usize>>);
+
+impl OpenConnections {
+    fn opened(&self) -> Open {
+        self.0.send_modify(|n| *n += 1);
+        Open(self.0.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
 /// actix's per-worker connection limit for a process that holds at most `max_sockets`
 /// WebSockets (0: no limit): above it, with room for HTTP requests, since one worker may be
 /// given all of them.
@@ -159,6 +181,8 @@ pub fn log_open_file_limit() {
 pub struct Application {
     port: u16,
     server: Server,
+    /// How many connections are open (see [`OpenConnections`]).
+    connections: watch::Receiver<usize>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     pub state: AppState,
@@ -260,6 +284,8 @@ impl Application {
             .websocket
             .idle_timeout()
             .max(Duration::from_secs(1));
+        let (open, connections) = watch::channel(0usize);
+        let open = OpenConnections(Arc::new(open));
         let mut server =
             HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
                 .disable_signals()
@@ -269,7 +295,10 @@ impl Application {
                 // last bytes waiting to be flushed, for as long as the peer's kernel answered
                 // the window probes: for ever. The kernel now drops the connection once data
                 // has waited unacknowledged for the idle timeout.
-                .on_connect(move |io, _| limit_unacked(io, unacked_limit))
+                .on_connect(move |io, data| {
+                    limit_unacked(io, unacked_limit);
+                    data.insert(open.opened());
+                })
                 // Events are small frames written as they come: with Nagle's algorithm a frame
                 // written while the previous one is unacknowledged waits for the peer's delayed
                 // ACK (up to 40 ms on Linux), which the benchmark showed as a p95 of ~45 ms.
@@ -285,8 +314,7 @@ impl Application {
                 // HTTP requests included: with one worker that capped the process at 25,000
                 // sockets whatever the open-file limit, and stalled `/health` with them. The
                 // socket limit governs instead (see `ws::slots`).
-                .max_connections(connections_per_worker(state.sockets.max()))
-                .shutdown_timeout(settings.server.shutdown_timeout_secs);
+                .max_connections(connections_per_worker(state.sockets.max()));
         if settings.server.workers > 0 {
             server = server.workers(settings.server.workers);
         }
@@ -294,6 +322,7 @@ impl Application {
         Ok(Application {
             port,
             server,
+            connections,
             shutdown: shutdown_tx,
             tasks,
             state,
@@ -309,9 +338,10 @@ impl Application {
         self.shutdown.clone()
     }
 
-    /// Runs until the shutdown handle fires: then sockets get a close frame, the server stops
-    /// accepting, the LISTEN tasks end, and the pool closes last.
-    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+    /// Runs until the shutdown handle fires: then the server stops accepting, sockets get a
+    /// close frame, the connections are given `server.shutdown_timeout_secs` to close (those
+    /// still open then are dropped), the LISTEN tasks end, and the pool closes last.
+    pub async fn run_until_stopped(mut self) -> std::io::Result<()> {
         let handle = self.server.handle();
         let mut stop = self.shutdown.subscribe();
         let server = tokio::spawn(self.server);
@@ -321,7 +351,20 @@ impl Application {
             }
         }
         tracing::info!("shutting down");
-        handle.stop(true).await;
+        // The sockets saw the same signal and are closing with 1001 ("going away").
+        handle.pause().await;
+        let limit = Duration::from_secs(self.state.settings.server.shutdown_timeout_secs);
+        let all_closed = self.connections.wait_for(|&n| n == 0);
+        let closed = tokio::time::timeout(limit, all_closed).await.is_ok();
+        if closed {
+            tracing::info!("connections closed");
+        } else {
+            tracing::info!(
+                open = *self.connections.borrow(),
+                "shutdown timeout: dropping the connections still open"
+            );
+        }
+        handle.stop(false).await;
         let _ = server.await;
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(2), t).await;

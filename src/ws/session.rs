@@ -46,6 +46,9 @@ const SHARED_RESPONSE_BYTES: usize = 64 * 1024;
 
 /// The first wait before reading again the states a subscribe could not read, doubling after
 /// each failed read up to [`OWED_RETRY_MAX`].
+/// How long a socket the gateway closes waits for the peer's answering close frame before it
+/// closes the connection anyway (actix's own wait for a peer to hang up, which it replaces).
+const CLOSE_ANSWER_WAIT: Duration = Duration::from_secs(1);
 const OWED_RETRY_MIN: Duration = Duration::from_millis(100);
 const OWED_RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -260,8 +263,10 @@ impl Watches {
 enum Stop {
     /// The peer is gone or the socket is closed: nothing more can be written.
     Gone,
-    /// Close with this reason.
+    /// Close with this reason, then give the peer a moment to answer with its own close frame.
     Close(CloseReason),
+    /// The peer sent a close frame: answer it with this reason.
+    Answer(CloseReason),
 }
 
 struct Connection {
@@ -355,9 +360,26 @@ impl Connection {
         for (group, _) in &self.memberships {
             self.app.hub.batches.leave(group, self.id);
         }
-        if let Stop::Close(reason) = stop {
+        let (reason, answer) = match stop {
+            Stop::Gone => (None, false),
+            Stop::Close(reason) => (Some(reason), true),
+            Stop::Answer(reason) => (Some(reason), false),
+        };
+        if let Some(reason) = reason {
             let close = self.ws.close(Some(reason));
-            let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+            let queued = tokio::time::timeout(Duration::from_secs(2), close).await;
+            if answer && matches!(queued, Ok(Ok(()))) {
+                // The server closes the TCP connection once the peer has answered (RFC 6455
+                // §7.1.1), which clients wait for; the response body ends when `self` drops.
+                let answered = async {
+                    while let Some(Ok(m)) = stream.recv().await {
+                        if matches!(m, Message::Close) {
+                            break;
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(CLOSE_ANSWER_WAIT, answered).await;
+            }
         }
         tracing::debug!("disconnected");
     }
@@ -419,7 +441,7 @@ impl Connection {
                         }
                         Some(Ok(Message::Ping(p))) => within(idle, self.ws.pong(&p)).await,
                         Some(Ok(Message::Pong)) => Ok(()),
-                        Some(Ok(Message::Close)) => Err(Stop::Close(CloseCode::Normal.into())),
+                        Some(Ok(Message::Close)) => Err(Stop::Answer(CloseCode::Normal.into())),
                         Some(Err(e)) => Err(self.read_failed(e, max_frame).await),
                     };
                     if let Err(stop) = step {

@@ -71,6 +71,8 @@ struct Inner {
     queued: usize,
     /// No more frames will be queued: the body ends once the queue is empty.
     closing: bool,
+    /// A close frame was queued: no frame may follow it.
+    sealed: bool,
     /// The body was dropped (the connection is gone): writing fails.
     gone: bool,
     body: Option<Waker>,
@@ -165,7 +167,8 @@ impl Writer {
             .map(drop)
     }
 
-    /// Queues a close frame and ends the body after it.
+    /// Queues a close frame, the last: nothing can be queued after it. The body ends when the
+    /// writer is dropped, so that the connection stays open for the peer's answer.
     pub async fn close(&mut self, reason: Option<CloseReason>) -> Result<(), Closed> {
         let mut payload = BytesMut::new();
         if let Some(reason) = reason {
@@ -175,11 +178,7 @@ impl Writer {
             }
         }
         let result = self.push(OP_CLOSE, payload.freeze()).await.map(drop);
-        let mut inner = self.shared.lock();
-        inner.closing = true;
-        if let Some(w) = inner.body.take() {
-            w.wake();
-        }
+        self.shared.lock().sealed = true;
         result
     }
 
@@ -192,7 +191,7 @@ impl Writer {
         let shared = &self.shared;
         poll_fn(|cx| {
             let mut inner = shared.lock();
-            if inner.gone || inner.closing {
+            if inner.gone || inner.closing || inner.sealed {
                 return Poll::Ready(Err(Closed));
             }
             if inner.queued >= shared.limit {
@@ -397,11 +396,22 @@ mod tests {
         expected.push(Message::Ping(Bytes::from_static(b"p")));
         expected.push(Message::Pong(Bytes::from_static(b"q")));
         expected.push(Message::Close(Some(reason)));
+        assert_eq!(
+            now(w.text(ByteString::from_static("after"))),
+            Poll::Ready(Err(Closed)),
+            "nothing follows a close frame"
+        );
         let (out, sizes, ended) = drain(&mut body);
-        assert!(ended, "the body ends after the close frame");
+        assert!(!ended, "the body stays open for the peer's answer");
         assert_eq!(out, encoded(expected));
         assert!(sizes.iter().all(|&s| s <= CHUNK + HEADER_MAX), "{sizes:?}");
         assert_eq!(w.queued(), 0);
+        drop(w);
+        assert_eq!(
+            drain(&mut body),
+            (Vec::new(), Vec::new(), true),
+            "ended with the writer"
+        );
     }
 
     #[test]

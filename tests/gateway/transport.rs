@@ -1,6 +1,7 @@
 //! The transport (PROTOCOL.md §1): Atmosphere handshake, `X` heartbeats and length prefixes;
 //! plain WebSocket ping/pong; every endpoint path; the idle timeout against a peer that never
-//! answers, and a peer that answers staying connected; `/health` and `/ready`.
+//! answers, and a peer that answers staying connected; the closing handshake; `/health` and
+//! `/ready`.
 
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::*;
@@ -441,6 +443,178 @@ async fn a_peer_that_never_answers_is_closed_after_the_idle_timeout() {
         elapsed < Duration::from_secs(5),
         "closed only after {elapsed:?}"
     );
+}
+
+/// Frames up to the close frame (not counting pings): the close frame's payload, and the text
+/// frames before it.
+async fn read_until_close(s: &mut TcpStream) -> (Vec<u8>, Vec<String>) {
+    let mut texts = Vec::new();
+    let close = tokio::time::timeout(WAIT, async {
+        loop {
+            match read_frame(s).await {
+                Some((0x8, payload)) => return payload,
+                Some((0x1, payload)) => texts.push(String::from_utf8(payload).unwrap()),
+                Some((0x9, _)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close frame in time");
+    (close, texts)
+}
+
+/// Whether the server closes the connection (EOF, or a reset) within `limit`.
+async fn hung_up_within(s: &mut TcpStream, limit: Duration) -> bool {
+    let mut buf = [0u8; 256];
+    let hang_up = async {
+        while let Ok(n) = s.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(limit, hang_up).await.is_ok()
+}
+
+/// A raw socket subscribed to tracker 101 with `hash` (its response read).
+async fn raw_subscribed(app: &TestApp, hash: &str) -> TcpStream {
+    let (mut s, head) = raw_upgrade(app).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let subscribe =
+        json!({"action": "subscribe", "hash": hash, "events": ["state"], "trackers": [101]});
+    s.write_all(&client_frame(0x1, true, subscribe.to_string().as_bytes()))
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match read_frame(&mut s).await {
+                Some((0x1, payload)) => {
+                    let v: Value = serde_json::from_slice(&payload).unwrap();
+                    if v["type"] == "response" {
+                        break;
+                    }
+                }
+                Some(_) => continue,
+                None => panic!("closed before the subscribe response"),
+            }
+        }
+    })
+    .await
+    .expect("the subscribe response in time");
+    s
+}
+
+/// RFC 6455 §7.1.1: once the closing handshake is done the server closes the TCP connection,
+/// and clients wait for it (browsers, Python's `websockets`). actix instead waited for the
+/// client to hang up first, up to its disconnect timeout of 1 s: every clean close took a
+/// second on the client's side, and every shutdown with a socket open. (The bound below is
+/// half that second; the server hangs up at once.)
+#[tokio::test]
+async fn the_server_hangs_up_once_the_closing_handshake_is_done() {
+    const AT_ONCE: Duration = Duration::from_millis(500);
+    let app = spawn_app().await;
+
+    // The client closes; the server answers and hangs up.
+    let mut s = raw_subscribed(&app, ACME).await;
+    s.write_all(&client_frame(0x8, true, &1000u16.to_be_bytes()))
+        .await
+        .unwrap();
+    let (close, _) = read_until_close(&mut s).await;
+    assert_eq!(close[..2], 1000u16.to_be_bytes(), "{close:?}");
+    assert!(
+        hung_up_within(&mut s, AT_ONCE).await,
+        "hung up after answering"
+    );
+
+    // The server closes (the session ended), the client answers, and the server hangs up.
+    let mut answering = raw_subscribed(&app, ACME).await;
+    let mut silent = raw_subscribed(&app, ACME).await;
+    app.exec(&format!(
+        "UPDATE sessions SET revoked_at = now() WHERE hash = '{ACME}'"
+    ))
+    .await;
+    let (close, texts) = read_until_close(&mut answering).await;
+    assert_eq!(close, b"\x03\xe8session closed", "{close:?}");
+    assert!(
+        texts.last().is_some_and(|t| t.contains("logout")),
+        "{texts:?}"
+    );
+    answering
+        .write_all(&client_frame(0x8, true, &1000u16.to_be_bytes()))
+        .await
+        .unwrap();
+    assert!(
+        hung_up_within(&mut answering, AT_ONCE).await,
+        "hung up once the close was answered"
+    );
+
+    // A client that never answers is hung up on all the same, after a moment.
+    let (close, _) = read_until_close(&mut silent).await;
+    assert_eq!(close, b"\x03\xe8session closed", "{close:?}");
+    assert!(
+        hung_up_within(&mut silent, WAIT).await,
+        "hung up without an answer"
+    );
+}
+
+/// SIGTERM: sockets get close 1001 ("going away"), and the process exits as soon as its
+/// connections have closed, within `server.shutdown_timeout_secs`; with 0 it waits for none.
+/// (actix looked at its connections once a second, so any stop with one open took a second
+/// whatever the setting.)
+#[cfg(unix)]
+#[tokio::test]
+async fn a_shutdown_waits_for_the_connections_until_its_timeout() {
+    let app = spawn_app().await;
+    for timeout in ["5", "0"] {
+        let log =
+            std::env::temp_dir().join(format!("fleetgate-shutdown-{}-{timeout}.log", app.port));
+        let log_path = log.to_string_lossy().into_owned();
+        let mut server = Server::start(
+            &app,
+            &[
+                ("FLEETGATE_SERVER__SHUTDOWN_TIMEOUT_SECS", timeout),
+                ("FLEETGATE_LOG__LEVEL", "info"),
+                ("FLEETGATE_TEST_LOG", &log_path),
+            ],
+        );
+        server.wait_started().await;
+        let mut c = Client::connect(&server.ws_url()).await;
+        c.subscribe_and_states(ACME, &[101], 1).await;
+        // With no timeout, an idle keep-alive HTTP connection is not waited for either.
+        let mut idle = None;
+        if timeout == "0" {
+            let mut s = TcpStream::connect(("127.0.0.1", server.port))
+                .await
+                .unwrap();
+            s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                .await
+                .unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(s.read_u8().await.expect("the /health response"));
+            }
+            assert!(head.starts_with(b"HTTP/1.1 200"));
+            idle = Some(s);
+        }
+        let closed = tokio::spawn(async move { c.recv_close().await });
+        let status = server.terminate("serve to stop on SIGTERM").await;
+        assert!(status.success(), "{status:?}");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_file(&log);
+        if timeout == "0" {
+            assert!(
+                text.contains("shutdown timeout: dropping the connections still open"),
+                "{text}"
+            );
+            drop(idle);
+        } else {
+            let (code, _) = closed.await.expect("the client's task");
+            assert_eq!(code, Some(CloseCode::Away), "{text}");
+            assert!(text.contains("connections closed"), "{text}");
+            assert!(!text.contains("dropping the connections"), "{text}");
+        }
+    }
 }
 
 #[tokio::test]

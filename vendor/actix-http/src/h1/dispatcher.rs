@@ -223,6 +223,9 @@ pin_project! {
         payload: Option<PayloadSender>,
         // true when current request uses chunked transfer encoding (drainable when payload is dropped)
         payload_drainable: bool,
+        // fleetgate patch: the response being sent switches protocols (a WebSocket streamed
+        // as its body); see `SendPayload` in `poll_response`.
+        upgraded: bool,
         messages: VecDeque<DispatcherMessage>,
 
         head_timer: TimerState,
@@ -344,6 +347,7 @@ where
                     state: State::None,
                     payload: None,
                     payload_drainable: false,
+                    upgraded: false,
                     messages: VecDeque::new(),
 
                     head_timer: TimerState::new(config.client_request_deadline().is_some()),
@@ -563,6 +567,9 @@ where
             res.head_mut().set_connection_type(ConnectionType::Close);
         }
 
+        // fleetgate patch: see `upgraded`.
+        *self.as_mut().project().upgraded = is_upgrade;
+
         let size = self.as_mut().send_response_inner(res, &body)?;
         match size {
             BodySize::None | BodySize::Sized(0) => {
@@ -764,7 +771,15 @@ where
                                 this.state.set(State::None);
 
                                 if not_pipelined && close_for_unread_payload {
-                                    if this.config.client_disconnect_deadline().is_some() {
+                                    // fleetgate patch: a WebSocket's body ends after its
+                                    // closing handshake (the service waited for the peer's
+                                    // close frame, or gave up on it), and its peer waits for
+                                    // the server to close the TCP connection (RFC 6455 §7.1.1):
+                                    // lingering made every close take
+                                    // `client_disconnect_timeout` (1 s), and a shutdown with it.
+                                    if *this.upgraded {
+                                        this.flags.insert(Flags::SHUTDOWN | Flags::FINISHED);
+                                    } else if this.config.client_disconnect_deadline().is_some() {
                                         Self::enter_linger(this.flags);
                                     } else {
                                         this.flags.insert(Flags::SHUTDOWN | Flags::FINISHED);
