@@ -201,11 +201,17 @@ async fn session_rows_tell_user_account_zone_and_liveness(pool: PgPool) {
     migrations = "./migrations",
     fixtures(path = "../fixtures", scripts("fleet"))
 )]
-async fn tracker_access_answers_every_requested_id_in_one_call(pool: PgPool) {
+async fn tracker_access_answers_every_requested_tracker_in_one_call(pool: PgPool) {
     let ids = [101, 105, 106, 201, 999];
     for (user, granted_101) in [(1_i64, false), (2, true)] {
         let rows = queries::tracker_access(&pool, user, &ids).await.unwrap();
-        assert_eq!(rows.len(), 5, "one row per requested id");
+        let mut found: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        found.sort_unstable();
+        assert_eq!(
+            found,
+            [101, 105, 106, 201],
+            "a row per requested tracker that exists"
+        );
         let row = |id: i64| rows.iter().find(|r| r.id == id).expect("row for id");
 
         let r = row(101);
@@ -228,13 +234,6 @@ async fn tracker_access_answers_every_requested_id_in_one_call(pool: PgPool) {
         let r = row(201);
         assert_eq!(r.account_id, Some(3));
         assert_eq!(r.source_id, Some(20201));
-        assert!(!r.granted);
-
-        let r = row(999);
-        assert_eq!(
-            (r.source_id, r.account_id, r.blocked, r.removed, r.change_no),
-            (None, None, None, None, None)
-        );
         assert!(!r.granted);
     }
     // The sub-user's grants: 101 and 102, nothing else.
@@ -700,7 +699,7 @@ async fn deleting_a_tracker_announces_corrupt_with_a_fresh_change_number(pool: P
         .unwrap()
         .is_empty());
     let rows = queries::tracker_access(&pool, 2, &[101]).await.unwrap();
-    assert_eq!((rows[0].account_id, rows[0].granted), (None, false));
+    assert!(rows.is_empty(), "{rows:?}");
 }
 
 #[sqlx::test(
