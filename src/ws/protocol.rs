@@ -95,25 +95,16 @@ pub struct ClientMessage {
     pub iso_datetime: bool,
     /// The request's parameters (without `action` and `hash`), echoed in error frames.
     pub echo: Value,
+    /// Tracker ids named in the message, a repeated one each time (see [`Self::tracker_count`]).
+    named: usize,
 }
 
 impl ClientMessage {
+    /// The tracker ids the message names, as it names them (a repeated id counts each time,
+    /// in a batch's target as in `trackers`, and as the HTTP API counts them): what
+    /// `websocket.max_trackers_per_request` bounds.
     pub fn tracker_count(&self) -> usize {
-        self.items
-            .iter()
-            .map(|i| match i {
-                Item::State(s) => s.trackers.len(),
-                Item::StateBatch(BatchRequest {
-                    target: Some(Target::Selected(ids)),
-                    ..
-                })
-                | Item::ReadingsBatch(ReadingsRequest {
-                    target: Some(Target::Selected(ids)),
-                    ..
-                }) => ids.len(),
-                Item::StateBatch(_) | Item::ReadingsBatch(_) | Item::Failed { .. } => 0,
-            })
-            .sum()
+        self.named
     }
 }
 
@@ -283,6 +274,47 @@ fn rate_of(obj: &Map<String, Value>) -> Result<Duration, ProtoError> {
     }
 }
 
+fn reject(action: Option<String>, error: ProtoError, data: Option<Value>) -> Box<Rejection> {
+    Box::new(Rejection {
+        action,
+        error,
+        data,
+    })
+}
+
+/// The rejection of a message that does not parse: not JSON (code 5), or JSON with a value
+/// this server cannot hold, such as a number beyond a double's range (`1e400`). The latter is
+/// judged as far as its `action` and `hash` allow, as a message that parses is, and is then
+/// code 7 naming what failed; its parameters are not echoed, since they could not be read.
+fn unreadable(text: &str, error: &serde_json::Error) -> Box<Rejection> {
+    /// The two fields read past any other value, unconverted.
+    #[derive(serde::Deserialize)]
+    struct Head {
+        action: Option<Value>,
+        hash: Option<Value>,
+    }
+    let Ok(Head {
+        action: Some(Value::String(action)),
+        hash,
+    }) = serde_json::from_str::<Head>(text)
+    else {
+        return reject(None, ProtoError::bad_format(), None);
+    };
+    let wire = Some(format!("subscription/{action}"));
+    if !matches!(action.as_str(), "subscribe" | "unsubscribe") {
+        return reject(wire, ProtoError::bad_format(), None);
+    }
+    match hash {
+        Some(Value::String(h)) if h.chars().count() == 32 => {}
+        _ => return reject(wire, ProtoError::wrong_hash(), None),
+    }
+    reject(
+        wire,
+        ProtoError::invalid(format!("a value cannot be read ({error})")),
+        None,
+    )
+}
+
 fn parse_item(v: &Value) -> Result<Item, ProtoError> {
     let Some(obj) = v.as_object() else {
         return Err(ProtoError::invalid("each request must be an object"));
@@ -330,15 +362,7 @@ fn parse_item(v: &Value) -> Result<Item, ProtoError> {
 
 /// Parses one text frame.
 pub fn parse(text: &str) -> Result<ClientMessage, Box<Rejection>> {
-    let reject = |action: Option<String>, error: ProtoError, data: Option<Value>| {
-        Box::new(Rejection {
-            action,
-            error,
-            data,
-        })
-    };
-    let value: Value =
-        serde_json::from_str(text).map_err(|_| reject(None, ProtoError::bad_format(), None))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| unreadable(text, &e))?;
     let Value::Object(obj) = value else {
         return Err(reject(None, ProtoError::bad_format(), None));
     };
@@ -422,6 +446,14 @@ pub fn parse(text: &str) -> Result<ClientMessage, Box<Rejection>> {
                 return Err(invalid(error.clone()));
             }
         }
+        let ids_in = |v: Option<&Value>| v.and_then(Value::as_array).map_or(0, Vec::len);
+        let named = list
+            .iter()
+            .map(|r| {
+                ids_in(r.get("trackers"))
+                    + ids_in(r.get("target").and_then(|t| t.get("tracker_ids")))
+            })
+            .sum();
         return Ok(ClientMessage {
             action,
             hash,
@@ -430,6 +462,7 @@ pub fn parse(text: &str) -> Result<ClientMessage, Box<Rejection>> {
             items,
             iso_datetime,
             echo,
+            named,
         });
     }
 
@@ -472,6 +505,7 @@ pub fn parse(text: &str) -> Result<ClientMessage, Box<Rejection>> {
         action,
         hash,
         form: Form::Legacy,
+        named: trackers.len(),
         events,
         items: vec![Item::State(StateRequest {
             trackers,
@@ -743,6 +777,30 @@ mod tests {
     }
 
     #[test]
+    fn json_with_a_value_out_of_range_is_judged_as_far_as_it_reads() {
+        let sub = Some("subscription/subscribe".to_owned());
+        let r = parse(&format!(
+            r#"{{"action":"subscribe","hash":"{HASH}","events":["state"],"trackers":[1e400]}}"#
+        ))
+        .unwrap_err();
+        assert!(r.error.description.contains("out of range"), "{r:?}");
+        assert_eq!((r.error.code, r.action), (7, sub.clone()));
+        assert_eq!(
+            code_of(r#"{"action":"subscribe","hash":"short","trackers":[1e400]}"#),
+            (3, sub)
+        );
+        assert_eq!(
+            code_of(r#"{"action":"dance","trackers":[1e400]}"#),
+            (5, Some("subscription/dance".into()))
+        );
+        assert_eq!(code_of(r#"{"trackers":[1e400]}"#), (5, None));
+        assert_eq!(
+            code_of(r#"{"action":"subscribe","trackers":[1e400"#),
+            (5, None)
+        );
+    }
+
+    #[test]
     fn error_frame_echoes_parameters() {
         let r = parse(r#"{"action":"subscribe","hash":"x","events":["state"],"trackers":[15564]}"#)
             .unwrap_err();
@@ -896,6 +954,21 @@ mod tests {
                 format: Format::Compact
             })]
         );
+        assert_eq!(m.tracker_count(), 3, "ids count as named, as in `trackers`");
+    }
+
+    #[test]
+    fn every_id_named_counts_against_the_limit() {
+        let m = parse(&format!(
+            r#"{{"action":"subscribe","hash":"{HASH}","events":["state"],"trackers":[1,1,2]}}"#
+        ))
+        .unwrap();
+        assert_eq!(m.tracker_count(), 3);
+        let m = parse(&format!(
+            r#"{{"action":"subscribe","hash":"{HASH}","requests":[{{"type":"state","trackers":[1,1]}},{{"type":"state_batch","target":{{"type":"selected","tracker_ids":[1,2,2]}}}},{{"type":"readings_batch","target":{{"type":"selected","tracker_ids":[4]}}}},{{"type":"state_batch","target":{{"type":"all"}}}}]}}"#
+        ))
+        .unwrap();
+        assert_eq!(m.tracker_count(), 6);
     }
 
     #[test]
