@@ -44,11 +44,11 @@ const WRITE_BATCH: usize = 64;
 /// the group's shared slot ([`BatchGroup::shared_response`]), to be compressed once.
 const SHARED_RESPONSE_BYTES: usize = 64 * 1024;
 
-/// The first wait before reading again the states a subscribe could not read, doubling after
-/// each failed read up to [`OWED_RETRY_MAX`].
 /// How long a socket the gateway closes waits for the peer's answering close frame before it
 /// closes the connection anyway (actix's own wait for a peer to hang up, which it replaces).
 const CLOSE_ANSWER_WAIT: Duration = Duration::from_secs(1);
+/// The first wait before reading again the states a subscribe could not read, doubling after
+/// each failed read up to [`OWED_RETRY_MAX`].
 const OWED_RETRY_MIN: Duration = Duration::from_millis(100);
 const OWED_RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -360,7 +360,7 @@ impl Connection {
         for (group, _) in &self.memberships {
             self.app.hub.batches.leave(group, self.id);
         }
-        let (reason, answer) = match stop {
+        let (reason, await_answer) = match stop {
             Stop::Gone => (None, false),
             Stop::Close(reason) => (Some(reason), true),
             Stop::Answer(reason) => (Some(reason), false),
@@ -368,7 +368,7 @@ impl Connection {
         if let Some(reason) = reason {
             let close = self.ws.close(Some(reason));
             let queued = tokio::time::timeout(Duration::from_secs(2), close).await;
-            if answer && matches!(queued, Ok(Ok(()))) {
+            if await_answer && matches!(queued, Ok(Ok(()))) {
                 // The server closes the TCP connection once the peer has answered (RFC 6455
                 // §7.1.1), which clients wait for; the response body ends when `self` drops.
                 let answered = async {
