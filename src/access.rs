@@ -65,15 +65,20 @@ pub async fn snapshot(
     ids: &[TrackerId],
 ) -> Result<(Vec<Status>, Vec<TrackerState>), sqlx::Error> {
     let statuses = statuses(pool, session, ids).await?;
-    let normal: Vec<TrackerId> = statuses
+    // The source ids come with the statuses; the states' read leaves them out.
+    let normal: HashMap<TrackerId, i64> = statuses
         .iter()
         .filter(|(_, s, _)| *s == NORMAL)
-        .map(|(id, _, _)| *id)
+        .filter_map(|(id, _, facts)| Some((*id, facts.as_ref()?.source_id)))
         .collect();
-    let states = if normal.is_empty() {
+    let mut states = if normal.is_empty() {
         Vec::new()
     } else {
-        queries::states_by_ids(pool, &normal).await?
+        let ids: Vec<TrackerId> = normal.keys().copied().collect();
+        queries::states_by_ids_unsourced(pool, &ids).await?
     };
+    for s in &mut states {
+        s.source_id = normal.get(&s.tracker_id).copied().unwrap_or_default();
+    }
     Ok((statuses, states))
 }

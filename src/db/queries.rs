@@ -102,6 +102,21 @@ pub async fn states_by_ids(
     states_of_ids(pool, &format!("{STATE_COLUMNS} FROM {STATE_FROM}"), ids).await
 }
 
+/// Current states of the given trackers by change number, without their source ids (0 in
+/// each), for a caller that has them from the trackers' access ([`tracker_access`]): the join
+/// that reads them took half the read's time (10,000 ids: 29 -> 14.5 ms of execution).
+pub async fn states_by_ids_unsourced(
+    pool: &PgPool,
+    ids: &[TrackerId],
+) -> Result<Vec<TrackerState>, sqlx::Error> {
+    states_of_ids(
+        pool,
+        &format!("{STATE_COLUMNS_SOURCE_UNREAD} FROM tracker_states s"),
+        ids,
+    )
+    .await
+}
+
 /// The current states of these trackers without their source ids (0 in each; the event
 /// processor fills them in from the hub, see `listen::read_states`), in no particular order:
 /// the processor orders each chunk's steps by change number itself, and sorting the rows in

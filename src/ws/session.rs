@@ -707,7 +707,7 @@ impl Connection {
         // either in the snapshot or delivered as an event (PROTOCOL.md §5).
         let states_task = (!order.is_empty()).then(|| {
             let (pool, ids) = (self.app.pool.clone(), order.clone());
-            tokio::spawn(async move { queries::states_by_ids(&pool, &ids).await })
+            tokio::spawn(async move { queries::states_by_ids_unsourced(&pool, &ids).await })
         });
         let statuses = match self.statuses(&session, &order).await {
             Ok(r) => r,
@@ -889,10 +889,11 @@ impl Connection {
             self.send_shared(frame).await?;
         }
 
-        let normal: HashSet<TrackerId> = statuses
+        // The `normal` trackers with their source ids, which the states' read leaves out.
+        let normal: HashMap<TrackerId, i64> = statuses
             .iter()
             .filter(|(_, s, _)| *s == access::NORMAL)
-            .map(|(id, _, _)| *id)
+            .filter_map(|(id, _, facts)| Some((*id, facts.as_ref()?.source_id)))
             .collect();
         let read = match states_task {
             None => Ok(Vec::new()),
@@ -905,7 +906,7 @@ impl Connection {
             Ok(states) => {
                 // Whatever an earlier subscribe still owed for these is answered here.
                 if !self.owed.is_empty() {
-                    for id in &normal {
+                    for id in normal.keys() {
                         self.owed.remove(id);
                     }
                 }
@@ -915,7 +916,7 @@ impl Connection {
                 // The response said `normal`: the states must still come. This socket reads
                 // them again until it can.
                 tracing::warn!(%error, "subscribe: states not read; retrying");
-                for id in &normal {
+                for id in normal.keys() {
                     let f = format_of.get(id).copied().unwrap_or(Format::Full);
                     self.owed.insert(*id, variant(f));
                 }
@@ -926,11 +927,12 @@ impl Connection {
             }
         };
         let now = Utc::now();
-        for s in states {
+        for mut s in states {
             // Only the trackers this request found `normal` (the read covered every id).
-            if !normal.contains(&s.tracker_id) {
+            let Some(&source_id) = normal.get(&s.tracker_id) else {
                 continue;
-            }
+            };
+            s.source_id = source_id;
             if !self.takes_snapshot(&s) {
                 continue;
             }
