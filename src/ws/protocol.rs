@@ -282,6 +282,29 @@ fn reject(action: Option<String>, error: ProtoError, data: Option<Value>) -> Box
     })
 }
 
+/// The action and the hash that every message needs, judged in that order: the action (with
+/// its wire name for the answer) and the hash, or the rejection, echoing `data`. An `action`
+/// that is not a string is answered with a null action and no echo.
+fn judge_head(
+    action: Option<&Value>,
+    hash: Option<&Value>,
+    data: impl FnOnce() -> Option<Value>,
+) -> Result<(Action, Option<String>, String), Box<Rejection>> {
+    let Some(Value::String(name)) = action else {
+        return Err(reject(None, ProtoError::bad_format(), None));
+    };
+    let wire = Some(format!("subscription/{name}"));
+    let action = match name.as_str() {
+        "subscribe" => Action::Subscribe,
+        "unsubscribe" => Action::Unsubscribe,
+        _ => return Err(reject(wire, ProtoError::bad_format(), data())),
+    };
+    match hash {
+        Some(Value::String(h)) if h.chars().count() == 32 => Ok((action, wire, h.clone())),
+        _ => Err(reject(wire, ProtoError::wrong_hash(), data())),
+    }
+}
+
 /// The rejection of a message that does not parse: not JSON (code 5), or JSON with a value
 /// this server cannot hold, such as a number beyond a double's range (`1e400`). The latter is
 /// judged as far as its `action` and `hash` allow, as a message that parses is, and is then
@@ -293,26 +316,17 @@ fn unreadable(text: &str, error: &serde_json::Error) -> Box<Rejection> {
         action: Option<Value>,
         hash: Option<Value>,
     }
-    let Ok(Head {
-        action: Some(Value::String(action)),
-        hash,
-    }) = serde_json::from_str::<Head>(text)
-    else {
+    let Ok(head) = serde_json::from_str::<Head>(text) else {
         return reject(None, ProtoError::bad_format(), None);
     };
-    let wire = Some(format!("subscription/{action}"));
-    if !matches!(action.as_str(), "subscribe" | "unsubscribe") {
-        return reject(wire, ProtoError::bad_format(), None);
+    match judge_head(head.action.as_ref(), head.hash.as_ref(), || None) {
+        Ok((_, wire, _)) => reject(
+            wire,
+            ProtoError::invalid(format!("a value cannot be read ({error})")),
+            None,
+        ),
+        Err(rejection) => rejection,
     }
-    match hash {
-        Some(Value::String(h)) if h.chars().count() == 32 => {}
-        _ => return reject(wire, ProtoError::wrong_hash(), None),
-    }
-    reject(
-        wire,
-        ProtoError::invalid(format!("a value cannot be read ({error})")),
-        None,
-    )
 }
 
 fn parse_item(v: &Value) -> Result<Item, ProtoError> {
@@ -366,27 +380,13 @@ pub fn parse(text: &str) -> Result<ClientMessage, Box<Rejection>> {
     let Value::Object(obj) = value else {
         return Err(reject(None, ProtoError::bad_format(), None));
     };
-    let action_name = match obj.get("action") {
-        Some(Value::String(a)) => a.clone(),
-        _ => return Err(reject(None, ProtoError::bad_format(), None)),
-    };
-    let wire = Some(format!("subscription/{action_name}"));
     let mut echo = obj.clone();
     // `shift_remove` keeps the request's key order (`remove` swaps the last key into the gap).
     echo.shift_remove("action");
     echo.shift_remove("hash");
     let echo = Value::Object(echo);
     let data = (!echo.as_object().is_some_and(|o| o.is_empty())).then(|| echo.clone());
-    let action = match action_name.as_str() {
-        "subscribe" => Action::Subscribe,
-        "unsubscribe" => Action::Unsubscribe,
-        _ => return Err(reject(wire, ProtoError::bad_format(), data)),
-    };
-
-    let hash = match obj.get("hash") {
-        Some(Value::String(h)) if h.chars().count() == 32 => h.clone(),
-        _ => return Err(reject(wire, ProtoError::wrong_hash(), data)),
-    };
+    let (action, wire, hash) = judge_head(obj.get("action"), obj.get("hash"), || data.clone())?;
     let iso_datetime = match obj.get("iso_datetime") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,

@@ -330,17 +330,21 @@ async fn raw_upgrade(app: &TestApp) -> (TcpStream, String) {
         app.port
     );
     s.write_all(request.as_bytes()).await.unwrap();
-    // Read the 101 response head byte by byte, so no frame byte is consumed with it.
+    let head = read_head(&mut s).await;
+    (s, head)
+}
+
+/// An HTTP response head, read byte by byte so that nothing after it is consumed.
+async fn read_head(s: &mut TcpStream) -> String {
     let mut head = Vec::new();
     tokio::time::timeout(WAIT, async {
         while !head.ends_with(b"\r\n\r\n") {
-            let b = s.read_u8().await.expect("the upgrade response");
-            head.push(b);
+            head.push(s.read_u8().await.expect("a response head"));
         }
     })
     .await
-    .expect("the upgrade response in time");
-    (s, String::from_utf8(head).expect("an ASCII response head"))
+    .expect("a response head in time");
+    String::from_utf8(head).expect("an ASCII response head")
 }
 
 /// A masked client frame (mask key 0, so the payload goes as it is).
@@ -590,11 +594,8 @@ async fn a_shutdown_waits_for_the_connections_until_its_timeout() {
             s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
                 .await
                 .unwrap();
-            let mut head = Vec::new();
-            while !head.ends_with(b"\r\n\r\n") {
-                head.push(s.read_u8().await.expect("the /health response"));
-            }
-            assert!(head.starts_with(b"HTTP/1.1 200"));
+            let head = read_head(&mut s).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
             idle = Some(s);
         }
         let closed = tokio::spawn(async move { c.recv_close().await });
