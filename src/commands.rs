@@ -544,8 +544,10 @@ pub async fn simulate(
     let most = fleet.len() as f64 / tick.as_secs_f64();
     if rate > most {
         eprintln!(
-            "simulating {} trackers at {most} updates/s, each tracker's most (Ctrl-C to stop)",
-            fleet.len()
+            "simulating {} trackers at {most} updates/s, not {rate}: each tracker moves at most \
+             once every {} ms (Ctrl-C to stop)",
+            fleet.len(),
+            tick.as_millis()
         );
     } else {
         eprintln!(
